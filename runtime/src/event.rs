@@ -1,0 +1,204 @@
+//! The event as the outbox stores it, and a new event as callers describe it.
+//! Validation of caller input lives here so every entry point (Rust API, CLI,
+//! HTTP, `emit` from a handler) rejects the same bad input the same way.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Longest event name and group id: the columns are `VARCHAR(100)`.
+pub const MAX_NAME_LEN: usize = 100;
+/// Payloads larger than this are refused at enqueue: an outbox row is a
+/// message, not a blob store.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// Why an event could not be enqueued. Nothing is written in any of these cases.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InvalidEvent {
+    #[error("event name is empty; give the event a name (at most {MAX_NAME_LEN} characters)")]
+    EmptyName,
+    #[error("event name is {0} characters long; the limit is {MAX_NAME_LEN}")]
+    NameTooLong(usize),
+    #[error("group id is {0} characters long; the limit is {MAX_NAME_LEN}")]
+    GroupTooLong(usize),
+    #[error("payload is not valid JSON: {0}")]
+    PayloadNotJson(String),
+    #[error("payload is {0} bytes; the limit is {MAX_PAYLOAD_BYTES}")]
+    PayloadTooLarge(usize),
+    #[error("max_retry must be at least 1 (got {0})")]
+    MaxRetry(i64),
+    #[error("idempotency key is empty; omit it or give a non-empty key")]
+    EmptyKey,
+}
+
+/// An event to enqueue. Build with [`NewEvent::new`] and the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub name: String,
+    /// JSON text, stored as given (not re-serialised).
+    pub payload: String,
+    pub group_id: Option<String>,
+    /// Do not run before now + delay.
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+    /// Dead with reason `expired` if not started within this time.
+    #[serde(default, with = "humantime_serde")]
+    pub expires_in: Option<Duration>,
+    /// Failed attempts allowed; `None` takes the runtime's default.
+    pub max_retry: Option<i32>,
+    /// Same key as a live event → that event's id, no second row.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewEvent {
+    pub fn new(name: impl Into<String>, payload: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            payload: payload.into(),
+            group_id: None,
+            delay: None,
+            expires_in: None,
+            max_retry: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// Serialise `payload` with serde_json.
+    pub fn json<T: Serialize>(name: impl Into<String>, payload: &T) -> Result<Self, InvalidEvent> {
+        let text = serde_json::to_string(payload).map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
+        Ok(Self::new(name, text))
+    }
+
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group_id = Some(group.into());
+        self
+    }
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+    pub fn with_expires_in(mut self, ttl: Duration) -> Self {
+        self.expires_in = Some(ttl);
+        self
+    }
+    pub fn with_max_retry(mut self, max_retry: i32) -> Self {
+        self.max_retry = Some(max_retry);
+        self
+    }
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Check everything the database would otherwise reject (or silently
+    /// accept): called by every enqueue path before any SQL runs.
+    pub fn validate(&self) -> Result<(), InvalidEvent> {
+        validate_name(&self.name)?;
+        if let Some(g) = &self.group_id {
+            let n = g.chars().count();
+            if n > MAX_NAME_LEN {
+                return Err(InvalidEvent::GroupTooLong(n));
+            }
+        }
+        if self.payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(InvalidEvent::PayloadTooLarge(self.payload.len()));
+        }
+        // IgnoredAny checks syntax without building a tree.
+        serde_json::from_str::<serde::de::IgnoredAny>(&self.payload)
+            .map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
+        if let Some(m) = self.max_retry
+            && m < 1
+        {
+            return Err(InvalidEvent::MaxRetry(m.into()));
+        }
+        if self.idempotency_key.as_deref() == Some("") {
+            return Err(InvalidEvent::EmptyKey);
+        }
+        Ok(())
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<(), InvalidEvent> {
+    let n = name.chars().count();
+    if name.trim().is_empty() {
+        return Err(InvalidEvent::EmptyName);
+    }
+    if n > MAX_NAME_LEN {
+        return Err(InvalidEvent::NameTooLong(n));
+    }
+    Ok(())
+}
+
+/// A row of `outbox_events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: Uuid,
+    pub name: String,
+    pub payload: String,
+    pub group_id: Option<String>,
+    /// Failed attempts so far.
+    pub retry: i32,
+    pub max_retry: i32,
+    pub create_date: DateTime<Utc>,
+    pub available_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub locked_by: Option<String>,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+impl Event {
+    /// Dead exactly when `retry >= max_retry` (the seed's definition).
+    pub fn is_dead(&self) -> bool {
+        self.retry >= self.max_retry
+    }
+    /// 1-based number of the attempt a handler is running now.
+    pub fn attempt(&self) -> i32 {
+        self.retry + 1
+    }
+}
+
+/// An event claimed by one runtime: it holds the lease while `token` is the
+/// row's `lock_token`. Ack, fail and extend only act when the token still
+/// matches, so a worker whose lease expired cannot touch an event another
+/// worker now owns.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub event: Event,
+    pub token: Uuid,
+}
+
+impl Claimed {
+    pub fn lease(&self) -> Lease {
+        Lease { id: self.event.id, token: self.token }
+    }
+}
+
+/// The (id, fencing token) pair that ack/fail/extend/release act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub id: Uuid,
+    pub token: Uuid,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(NewEvent::new("", "{}").validate(), Err(InvalidEvent::EmptyName));
+        assert_eq!(NewEvent::new("x".repeat(101), "{}").validate(), Err(InvalidEvent::NameTooLong(101)));
+        assert!(NewEvent::new("x".repeat(100), "{}").validate().is_ok());
+        assert!(matches!(NewEvent::new("a", "{not json").validate(), Err(InvalidEvent::PayloadNotJson(_))));
+        assert!(matches!(NewEvent::new("a", "").validate(), Err(InvalidEvent::PayloadNotJson(_))));
+        assert_eq!(NewEvent::new("a", "1").with_max_retry(0).validate(), Err(InvalidEvent::MaxRetry(0)));
+        assert_eq!(NewEvent::new("a", "1").with_key("").validate(), Err(InvalidEvent::EmptyKey));
+        let big = format!("\"{}\"", "x".repeat(MAX_PAYLOAD_BYTES));
+        assert!(matches!(NewEvent::new("a", big).validate(), Err(InvalidEvent::PayloadTooLarge(_))));
+        assert!(matches!(NewEvent::new("a", "{}").with_group("g".repeat(101)).validate(), Err(InvalidEvent::GroupTooLong(101))));
+    }
+}

@@ -1,0 +1,159 @@
+//! What the dispatch loop calls: the [`Handler`] trait, its result types, and
+//! [`Effects`], the handler's view of the ack transaction. The WASM host
+//! (`crate::wasm`) implements `Handler`; tests implement it natively.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::event::{Event, InvalidEvent, NewEvent};
+use crate::store::{AckTx, Store, StoreError};
+
+/// A handler's verdict on one event when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delete the event; commit the handler's writes and emitted events.
+    Done,
+    /// Run again after this delay without spending a retry; writes and
+    /// emits of this attempt are discarded. Bounded by the event's expiry.
+    RetryAfter(Duration),
+}
+
+/// A failed attempt. Writes and emits of the attempt are discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+    /// `true`: count a retry and back off. `false`: dead at once.
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    pub fn retry(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: true }
+    }
+    pub fn reject(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: false }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handle one event. Database writes go through `effects.tx()` and
+    /// follow-up events through `effects.emit()`; both are committed with the
+    /// ack, or not at all.
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError>;
+}
+
+/// Where an event name goes: the handler, and the limits of its binding.
+#[derive(Clone)]
+pub struct Route {
+    /// The handler's name (the config's `[[handler]] name`), for logs and
+    /// metrics; several event names may share it.
+    pub handler_name: Arc<str>,
+    pub handler: Arc<dyn Handler>,
+    /// Per-handler concurrency cap, shared by all its event names and kept
+    /// across hot reloads.
+    pub permits: Option<Arc<Semaphore>>,
+    /// Wall-clock budget of one attempt; exceeding it is a retryable failure.
+    pub timeout: Option<Duration>,
+    /// Overrides the event's `max_retry` when the event fails.
+    pub max_retry: Option<i32>,
+}
+
+/// Maps event names to handlers. Implemented by the WASM registry (which hot
+/// reloads) and by a fixed map for embedding and tests.
+pub trait Router: Send + Sync + 'static {
+    fn route(&self, name: &str) -> Option<Route>;
+    /// Event names whose handler has no free permit: the claimer leaves them
+    /// in the table so a slow handler cannot fill every worker slot.
+    fn saturated(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A fixed name → route map.
+#[derive(Default, Clone)]
+pub struct StaticRouter {
+    routes: std::collections::HashMap<String, Route>,
+}
+
+impl StaticRouter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Bind `event_name` to `handler`, with no limits.
+    pub fn with(mut self, event_name: &str, handler: impl Handler) -> Self {
+        let route = Route {
+            handler_name: Arc::from(event_name),
+            handler: Arc::new(handler),
+            permits: None,
+            timeout: None,
+            max_retry: None,
+        };
+        self.routes.insert(event_name.to_string(), route);
+        self
+    }
+    pub fn with_route(mut self, event_name: &str, route: Route) -> Self {
+        self.routes.insert(event_name.to_string(), route);
+        self
+    }
+}
+
+impl Router for StaticRouter {
+    fn route(&self, name: &str) -> Option<Route> {
+        self.routes.get(name).cloned()
+    }
+    fn saturated(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|(_, r)| r.permits.as_ref().is_some_and(|p| p.available_permits() == 0))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// The side effects of one attempt, committed with its ack or not at all.
+///
+/// The transaction is opened lazily on the first `tx()` call so a handler
+/// that never touches SQL holds no connection (and on SQLite, no lock) while
+/// it runs; emitted events are buffered and inserted at ack time.
+#[derive(Default)]
+pub struct Effects {
+    store: Option<Store>,
+    tx: Option<AckTx>,
+    emitted: Vec<NewEvent>,
+}
+
+impl Effects {
+    pub fn new(store: Store) -> Self {
+        Self { store: Some(store), tx: None, emitted: Vec::new() }
+    }
+
+    /// The ack transaction, opened on first use.
+    pub async fn tx(&mut self) -> Result<&mut AckTx, StoreError> {
+        if self.tx.is_none() {
+            let store = self.store.as_ref().ok_or(StoreError::NoStore)?;
+            self.tx = Some(store.begin().await?);
+        }
+        Ok(self.tx.as_mut().expect("just opened"))
+    }
+
+    /// Buffer a follow-up event; validated now so the handler sees the error.
+    pub fn emit(&mut self, event: NewEvent) -> Result<(), InvalidEvent> {
+        event.validate()?;
+        self.emitted.push(event);
+        Ok(())
+    }
+
+    /// True when the attempt wrote nothing: its ack can join a batch.
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_none() && self.emitted.is_empty()
+    }
+
+    /// Take the transaction (if any) and the emitted events, for the ack.
+    pub fn into_parts(self) -> (Option<AckTx>, Vec<NewEvent>) {
+        (self.tx, self.emitted)
+    }
+}

@@ -1,0 +1,28 @@
+//! outrun: a transactional-outbox runtime whose event handlers are
+//! WebAssembly components.
+//!
+//! The data path reads top to bottom: an application enqueues ([`event`],
+//! [`store`]) → the dispatch loop claims a batch ([`dispatch`]) → a
+//! [`handler::Router`] picks the handler ([`wasm`] for components) → the
+//! handler runs with its capabilities ([`host`]) → the ack commits the
+//! handler's effects and deletes the event. [`maintenance`] runs the
+//! background duties (expiry, dead-event cleanup); [`admin`] serves metrics
+//! and the HTTP API; [`cli`] is the `outrun` binary.
+
+pub mod config;
+pub mod dispatch;
+pub mod event;
+pub mod handler;
+pub mod maintenance;
+pub mod store;
+
+pub use event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+pub use handler::{Effects, Handler, HandlerError, Outcome, Route, Router, StaticRouter};
+pub use store::{Backend, OutboxDatabase, Store, StoreError};
+
+/// Enqueue `event` inside the caller's transaction or connection, on either
+/// backend: `outrun::enqueue::<sqlx::Postgres>(&mut *tx, &event)`. Rolled back
+/// with the caller's transaction.
+pub async fn enqueue<DB: OutboxDatabase>(conn: &mut DB::Connection, event: &NewEvent) -> Result<uuid::Uuid, StoreError> {
+    DB::enqueue(conn, event).await
+}

@@ -1,0 +1,322 @@
+//! All SQL of the outbox lives under this module: one file per backend
+//! (`sqlite.rs`, `postgres.rs`) behind the [`Store`] enum, so the dispatch
+//! loop, maintenance and CLI never write SQL and the same behaviour suite runs
+//! against both backends.
+//!
+//! Batch operations take slices and run one statement per call: the claim
+//! loop and the acker never make a per-event round trip that a batch could
+//! replace.
+
+pub mod postgres;
+pub mod sqlite;
+mod value;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+pub use value::{SqlRows, SqlValue};
+
+/// Errors at the store boundary. Every variant names what failed and, where
+/// the user can act, how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidEvent),
+    #[error("cannot connect to {url}: {source}; check the URL (--database or OUTRUN_DATABASE_URL) and that the server is running")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("unsupported database URL {0}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no event with id {0}")]
+    NotFound(Uuid),
+    #[error("event {0} is not dead; only dead events can be replayed")]
+    NotDead(Uuid),
+    #[error("no store attached to these effects")]
+    NoStore,
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Counts by state. `pending`: ready now; `scheduled`: waiting for
+/// `available_at` (delay or backoff); `running`: leased; `dead`: `retry >= max_retry`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    pub pending: i64,
+    pub scheduled: i64,
+    pub running: i64,
+    pub dead: i64,
+    /// Age in seconds of the oldest live, ready event (0 when none).
+    pub oldest_pending_age_secs: f64,
+}
+
+/// Filter for [`Store::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only dead events (otherwise only live ones).
+    pub dead: bool,
+    pub name: Option<String>,
+    pub limit: i64,
+}
+
+/// What a failed attempt does to the row.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// `retry += 1`, `available_at = retry_at`; dead if `retry` reaches
+    /// `max_retry` (the override replaces the row's `max_retry` first).
+    Retry { error: String, retry_at: DateTime<Utc>, max_retry: Option<i32> },
+    /// Dead at once: `retry = max_retry`, `last_error = error`.
+    Dead { error: String },
+    /// Not a failure: release the lease and run again at `at`; `retry`
+    /// unchanged. (`retry-after` from a handler.)
+    Reschedule { at: DateTime<Utc> },
+}
+
+/// Connection knobs. Defaults suit the CLI; the runtime sizes the pool from
+/// its concurrency.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self { max_connections: 8, acquire_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The outbox table on one backend. Cheap to clone (pools are `Arc`s).
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// Redact the password of a database URL for error messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Connect by URL scheme: `sqlite:` or `postgres:`/`postgresql:`. Does
+    /// not migrate. A connection failure is reported with the password
+    /// redacted.
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Store> {
+        if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(sqlite::SqliteStore::connect(url, opts).await?))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Store::Postgres(postgres::PgStore::connect(url, opts).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Apply the embedded migrations of this backend (idempotent).
+    pub async fn migrate(&self) -> Result<()> {
+        each!(self, s => s.migrate().await)
+    }
+
+    /// Enqueue on a connection of the store's own pool, in its own
+    /// transaction. To enqueue inside an application transaction use
+    /// [`sqlite::enqueue`] / [`postgres::enqueue`] (or [`crate::enqueue`]).
+    pub async fn enqueue(&self, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
+        each!(self, s => s.enqueue(event, default_max_retry).await)
+    }
+
+    /// Enqueue several events in one transaction; ids in input order.
+    pub async fn enqueue_batch(&self, events: &[NewEvent], default_max_retry: i32) -> Result<Vec<Uuid>> {
+        each!(self, s => s.enqueue_batch(events, default_max_retry).await)
+    }
+
+    /// Claim up to `limit` ready events in one statement: ready
+    /// (`available_at <= now`), live, not expired, not leased (or lease
+    /// expired), not behind an earlier live event of the same group, and
+    /// not named in `skip_names`. Each gets `locked_by = worker`,
+    /// `locked_until = now + lease` and a fresh fencing token. Oldest
+    /// `available_at` first.
+    pub async fn claim(&self, worker: &str, limit: usize, lease: Duration, skip_names: &[String]) -> Result<Vec<Claimed>> {
+        each!(self, s => s.claim(worker, limit, lease, skip_names).await)
+    }
+
+    /// Push `locked_until` to now + lease for the leases still held; returns
+    /// how many were extended (a lease that was lost is not).
+    pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+        each!(self, s => s.extend(leases, lease).await)
+    }
+
+    /// Delete the events whose lease is still held, in one statement.
+    /// Returns the ids actually deleted.
+    pub async fn ack(&self, leases: &[Lease]) -> Result<Vec<Uuid>> {
+        each!(self, s => s.ack(leases).await)
+    }
+
+    /// Record a failed (or rescheduled) attempt if the lease is still held.
+    /// Returns false when the lease was lost (nothing changed).
+    pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
+        each!(self, s => s.fail(lease, failure).await)
+    }
+
+    /// Give claimed-but-unstarted events back: clear the lease, keep
+    /// `retry` and `available_at`.
+    pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        each!(self, s => s.release(leases).await)
+    }
+
+    /// Open a transaction for a handler's effects and its ack.
+    pub async fn begin(&self) -> Result<AckTx> {
+        each!(self, s => s.begin().await)
+    }
+
+    /// Mark live, unleased events whose `expires_at` passed as dead with
+    /// `last_error = 'expired'`; at most `limit` rows. Returns the count.
+    pub async fn expire_due(&self, limit: i64) -> Result<u64> {
+        each!(self, s => s.expire_due(limit).await)
+    }
+
+    /// Delete dead events created before `before` (the seed's cleanup query),
+    /// at most `limit` rows. Never touches live events.
+    pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
+        each!(self, s => s.cleanup_dead(before, limit).await)
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        each!(self, s => s.stats().await)
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        each!(self, s => s.list(filter).await)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
+        each!(self, s => s.get(id).await)
+    }
+
+    /// Make one dead event live again: `retry = 0`, `available_at = now`,
+    /// `last_error` kept for the record, expiry cleared. Errors if the id is
+    /// unknown or the event is not dead.
+    pub async fn replay(&self, id: Uuid) -> Result<()> {
+        each!(self, s => s.replay(id).await)
+    }
+
+    /// Replay every dead event; returns how many.
+    pub async fn replay_all_dead(&self) -> Result<u64> {
+        each!(self, s => s.replay_all_dead().await)
+    }
+
+    /// Delete dead events (created before `before`, if given).
+    pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
+        each!(self, s => s.purge_dead(before).await)
+    }
+}
+
+/// A transaction that carries a handler's SQL and emitted events and, on
+/// commit, deletes the event it handled: all of it happens, or none of it.
+pub enum AckTx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl AckTx {
+    /// Run a statement that returns rows (the `sql` capability).
+    pub async fn query(&mut self, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
+        match self {
+            AckTx::Sqlite(tx) => sqlite::query(tx, statement, params).await,
+            AckTx::Postgres(tx) => postgres::query(tx, statement, params).await,
+        }
+    }
+
+    /// Run a statement; rows affected.
+    pub async fn execute(&mut self, statement: &str, params: &[SqlValue]) -> Result<u64> {
+        match self {
+            AckTx::Sqlite(tx) => sqlite::execute(tx, statement, params).await,
+            AckTx::Postgres(tx) => postgres::execute(tx, statement, params).await,
+        }
+    }
+
+    /// Insert follow-up events in this transaction.
+    pub async fn enqueue_all(&mut self, events: &[NewEvent], default_max_retry: i32) -> Result<Vec<Uuid>> {
+        let mut ids = Vec::with_capacity(events.len());
+        for ev in events {
+            ids.push(match self {
+                AckTx::Sqlite(tx) => sqlite::enqueue_with_default(tx, ev, default_max_retry).await?,
+                AckTx::Postgres(tx) => postgres::enqueue_with_default(tx, ev, default_max_retry).await?,
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Delete the event if `lease` still holds and commit everything; if the
+    /// lease was lost, roll back (the handler's writes and emits vanish) and
+    /// return false.
+    pub async fn commit_ack(self, lease: Lease) -> Result<bool> {
+        match self {
+            AckTx::Sqlite(tx) => sqlite::commit_ack(tx, lease).await,
+            AckTx::Postgres(tx) => postgres::commit_ack(tx, lease).await,
+        }
+    }
+
+    pub async fn rollback(self) -> Result<()> {
+        match self {
+            AckTx::Sqlite(tx) => tx.rollback().await?,
+            AckTx::Postgres(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+/// Backends on which an application can enqueue inside its own transaction.
+pub trait OutboxDatabase: sqlx::Database {
+    fn enqueue<'c>(conn: &'c mut Self::Connection, event: &'c NewEvent) -> futures::future::BoxFuture<'c, Result<Uuid>>;
+}
+
+impl OutboxDatabase for sqlx::Sqlite {
+    fn enqueue<'c>(conn: &'c mut Self::Connection, event: &'c NewEvent) -> futures::future::BoxFuture<'c, Result<Uuid>> {
+        Box::pin(sqlite::enqueue(conn, event))
+    }
+}
+
+impl OutboxDatabase for sqlx::Postgres {
+    fn enqueue<'c>(conn: &'c mut Self::Connection, event: &'c NewEvent) -> futures::future::BoxFuture<'c, Result<Uuid>> {
+        Box::pin(postgres::enqueue(conn, event))
+    }
+}
+
+/// Default `max_retry` when neither the event nor the config sets one; the
+/// column default in both migrations matches it.
+pub const DEFAULT_MAX_RETRY: i32 = 5;
