@@ -50,12 +50,17 @@ impl ArtifactCache {
     /// that cannot be written only costs a warning.
     pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8], hash: &blake3::Hash) -> wasmtime::Result<(Component, Source)> {
         let path = self.artifact(hash);
-        if path.is_file() {
+        // Read into memory rather than `deserialize_file`: that one mmaps the
+        // file, and anyone truncating or rewriting a cached artifact in
+        // place (a cleanup script, a full disk) would then crash the runtime
+        // with SIGBUS. Copying ~1 MB costs well under a millisecond.
+        if let Ok(artifact) = std::fs::read(&path) {
             // SAFETY: the file name embeds the content hash and this engine's
             // compatibility hash, and only `store` below writes such names
-            // (temp file + rename), so this is an artifact this host produced
-            // for this engine configuration.
-            match unsafe { Component::deserialize_file(engine, &path) } {
+            // (temp file + rename), so these are bytes this host produced for
+            // this engine configuration. wasmtime still checks the header
+            // and rejects artifacts of another engine or version.
+            match unsafe { Component::deserialize(engine, &artifact) } {
                 Ok(c) => return Ok((c, Source::Cache)),
                 Err(e) => tracing::warn!("ignoring unreadable cached artifact {}: {e:#}; recompiling", path.display()),
             }

@@ -27,19 +27,19 @@ use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
 use crate::host::bindings::outrun::handler::types as wit;
 use crate::host::bindings::{Handler as HandlerWorld, HandlerPre};
 use crate::host::{Capabilities, HostState, KvStore, linker};
-use crate::store::{DEFAULT_MAX_RETRY, Store};
+use crate::store::DEFAULT_MAX_RETRY;
 
 /// Extra time the dispatch loop's backstop timeout (`Route::timeout`) allows
 /// beyond the handler's own, so the host's precise message ("timeout after
 /// 2s") wins the race.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
 
-/// What the host needs from the rest of the runtime.
-#[derive(Clone)]
+/// What the host needs from the rest of the runtime. There is no `Store`
+/// here on purpose: a handler reaches the database only through the
+/// [`Effects`] the dispatch loop passes with each event (its ack
+/// transaction), never on a connection of its own.
+#[derive(Debug, Clone)]
 pub struct HostServices {
-    /// The outbox database; handlers reach it only through the ack
-    /// transaction of the `Effects` the dispatch loop passes in.
-    pub store: Store,
     /// `[kv]`: Redis URL or the embedded store.
     pub kv: KvSettings,
     /// `max_retry` for events a handler emits without one.
@@ -51,9 +51,9 @@ pub struct HostServices {
     pub max_instances: u32,
 }
 
-impl HostServices {
-    pub fn new(store: Store) -> Self {
-        Self { store, kv: KvSettings::default(), default_max_retry: DEFAULT_MAX_RETRY, cache_dir: None, max_instances: 256 }
+impl Default for HostServices {
+    fn default() -> Self {
+        Self { kv: KvSettings::default(), default_max_retry: DEFAULT_MAX_RETRY, cache_dir: None, max_instances: 256 }
     }
 }
 
@@ -240,6 +240,7 @@ pub(crate) async fn compile_version(
     let hex = hash.to_hex();
     let version = HandlerVersion {
         pre,
+        from_cache: source == Source::Cache,
         hash,
         short: Arc::from(&hex.as_str()[..12]),
         loaded_at: Utc::now(),
@@ -315,6 +316,7 @@ pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
 /// loop. Each event gets a fresh instance of it.
 pub struct HandlerVersion {
     pre: HandlerPre<HostState>,
+    from_cache: bool,
     pub(crate) hash: blake3::Hash,
     /// First 12 hex digits of `hash`, for logs.
     pub(crate) short: Arc<str>,
@@ -331,6 +333,10 @@ impl HandlerVersion {
     }
     pub fn loaded_at(&self) -> DateTime<Utc> {
         self.loaded_at
+    }
+    /// True when the compiled code came from the artifact cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
     }
 
     fn wit_event(&self, event: &Event) -> wit::Event {

@@ -117,9 +117,9 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const MIB: u64 = 1024 * 1024;
         const KIB: u64 = 1024;
-        if self.0 >= MIB && self.0 % MIB == 0 {
+        if self.0 >= MIB && self.0.is_multiple_of(MIB) {
             write!(f, "{} MiB", self.0 / MIB)
-        } else if self.0 >= KIB && self.0 % KIB == 0 {
+        } else if self.0 >= KIB && self.0.is_multiple_of(KIB) {
             write!(f, "{} KiB", self.0 / KIB)
         } else {
             write!(f, "{} bytes", self.0)
