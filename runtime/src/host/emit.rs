@@ -9,12 +9,24 @@ use super::{CapError, HostState};
 use crate::event::{InvalidEvent, NewEvent};
 
 impl Host for HostState {
-    async fn emit(&mut self, name: String, payload: String, options: EmitOptions) -> Result<(), CapError> {
+    async fn emit(
+        &mut self,
+        name: String,
+        payload: String,
+        options: EmitOptions,
+    ) -> Result<(), CapError> {
         if !self.caps.emit.contains(&name) {
-            return Err(self.caps.deny(&self.event_id, &format!("emit of event {name:?}"), &format!("{name:?} to emit")));
+            return Err(self.caps.deny(
+                &self.event_id,
+                &format!("emit of event {name:?}"),
+                &format!("{name:?} to emit"),
+            ));
         }
         let max_retry = match options.max_retry {
-            Some(m) => Some(i32::try_from(m).map_err(|_| CapError::Invalid(format!("max-retry {m} is too large")))?),
+            Some(m) => Some(
+                i32::try_from(m)
+                    .map_err(|_| CapError::Invalid(format!("max-retry {m} is too large")))?,
+            ),
             None => None,
         };
         let event = NewEvent {
@@ -26,6 +38,8 @@ impl Host for HostState {
             max_retry,
             idempotency_key: options.idempotency_key,
         };
-        self.effects.emit(event).map_err(|e: InvalidEvent| CapError::Invalid(e.to_string()))
+        self.effects
+            .emit(event)
+            .map_err(|e: InvalidEvent| CapError::Invalid(e.to_string()))
     }
 }

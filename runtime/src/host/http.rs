@@ -20,17 +20,31 @@ pub struct HttpPolicy {
 
 /// `allow` entries: `host` admits every port of that host, `host:port` only
 /// that port. Host names compare case-insensitively.
-pub fn authority_allowed(allow: &[String], host: &str, port: Option<u16>, default_port: u16) -> bool {
+pub fn authority_allowed(
+    allow: &[String],
+    host: &str,
+    port: Option<u16>,
+    default_port: u16,
+) -> bool {
     let port = port.unwrap_or(default_port);
     allow.iter().any(|entry| match entry.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => h.eq_ignore_ascii_case(host) && p.parse::<u16>() == Ok(port),
+        Some((h, p)) if p.parse::<u16>().is_ok() => {
+            h.eq_ignore_ascii_case(host) && p.parse::<u16>() == Ok(port)
+        }
         _ => entry.eq_ignore_ascii_case(host),
     })
 }
 
 type ResponseFuture = Box<
-    dyn Future<Output = Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>), HttpError>>
-        + Send,
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                ),
+                HttpError,
+            >,
+        > + Send,
 >;
 
 impl WasiHttpHooks for HttpPolicy {
@@ -43,7 +57,12 @@ impl WasiHttpHooks for HttpPolicy {
         let uri = request.uri();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let host = uri.host().unwrap_or("");
-        let allowed = authority_allowed(&self.caps.http, host, uri.port_u16(), if https { 443 } else { 80 });
+        let allowed = authority_allowed(
+            &self.caps.http,
+            host,
+            uri.port_u16(),
+            if https { 443 } else { 80 },
+        );
         if !allowed {
             let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(
@@ -54,7 +73,10 @@ impl WasiHttpHooks for HttpPolicy {
             );
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
-        let remaining = self.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let remaining = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         let cap = |t: Option<Duration>| Some(t.map_or(remaining, |t| t.min(remaining)));
         let opts = options.unwrap_or_default();
         let options = RequestOptions {
@@ -64,7 +86,8 @@ impl WasiHttpHooks for HttpPolicy {
         };
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,

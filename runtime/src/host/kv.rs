@@ -38,9 +38,14 @@ impl KvStore {
         let Some(url) = &settings.url else {
             return Ok(KvStore::memory());
         };
-        let fail = |e: redis::RedisError| WasmError::KvConnect { url: crate::store::redact_url(url), reason: e.to_string() };
+        let fail = |e: redis::RedisError| WasmError::KvConnect {
+            url: crate::store::redact_url(url),
+            reason: e.to_string(),
+        };
         let client = redis::Client::open(url.as_str()).map_err(fail)?;
-        let manager = redis::aio::ConnectionManager::new(client).await.map_err(fail)?;
+        let manager = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(fail)?;
         Ok(KvStore::Redis(manager))
     }
 
@@ -67,12 +72,16 @@ pub struct MemoryKv {
 }
 
 const WRONG_TYPE: &str = "the key holds a set; use the set operations (or a different key)";
-const WRONG_TYPE_SET: &str = "the key holds a plain value, not a set; use get/set (or a different key)";
+const WRONG_TYPE_SET: &str =
+    "the key holds a plain value, not a set; use get/set (or a different key)";
 
 impl MemoryKv {
     fn with<R>(&self, key: &str, f: impl FnOnce(&mut HashMap<String, Slot>) -> R) -> R {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(key).is_some_and(|s| s.expires.is_some_and(|t| t <= Instant::now())) {
+        if map
+            .get(key)
+            .is_some_and(|s| s.expires.is_some_and(|t| t <= Instant::now()))
+        {
             map.remove(key);
         }
         f(&mut map)
@@ -81,14 +90,23 @@ impl MemoryKv {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CapError> {
         self.with(key, |m| match m.get(key) {
             None => Ok(None),
-            Some(Slot { entry: Entry::Bytes(b), .. }) => Ok(Some(b.clone())),
+            Some(Slot {
+                entry: Entry::Bytes(b),
+                ..
+            }) => Ok(Some(b.clone())),
             Some(_) => Err(CapError::Invalid(WRONG_TYPE.into())),
         })
     }
 
     fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) {
         self.with(key, |m| {
-            m.insert(key.to_string(), Slot { entry: Entry::Bytes(value), expires: ttl.map(|t| Instant::now() + t) });
+            m.insert(
+                key.to_string(),
+                Slot {
+                    entry: Entry::Bytes(value),
+                    expires: ttl.map(|t| Instant::now() + t),
+                },
+            );
         })
     }
 
@@ -112,9 +130,14 @@ impl MemoryKv {
 
     fn set_add(&self, key: &str, members: Vec<String>) -> Result<u32, CapError> {
         self.with(key, |m| {
-            let slot = m.entry(key.to_string()).or_insert_with(|| Slot { entry: Entry::Set(HashSet::new()), expires: None });
+            let slot = m.entry(key.to_string()).or_insert_with(|| Slot {
+                entry: Entry::Set(HashSet::new()),
+                expires: None,
+            });
             match &mut slot.entry {
-                Entry::Set(s) => Ok(members.into_iter().filter(|x| s.insert(x.clone())).count() as u32),
+                Entry::Set(s) => {
+                    Ok(members.into_iter().filter(|x| s.insert(x.clone())).count() as u32)
+                }
                 Entry::Bytes(_) => Err(CapError::Invalid(WRONG_TYPE_SET.into())),
             }
         })
@@ -122,9 +145,14 @@ impl MemoryKv {
 
     fn set_remove(&self, key: &str, members: Vec<String>) -> Result<u32, CapError> {
         self.with(key, |m| {
-            let Some(slot) = m.get_mut(key) else { return Ok(0) };
+            let Some(slot) = m.get_mut(key) else {
+                return Ok(0);
+            };
             let (n, empty) = match &mut slot.entry {
-                Entry::Set(s) => (members.iter().filter(|x| s.remove(*x)).count() as u32, s.is_empty()),
+                Entry::Set(s) => (
+                    members.iter().filter(|x| s.remove(*x)).count() as u32,
+                    s.is_empty(),
+                ),
                 Entry::Bytes(_) => return Err(CapError::Invalid(WRONG_TYPE_SET.into())),
             };
             // Redis deletes a set when its last member goes; match it.
@@ -138,7 +166,10 @@ impl MemoryKv {
     fn set_members(&self, key: &str) -> Result<Vec<String>, CapError> {
         self.with(key, |m| match m.get(key) {
             None => Ok(Vec::new()),
-            Some(Slot { entry: Entry::Set(s), .. }) => Ok(s.iter().cloned().collect()),
+            Some(Slot {
+                entry: Entry::Set(s),
+                ..
+            }) => Ok(s.iter().cloned().collect()),
             Some(_) => Err(CapError::Invalid(WRONG_TYPE_SET.into())),
         })
     }
@@ -154,7 +185,9 @@ fn redis_error(e: redis::RedisError) -> CapError {
 
 fn ttl_ms(ms: u64) -> Result<i64, CapError> {
     if ms == 0 {
-        return Err(CapError::Invalid("ttl-ms must be at least 1 (omit it for no expiry)".into()));
+        return Err(CapError::Invalid(
+            "ttl-ms must be at least 1 (omit it for no expiry)".into(),
+        ));
     }
     i64::try_from(ms).map_err(|_| CapError::Invalid(format!("ttl-ms {ms} is too large")))
 }
@@ -164,7 +197,9 @@ impl HostState {
     fn kv_key(&self, key: &str) -> Result<String, CapError> {
         match &self.caps.kv_prefix {
             Some(prefix) => Ok(format!("{prefix}{key}")),
-            None => Err(self.caps.deny(&self.event_id, "kv", "kv = \"<key prefix>\"")),
+            None => Err(self
+                .caps
+                .deny(&self.event_id, "kv", "kv = \"<key prefix>\"")),
         }
     }
 }
@@ -201,7 +236,11 @@ impl Host for HostState {
         let key = self.kv_key(&key)?;
         match &mut self.caps.kv.clone() {
             KvStore::Memory(m) => Ok(m.delete(&key)),
-            KvStore::Redis(c) => c.del::<_, i64>(&key).await.map(|n| n > 0).map_err(redis_error),
+            KvStore::Redis(c) => c
+                .del::<_, i64>(&key)
+                .await
+                .map(|n| n > 0)
+                .map_err(redis_error),
         }
     }
 
@@ -223,8 +262,12 @@ impl Host for HostState {
                 // PERSIST says 0 both for "no key" and "had no TTL"; the
                 // contract is "false only if no such key".
                 None => {
-                    let (exists, _): (bool, i64) =
-                        redis::pipe().exists(&key).persist(&key).query_async(c).await.map_err(redis_error)?;
+                    let (exists, _): (bool, i64) = redis::pipe()
+                        .exists(&key)
+                        .persist(&key)
+                        .query_async(c)
+                        .await
+                        .map_err(redis_error)?;
                     Ok(exists)
                 }
             },
@@ -238,7 +281,10 @@ impl Host for HostState {
         }
         match &mut self.caps.kv.clone() {
             KvStore::Memory(m) => m.set_add(&key, members),
-            KvStore::Redis(c) => c.sadd::<_, _, u32>(&key, members).await.map_err(redis_error),
+            KvStore::Redis(c) => c
+                .sadd::<_, _, u32>(&key, members)
+                .await
+                .map_err(redis_error),
         }
     }
 
@@ -249,7 +295,10 @@ impl Host for HostState {
         }
         match &mut self.caps.kv.clone() {
             KvStore::Memory(m) => m.set_remove(&key, members),
-            KvStore::Redis(c) => c.srem::<_, _, u32>(&key, members).await.map_err(redis_error),
+            KvStore::Redis(c) => c
+                .srem::<_, _, u32>(&key, members)
+                .await
+                .map_err(redis_error),
         }
     }
 
@@ -257,7 +306,10 @@ impl Host for HostState {
         let key = self.kv_key(&key)?;
         match &mut self.caps.kv.clone() {
             KvStore::Memory(m) => m.set_members(&key),
-            KvStore::Redis(c) => c.smembers::<_, Vec<String>>(&key).await.map_err(redis_error),
+            KvStore::Redis(c) => c
+                .smembers::<_, Vec<String>>(&key)
+                .await
+                .map_err(redis_error),
         }
     }
 }
@@ -275,9 +327,16 @@ mod tests {
         kv.set("b", b"2".to_vec(), None);
         assert!(kv.expire("b", Some(Duration::from_secs(60))));
         assert!(!kv.expire("nope", None));
-        assert_eq!(kv.set_add("s", vec!["x".into(), "y".into(), "x".into()]).unwrap(), 2);
+        assert_eq!(
+            kv.set_add("s", vec!["x".into(), "y".into(), "x".into()])
+                .unwrap(),
+            2
+        );
         assert!(matches!(kv.get("s"), Err(CapError::Invalid(_))));
-        assert!(matches!(kv.set_add("b", vec!["x".into()]), Err(CapError::Invalid(_))));
+        assert!(matches!(
+            kv.set_add("b", vec!["x".into()]),
+            Err(CapError::Invalid(_))
+        ));
         assert_eq!(kv.set_remove("s", vec!["x".into(), "z".into()]).unwrap(), 1);
         assert_eq!(kv.set_members("s").unwrap(), vec!["y".to_string()]);
         assert_eq!(kv.set_remove("s", vec!["y".into()]).unwrap(), 1);

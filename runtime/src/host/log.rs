@@ -11,10 +11,18 @@ impl Host for HostState {
         let event_id = self.event_id.as_str();
         let version = &*self.version;
         match level {
-            Level::Trace => tracing::trace!(target: "outrun::guest", handler, event_id, version, context, "{message}"),
-            Level::Debug => tracing::debug!(target: "outrun::guest", handler, event_id, version, context, "{message}"),
-            Level::Info => tracing::info!(target: "outrun::guest", handler, event_id, version, context, "{message}"),
-            Level::Warn => tracing::warn!(target: "outrun::guest", handler, event_id, version, context, "{message}"),
+            Level::Trace => {
+                tracing::trace!(target: "outrun::guest", handler, event_id, version, context, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "outrun::guest", handler, event_id, version, context, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "outrun::guest", handler, event_id, version, context, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "outrun::guest", handler, event_id, version, context, "{message}")
+            }
             Level::Error | Level::Critical => {
                 tracing::error!(target: "outrun::guest", handler, event_id, version, context, critical = matches!(level, Level::Critical), "{message}")
             }

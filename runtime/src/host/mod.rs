@@ -72,7 +72,12 @@ impl Capabilities {
             kv_prefix: spec.allow.kv.clone(),
             http: spec.allow.http.clone(),
             sql: spec.allow.sql,
-            config: spec.allow.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            config: spec
+                .allow
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             kv,
             default_max_retry,
         }
@@ -82,7 +87,10 @@ impl Capabilities {
     /// capability reports denials the same way.
     pub(crate) fn deny(&self, event_id: &str, what: &str, fix: &str) -> CapError {
         tracing::warn!(handler = %self.handler, event_id, "capability denied: {what}");
-        CapError::Denied(format!("{what} is not allowed: add {fix} to [handler.allow] of handler {}", self.handler))
+        CapError::Denied(format!(
+            "{what} is not allowed: add {fix} to [handler.allow] of handler {}",
+            self.handler
+        ))
     }
 }
 
@@ -104,7 +112,14 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(caps: Arc<Capabilities>, effects: Effects, event_id: String, version: Arc<str>, deadline: Instant, memory_cap: usize) -> Self {
+    pub(crate) fn new(
+        caps: Arc<Capabilities>,
+        effects: Effects,
+        event_id: String,
+        version: Arc<str>,
+        deadline: Instant,
+        memory_cap: usize,
+    ) -> Self {
         // No files, env, args or network sockets: a handler reaches the world
         // only through its granted capabilities. stderr is captured (bounded)
         // so a guest panic message can be reported as the event's error.
@@ -114,13 +129,20 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             http_ctx: WasiHttpCtx::new(),
-            http: http::HttpPolicy { caps: caps.clone(), event_id: event_id.clone(), deadline },
+            http: http::HttpPolicy {
+                caps: caps.clone(),
+                event_id: event_id.clone(),
+                deadline,
+            },
             caps,
             effects,
             event_id,
             version,
             deadline,
-            limits: MemoryLimiter { cap: memory_cap, hit: false },
+            limits: MemoryLimiter {
+                cap: memory_cap,
+                hit: false,
+            },
             stderr,
         }
     }
@@ -128,13 +150,20 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for HostState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http_ctx, table: &mut self.table, hooks: &mut self.http }
+        WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
+        }
     }
 }
 
@@ -150,7 +179,12 @@ pub(crate) struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let ok = desired <= self.cap && maximum.is_none_or(|m| desired <= m);
         if !ok {
             self.hit = true;
@@ -158,7 +192,12 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         Ok(ok)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|m| desired <= m))
     }
 }
@@ -171,11 +210,26 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     wasmtime_wasi_config::add_to_linker(&mut linker, config::view)?;
-    bindings::wasi::logging::logging::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-    bindings::outrun::handler::types::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-    bindings::outrun::handler::emit::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-    bindings::outrun::handler::sql::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-    bindings::outrun::handler::kv::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    bindings::wasi::logging::logging::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    )?;
+    bindings::outrun::handler::types::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    )?;
+    bindings::outrun::handler::emit::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    )?;
+    bindings::outrun::handler::sql::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    )?;
+    bindings::outrun::handler::kv::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    )?;
     Ok(linker)
 }
 

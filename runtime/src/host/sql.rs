@@ -62,7 +62,10 @@ fn to_wit(rows: SqlRows) -> Rows {
                 .collect()
         })
         .collect();
-    Rows { columns: rows.columns, rows: rows_out }
+    Rows {
+        columns: rows.columns,
+        rows: rows_out,
+    }
 }
 
 /// Errors the statement caused (syntax, constraint, type) are `invalid`: a

@@ -15,25 +15,73 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> { todo!() }
-    pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> { &self.pool }
-    pub async fn migrate(&self) -> Result<()> { todo!() }
-    pub async fn enqueue(&self, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> { todo!() }
-    pub async fn enqueue_batch(&self, events: &[NewEvent], default_max_retry: i32) -> Result<Vec<Uuid>> { todo!() }
-    pub async fn claim(&self, worker: &str, limit: usize, lease: Duration, skip_names: &[String]) -> Result<Vec<Claimed>> { todo!() }
-    pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> { todo!() }
-    pub async fn ack(&self, leases: &[Lease]) -> Result<Vec<Uuid>> { todo!() }
-    pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> { todo!() }
-    pub async fn release(&self, leases: &[Lease]) -> Result<u64> { todo!() }
-    pub async fn begin(&self) -> Result<super::AckTx> { todo!() }
-    pub async fn expire_due(&self, limit: i64) -> Result<u64> { todo!() }
-    pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> { todo!() }
-    pub async fn stats(&self) -> Result<Stats> { todo!() }
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> { todo!() }
-    pub async fn get(&self, id: Uuid) -> Result<Option<Event>> { todo!() }
-    pub async fn replay(&self, id: Uuid) -> Result<()> { todo!() }
-    pub async fn replay_all_dead(&self) -> Result<u64> { todo!() }
-    pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> { todo!() }
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
+        todo!()
+    }
+    pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
+        &self.pool
+    }
+    pub async fn migrate(&self) -> Result<()> {
+        todo!()
+    }
+    pub async fn enqueue(&self, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
+        todo!()
+    }
+    pub async fn enqueue_batch(
+        &self,
+        events: &[NewEvent],
+        default_max_retry: i32,
+    ) -> Result<Vec<Uuid>> {
+        todo!()
+    }
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        skip_names: &[String],
+    ) -> Result<Vec<Claimed>> {
+        todo!()
+    }
+    pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
+        todo!()
+    }
+    pub async fn ack(&self, leases: &[Lease]) -> Result<Vec<Uuid>> {
+        todo!()
+    }
+    pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
+        todo!()
+    }
+    pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        todo!()
+    }
+    pub async fn begin(&self) -> Result<super::AckTx> {
+        todo!()
+    }
+    pub async fn expire_due(&self, limit: i64) -> Result<u64> {
+        todo!()
+    }
+    pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
+        todo!()
+    }
+    pub async fn stats(&self) -> Result<Stats> {
+        todo!()
+    }
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        todo!()
+    }
+    pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
+        todo!()
+    }
+    pub async fn replay(&self, id: Uuid) -> Result<()> {
+        todo!()
+    }
+    pub async fn replay_all_dead(&self) -> Result<u64> {
+        todo!()
+    }
+    pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
+        todo!()
+    }
 }
 
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
@@ -42,10 +90,29 @@ pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid> 
     enqueue_with_default(conn, event, super::DEFAULT_MAX_RETRY).await
 }
 
-pub async fn enqueue_with_default(conn: &mut PgConnection, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> { todo!() }
+pub async fn enqueue_with_default(
+    conn: &mut PgConnection,
+    event: &NewEvent,
+    default_max_retry: i32,
+) -> Result<Uuid> {
+    todo!()
+}
 
-pub async fn query(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<SqlRows> { todo!() }
+pub async fn query(
+    conn: &mut PgConnection,
+    statement: &str,
+    params: &[SqlValue],
+) -> Result<SqlRows> {
+    todo!()
+}
 
-pub async fn execute(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<u64> { todo!() }
+pub async fn execute(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<u64> {
+    todo!()
+}
 
-pub async fn commit_ack(tx: sqlx::Transaction<'static, sqlx::Postgres>, lease: Lease) -> Result<bool> { todo!() }
+pub async fn commit_ack(
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    lease: Lease,
+) -> Result<bool> {
+    todo!()
+}

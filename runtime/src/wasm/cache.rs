@@ -34,7 +34,10 @@ impl ArtifactCache {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         env!("CARGO_PKG_VERSION").hash(&mut h);
-        Self { dir, compat: format!("{:016x}", h.finish()) }
+        Self {
+            dir,
+            compat: format!("{:016x}", h.finish()),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -42,13 +45,19 @@ impl ArtifactCache {
     }
 
     fn artifact(&self, hash: &blake3::Hash) -> PathBuf {
-        self.dir.join(format!("{}-{}.cwasm", hash.to_hex(), self.compat))
+        self.dir
+            .join(format!("{}-{}.cwasm", hash.to_hex(), self.compat))
     }
 
     /// The component for `bytes` (whose blake3 is `hash`): from the cache
     /// when present and loadable, else compiled and then cached. A cache
     /// that cannot be written only costs a warning.
-    pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8], hash: &blake3::Hash) -> wasmtime::Result<(Component, Source)> {
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        hash: &blake3::Hash,
+    ) -> wasmtime::Result<(Component, Source)> {
         let path = self.artifact(hash);
         // Read into memory rather than `deserialize_file`: that one mmaps the
         // file, and anyone truncating or rewriting a cached artifact in
@@ -62,12 +71,18 @@ impl ArtifactCache {
             // and rejects artifacts of another engine or version.
             match unsafe { Component::deserialize(engine, &artifact) } {
                 Ok(c) => return Ok((c, Source::Cache)),
-                Err(e) => tracing::warn!("ignoring unreadable cached artifact {}: {e:#}; recompiling", path.display()),
+                Err(e) => tracing::warn!(
+                    "ignoring unreadable cached artifact {}: {e:#}; recompiling",
+                    path.display()
+                ),
             }
         }
         let component = Component::new(engine, bytes)?;
         if let Err(e) = self.store(&component, &path) {
-            tracing::warn!("cannot write compiled artifact to {}: {e:#}; the next start will compile again", path.display());
+            tracing::warn!(
+                "cannot write compiled artifact to {}: {e:#}; the next start will compile again",
+                path.display()
+            );
         }
         Ok((component, Source::Compiled))
     }
@@ -75,7 +90,11 @@ impl ArtifactCache {
     fn store(&self, component: &Component, path: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let bytes = component.serialize()?;
-        let tmp = self.dir.join(format!(".tmp-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+        let tmp = self.dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::write(&tmp, &bytes)?;
         if let Err(e) = std::fs::rename(&tmp, path) {
             let _ = std::fs::remove_file(&tmp);

@@ -13,8 +13,10 @@ pub mod spec;
 
 use std::path::{Path, PathBuf};
 
-pub use registry::{ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file};
-pub use reload::{Reloaded, ReloadWatcher};
+pub use registry::{
+    ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
+};
+pub use reload::{ReloadWatcher, Reloaded};
 pub use spec::{Allow, ByteSize, HandlerSpec, KvSettings};
 
 /// Errors of loading, checking and reloading handler components. Each names
@@ -24,20 +26,31 @@ pub enum WasmError {
     #[error("handler {handler}: module file {} not found; check `module` in its [[handler]] entry (relative paths resolve against the config file's directory)", path.display())]
     ModuleMissing { handler: String, path: PathBuf },
     #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
     #[error("two [[handler]] entries are named {0:?}; handler names must be unique")]
     DuplicateHandler(String),
-    #[error("event {event:?} is bound to both handler {first} and handler {second}; an event name may go to one handler only")]
-    DuplicateEvent { event: String, first: String, second: String },
+    #[error(
+        "event {event:?} is bound to both handler {first} and handler {second}; an event name may go to one handler only"
+    )]
+    DuplicateEvent {
+        event: String,
+        first: String,
+        second: String,
+    },
     #[error("handler {0}: `events` is empty; bind at least one event name")]
     NoEvents(String),
     #[error("handler {handler}: {reason}")]
     BadSpec { handler: String, reason: String },
     #[error("no handler named {0:?}")]
     UnknownHandler(String),
-    #[error("cannot connect to the kv store at {url}: {reason}; check [kv] url and that Redis is running")]
+    #[error(
+        "cannot connect to the kv store at {url}: {reason}; check [kv] url and that Redis is running"
+    )]
     KvConnect { url: String, reason: String },
     #[error("cannot watch {} for handler changes: {reason}", path.display())]
     Watch { path: PathBuf, reason: String },
@@ -47,5 +60,9 @@ pub enum WasmError {
 
 /// `path` relative to `base` unless already absolute.
 pub(crate) fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
 }

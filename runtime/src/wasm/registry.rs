@@ -53,7 +53,12 @@ pub struct HostServices {
 
 impl Default for HostServices {
     fn default() -> Self {
-        Self { kv: KvSettings::default(), default_max_retry: DEFAULT_MAX_RETRY, cache_dir: None, max_instances: 256 }
+        Self {
+            kv: KvSettings::default(),
+            default_max_retry: DEFAULT_MAX_RETRY,
+            cache_dir: None,
+            max_instances: 256,
+        }
     }
 }
 
@@ -101,7 +106,11 @@ pub struct Registry {
 impl Registry {
     /// Check every spec, compile (or load from cache) every module, and
     /// return the registry. Fails on the first bad entry, naming it.
-    pub async fn load(specs: Vec<HandlerSpec>, base_dir: &Path, services: HostServices) -> Result<Arc<Registry>, WasmError> {
+    pub async fn load(
+        specs: Vec<HandlerSpec>,
+        base_dir: &Path,
+        services: HostServices,
+    ) -> Result<Arc<Registry>, WasmError> {
         let mut names: HashMap<&str, ()> = HashMap::new();
         let mut by_event: HashMap<String, usize> = HashMap::new();
         let mut modules = Vec::with_capacity(specs.len());
@@ -110,45 +119,88 @@ impl Registry {
                 return Err(WasmError::DuplicateHandler(spec.name.clone()));
             }
             if spec.name.trim().is_empty() {
-                return Err(WasmError::BadSpec { handler: spec.name.clone(), reason: "`name` is empty".into() });
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "`name` is empty".into(),
+                });
             }
             if spec.events.is_empty() {
                 return Err(WasmError::NoEvents(spec.name.clone()));
             }
             if spec.concurrency == Some(0) {
-                return Err(WasmError::BadSpec { handler: spec.name.clone(), reason: "concurrency must be at least 1 (omit it for no cap)".into() });
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "concurrency must be at least 1 (omit it for no cap)".into(),
+                });
             }
             if spec.max_retry.is_some_and(|m| m < 1) {
-                return Err(WasmError::BadSpec { handler: spec.name.clone(), reason: "max_retry must be at least 1".into() });
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "max_retry must be at least 1".into(),
+                });
             }
             if spec.timeout.is_zero() {
-                return Err(WasmError::BadSpec { handler: spec.name.clone(), reason: "timeout must be more than 0".into() });
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "timeout must be more than 0".into(),
+                });
             }
             for event in &spec.events {
                 if let Some(&j) = by_event.get(event) {
-                    return Err(WasmError::DuplicateEvent { event: event.clone(), first: specs[j].name.clone(), second: spec.name.clone() });
+                    return Err(WasmError::DuplicateEvent {
+                        event: event.clone(),
+                        first: specs[j].name.clone(),
+                        second: spec.name.clone(),
+                    });
                 }
                 by_event.insert(event.clone(), i);
             }
             let path = resolve(base_dir, &spec.module);
             if !path.is_file() {
-                return Err(WasmError::ModuleMissing { handler: spec.name.clone(), path });
+                return Err(WasmError::ModuleMissing {
+                    handler: spec.name.clone(),
+                    path,
+                });
             }
             modules.push(canonical_module(&path)?);
         }
 
-        let max_memory = specs.iter().map(|s| s.memory.bytes()).max().unwrap_or(super::spec::DEFAULT_MEMORY.bytes());
-        let engine = build_engine(EngineLimits { max_memory, instances: services.max_instances })?;
-        let linker = Arc::new(linker(&engine).map_err(|e| WasmError::Engine(format!("linking host functions: {e:#}")))?);
-        let cache = ArtifactCache::new(&engine, services.cache_dir.clone().unwrap_or_else(|| base_dir.join(".outrun-cache")));
+        let max_memory = specs
+            .iter()
+            .map(|s| s.memory.bytes())
+            .max()
+            .unwrap_or(super::spec::DEFAULT_MEMORY.bytes());
+        let engine = build_engine(EngineLimits {
+            max_memory,
+            instances: services.max_instances,
+        })?;
+        let linker = Arc::new(
+            linker(&engine)
+                .map_err(|e| WasmError::Engine(format!("linking host functions: {e:#}")))?,
+        );
+        let cache = ArtifactCache::new(
+            &engine,
+            services
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| base_dir.join(".outrun-cache")),
+        );
         let kv = KvStore::connect(&services.kv).await?;
 
         let mut slots = Vec::with_capacity(specs.len());
         for (spec, module) in specs.into_iter().zip(modules) {
-            let caps = Arc::new(Capabilities::new(&spec, kv.clone(), services.default_max_retry));
-            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io { path: module.clone(), source })?;
+            let caps = Arc::new(Capabilities::new(
+                &spec,
+                kv.clone(),
+                services.default_max_retry,
+            ));
+            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
+                path: module.clone(),
+                source,
+            })?;
             let started = Instant::now();
-            let (version, source) = compile_version(&engine, &linker, &cache, &spec, &caps, &module, bytes).await?;
+            let (version, source) =
+                compile_version(&engine, &linker, &cache, &spec, &caps, &module, bytes).await?;
             tracing::info!(
                 handler = %spec.name,
                 version = %version.short,
@@ -160,10 +212,23 @@ impl Registry {
                 started.elapsed().as_millis()
             );
             let permits = spec.concurrency.map(|n| Arc::new(Semaphore::new(n)));
-            slots.push(Slot { spec, module, caps, permits, current: ArcSwap::from_pointee(version) });
+            slots.push(Slot {
+                spec,
+                module,
+                caps,
+                permits,
+                current: ArcSwap::from_pointee(version),
+            });
         }
         let ticker = EpochTicker::start(&engine)?;
-        Ok(Arc::new(Registry { engine, linker, cache, slots, by_event, _ticker: ticker }))
+        Ok(Arc::new(Registry {
+            engine,
+            linker,
+            cache,
+            slots,
+            by_event,
+            _ticker: ticker,
+        }))
     }
 
     /// Every handler with its current version.
@@ -185,7 +250,10 @@ impl Registry {
 
     /// The version serving `handler` now (hot reload may replace it).
     pub fn current(&self, handler: &str) -> Option<Arc<HandlerVersion>> {
-        self.slots.iter().find(|s| s.spec.name == handler).map(|s| s.current.load_full())
+        self.slots
+            .iter()
+            .find(|s| s.spec.name == handler)
+            .map(|s| s.current.load_full())
     }
 
     pub(crate) fn slot_index(&self, handler: &str) -> Option<usize> {
@@ -209,7 +277,12 @@ impl Router for Registry {
     fn saturated(&self) -> Vec<String> {
         self.by_event
             .iter()
-            .filter(|(_, i)| self.slots[**i].permits.as_ref().is_some_and(|p| p.available_permits() == 0))
+            .filter(|(_, i)| {
+                self.slots[**i]
+                    .permits
+                    .as_ref()
+                    .is_some_and(|p| p.available_permits() == 0)
+            })
             .map(|(name, _)| name.clone())
             .collect()
     }
@@ -218,8 +291,14 @@ impl Router for Registry {
 /// Resolve the module's directory (so paths match what the file watcher
 /// reports) while keeping its file name.
 fn canonical_module(path: &Path) -> Result<PathBuf, WasmError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let dir = dir.canonicalize().map_err(|source| WasmError::Io { path: dir.to_path_buf(), source })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = dir.canonicalize().map_err(|source| WasmError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     Ok(dir.join(path.file_name().unwrap_or_default()))
 }
 
@@ -233,10 +312,17 @@ pub(crate) async fn compile_version(
     module: &Path,
     bytes: Vec<u8>,
 ) -> Result<(HandlerVersion, Source), WasmError> {
-    let (engine2, linker2, cache2, path) = (engine.clone(), linker.clone(), cache.clone(), module.to_path_buf());
-    let (hash, pre, source) = tokio::task::spawn_blocking(move || prepare(&engine2, &linker2, Some(&cache2), &path, &bytes))
-        .await
-        .map_err(|e| WasmError::Engine(format!("compile task failed: {e}")))??;
+    let (engine2, linker2, cache2, path) = (
+        engine.clone(),
+        linker.clone(),
+        cache.clone(),
+        module.to_path_buf(),
+    );
+    let (hash, pre, source) = tokio::task::spawn_blocking(move || {
+        prepare(&engine2, &linker2, Some(&cache2), &path, &bytes)
+    })
+    .await
+    .map_err(|e| WasmError::Engine(format!("compile task failed: {e}")))??;
     let hex = hash.to_hex();
     let version = HandlerVersion {
         pre,
@@ -260,7 +346,10 @@ pub(crate) fn prepare(
     path: &Path,
     bytes: &[u8],
 ) -> Result<(blake3::Hash, HandlerPre<HostState>, Source), WasmError> {
-    let invalid = |reason: String| WasmError::Invalid { path: path.to_path_buf(), reason };
+    let invalid = |reason: String| WasmError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
     sniff(bytes).map_err(invalid)?;
     let hash = blake3::hash(bytes);
     let (component, source) = match cache {
@@ -284,7 +373,9 @@ fn sniff(bytes: &[u8]) -> Result<(), String> {
         return Err("file is empty".into());
     }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        return Err("not a WebAssembly file (no \\0asm header); point `module` at a .wasm component".into());
+        return Err(
+            "not a WebAssembly file (no \\0asm header); point `module` at a .wasm component".into(),
+        );
     }
     if bytes[4..8] == [1, 0, 0, 0] {
         return Err("is a core WebAssembly module, not a component; build the handler for wasm32-wasip2 (or wrap it with `wasm-tools component new`)".into());
@@ -296,10 +387,19 @@ fn sniff(bytes: &[u8]) -> Result<(), String> {
 /// implements world `handler` with only imports outrun provides.
 pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
     let bytes = std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => WasmError::Invalid { path: path.to_path_buf(), reason: "file not found".into() },
-        _ => WasmError::Io { path: path.to_path_buf(), source },
+        std::io::ErrorKind::NotFound => WasmError::Invalid {
+            path: path.to_path_buf(),
+            reason: "file not found".into(),
+        },
+        _ => WasmError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     })?;
-    let engine = build_engine(EngineLimits { max_memory: super::spec::DEFAULT_MEMORY.bytes(), instances: 1 })?;
+    let engine = build_engine(EngineLimits {
+        max_memory: super::spec::DEFAULT_MEMORY.bytes(),
+        instances: 1,
+    })?;
     let linker = linker(&engine).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
     let (hash, pre, _) = prepare(&engine, &linker, None, path, &bytes)?;
     let ty = pre.instance_pre().component().component_type();
@@ -357,18 +457,27 @@ impl HandlerVersion {
     /// for the person reading `last_error`.
     fn describe(&self, err: wasmtime::Error, state: &HostState) -> HandlerError {
         let mut message = if state.limits.hit {
-            format!("memory limit {} exceeded", ByteSize(state.limits.cap as u64))
+            format!(
+                "memory limit {} exceeded",
+                ByteSize(state.limits.cap as u64)
+            )
         } else {
             match err.downcast_ref::<Trap>() {
-                Some(Trap::Interrupt) => format!("timeout after {}", humantime::format_duration(self.timeout)),
+                Some(Trap::Interrupt) => {
+                    format!("timeout after {}", humantime::format_duration(self.timeout))
+                }
                 Some(Trap::StackOverflow) => "wasm trap: stack overflow".to_string(),
-                Some(trap) => format!("wasm trap: {trap}"),
+                Some(trap) => trap.to_string(),
                 None => format!("handler failed: {err:#}"),
             }
         };
         let stderr = state.stderr.contents();
         let stderr = String::from_utf8_lossy(&stderr);
-        let stderr: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note: ")).collect();
+        let stderr: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: "))
+            .collect();
         if !stderr.is_empty() {
             message.push_str(" (guest stderr: ");
             message.push_str(&stderr.join(" "));
@@ -383,14 +492,25 @@ impl Handler for HandlerVersion {
     async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
         let engine = self.pre.engine();
         let deadline = Instant::now() + self.timeout;
-        let state = HostState::new(self.caps.clone(), mem::take(effects), event.id.to_string(), self.short.clone(), deadline, self.memory);
+        let state = HostState::new(
+            self.caps.clone(),
+            mem::take(effects),
+            event.id.to_string(),
+            self.short.clone(),
+            deadline,
+            self.memory,
+        );
         let mut store = wasmtime::Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
         // Check the clock on every epoch tick: trap past the deadline,
         // otherwise yield so a busy guest does not hog a tokio worker.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
-            Ok(if Instant::now() >= ctx.data().deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+            Ok(if Instant::now() >= ctx.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
         });
         let wit_event = self.wit_event(event);
         // The epoch deadline only fires while guest code runs; a guest
@@ -402,11 +522,19 @@ impl Handler for HandlerVersion {
         .await;
         *effects = mem::take(&mut store.data_mut().effects);
         match result {
-            Err(_elapsed) => Err(HandlerError::retry(format!("timeout after {}", humantime::format_duration(self.timeout)))),
+            Err(_elapsed) => Err(HandlerError::retry(format!(
+                "timeout after {}",
+                humantime::format_duration(self.timeout)
+            ))),
             Ok(Err(err)) => Err(self.describe(err, store.data())),
             Ok(Ok(Ok(wit::Outcome::Done))) => Ok(Outcome::Done),
-            Ok(Ok(Ok(wit::Outcome::RetryAfter(ms)))) => Ok(Outcome::RetryAfter(Duration::from_millis(ms))),
-            Ok(Ok(Err(e))) => Err(HandlerError { message: e.message, retryable: e.retryable }),
+            Ok(Ok(Ok(wit::Outcome::RetryAfter(ms)))) => {
+                Ok(Outcome::RetryAfter(Duration::from_millis(ms)))
+            }
+            Ok(Ok(Err(e))) => Err(HandlerError {
+                message: e.message,
+                retryable: e.retryable,
+            }),
         }
     }
 }

@@ -27,7 +27,11 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 pub enum Reloaded {
     /// The file's content hash equals the serving version.
     Unchanged,
-    Swapped { old: String, new: String, elapsed: Duration },
+    Swapped {
+        old: String,
+        new: String,
+        elapsed: Duration,
+    },
 }
 
 /// Stops watching when dropped.
@@ -46,60 +50,98 @@ impl Registry {
     /// Reload one handler from its module file now. Errors leave the current
     /// version serving.
     pub async fn reload(&self, handler: &str) -> Result<Reloaded, WasmError> {
-        let i = self.slot_index(handler).ok_or_else(|| WasmError::UnknownHandler(handler.to_string()))?;
+        let i = self
+            .slot_index(handler)
+            .ok_or_else(|| WasmError::UnknownHandler(handler.to_string()))?;
         self.reload_slot(i).await
     }
 
     async fn reload_slot(&self, i: usize) -> Result<Reloaded, WasmError> {
         let slot = &self.slots[i];
-        let bytes = std::fs::read(&slot.module).map_err(|source| WasmError::Io { path: slot.module.clone(), source })?;
+        let bytes = std::fs::read(&slot.module).map_err(|source| WasmError::Io {
+            path: slot.module.clone(),
+            source,
+        })?;
         let old = slot.current.load_full();
         if blake3::hash(&bytes) == old.hash {
             return Ok(Reloaded::Unchanged);
         }
         let started = Instant::now();
-        let (version, _) = compile_version(&self.engine, &self.linker, &self.cache, &slot.spec, &slot.caps, &slot.module, bytes).await?;
+        let (version, _) = compile_version(
+            &self.engine,
+            &self.linker,
+            &self.cache,
+            &slot.spec,
+            &slot.caps,
+            &slot.module,
+            bytes,
+        )
+        .await?;
         let new = version.short.to_string();
         slot.current.store(Arc::new(version));
         let elapsed = started.elapsed();
         let name = slot.spec.name.clone();
         tracing::info!(handler = %name, version = %new, "handler {name} reloaded: {} -> {new} in {} ms", old.short, elapsed.as_millis());
         metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
-        metrics::gauge!("outrun_handler_reload_seconds", "handler" => name).set(elapsed.as_secs_f64());
-        Ok(Reloaded::Swapped { old: old.short.to_string(), new, elapsed })
+        metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
+            .set(elapsed.as_secs_f64());
+        Ok(Reloaded::Swapped {
+            old: old.short.to_string(),
+            new,
+            elapsed,
+        })
     }
 
     /// Watch the configured module files and reload on change until the
     /// returned watcher is dropped. Must run inside a tokio runtime.
     pub fn watch(self: &Arc<Self>) -> Result<ReloadWatcher, WasmError> {
         let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(event) => {
-                for path in event.paths {
-                    let _ = tx.send(path);
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(event) => {
+                    for path in event.paths {
+                        let _ = tx.send(path);
+                    }
                 }
-            }
-            Err(e) => tracing::warn!("handler file watcher error: {e}"),
-        })
-        .map_err(|e| WasmError::Watch { path: PathBuf::from("."), reason: e.to_string() })?;
-        let dirs: HashSet<PathBuf> = self.slots.iter().filter_map(|s| s.module.parent().map(PathBuf::from)).collect();
+                Err(e) => tracing::warn!("handler file watcher error: {e}"),
+            })
+            .map_err(|e| WasmError::Watch {
+                path: PathBuf::from("."),
+                reason: e.to_string(),
+            })?;
+        let dirs: HashSet<PathBuf> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.module.parent().map(PathBuf::from))
+            .collect();
         for dir in &dirs {
             watcher
                 .watch(dir, RecursiveMode::NonRecursive)
-                .map_err(|e| WasmError::Watch { path: dir.clone(), reason: e.to_string() })?;
+                .map_err(|e| WasmError::Watch {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         let task = tokio::spawn(run(self.clone(), rx));
-        Ok(ReloadWatcher { _watcher: watcher, task })
+        Ok(ReloadWatcher {
+            _watcher: watcher,
+            task,
+        })
     }
 }
 
 /// The watcher loop: collect changed paths, wait for [`DEBOUNCE`] of quiet
 /// per file, then reload.
 async fn run(registry: Arc<Registry>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
-    let by_path: HashMap<PathBuf, Vec<usize>> = registry.slots.iter().enumerate().fold(HashMap::new(), |mut m, (i, s)| {
-        m.entry(s.module.clone()).or_default().push(i);
-        m
-    });
+    let by_path: HashMap<PathBuf, Vec<usize>> =
+        registry
+            .slots
+            .iter()
+            .enumerate()
+            .fold(HashMap::new(), |mut m, (i, s)| {
+                m.entry(s.module.clone()).or_default().push(i);
+                m
+            });
     let mut due: HashMap<usize, tokio::time::Instant> = HashMap::new();
     // Content that already failed (and was reported): not reported twice.
     let mut failed: HashMap<usize, blake3::Hash> = HashMap::new();
@@ -128,7 +170,11 @@ async fn run(registry: Arc<Registry>, mut rx: mpsc::UnboundedReceiver<PathBuf>) 
 
 /// Try one reload; returns when to try again if the file was still being
 /// written.
-async fn reload_once(registry: &Registry, i: usize, failed: &mut HashMap<usize, blake3::Hash>) -> Option<tokio::time::Instant> {
+async fn reload_once(
+    registry: &Registry,
+    i: usize,
+    failed: &mut HashMap<usize, blake3::Hash>,
+) -> Option<tokio::time::Instant> {
     let slot = &registry.slots[i];
     let before = match std::fs::read(&slot.module) {
         Ok(b) => blake3::hash(&b),
@@ -154,7 +200,8 @@ async fn reload_once(registry: &Registry, i: usize, failed: &mut HashMap<usize, 
             let name = &slot.spec.name;
             let serving = slot.current.load().short.clone();
             tracing::error!(handler = %name, "handler {name}: reload of {} rejected: {e}; version {serving} keeps serving", slot.module.display());
-            metrics::counter!("outrun_handler_reload_failures_total", "handler" => name.clone()).increment(1);
+            metrics::counter!("outrun_handler_reload_failures_total", "handler" => name.clone())
+                .increment(1);
             None
         }
     }

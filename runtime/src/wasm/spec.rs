@@ -96,9 +96,9 @@ impl ByteSize {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {text:?}: expected a number with a unit such as \"64MiB\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size {text:?}: expected a number with a unit such as \"64MiB\"")
+        })?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1000,
@@ -107,9 +107,15 @@ impl ByteSize {
             "mib" => 1024 * 1024,
             "g" | "gb" => 1000 * 1000 * 1000,
             "gib" => 1024 * 1024 * 1024,
-            other => return Err(format!("invalid size {text:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)")),
+            other => {
+                return Err(format!(
+                    "invalid size {text:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+                ));
+            }
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("invalid size {text:?}: too large"))
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("invalid size {text:?}: too large"))
     }
 }
 
@@ -152,14 +158,19 @@ mod tests {
         assert_eq!(ByteSize::parse("16 MiB").unwrap(), ByteSize(16 << 20));
         assert_eq!(ByteSize::parse("512KiB").unwrap(), ByteSize(512 << 10));
         assert_eq!(ByteSize::parse("1000").unwrap(), ByteSize(1000));
-        assert!(ByteSize::parse("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(
+            ByteSize::parse("12 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!(ByteSize::parse("MiB").is_err());
         assert_eq!(ByteSize(16 << 20).to_string(), "16 MiB");
     }
 
     #[test]
     fn spec_defaults_and_typos() {
-        let spec: HandlerSpec = toml::from_str("name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\n").unwrap();
+        let spec: HandlerSpec =
+            toml::from_str("name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\n").unwrap();
         assert_eq!(spec.timeout, DEFAULT_TIMEOUT);
         assert_eq!(spec.memory, DEFAULT_MEMORY);
         assert!(!spec.allow.sql && spec.allow.kv.is_none() && spec.allow.http.is_empty());
@@ -173,8 +184,10 @@ mod tests {
         assert_eq!(spec.memory, ByteSize(16 << 20));
         assert_eq!(spec.allow.config.get("k").map(String::as_str), Some("v"));
 
-        let err = toml::from_str::<HandlerSpec>("name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\n[allow]\nsqll = true\n")
-            .unwrap_err();
+        let err = toml::from_str::<HandlerSpec>(
+            "name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\n[allow]\nsqll = true\n",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("sqll"), "{err}");
     }
 }
