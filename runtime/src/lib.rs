@@ -9,6 +9,8 @@
 //! background duties (expiry, dead-event cleanup); [`admin`] serves metrics
 //! and the HTTP API; [`cli`] is the `outrun` binary.
 
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod event;
