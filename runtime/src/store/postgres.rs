@@ -16,17 +16,15 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{
-    PgArgumentBuffer, PgArguments, PgListener, PgPoolOptions, PgRow, PgTypeInfo,
-    types::Oid,
+    PgArgumentBuffer, PgArguments, PgListener, PgPoolOptions, PgRow, PgTypeInfo, types::Oid,
 };
 use sqlx::{Column, Executor, PgConnection, Postgres, Row, TypeInfo, ValueRef};
 use uuid::Uuid;
 
 use super::{
-    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError,
-    redact_url,
+    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
 };
-use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+use crate::event::{Claimed, Event, Lease, NewEvent};
 
 /// The LISTEN/NOTIFY channel the insert trigger and replays signal.
 pub const CHANNEL: &str = "outrun_events";
@@ -48,7 +46,10 @@ impl PgStore {
             .acquire_timeout(opts.acquire_timeout)
             .connect(url)
             .await
-            .map_err(|source| StoreError::Connect { url: redact_url(url), source })?;
+            .map_err(|source| StoreError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
         Ok(Self { pool })
     }
 
@@ -59,7 +60,9 @@ impl PgStore {
     /// Safe to run from several instances at once: sqlx holds a session
     /// advisory lock (keyed by database name) while it checks and applies.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/postgres").run(&self.pool).await?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -79,7 +82,11 @@ impl PgStore {
     /// One multi-row INSERT over `unnest` of column arrays. Rows whose
     /// idempotency key already exists (or repeats within the batch) map to
     /// the id that holds the key.
-    pub async fn enqueue_batch(&self, events: &[NewEvent], default_max_retry: i32) -> Result<Vec<Uuid>> {
+    pub async fn enqueue_batch(
+        &self,
+        events: &[NewEvent],
+        default_max_retry: i32,
+    ) -> Result<Vec<Uuid>> {
         let mut cols = BatchColumns::default();
         for ev in events {
             ev.validate()?;
@@ -147,7 +154,13 @@ impl PgStore {
         Ok(ids)
     }
 
-    pub async fn claim(&self, worker: &str, limit: usize, lease: Duration, skip_names: &[String]) -> Result<Vec<Claimed>> {
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        skip_names: &[String],
+    ) -> Result<Vec<Claimed>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -190,7 +203,10 @@ impl PgStore {
             .map(|r| Ok((event_from_row(r)?, r.try_get::<i64, _>("seq")?)))
             .collect::<Result<Vec<_>>>()?;
         claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
-        Ok(claimed.into_iter().map(|(event, _)| Claimed { event, token }).collect())
+        Ok(claimed
+            .into_iter()
+            .map(|(event, _)| Claimed { event, token })
+            .collect())
     }
 
     pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
@@ -230,7 +246,11 @@ impl PgStore {
 
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
         let query = match failure {
-            Failure::Retry { error, retry_at, max_retry } => sqlx::query(
+            Failure::Retry {
+                error,
+                retry_at,
+                max_retry,
+            } => sqlx::query(
                 // SET expressions see the old row, so `retry + 1` and the
                 // max_retry override are applied to the values before this update.
                 "UPDATE outbox_events
@@ -359,7 +379,11 @@ impl PgStore {
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
         // Two literal conditions rather than `(retry >= max_retry) = $1` so the
         // planner can use the partial indexes.
-        let state = if filter.dead { "retry >= max_retry" } else { "retry < max_retry" };
+        let state = if filter.dead {
+            "retry >= max_retry"
+        } else {
+            "retry < max_retry"
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM outbox_events
              WHERE {state} AND ($1::text IS NULL OR name = $1)
@@ -376,7 +400,10 @@ impl PgStore {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(event_from_row).transpose()
     }
 
@@ -387,11 +414,16 @@ impl PgStore {
             .await?
             .rows_affected();
         if n == 0 {
-            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-            return Err(if exists.is_some() { StoreError::NotDead(id) } else { StoreError::NotFound(id) });
+            let exists: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            return Err(if exists.is_some() {
+                StoreError::NotDead(id)
+            } else {
+                StoreError::NotFound(id)
+            });
         }
         self.notify().await
     }
@@ -421,7 +453,10 @@ impl PgStore {
     /// Wake listeners for rows that became ready without an INSERT (the
     /// trigger covers inserts). Sent after the change committed.
     async fn notify(&self) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&self.pool).await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }
@@ -444,9 +479,13 @@ pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid> 
 /// fresh snapshot under READ COMMITTED) sees the winner. Under REPEATABLE
 /// READ or SERIALIZABLE the caller gets PostgreSQL's serialization error
 /// instead and should retry its transaction.
-pub async fn enqueue_with_default(conn: &mut PgConnection, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
+pub async fn enqueue_with_default(
+    conn: &mut PgConnection,
+    event: &NewEvent,
+    default_max_retry: i32,
+) -> Result<Uuid> {
     event.validate()?;
-    let max_retry = smallint_max_retry(event.max_retry.unwrap_or(default_max_retry))?;
+    let max_retry = super::effective_max_retry(event, default_max_retry)?;
     // A key can vanish between the conflicting INSERT and the SELECT (its
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
@@ -495,12 +534,24 @@ pub async fn enqueue_with_default(conn: &mut PgConnection, event: &NewEvent, def
 /// bytea map to their variant; uuid, numeric, json/jsonb, date, time,
 /// timestamp and timestamptz (RFC 3339) come back as text; void as null;
 /// any other type is an error that names the column and suggests a cast.
-pub async fn query(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
-    let rows = bind_all(sqlx::query(statement), params).fetch_all(&mut *conn).await?;
+pub async fn query(
+    conn: &mut PgConnection,
+    statement: &str,
+    params: &[SqlValue],
+) -> Result<SqlRows> {
+    let rows = bind_all(sqlx::query(statement), params)
+        .fetch_all(&mut *conn)
+        .await?;
     let columns = match rows.first() {
         Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
         // No row to read the names from: describe the statement (no execution).
-        None => conn.describe(statement).await?.columns().iter().map(|c| c.name().to_string()).collect(),
+        None => conn
+            .describe(statement)
+            .await?
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
     };
     let rows = rows.iter().map(row_values).collect::<Result<_>>()?;
     Ok(SqlRows { columns, rows })
@@ -508,12 +559,18 @@ pub async fn query(conn: &mut PgConnection, statement: &str, params: &[SqlValue]
 
 /// Run a statement for the `sql` capability; rows affected.
 pub async fn execute(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<u64> {
-    Ok(bind_all(sqlx::query(statement), params).execute(&mut *conn).await?.rows_affected())
+    Ok(bind_all(sqlx::query(statement), params)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
 }
 
 /// Delete the handled event if its lease still holds and commit; otherwise
 /// roll back everything the handler did.
-pub async fn commit_ack(mut tx: sqlx::Transaction<'static, sqlx::Postgres>, lease: Lease) -> Result<bool> {
+pub async fn commit_ack(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    lease: Lease,
+) -> Result<bool> {
     let n = sqlx::query("DELETE FROM outbox_events WHERE id = $1 AND lock_token = $2")
         .bind(lease.id)
         .bind(lease.token)
@@ -541,7 +598,10 @@ impl sqlx::Type<Postgres> for UntypedNull {
 }
 
 impl sqlx::Encode<'_, Postgres> for UntypedNull {
-    fn encode_by_ref(&self, _buf: &mut PgArgumentBuffer) -> std::result::Result<IsNull, BoxDynError> {
+    fn encode_by_ref(
+        &self,
+        _buf: &mut PgArgumentBuffer,
+    ) -> std::result::Result<IsNull, BoxDynError> {
         Ok(IsNull::Yes)
     }
 }
@@ -584,12 +644,16 @@ fn column_value(row: &PgRow, i: usize) -> Result<SqlValue> {
         "INT8" => SqlValue::Int(row.try_get_unchecked(i)?),
         "FLOAT4" => SqlValue::Float(row.try_get_unchecked::<f32, _>(i)?.into()),
         "FLOAT8" => SqlValue::Float(row.try_get_unchecked(i)?),
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => SqlValue::Text(row.try_get_unchecked(i)?),
+        "TEXT" | "VARCHAR" | "CHAR" | "BPCHAR" | "NAME" => {
+            SqlValue::Text(row.try_get_unchecked(i)?)
+        }
         "BYTEA" => SqlValue::Blob(row.try_get_unchecked(i)?),
         "UUID" => SqlValue::Text(row.try_get_unchecked::<Uuid, _>(i)?.to_string()),
         "TIMESTAMPTZ" => SqlValue::Text(row.try_get_unchecked::<DateTime<Utc>, _>(i)?.to_rfc3339()),
         "TIMESTAMP" => SqlValue::Text(
-            row.try_get_unchecked::<NaiveDateTime, _>(i)?.format("%Y-%m-%dT%H:%M:%S%.f").to_string(),
+            row.try_get_unchecked::<NaiveDateTime, _>(i)?
+                .format("%Y-%m-%dT%H:%M:%S%.f")
+                .to_string(),
         ),
         "DATE" => SqlValue::Text(row.try_get_unchecked::<NaiveDate, _>(i)?.to_string()),
         "TIME" => SqlValue::Text(row.try_get_unchecked::<NaiveTime, _>(i)?.to_string()),
@@ -597,11 +661,16 @@ fn column_value(row: &PgRow, i: usize) -> Result<SqlValue> {
         // followed by the text.
         "JSON" | "JSONB" => {
             let bytes = raw.as_bytes().map_err(sqlx::Error::Decode)?;
-            let text = if type_name == "JSONB" { bytes.get(1..).unwrap_or_default() } else { bytes };
+            let text = if type_name == "JSONB" {
+                bytes.get(1..).unwrap_or_default()
+            } else {
+                bytes
+            };
             SqlValue::Text(String::from_utf8(text.to_vec()).map_err(|_| unsupported())?)
         }
         "NUMERIC" => SqlValue::Text(
-            numeric_to_string(raw.as_bytes().map_err(sqlx::Error::Decode)?).ok_or_else(unsupported)?,
+            numeric_to_string(raw.as_bytes().map_err(sqlx::Error::Decode)?)
+                .ok_or_else(unsupported)?,
         ),
         "VOID" => SqlValue::Null,
         _ => return Err(unsupported()),
@@ -612,7 +681,10 @@ fn column_value(row: &PgRow, i: usize) -> Result<SqlValue> {
 /// PostgreSQL itself would print, without pulling in a decimal crate.
 /// `None` if the bytes are not a well-formed NUMERIC.
 fn numeric_to_string(b: &[u8]) -> Option<String> {
-    let word = |k: usize| b.get(2 * k..2 * k + 2).map(|w| u16::from_be_bytes([w[0], w[1]]));
+    let word = |k: usize| {
+        b.get(2 * k..2 * k + 2)
+            .map(|w| u16::from_be_bytes([w[0], w[1]]))
+    };
     let ndigits = usize::from(word(0)?);
     let weight = i64::from(word(1)? as i16);
     let sign = word(2)?;
@@ -626,7 +698,13 @@ fn numeric_to_string(b: &[u8]) -> Option<String> {
     }
     let digits: Vec<u16> = (0..ndigits).map(|k| word(4 + k)).collect::<Option<_>>()?;
     // digits[k] is worth 10000^(weight - k); missing groups are zero.
-    let group = |k: i64| if k < 0 { 0 } else { digits.get(k as usize).copied().unwrap_or(0) };
+    let group = |k: i64| {
+        if k < 0 {
+            0
+        } else {
+            digits.get(k as usize).copied().unwrap_or(0)
+        }
+    };
     let mut s = String::new();
     if sign == 0x4000 {
         s.push('-');
@@ -693,20 +771,12 @@ impl BatchColumns {
         self.names.push(ev.name.clone());
         self.payloads.push(ev.payload.clone());
         self.groups.push(ev.group_id.clone());
-        self.max_retries.push(smallint_max_retry(ev.max_retry.unwrap_or(default_max_retry))?);
+        self.max_retries
+            .push(super::effective_max_retry(ev, default_max_retry)?);
         self.delays_us.push(ev.delay.map_or(0, duration_us));
         self.ttls_us.push(ev.expires_in.map(duration_us));
         self.keys.push(ev.idempotency_key.clone());
         Ok(())
-    }
-}
-
-/// The event's own max_retry is checked by `validate`; this also covers the
-/// runtime default.
-fn smallint_max_retry(m: i32) -> Result<i16> {
-    match i16::try_from(m) {
-        Ok(v) if v >= 1 => Ok(v),
-        _ => Err(InvalidEvent::MaxRetry(m.into()).into()),
     }
 }
 
@@ -719,7 +789,11 @@ fn duration_us(d: Duration) -> i64 {
 }
 
 fn prefixed(alias: &str, columns: &str) -> String {
-    columns.split(',').map(|c| format!("{alias}.{}", c.trim())).collect::<Vec<_>>().join(", ")
+    columns
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -737,15 +811,33 @@ mod tests {
     #[test]
     fn renders_numeric_like_postgres() {
         // 12345.6789 = [1, 2345, 6789] with weight 1, dscale 4
-        assert_eq!(numeric_to_string(&numeric(3, 1, 0, 4, &[1, 2345, 6789])).unwrap(), "12345.6789");
+        assert_eq!(
+            numeric_to_string(&numeric(3, 1, 0, 4, &[1, 2345, 6789])).unwrap(),
+            "12345.6789"
+        );
         // -0.0012 = [12] at weight -1, dscale 4
-        assert_eq!(numeric_to_string(&numeric(1, -1, 0x4000, 4, &[12])).unwrap(), "-0.0012");
+        assert_eq!(
+            numeric_to_string(&numeric(1, -1, 0x4000, 4, &[12])).unwrap(),
+            "-0.0012"
+        );
         // 0.00000001 = [1] at weight -2, dscale 8
-        assert_eq!(numeric_to_string(&numeric(1, -2, 0, 8, &[1])).unwrap(), "0.00000001");
+        assert_eq!(
+            numeric_to_string(&numeric(1, -2, 0, 8, &[1])).unwrap(),
+            "0.00000001"
+        );
         // 1000000 = [100] at weight 1 (trailing zero groups are omitted)
-        assert_eq!(numeric_to_string(&numeric(1, 1, 0, 0, &[100])).unwrap(), "1000000");
-        assert_eq!(numeric_to_string(&numeric(0, 0, 0, 2, &[])).unwrap(), "0.00");
-        assert_eq!(numeric_to_string(&numeric(0, 0, 0xC000, 0, &[])).unwrap(), "NaN");
+        assert_eq!(
+            numeric_to_string(&numeric(1, 1, 0, 0, &[100])).unwrap(),
+            "1000000"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(0, 0, 0, 2, &[])).unwrap(),
+            "0.00"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(0, 0, 0xC000, 0, &[])).unwrap(),
+            "NaN"
+        );
         assert_eq!(numeric_to_string(&[0, 1]), None);
     }
 }

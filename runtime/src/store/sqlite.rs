@@ -29,8 +29,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError,
-    redact_url,
+    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
@@ -54,7 +53,10 @@ impl SqliteStore {
     /// in-memory URL gets a single, never-recycled connection, because each
     /// SQLite connection to `:memory:` is a separate, empty database.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
-        let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
+        let connect_err = |source| StoreError::Connect {
+            url: redact_url(url),
+            source,
+        };
         let options = SqliteConnectOptions::from_str(url)
             .map_err(connect_err)?
             .create_if_missing(true)
@@ -64,12 +66,18 @@ impl SqliteStore {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let mut pool = SqlitePoolOptions::new().acquire_timeout(opts.acquire_timeout);
         pool = if in_memory {
-            pool.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
+            pool.max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
         } else {
             pool.max_connections(opts.max_connections.max(1))
         };
         let pool = pool.connect_with(options).await.map_err(connect_err)?;
-        Ok(Self { pool, wake: Arc::new(watch::Sender::new(0)) })
+        Ok(Self {
+            pool,
+            wake: Arc::new(watch::Sender::new(0)),
+        })
     }
 
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
@@ -77,7 +85,9 @@ impl SqliteStore {
     }
 
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/sqlite").run(&self.pool).await?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -96,9 +106,14 @@ impl SqliteStore {
         Ok(id)
     }
 
-    pub async fn enqueue_batch(&self, events: &[NewEvent], default_max_retry: i32) -> Result<Vec<Uuid>> {
+    pub async fn enqueue_batch(
+        &self,
+        events: &[NewEvent],
+        default_max_retry: i32,
+    ) -> Result<Vec<Uuid>> {
         for ev in events {
             ev.validate()?;
+            super::effective_max_retry(ev, default_max_retry)?;
         }
         if events.is_empty() {
             return Ok(Vec::new());
@@ -115,7 +130,13 @@ impl SqliteStore {
         Ok(ids)
     }
 
-    pub async fn claim(&self, worker: &str, limit: usize, lease: Duration, skip_names: &[String]) -> Result<Vec<Claimed>> {
+    pub async fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        skip_names: &[String],
+    ) -> Result<Vec<Claimed>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -153,14 +174,18 @@ impl SqliteStore {
             .map(|r| Ok((event_from_row(r)?, r.try_get::<i64, _>("seq")?)))
             .collect::<Result<Vec<_>>>()?;
         claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
-        Ok(claimed.into_iter().map(|(event, _)| Claimed { event, token }).collect())
+        Ok(claimed
+            .into_iter()
+            .map(|(event, _)| Claimed { event, token })
+            .collect())
     }
 
     pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
         if leases.is_empty() {
             return Ok(0);
         }
-        let sql = format!("UPDATE outbox_events SET locked_until = ?2 WHERE rowid IN ({LEASED_ROWIDS})");
+        let sql =
+            format!("UPDATE outbox_events SET locked_until = ?2 WHERE rowid IN ({LEASED_ROWIDS})");
         let done = sqlx::query(&sql)
             .bind(leases_json(leases))
             .bind(now_ms().saturating_add(duration_ms(lease)))
@@ -173,8 +198,12 @@ impl SqliteStore {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) RETURNING id");
-        let ids: Vec<String> = sqlx::query_scalar(&sql).bind(leases_json(leases)).fetch_all(&self.pool).await?;
+        let sql =
+            format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) RETURNING id");
+        let ids: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(leases_json(leases))
+            .fetch_all(&self.pool)
+            .await?;
         ids.iter().map(|s| parse_id(s)).collect()
     }
 
@@ -182,7 +211,11 @@ impl SqliteStore {
         let id = lease.id.to_string();
         let token = lease.token.to_string();
         let query = match failure {
-            Failure::Retry { error, retry_at, max_retry } => sqlx::query(
+            Failure::Retry {
+                error,
+                retry_at,
+                max_retry,
+            } => sqlx::query(
                 // SET expressions see the old row, so `retry + 1` and the
                 // max_retry override are applied to the values before this update.
                 "UPDATE outbox_events
@@ -224,7 +257,11 @@ impl SqliteStore {
             "UPDATE outbox_events SET locked_by = NULL, locked_until = NULL, lock_token = NULL
              WHERE rowid IN ({LEASED_ROWIDS})"
         );
-        let n = sqlx::query(&sql).bind(leases_json(leases)).execute(&self.pool).await?.rows_affected();
+        let n = sqlx::query(&sql)
+            .bind(leases_json(leases))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         if n > 0 {
             self.wake();
         }
@@ -232,7 +269,9 @@ impl SqliteStore {
     }
 
     pub async fn begin(&self) -> Result<super::AckTx> {
-        Ok(super::AckTx::Sqlite(self.pool.begin_with("BEGIN IMMEDIATE").await?))
+        Ok(super::AckTx::Sqlite(
+            self.pool.begin_with("BEGIN IMMEDIATE").await?,
+        ))
     }
 
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {
@@ -301,7 +340,11 @@ impl SqliteStore {
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
         // Two literal conditions rather than `(retry >= max_retry) = ?` so the
         // planner can use the partial indexes.
-        let state = if filter.dead { "retry >= max_retry" } else { "retry < max_retry" };
+        let state = if filter.dead {
+            "retry >= max_retry"
+        } else {
+            "retry < max_retry"
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM outbox_events
              WHERE {state} AND (?1 IS NULL OR name = ?1)
@@ -318,7 +361,10 @@ impl SqliteStore {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = ?1");
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(event_from_row).transpose()
     }
 
@@ -330,11 +376,16 @@ impl SqliteStore {
             .await?
             .rows_affected();
         if n == 0 {
-            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE id = ?1")
-                .bind(id.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
-            return Err(if exists.is_some() { StoreError::NotDead(id) } else { StoreError::NotFound(id) });
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE id = ?1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            return Err(if exists.is_some() {
+                StoreError::NotDead(id)
+            } else {
+                StoreError::NotFound(id)
+            });
         }
         self.wake();
         Ok(())
@@ -381,10 +432,14 @@ pub async fn enqueue(conn: &mut SqliteConnection, event: &NewEvent) -> Result<Uu
 }
 
 /// [`enqueue`] with the runtime's default `max_retry` for events that set none.
-pub async fn enqueue_with_default(conn: &mut SqliteConnection, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
+pub async fn enqueue_with_default(
+    conn: &mut SqliteConnection,
+    event: &NewEvent,
+    default_max_retry: i32,
+) -> Result<Uuid> {
     event.validate()?;
     let now = now_ms();
-    let max_retry = event.max_retry.unwrap_or(default_max_retry);
+    let max_retry = super::effective_max_retry(event, default_max_retry)?;
     // A key can vanish between the conflicting INSERT and the SELECT (its
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
@@ -428,25 +483,47 @@ pub async fn enqueue_with_default(conn: &mut SqliteConnection, event: &NewEvent,
 /// Run a row-returning statement for the `sql` capability. Values come back
 /// by their SQLite storage class (INTEGER, REAL, TEXT, BLOB, NULL), so a
 /// BOOLEAN column reads as an int. Parameters bind to `?`, `?N` or `$N`.
-pub async fn query(conn: &mut SqliteConnection, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
-    let rows = bind_all(sqlx::query(statement), params).fetch_all(&mut *conn).await?;
+pub async fn query(
+    conn: &mut SqliteConnection,
+    statement: &str,
+    params: &[SqlValue],
+) -> Result<SqlRows> {
+    let rows = bind_all(sqlx::query(statement), params)
+        .fetch_all(&mut *conn)
+        .await?;
     let columns = match rows.first() {
         Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
         // No row to read the names from: ask SQLite to describe the statement.
-        None => conn.describe(statement).await?.columns().iter().map(|c| c.name().to_string()).collect(),
+        None => conn
+            .describe(statement)
+            .await?
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
     };
     let rows = rows.iter().map(row_values).collect::<Result<_>>()?;
     Ok(SqlRows { columns, rows })
 }
 
 /// Run a statement for the `sql` capability; rows affected.
-pub async fn execute(conn: &mut SqliteConnection, statement: &str, params: &[SqlValue]) -> Result<u64> {
-    Ok(bind_all(sqlx::query(statement), params).execute(&mut *conn).await?.rows_affected())
+pub async fn execute(
+    conn: &mut SqliteConnection,
+    statement: &str,
+    params: &[SqlValue],
+) -> Result<u64> {
+    Ok(bind_all(sqlx::query(statement), params)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
 }
 
 /// Delete the handled event if its lease still holds and commit; otherwise
 /// roll back everything the handler did.
-pub async fn commit_ack(mut tx: sqlx::Transaction<'static, sqlx::Sqlite>, lease: Lease) -> Result<bool> {
+pub async fn commit_ack(
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    lease: Lease,
+) -> Result<bool> {
     let n = sqlx::query("DELETE FROM outbox_events WHERE id = ?1 AND lock_token = ?2")
         .bind(lease.id.to_string())
         .bind(lease.token.to_string())
@@ -514,9 +591,15 @@ fn event_from_row(row: &SqliteRow) -> Result<Event> {
         max_retry: clamp_i32(row.try_get("max_retry")?),
         create_date: ms_to_time(row.try_get("create_date")?)?,
         available_at: ms_to_time(row.try_get("available_at")?)?,
-        expires_at: row.try_get::<Option<i64>, _>("expires_at")?.map(ms_to_time).transpose()?,
+        expires_at: row
+            .try_get::<Option<i64>, _>("expires_at")?
+            .map(ms_to_time)
+            .transpose()?,
         locked_by: row.try_get("locked_by")?,
-        locked_until: row.try_get::<Option<i64>, _>("locked_until")?.map(ms_to_time).transpose()?,
+        locked_until: row
+            .try_get::<Option<i64>, _>("locked_until")?
+            .map(ms_to_time)
+            .transpose()?,
         last_error: row.try_get("last_error")?,
         idempotency_key: row.try_get("idempotency_key")?,
     })
@@ -533,7 +616,8 @@ fn parse_id(text: &str) -> Result<Uuid> {
 fn ms_to_time(ms: i64) -> Result<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms).ok_or_else(|| {
         StoreError::Db(sqlx::Error::Decode(
-            format!("timestamp {ms} ms is out of range; outbox_events stores Unix milliseconds").into(),
+            format!("timestamp {ms} ms is out of range; outbox_events stores Unix milliseconds")
+                .into(),
         ))
     })
 }
@@ -551,6 +635,9 @@ fn duration_ms(d: Duration) -> i64 {
 }
 
 fn leases_json(leases: &[Lease]) -> String {
-    let pairs: Vec<[String; 2]> = leases.iter().map(|l| [l.id.to_string(), l.token.to_string()]).collect();
+    let pairs: Vec<[String; 2]> = leases
+        .iter()
+        .map(|l| [l.id.to_string(), l.token.to_string()])
+        .collect();
     serde_json::to_string(&pairs).expect("strings serialise")
 }
