@@ -1352,6 +1352,34 @@ async fn connect_errors_name_the_url_without_the_password() {
 }
 
 #[tokio::test]
+async fn sqlite_store_uses_wal_and_rejects_non_canonical_ids() {
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let Store::Sqlite(s) = &store else {
+        unreachable!()
+    };
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert!(timeout >= 30_000, "busy_timeout {timeout} ms");
+    // Ids are matched as text: an upper-case id could never be acknowledged,
+    // so the table refuses it at INSERT.
+    let upper = "INSERT INTO outbox_events (id, name, payload) \
+                 VALUES ('0191E0B2-57A0-7000-8000-000000000001', 'x', '{}')";
+    assert!(sqlx::query(upper).execute(s.pool()).await.is_err());
+    let text_time =
+        "INSERT INTO outbox_events (name, payload, available_at) VALUES ('x', '{}', '2026-01-01')";
+    assert!(sqlx::query(text_time).execute(s.pool()).await.is_err());
+    assert_eq!(count(&db).await, 0);
+}
+
+#[tokio::test]
 async fn sqlite_in_memory_store_works() {
     let store = Store::connect("sqlite::memory:", &ConnectOptions::default())
         .await

@@ -28,6 +28,26 @@ pub fn redis_url() -> String {
     std::env::var(REDIS_ENV).unwrap_or_else(|_| DEFAULT_REDIS_URL.to_string())
 }
 
+/// A fresh key prefix for one test on the shared Redis; the test deletes its
+/// keys when done.
+pub fn redis_prefix() -> String {
+    format!("outrun_t_{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A guest component built by `scripts/build-guests.sh`, e.g. `guest("probe")`
+/// for `target/guests/probe.wasm`.
+pub fn guest(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-guests.sh",
+        path.display()
+    );
+    path
+}
+
 /// A database that exists for one test.
 pub enum TestDb {
     Sqlite {
