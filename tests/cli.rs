@@ -129,7 +129,7 @@ fn terminate(child: &mut std::process::Child) {
     assert!(status.success(), "serve should exit 0 on SIGTERM, got {status}");
 }
 
-both_backends!(enqueue_list_stats_show, idempotency_key_returns_the_same_id, bad_input_writes_nothing, replay_and_purge);
+on_both_backends!(enqueue_list_stats_show, idempotency_key_returns_the_same_id, bad_input_writes_nothing, replay_and_purge);
 
 #[test]
 fn unknown_config_key_names_key_and_file() {

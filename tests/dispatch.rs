@@ -381,7 +381,7 @@ impl Handler for Writer {
 
 async fn effects_commit_with_ack_or_not_at_all(db: TestDb) {
     let store = db.store().await;
-    db.execute("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)").await;
+    db.exec("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)").await;
     let ok = store.enqueue(&NewEvent::new("write", "{\"fail\":false}"), 5).await.unwrap();
     let bad = store.enqueue(&NewEvent::new("write", "{\"fail\":true}"), 5).await.unwrap();
     let followed = Recorder::default();
@@ -391,7 +391,7 @@ async fn effects_commit_with_ack_or_not_at_all(db: TestDb) {
     })
     .await;
     run.stop().await;
-    let ledger = db.query_strings("SELECT event_id FROM ledger").await;
+    let ledger = db.strings("SELECT event_id FROM ledger").await;
     assert_eq!(ledger, vec![ok.to_string()], "only the successful attempt's write is committed");
     assert_eq!(followed.names(), vec![format!("{{\"from\":\"{ok}\"}}")], "only the successful attempt's emit exists");
 }
@@ -441,7 +441,7 @@ async fn shutdown_grace_cancels_and_releases(db: TestDb) {
     assert!(ev.locked_until.is_none() && !ev.is_dead() && ev.retry == 0, "a cancelled event is released, not failed: {ev:?}");
 }
 
-both_backends!(
+on_both_backends!(
     delivers_and_deletes,
     retries_with_backoff_until_dead,
     backoff_delays_the_next_attempt,
