@@ -1,1 +1,342 @@
+//! The one TOML config file, validated once at start-up. Every knob and its
+//! default is declared here and nowhere else; `OUTRUN_*` environment
+//! variables override the file, and command-line flags override both.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The database used when neither the file, `OUTRUN_DATABASE_URL` nor
+/// `--database` names one: an SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://outrun.db?mode=rwc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: `{key}` {message}")]
+    Invalid { origin: String, key: &'static str, message: String },
+    #[error("environment variable {var}={value:?}: {message}")]
+    Env { var: &'static str, value: String, message: String },
+}
+
+/// The whole file. Unknown keys anywhere are errors that name the key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `sqlite://PATH?mode=rwc` or `postgres://USER@HOST/DB`.
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Where the file was read from; relative module paths resolve against
+    /// its directory. `None` for the built-in defaults.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+fn default_database_url() -> String {
+    DEFAULT_DATABASE_URL.to_string()
+}
+
+/// Knobs of the dispatch loop and the maintenance services.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Events handled at the same time by this runtime. `OUTRUN_CONCURRENCY`.
+    pub concurrency: usize,
+    /// Most events claimed by one claim statement. `OUTRUN_BATCH_SIZE`.
+    pub batch_size: usize,
+    /// How often to look for work when no wake-up arrives (PostgreSQL
+    /// NOTIFY or an in-process enqueue). `OUTRUN_POLL_INTERVAL`.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a claim holds an event; extended while the handler runs.
+    /// An instance that dies loses its leases after this. `OUTRUN_LEASE_DURATION`.
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// Failed attempts allowed for events enqueued without `max_retry`.
+    /// `OUTRUN_MAX_RETRY`.
+    pub max_retry: i32,
+    /// First retry delay; doubles per failed attempt. `OUTRUN_BACKOFF_BASE`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Longest retry delay. `OUTRUN_BACKOFF_MAX`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Random spread of each delay, as a fraction (0.2 = ±20%), so failed
+    /// events do not retry in lockstep. `OUTRUN_BACKOFF_JITTER`.
+    pub backoff_jitter: f64,
+    /// Dead events older than this are deleted. `OUTRUN_DEAD_RETENTION`.
+    #[serde(with = "humantime_serde")]
+    pub dead_retention: Duration,
+    /// How often expiry and dead-event cleanup run. `OUTRUN_CLEANUP_INTERVAL`.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    /// On SIGINT/SIGTERM, how long running handlers may take to finish
+    /// before their events are released. `OUTRUN_SHUTDOWN_GRACE`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 32,
+            batch_size: 64,
+            poll_interval: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(30),
+            max_retry: crate::store::DEFAULT_MAX_RETRY,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(600),
+            backoff_jitter: 0.2,
+            dead_retention: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The admin HTTP server (metrics, health, events API).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// e.g. "127.0.0.1:9464"; none = no admin server. `OUTRUN_ADMIN_LISTEN`.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`. `OUTRUN_LOG_FORMAT`.
+    pub format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: default_database_url(),
+            runtime: RuntimeConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            source: None,
+        }
+    }
+}
+
+impl Config {
+    /// Read `path` (or take the defaults), apply `OUTRUN_*` overrides from
+    /// the process environment, and validate.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, |k| std::env::var(k).ok())
+    }
+
+    /// As [`Config::load`], with the environment given as a lookup (tests).
+    pub fn load_with_env(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let mut c = Self::parse(&text, p)?;
+                c.source = Some(p.to_path_buf());
+                c
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            // toml's message already names the unknown key and its line.
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Directory that relative paths in the file resolve against.
+    pub fn base_dir(&self) -> PathBuf {
+        self.source
+            .as_deref()
+            .and_then(Path::parent)
+            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    fn origin(&self) -> String {
+        match &self.source {
+            Some(p) => format!("config file {}", p.display()),
+            None => "config".to_string(),
+        }
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.trim().parse().map_err(|e: T::Err| ConfigError::Env { var, value: value.into(), message: e.to_string() })
+        }
+        fn duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+            humantime::parse_duration(value.trim()).map_err(|e| ConfigError::Env {
+                var,
+                value: value.into(),
+                message: format!("{e} (write a duration like 500ms, 30s, 5m, 7d)"),
+            })
+        }
+        let r = &mut self.runtime;
+        macro_rules! over {
+            ($var:literal, $field:expr, $conv:ident) => {
+                if let Some(v) = env($var) {
+                    $field = $conv($var, &v)?;
+                }
+            };
+        }
+        if let Some(v) = env("OUTRUN_DATABASE_URL") {
+            self.database_url = v;
+        }
+        over!("OUTRUN_CONCURRENCY", r.concurrency, parse);
+        over!("OUTRUN_BATCH_SIZE", r.batch_size, parse);
+        over!("OUTRUN_POLL_INTERVAL", r.poll_interval, duration);
+        over!("OUTRUN_LEASE_DURATION", r.lease_duration, duration);
+        over!("OUTRUN_MAX_RETRY", r.max_retry, parse);
+        over!("OUTRUN_BACKOFF_BASE", r.backoff_base, duration);
+        over!("OUTRUN_BACKOFF_MAX", r.backoff_max, duration);
+        over!("OUTRUN_BACKOFF_JITTER", r.backoff_jitter, parse);
+        over!("OUTRUN_DEAD_RETENTION", r.dead_retention, duration);
+        over!("OUTRUN_CLEANUP_INTERVAL", r.cleanup_interval, duration);
+        over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
+        if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
+            self.admin.listen = (!v.trim().is_empty()).then_some(v);
+        }
+        if let Some(v) = env("OUTRUN_LOG_FORMAT") {
+            self.log.format = match v.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(ConfigError::Env { var: "OUTRUN_LOG_FORMAT", value: v, message: "expected text or json".into() }),
+            };
+        }
+        Ok(())
+    }
+
+    /// Reject values that would make the runtime misbehave rather than fail.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.runtime;
+        let bad = |key: &'static str, message: &str| Err(ConfigError::Invalid { origin: self.origin(), key, message: message.to_string() });
+        if r.concurrency == 0 {
+            return bad("runtime.concurrency", "must be at least 1");
+        }
+        if r.batch_size == 0 {
+            return bad("runtime.batch_size", "must be at least 1");
+        }
+        if r.max_retry < 1 || r.max_retry > i16::MAX as i32 {
+            return bad("runtime.max_retry", "must be between 1 and 32767 (the column is a SMALLINT)");
+        }
+        if r.lease_duration < Duration::from_secs(1) {
+            return bad("runtime.lease_duration", "must be at least 1s (leases are extended every third of it)");
+        }
+        if r.poll_interval.is_zero() {
+            return bad("runtime.poll_interval", "must be more than 0");
+        }
+        if !(0.0..=1.0).contains(&r.backoff_jitter) {
+            return bad("runtime.backoff_jitter", "must be between 0.0 and 1.0");
+        }
+        if r.backoff_base.is_zero() || r.backoff_base > r.backoff_max {
+            return bad("runtime.backoff_base", "must be more than 0 and at most runtime.backoff_max");
+        }
+        if r.cleanup_interval.is_zero() {
+            return bad("runtime.cleanup_interval", "must be more than 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outrun.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_with_env(Some(&path), no_env)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, no_env).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.runtime, RuntimeConfig::default());
+    }
+
+    #[test]
+    fn reads_knobs_from_file() {
+        let c = load_text("database_url = \"postgres://x@h/db\"\n[runtime]\nconcurrency = 4\nbackoff_base = \"250ms\"\ndead_retention = \"2d\"\n").unwrap();
+        assert_eq!(c.database_url, "postgres://x@h/db");
+        assert_eq!(c.runtime.concurrency, 4);
+        assert_eq!(c.runtime.backoff_base, Duration::from_millis(250));
+        assert_eq!(c.runtime.dead_retention, Duration::from_secs(2 * 86400));
+        assert_eq!(c.runtime.batch_size, RuntimeConfig::default().batch_size);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_the_file() {
+        let err = load_text("[runtime]\nconcurency = 4\n").unwrap_err().to_string();
+        assert!(err.contains("concurency"), "{err}");
+        assert!(err.contains("outrun.toml"), "{err}");
+        let err = load_text("databse_url = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("databse_url"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let err = load_text("[runtime]\nconcurrency = 0\n").unwrap_err().to_string();
+        assert!(err.contains("runtime.concurrency"), "{err}");
+        let err = load_text("[runtime]\nbackoff_jitter = 1.5\n").unwrap_err().to_string();
+        assert!(err.contains("backoff_jitter"), "{err}");
+        let err = load_text("[runtime]\npoll_interval = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("poll_interval") || err.contains("soon"), "{err}");
+        assert!(matches!(Config::load_with_env(Some(Path::new("/nonexistent/outrun.toml")), no_env), Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[runtime]\nconcurrency = 4\n").unwrap();
+        let env = |k: &str| match k {
+            "OUTRUN_CONCURRENCY" => Some("9".to_string()),
+            "OUTRUN_LEASE_DURATION" => Some("2m".to_string()),
+            "OUTRUN_DATABASE_URL" => Some("sqlite://x.db".to_string()),
+            _ => None,
+        };
+        let c = Config::load_with_env(Some(&path), env).unwrap();
+        assert_eq!(c.runtime.concurrency, 9);
+        assert_eq!(c.runtime.lease_duration, Duration::from_secs(120));
+        assert_eq!(c.database_url, "sqlite://x.db");
+        assert_eq!(c.base_dir(), dir.path());
+        let env = |k: &str| (k == "OUTRUN_BATCH_SIZE").then(|| "lots".to_string());
+        let err = Config::load_with_env(Some(&path), env).unwrap_err().to_string();
+        assert!(err.contains("OUTRUN_BATCH_SIZE"), "{err}");
+    }
+}

@@ -14,6 +14,9 @@ pub const MAX_NAME_LEN: usize = 100;
 /// message, not a blob store.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
+/// Largest `max_retry`: the column is a SMALLINT on PostgreSQL.
+pub const MAX_RETRY_LIMIT: i32 = i16::MAX as i32;
+
 /// Why an event could not be enqueued. Nothing is written in any of these cases.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum InvalidEvent {
@@ -27,7 +30,7 @@ pub enum InvalidEvent {
     PayloadNotJson(String),
     #[error("payload is {0} bytes; the limit is {MAX_PAYLOAD_BYTES}")]
     PayloadTooLarge(usize),
-    #[error("max_retry must be at least 1 (got {0})")]
+    #[error("max_retry must be between 1 and {MAX_RETRY_LIMIT} (got {0})")]
     MaxRetry(i64),
     #[error("idempotency key is empty; omit it or give a non-empty key")]
     EmptyKey,
@@ -67,8 +70,7 @@ impl NewEvent {
 
     /// Serialise `payload` with serde_json.
     pub fn json<T: Serialize>(name: impl Into<String>, payload: &T) -> Result<Self, InvalidEvent> {
-        let text = serde_json::to_string(payload)
-            .map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
+        let text = serde_json::to_string(payload).map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
         Ok(Self::new(name, text))
     }
 
@@ -110,7 +112,7 @@ impl NewEvent {
         serde_json::from_str::<serde::de::IgnoredAny>(&self.payload)
             .map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
         if let Some(m) = self.max_retry
-            && m < 1
+            && !(1..=MAX_RETRY_LIMIT).contains(&m)
         {
             return Err(InvalidEvent::MaxRetry(m.into()));
         }
@@ -174,10 +176,7 @@ pub struct Claimed {
 
 impl Claimed {
     pub fn lease(&self) -> Lease {
-        Lease {
-            id: self.event.id,
-            token: self.token,
-        }
+        Lease { id: self.event.id, token: self.token }
     }
 }
 
@@ -194,41 +193,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert_eq!(
-            NewEvent::new("", "{}").validate(),
-            Err(InvalidEvent::EmptyName)
-        );
-        assert_eq!(
-            NewEvent::new("x".repeat(101), "{}").validate(),
-            Err(InvalidEvent::NameTooLong(101))
-        );
+        assert_eq!(NewEvent::new("", "{}").validate(), Err(InvalidEvent::EmptyName));
+        assert_eq!(NewEvent::new("x".repeat(101), "{}").validate(), Err(InvalidEvent::NameTooLong(101)));
         assert!(NewEvent::new("x".repeat(100), "{}").validate().is_ok());
-        assert!(matches!(
-            NewEvent::new("a", "{not json").validate(),
-            Err(InvalidEvent::PayloadNotJson(_))
-        ));
-        assert!(matches!(
-            NewEvent::new("a", "").validate(),
-            Err(InvalidEvent::PayloadNotJson(_))
-        ));
-        assert_eq!(
-            NewEvent::new("a", "1").with_max_retry(0).validate(),
-            Err(InvalidEvent::MaxRetry(0))
-        );
-        assert_eq!(
-            NewEvent::new("a", "1").with_key("").validate(),
-            Err(InvalidEvent::EmptyKey)
-        );
+        assert!(matches!(NewEvent::new("a", "{not json").validate(), Err(InvalidEvent::PayloadNotJson(_))));
+        assert!(matches!(NewEvent::new("a", "").validate(), Err(InvalidEvent::PayloadNotJson(_))));
+        assert_eq!(NewEvent::new("a", "1").with_max_retry(0).validate(), Err(InvalidEvent::MaxRetry(0)));
+        assert_eq!(NewEvent::new("a", "1").with_max_retry(40_000).validate(), Err(InvalidEvent::MaxRetry(40_000)));
+        assert!(NewEvent::new("a", "1").with_max_retry(MAX_RETRY_LIMIT).validate().is_ok());
+        assert_eq!(NewEvent::new("a", "1").with_key("").validate(), Err(InvalidEvent::EmptyKey));
         let big = format!("\"{}\"", "x".repeat(MAX_PAYLOAD_BYTES));
-        assert!(matches!(
-            NewEvent::new("a", big).validate(),
-            Err(InvalidEvent::PayloadTooLarge(_))
-        ));
-        assert!(matches!(
-            NewEvent::new("a", "{}")
-                .with_group("g".repeat(101))
-                .validate(),
-            Err(InvalidEvent::GroupTooLong(101))
-        ));
+        assert!(matches!(NewEvent::new("a", big).validate(), Err(InvalidEvent::PayloadTooLarge(_))));
+        assert!(matches!(NewEvent::new("a", "{}").with_group("g".repeat(101)).validate(), Err(InvalidEvent::GroupTooLong(101))));
     }
 }

@@ -40,6 +40,13 @@ pub enum StoreError {
     NotDead(Uuid),
     #[error("no store attached to these effects")]
     NoStore,
+    #[error(
+        "column {column:?} has type {type_name}, which the sql capability cannot return; \
+         cast it in the query (for example `{column}::text`)"
+    )]
+    UnsupportedColumn { column: String, type_name: String },
+    #[error("the store was closed; wake-ups end with it")]
+    Closed,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -65,13 +72,28 @@ pub struct Stats {
     pub oldest_pending_age_secs: f64,
 }
 
-/// Filter for [`Store::list`].
+/// Filter for [`Store::list`]. Results are oldest first (by `create_date`,
+/// then insertion order).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     /// Only dead events (otherwise only live ones).
     pub dead: bool,
     pub name: Option<String>,
+    /// At most this many rows; 0 or less means [`DEFAULT_LIST_LIMIT`].
     pub limit: i64,
+}
+
+/// Rows [`Store::list`] returns when the filter sets no limit.
+pub const DEFAULT_LIST_LIMIT: i64 = 100;
+
+impl ListFilter {
+    fn effective_limit(&self) -> i64 {
+        if self.limit <= 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            self.limit
+        }
+    }
 }
 
 /// What a failed attempt does to the row.
@@ -266,6 +288,63 @@ impl Store {
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
         each!(self, s => s.purge_dead(before).await)
     }
+
+    /// A source of "new work may exist" hints for the claim loop. PostgreSQL:
+    /// `LISTEN outrun_events` (the table's insert trigger and replay notify),
+    /// so inserts from any process wake it. SQLite: enqueues, replays and
+    /// releases made through this store (any clone of it); writes by other
+    /// processes are only seen by the caller's polling.
+    pub async fn wakeups(&self) -> Result<Wakeups> {
+        match self {
+            Store::Sqlite(s) => Ok(Wakeups(WakeupSource::Local(s.subscribe()))),
+            Store::Postgres(s) => Ok(Wakeups(WakeupSource::Listen(Box::new(s.listen().await?)))),
+        }
+    }
+}
+
+/// Wake-up hints from [`Store::wakeups`]. A hint is not a promise: the work
+/// may already be taken, so the caller claims and, on errors, falls back to
+/// polling.
+pub struct Wakeups(WakeupSource);
+
+enum WakeupSource {
+    Local(tokio::sync::watch::Receiver<u64>),
+    Listen(Box<sqlx::postgres::PgListener>),
+}
+
+impl Wakeups {
+    /// Resolve when new work may exist since the previous call (or since
+    /// this `Wakeups` was made). On SQLite this is cancel-safe (a hint that
+    /// arrives while nobody waits is kept for the next call); on PostgreSQL
+    /// it is as cancel-safe as sqlx's `PgListener::try_recv`, and the caller
+    /// polls anyway.
+    ///
+    /// On PostgreSQL a lost listener connection resolves `Ok` (notifications
+    /// sent while it was down are gone, so the caller should look) and the
+    /// next call reconnects; an error means the listener cannot reconnect and
+    /// the caller should poll.
+    pub async fn next(&mut self) -> Result<()> {
+        match &mut self.0 {
+            WakeupSource::Local(rx) => {
+                // The sender lives in the store; if every clone of it is gone
+                // there is nothing left to wait for.
+                rx.changed().await.map_err(|_| StoreError::Closed)
+            }
+            WakeupSource::Listen(listener) => {
+                listener.try_recv().await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Wakeups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            WakeupSource::Local(_) => f.write_str("Wakeups(local)"),
+            WakeupSource::Listen(_) => f.write_str("Wakeups(LISTEN outrun_events)"),
+        }
+    }
 }
 
 /// A transaction that carries a handler's SQL and emitted events and, on
@@ -360,3 +439,14 @@ impl OutboxDatabase for sqlx::Postgres {
 /// Default `max_retry` when neither the event nor the config sets one; the
 /// column default in both migrations matches it.
 pub const DEFAULT_MAX_RETRY: i32 = 5;
+
+/// The event's `max_retry`, or the runtime default, checked against the
+/// column's range (the event's own value is already checked by `validate`;
+/// this also catches a bad default before any SQL runs).
+fn effective_max_retry(event: &NewEvent, default_max_retry: i32) -> Result<i16> {
+    let m = event.max_retry.unwrap_or(default_max_retry);
+    match i16::try_from(m) {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(InvalidEvent::MaxRetry(m.into()).into()),
+    }
+}

@@ -1,13 +1,36 @@
-//! The outbox on Postgres. (Skeleton: the store work fills this in.)
+//! The outbox on PostgreSQL: the backend several runtime instances share.
+//!
+//! Time is always the database clock (`now()`), so instances with skewed
+//! clocks agree on what is ready and whose lease has lapsed. Claims lock with
+//! `FOR UPDATE SKIP LOCKED` so concurrent claimers split the ready rows
+//! instead of queueing behind each other, and every batch operation binds
+//! whole arrays (`unnest`) so it is one statement however large the batch.
+//! Durations cross the wire as whole microseconds (`$n * interval '1
+//! microsecond'`), PostgreSQL's timestamp resolution.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{
+    PgArgumentBuffer, PgArguments, PgListener, PgPoolOptions, PgRow, PgTypeInfo, types::Oid,
+};
+use sqlx::{Column, Executor, PgConnection, Postgres, Row, TypeInfo, ValueRef};
 use uuid::Uuid;
 
-use super::{ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats};
+use super::{
+    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
+};
 use crate::event::{Claimed, Event, Lease, NewEvent};
+
+/// The LISTEN/NOTIFY channel the insert trigger and replays signal.
+pub const CHANNEL: &str = "outrun_events";
+
+const EVENT_COLUMNS: &str = "seq, id, name, payload, group_id, retry, max_retry, create_date, \
+     available_at, expires_at, locked_by, locked_until, last_error, idempotency_key";
 
 #[derive(Clone, Debug)]
 pub struct PgStore {
@@ -15,25 +38,122 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Connect eagerly, so a wrong URL or a server that is down is reported
+    /// here rather than at the first claim.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
-        todo!()
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
+        Ok(Self { pool })
     }
+
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
         &self.pool
     }
+
+    /// Safe to run from several instances at once: sqlx holds a session
+    /// advisory lock (keyed by database name) while it checks and applies.
     pub async fn migrate(&self) -> Result<()> {
-        todo!()
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
     }
+
+    /// A listener on [`CHANNEL`]. It holds one connection of the pool for
+    /// its whole life; size the pool with that in mind.
+    pub(super) async fn listen(&self) -> Result<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(listener)
+    }
+
     pub async fn enqueue(&self, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
-        todo!()
+        let mut conn = self.pool.acquire().await?;
+        enqueue_with_default(&mut conn, event, default_max_retry).await
     }
+
+    /// One multi-row INSERT over `unnest` of column arrays. Rows whose
+    /// idempotency key already exists (or repeats within the batch) map to
+    /// the id that holds the key.
     pub async fn enqueue_batch(
         &self,
         events: &[NewEvent],
         default_max_retry: i32,
     ) -> Result<Vec<Uuid>> {
-        todo!()
+        let mut cols = BatchColumns::default();
+        for ev in events {
+            ev.validate()?;
+            cols.push(ev, default_max_retry)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let inserted: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO outbox_events
+                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+             SELECT t.id, t.name, t.payload, t.group_id, t.max_retry,
+                    now() + t.delay_us * interval '1 microsecond',
+                    now() + t.ttl_us * interval '1 microsecond',
+                    t.key
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::int8[],
+                         $7::int8[], $8::text[])
+                  WITH ORDINALITY AS t(id, name, payload, group_id, max_retry, delay_us, ttl_us, key, ord)
+             ORDER BY t.ord
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&cols.ids)
+        .bind(&cols.names)
+        .bind(&cols.payloads)
+        .bind(&cols.groups)
+        .bind(&cols.max_retries)
+        .bind(&cols.delays_us)
+        .bind(&cols.ttls_us)
+        .bind(&cols.keys)
+        .fetch_all(&mut *tx)
+        .await?;
+
+        let mut ids = cols.ids.clone();
+        if inserted.len() < events.len() {
+            let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+            let conflicted: Vec<String> = events
+                .iter()
+                .zip(&ids)
+                .filter(|(_, id)| !inserted.contains(id))
+                .filter_map(|(ev, _)| ev.idempotency_key.clone())
+                .collect();
+            let holders: HashMap<String, Uuid> = sqlx::query_as::<_, (String, Uuid)>(
+                "SELECT idempotency_key, id FROM outbox_events WHERE idempotency_key = ANY($1)",
+            )
+            .bind(&conflicted)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            for (ev, id) in events.iter().zip(ids.iter_mut()) {
+                if inserted.contains(id) {
+                    continue;
+                }
+                *id = match ev.idempotency_key.as_ref().and_then(|k| holders.get(k)) {
+                    Some(holder) => *holder,
+                    // The holder was acknowledged between the INSERT and the
+                    // SELECT: insert this one on its own.
+                    None => enqueue_with_default(&mut tx, ev, default_max_retry).await?,
+                };
+            }
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
+
     pub async fn claim(
         &self,
         worker: &str,
@@ -41,48 +161,310 @@ impl PgStore {
         lease: Duration,
         skip_names: &[String],
     ) -> Result<Vec<Claimed>> {
-        todo!()
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let token = Uuid::new_v4();
+        // The group check sees an earlier live event whether it is pending,
+        // backing off or leased by someone else (row locks do not hide rows
+        // from a plain subquery), so a group never runs two events at once.
+        let sql = format!(
+            "WITH ready AS (
+                 SELECT e.id FROM outbox_events e
+                 WHERE e.retry < e.max_retry
+                   AND e.available_at <= now()
+                   AND (e.expires_at IS NULL OR e.expires_at > now())
+                   AND (e.locked_until IS NULL OR e.locked_until < now())
+                   AND e.name <> ALL($2::text[])
+                   AND (e.group_id IS NULL OR NOT EXISTS (
+                       SELECT 1 FROM outbox_events p
+                       WHERE p.group_id = e.group_id AND p.seq < e.seq
+                         AND p.retry < p.max_retry))
+                 ORDER BY e.available_at, e.seq
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE outbox_events o
+             SET locked_by = $1, locked_until = now() + $4 * interval '1 microsecond', lock_token = $5
+             FROM ready WHERE o.id = ready.id
+             RETURNING {}",
+            prefixed("o", EVENT_COLUMNS)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(worker)
+            .bind(skip_names)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(duration_us(lease))
+            .bind(token)
+            .fetch_all(&self.pool)
+            .await?;
+        // RETURNING order is unspecified; hand the batch out oldest first.
+        let mut claimed = rows
+            .iter()
+            .map(|r| Ok((event_from_row(r)?, r.try_get::<i64, _>("seq")?)))
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
+        Ok(claimed
+            .into_iter()
+            .map(|(event, _)| Claimed { event, token })
+            .collect())
     }
+
     pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
-        todo!()
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, tokens) = split(leases);
+        let n = sqlx::query(
+            "UPDATE outbox_events o SET locked_until = now() + $3 * interval '1 microsecond'
+             FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+             WHERE o.id = l.id AND o.lock_token = l.token",
+        )
+        .bind(ids)
+        .bind(tokens)
+        .bind(duration_us(lease))
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
     }
+
     pub async fn ack(&self, leases: &[Lease]) -> Result<Vec<Uuid>> {
-        todo!()
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = split(leases);
+        Ok(sqlx::query_scalar(
+            "DELETE FROM outbox_events o
+             USING unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+             WHERE o.id = l.id AND o.lock_token = l.token
+             RETURNING o.id",
+        )
+        .bind(ids)
+        .bind(tokens)
+        .fetch_all(&self.pool)
+        .await?)
     }
+
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
-        todo!()
+        let query = match failure {
+            Failure::Retry {
+                error,
+                retry_at,
+                max_retry,
+            } => sqlx::query(
+                // SET expressions see the old row, so `retry + 1` and the
+                // max_retry override are applied to the values before this update.
+                "UPDATE outbox_events
+                 SET max_retry = COALESCE($3, max_retry), retry = retry + 1, last_error = $4,
+                     available_at = $5, locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = $1 AND lock_token = $2",
+            )
+            .bind(lease.id)
+            .bind(lease.token)
+            // The column is a SMALLINT; a larger override means "practically
+            // never dead", which the largest SMALLINT still says.
+            .bind(max_retry.map(|m| m.min(i32::from(i16::MAX)) as i16))
+            .bind(error.as_str())
+            .bind(*retry_at),
+            Failure::Dead { error } => sqlx::query(
+                "UPDATE outbox_events
+                 SET retry = max_retry, last_error = $3,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = $1 AND lock_token = $2",
+            )
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(error.as_str()),
+            Failure::Reschedule { at } => sqlx::query(
+                "UPDATE outbox_events
+                 SET available_at = $3, locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = $1 AND lock_token = $2",
+            )
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(*at),
+        };
+        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
     }
+
     pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
-        todo!()
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, tokens) = split(leases);
+        let n = sqlx::query(
+            "UPDATE outbox_events o SET locked_by = NULL, locked_until = NULL, lock_token = NULL
+             FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+             WHERE o.id = l.id AND o.lock_token = l.token",
+        )
+        .bind(ids)
+        .bind(tokens)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            self.notify().await?;
+        }
+        Ok(n)
     }
+
     pub async fn begin(&self) -> Result<super::AckTx> {
-        todo!()
+        Ok(super::AckTx::Postgres(self.pool.begin().await?))
     }
+
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {
-        todo!()
+        // The outer conditions repeat the inner ones: a row locked by a
+        // concurrent claim or replay is re-checked against its new version.
+        let n = sqlx::query(
+            "UPDATE outbox_events
+             SET retry = max_retry, last_error = 'expired',
+                 locked_by = NULL, locked_until = NULL, lock_token = NULL
+             WHERE id IN (
+                 SELECT id FROM outbox_events
+                 WHERE expires_at IS NOT NULL AND expires_at <= now() AND retry < max_retry
+                   AND (locked_until IS NULL OR locked_until < now())
+                 ORDER BY expires_at
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED)
+               AND retry < max_retry AND (locked_until IS NULL OR locked_until < now())",
+        )
+        .bind(limit.max(0))
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
     }
+
     pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(
+            "DELETE FROM outbox_events
+             WHERE id IN (
+                 SELECT id FROM outbox_events
+                 WHERE retry >= max_retry AND create_date <= $1
+                 ORDER BY create_date
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+               AND retry >= max_retry",
+        )
+        .bind(before)
+        .bind(limit.max(0))
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
     }
+
     pub async fn stats(&self) -> Result<Stats> {
-        todo!()
+        let row = sqlx::query(
+            "SELECT
+                 count(*) FILTER (WHERE retry < max_retry AND available_at <= now()
+                                  AND (locked_until IS NULL OR locked_until < now())) AS pending,
+                 count(*) FILTER (WHERE retry < max_retry AND available_at > now()
+                                  AND (locked_until IS NULL OR locked_until < now())) AS scheduled,
+                 count(*) FILTER (WHERE retry < max_retry AND locked_until >= now()) AS running,
+                 count(*) FILTER (WHERE retry >= max_retry) AS dead,
+                 COALESCE(EXTRACT(EPOCH FROM now() - min(available_at) FILTER (
+                     WHERE retry < max_retry AND available_at <= now()
+                       AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest
+             FROM outbox_events",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Stats {
+            pending: row.try_get("pending")?,
+            scheduled: row.try_get("scheduled")?,
+            running: row.try_get("running")?,
+            dead: row.try_get("dead")?,
+            oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
+        })
     }
+
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
-        todo!()
+        // Two literal conditions rather than `(retry >= max_retry) = $1` so the
+        // planner can use the partial indexes.
+        let state = if filter.dead {
+            "retry >= max_retry"
+        } else {
+            "retry < max_retry"
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox_events
+             WHERE {state} AND ($1::text IS NULL OR name = $1)
+             ORDER BY create_date, seq
+             LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.name.as_deref())
+            .bind(filter.effective_limit())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
     }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
-        todo!()
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(event_from_row).transpose()
     }
+
     pub async fn replay(&self, id: Uuid) -> Result<()> {
-        todo!()
+        let n = sqlx::query(&format!("{REPLAY} WHERE id = $1 AND retry >= max_retry"))
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            let exists: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            return Err(if exists.is_some() {
+                StoreError::NotDead(id)
+            } else {
+                StoreError::NotFound(id)
+            });
+        }
+        self.notify().await
     }
+
     pub async fn replay_all_dead(&self) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(&format!("{REPLAY} WHERE retry >= max_retry"))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n > 0 {
+            self.notify().await?;
+        }
+        Ok(n)
     }
+
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(
+            "DELETE FROM outbox_events
+             WHERE retry >= max_retry AND ($1::timestamptz IS NULL OR create_date <= $1)",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
+    }
+
+    /// Wake listeners for rows that became ready without an INSERT (the
+    /// trigger covers inserts). Sent after the change committed.
+    async fn notify(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
+
+/// Make dead rows live again. `last_error` stays for the record.
+const REPLAY: &str = "UPDATE outbox_events
+     SET retry = 0, available_at = now(), expires_at = NULL,
+         locked_by = NULL, locked_until = NULL, lock_token = NULL";
 
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
 /// Validates first; same idempotency key as a live event → that event's id.
@@ -90,29 +472,372 @@ pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid> 
     enqueue_with_default(conn, event, super::DEFAULT_MAX_RETRY).await
 }
 
+/// [`enqueue`] with the runtime's default `max_retry` for events that set none.
+///
+/// Concurrent enqueues with one key are safe: the second INSERT waits on the
+/// first's uncommitted row, then does nothing, and the follow-up SELECT (a
+/// fresh snapshot under READ COMMITTED) sees the winner. Under REPEATABLE
+/// READ or SERIALIZABLE the caller gets PostgreSQL's serialization error
+/// instead and should retry its transaction.
 pub async fn enqueue_with_default(
     conn: &mut PgConnection,
     event: &NewEvent,
     default_max_retry: i32,
 ) -> Result<Uuid> {
-    todo!()
+    event.validate()?;
+    let max_retry = super::effective_max_retry(event, default_max_retry)?;
+    // A key can vanish between the conflicting INSERT and the SELECT (its
+    // event was acknowledged meanwhile); the next INSERT then succeeds.
+    for _ in 0..3 {
+        let inserted: Option<Uuid> = sqlx::query_scalar(
+            "INSERT INTO outbox_events
+                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 microsecond',
+                     now() + $7 * interval '1 microsecond', $8)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING id",
+        )
+        .bind(Uuid::now_v7())
+        .bind(&event.name)
+        .bind(&event.payload)
+        .bind(event.group_id.as_deref())
+        .bind(max_retry)
+        .bind(event.delay.map_or(0, duration_us))
+        .bind(event.expires_in.map(duration_us))
+        .bind(event.idempotency_key.as_deref())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(id) = inserted {
+            return Ok(id);
+        }
+        let existing: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM outbox_events WHERE idempotency_key = $1")
+                .bind(event.idempotency_key.as_deref())
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(id) = existing {
+            return Ok(id);
+        }
+    }
+    Err(StoreError::Db(sqlx::Error::Protocol(format!(
+        "idempotency key {:?} kept conflicting but its event could not be read; retry the enqueue",
+        event.idempotency_key
+    ))))
 }
 
+/// Run a row-returning statement for the `sql` capability.
+///
+/// Parameters are typed by their [`SqlValue`] variant (int8, float8, text,
+/// bool, bytea); NULL is sent untyped so the server infers it from context.
+/// A text parameter compared with a non-text column needs a cast in the SQL
+/// (`WHERE id = $1::uuid`). Results: bool, int2/4/8, float4/8, text-like and
+/// bytea map to their variant; uuid, numeric, json/jsonb, date, time,
+/// timestamp and timestamptz (RFC 3339) come back as text; void as null;
+/// any other type is an error that names the column and suggests a cast.
 pub async fn query(
     conn: &mut PgConnection,
     statement: &str,
     params: &[SqlValue],
 ) -> Result<SqlRows> {
-    todo!()
+    let rows = bind_all(sqlx::query(statement), params)
+        .fetch_all(&mut *conn)
+        .await?;
+    let columns = match rows.first() {
+        Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
+        // No row to read the names from: describe the statement (no execution).
+        None => conn
+            .describe(statement)
+            .await?
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
+    };
+    let rows = rows.iter().map(row_values).collect::<Result<_>>()?;
+    Ok(SqlRows { columns, rows })
 }
 
+/// Run a statement for the `sql` capability; rows affected.
 pub async fn execute(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<u64> {
-    todo!()
+    Ok(bind_all(sqlx::query(statement), params)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
 }
 
+/// Delete the handled event if its lease still holds and commit; otherwise
+/// roll back everything the handler did.
 pub async fn commit_ack(
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
     lease: Lease,
 ) -> Result<bool> {
-    todo!()
+    let n = sqlx::query("DELETE FROM outbox_events WHERE id = $1 AND lock_token = $2")
+        .bind(lease.id)
+        .bind(lease.token)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if n == 1 {
+        tx.commit().await?;
+        Ok(true)
+    } else {
+        tx.rollback().await?;
+        Ok(false)
+    }
+}
+
+/// A NULL parameter with no declared type (OID 0): PostgreSQL infers the
+/// type from where it is used, so `INSERT INTO t (n) VALUES ($1)` works for
+/// any column type. A typed NULL (say text) would fail against an int column.
+struct UntypedNull;
+
+impl sqlx::Type<Postgres> for UntypedNull {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(Oid(0))
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for UntypedNull {
+    fn encode_by_ref(
+        &self,
+        _buf: &mut PgArgumentBuffer,
+    ) -> std::result::Result<IsNull, BoxDynError> {
+        Ok(IsNull::Yes)
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, PgArguments>,
+    params: &'q [SqlValue],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+    for p in params {
+        q = match p {
+            SqlValue::Null => q.bind(UntypedNull),
+            SqlValue::Bool(b) => q.bind(*b),
+            SqlValue::Int(i) => q.bind(*i),
+            SqlValue::Float(f) => q.bind(*f),
+            SqlValue::Text(s) => q.bind(s.as_str()),
+            SqlValue::Blob(b) => q.bind(b.as_slice()),
+        };
+    }
+    q
+}
+
+fn row_values(row: &PgRow) -> Result<Vec<SqlValue>> {
+    (0..row.len()).map(|i| column_value(row, i)).collect()
+}
+
+fn column_value(row: &PgRow, i: usize) -> Result<SqlValue> {
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(SqlValue::Null);
+    }
+    let type_name = raw.type_info().name().to_string();
+    let unsupported = || StoreError::UnsupportedColumn {
+        column: row.columns()[i].name().to_string(),
+        type_name: type_name.clone(),
+    };
+    Ok(match type_name.as_str() {
+        "BOOL" => SqlValue::Bool(row.try_get_unchecked(i)?),
+        "INT2" => SqlValue::Int(row.try_get_unchecked::<i16, _>(i)?.into()),
+        "INT4" => SqlValue::Int(row.try_get_unchecked::<i32, _>(i)?.into()),
+        "INT8" => SqlValue::Int(row.try_get_unchecked(i)?),
+        "FLOAT4" => SqlValue::Float(row.try_get_unchecked::<f32, _>(i)?.into()),
+        "FLOAT8" => SqlValue::Float(row.try_get_unchecked(i)?),
+        "TEXT" | "VARCHAR" | "CHAR" | "BPCHAR" | "NAME" => {
+            SqlValue::Text(row.try_get_unchecked(i)?)
+        }
+        "BYTEA" => SqlValue::Blob(row.try_get_unchecked(i)?),
+        "UUID" => SqlValue::Text(row.try_get_unchecked::<Uuid, _>(i)?.to_string()),
+        "TIMESTAMPTZ" => SqlValue::Text(row.try_get_unchecked::<DateTime<Utc>, _>(i)?.to_rfc3339()),
+        "TIMESTAMP" => SqlValue::Text(
+            row.try_get_unchecked::<NaiveDateTime, _>(i)?
+                .format("%Y-%m-%dT%H:%M:%S%.f")
+                .to_string(),
+        ),
+        "DATE" => SqlValue::Text(row.try_get_unchecked::<NaiveDate, _>(i)?.to_string()),
+        "TIME" => SqlValue::Text(row.try_get_unchecked::<NaiveTime, _>(i)?.to_string()),
+        // Binary json is the text itself; binary jsonb is a version byte (1)
+        // followed by the text.
+        "JSON" | "JSONB" => {
+            let bytes = raw.as_bytes().map_err(sqlx::Error::Decode)?;
+            let text = if type_name == "JSONB" {
+                bytes.get(1..).unwrap_or_default()
+            } else {
+                bytes
+            };
+            SqlValue::Text(String::from_utf8(text.to_vec()).map_err(|_| unsupported())?)
+        }
+        "NUMERIC" => SqlValue::Text(
+            numeric_to_string(raw.as_bytes().map_err(sqlx::Error::Decode)?)
+                .ok_or_else(unsupported)?,
+        ),
+        "VOID" => SqlValue::Null,
+        _ => return Err(unsupported()),
+    })
+}
+
+/// Render PostgreSQL's binary NUMERIC (base-10000 digit groups) as the text
+/// PostgreSQL itself would print, without pulling in a decimal crate.
+/// `None` if the bytes are not a well-formed NUMERIC.
+fn numeric_to_string(b: &[u8]) -> Option<String> {
+    let word = |k: usize| {
+        b.get(2 * k..2 * k + 2)
+            .map(|w| u16::from_be_bytes([w[0], w[1]]))
+    };
+    let ndigits = usize::from(word(0)?);
+    let weight = i64::from(word(1)? as i16);
+    let sign = word(2)?;
+    let dscale = usize::from(word(3)?);
+    match sign {
+        0x0000 | 0x4000 => {}
+        0xC000 => return Some("NaN".into()),
+        0xD000 => return Some("Infinity".into()),
+        0xF000 => return Some("-Infinity".into()),
+        _ => return None,
+    }
+    let digits: Vec<u16> = (0..ndigits).map(|k| word(4 + k)).collect::<Option<_>>()?;
+    // digits[k] is worth 10000^(weight - k); missing groups are zero.
+    let group = |k: i64| {
+        if k < 0 {
+            0
+        } else {
+            digits.get(k as usize).copied().unwrap_or(0)
+        }
+    };
+    let mut s = String::new();
+    if sign == 0x4000 {
+        s.push('-');
+    }
+    if weight < 0 {
+        s.push('0');
+    } else {
+        for k in 0..=weight {
+            if k == 0 {
+                write!(s, "{}", group(k)).ok()?;
+            } else {
+                write!(s, "{:04}", group(k)).ok()?;
+            }
+        }
+    }
+    if dscale > 0 {
+        let mut frac = String::new();
+        let mut k = weight + 1;
+        while frac.len() < dscale {
+            write!(frac, "{:04}", group(k)).ok()?;
+            k += 1;
+        }
+        frac.truncate(dscale);
+        s.push('.');
+        s.push_str(&frac);
+    }
+    Some(s)
+}
+
+fn event_from_row(row: &PgRow) -> Result<Event> {
+    Ok(Event {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        payload: row.try_get("payload")?,
+        group_id: row.try_get("group_id")?,
+        retry: row.try_get::<i16, _>("retry")?.into(),
+        max_retry: row.try_get::<i16, _>("max_retry")?.into(),
+        create_date: row.try_get("create_date")?,
+        available_at: row.try_get("available_at")?,
+        expires_at: row.try_get("expires_at")?,
+        locked_by: row.try_get("locked_by")?,
+        locked_until: row.try_get("locked_until")?,
+        last_error: row.try_get("last_error")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+    })
+}
+
+/// Column arrays for the `unnest` batch insert.
+#[derive(Default)]
+struct BatchColumns {
+    ids: Vec<Uuid>,
+    names: Vec<String>,
+    payloads: Vec<String>,
+    groups: Vec<Option<String>>,
+    max_retries: Vec<i16>,
+    delays_us: Vec<i64>,
+    ttls_us: Vec<Option<i64>>,
+    keys: Vec<Option<String>>,
+}
+
+impl BatchColumns {
+    fn push(&mut self, ev: &NewEvent, default_max_retry: i32) -> Result<()> {
+        self.ids.push(Uuid::now_v7());
+        self.names.push(ev.name.clone());
+        self.payloads.push(ev.payload.clone());
+        self.groups.push(ev.group_id.clone());
+        self.max_retries
+            .push(super::effective_max_retry(ev, default_max_retry)?);
+        self.delays_us.push(ev.delay.map_or(0, duration_us));
+        self.ttls_us.push(ev.expires_in.map(duration_us));
+        self.keys.push(ev.idempotency_key.clone());
+        Ok(())
+    }
+}
+
+fn split(leases: &[Lease]) -> (Vec<Uuid>, Vec<Uuid>) {
+    leases.iter().map(|l| (l.id, l.token)).unzip()
+}
+
+fn duration_us(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn prefixed(alias: &str, columns: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numeric_to_string;
+
+    fn numeric(ndigits: u16, weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for w in [ndigits, weight as u16, sign, dscale].iter().chain(digits) {
+            b.extend_from_slice(&w.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn renders_numeric_like_postgres() {
+        // 12345.6789 = [1, 2345, 6789] with weight 1, dscale 4
+        assert_eq!(
+            numeric_to_string(&numeric(3, 1, 0, 4, &[1, 2345, 6789])).unwrap(),
+            "12345.6789"
+        );
+        // -0.0012 = [12] at weight -1, dscale 4
+        assert_eq!(
+            numeric_to_string(&numeric(1, -1, 0x4000, 4, &[12])).unwrap(),
+            "-0.0012"
+        );
+        // 0.00000001 = [1] at weight -2, dscale 8
+        assert_eq!(
+            numeric_to_string(&numeric(1, -2, 0, 8, &[1])).unwrap(),
+            "0.00000001"
+        );
+        // 1000000 = [100] at weight 1 (trailing zero groups are omitted)
+        assert_eq!(
+            numeric_to_string(&numeric(1, 1, 0, 0, &[100])).unwrap(),
+            "1000000"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(0, 0, 0, 2, &[])).unwrap(),
+            "0.00"
+        );
+        assert_eq!(
+            numeric_to_string(&numeric(0, 0, 0xC000, 0, &[])).unwrap(),
+            "NaN"
+        );
+        assert_eq!(numeric_to_string(&[0, 1]), None);
+    }
 }

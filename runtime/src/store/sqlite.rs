@@ -1,39 +1,135 @@
-//! The outbox on Sqlite. (Skeleton: the store work fills this in.)
+//! The outbox on SQLite: the embedded, zero-setup backend.
+//!
+//! Shape of the data (see `migrations/sqlite`): ids are lowercase UUIDv7
+//! text, timestamps are INTEGER milliseconds since the Unix epoch, and
+//! insertion order is the rowid. Time comes from the Rust clock, because
+//! SQLite has no server clock and every writer of one file is on one host.
+//!
+//! SQLite has a single writer. Every write here is one autocommit statement
+//! or a `BEGIN IMMEDIATE` transaction, which takes the write lock up front:
+//! a deferred transaction that reads first and writes later fails at once
+//! with `SQLITE_BUSY` (no busy wait) whenever another connection committed in
+//! between, which under a busy claim loop would be most of the time. The
+//! busy timeout (30 s) makes writers queue instead of failing.
+//!
+//! Batches of leases travel as one JSON array bound to a single parameter and
+//! unpacked with `json_each`, so ack/extend/release stay one statement.
 
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::SqliteConnection;
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Column, Executor, Row, Sqlite, SqliteConnection, TypeInfo, ValueRef};
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats};
+use super::{
+    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
+};
 use crate::event::{Claimed, Event, Lease, NewEvent};
+
+/// Writers wait this long for the write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Columns of an [`Event`], plus the rowid for ordering a claimed batch.
+const EVENT_COLUMNS: &str = "rowid AS seq, id, name, payload, group_id, retry, max_retry, \
+     create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key";
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: sqlx::Pool<sqlx::Sqlite>,
+    /// Bumped by this store's enqueues, replays and releases; see
+    /// [`super::Store::wakeups`].
+    wake: Arc<watch::Sender<u64>>,
 }
 
 impl SqliteStore {
+    /// Open (creating if missing) the database file in WAL mode. An
+    /// in-memory URL gets a single, never-recycled connection, because each
+    /// SQLite connection to `:memory:` is a separate, empty database.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
-        todo!()
+        let connect_err = |source| StoreError::Connect {
+            url: redact_url(url),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(connect_err)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT);
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let mut pool = SqlitePoolOptions::new().acquire_timeout(opts.acquire_timeout);
+        pool = if in_memory {
+            pool.max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            pool.max_connections(opts.max_connections.max(1))
+        };
+        let pool = pool.connect_with(options).await.map_err(connect_err)?;
+        Ok(Self {
+            pool,
+            wake: Arc::new(watch::Sender::new(0)),
+        })
     }
+
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
     }
+
     pub async fn migrate(&self) -> Result<()> {
-        todo!()
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.pool)
+            .await?;
+        Ok(())
     }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.wake.subscribe()
+    }
+
+    fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     pub async fn enqueue(&self, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
-        todo!()
+        let mut conn = self.pool.acquire().await?;
+        let id = enqueue_with_default(&mut conn, event, default_max_retry).await?;
+        self.wake();
+        Ok(id)
     }
+
     pub async fn enqueue_batch(
         &self,
         events: &[NewEvent],
         default_max_retry: i32,
     ) -> Result<Vec<Uuid>> {
-        todo!()
+        for ev in events {
+            ev.validate()?;
+            super::effective_max_retry(ev, default_max_retry)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // SQLite inserts are in-process calls; what makes a batch cheap is the
+        // single transaction (one fsync), not a multi-row statement.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut ids = Vec::with_capacity(events.len());
+        for ev in events {
+            ids.push(enqueue_with_default(&mut tx, ev, default_max_retry).await?);
+        }
+        tx.commit().await?;
+        self.wake();
+        Ok(ids)
     }
+
     pub async fn claim(
         &self,
         worker: &str,
@@ -41,48 +137,293 @@ impl SqliteStore {
         lease: Duration,
         skip_names: &[String],
     ) -> Result<Vec<Claimed>> {
-        todo!()
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let token = Uuid::new_v4();
+        let sql = format!(
+            "UPDATE outbox_events SET locked_by = ?1, locked_until = ?2, lock_token = ?3
+             WHERE rowid IN (
+                 SELECT e.rowid FROM outbox_events e
+                 WHERE e.retry < e.max_retry
+                   AND e.available_at <= ?4
+                   AND (e.expires_at IS NULL OR e.expires_at > ?4)
+                   AND (e.locked_until IS NULL OR e.locked_until < ?4)
+                   AND e.name NOT IN (SELECT value FROM json_each(?5))
+                   AND (e.group_id IS NULL OR NOT EXISTS (
+                       SELECT 1 FROM outbox_events p
+                       WHERE p.group_id = e.group_id AND p.rowid < e.rowid
+                         AND p.retry < p.max_retry))
+                 ORDER BY e.available_at, e.rowid
+                 LIMIT ?6)
+             RETURNING {EVENT_COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(worker)
+            .bind(now.saturating_add(duration_ms(lease)))
+            .bind(token.to_string())
+            .bind(now)
+            .bind(serde_json::to_string(skip_names).expect("strings serialise"))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        // RETURNING order is unspecified; hand the batch out oldest first.
+        let mut claimed = rows
+            .iter()
+            .map(|r| Ok((event_from_row(r)?, r.try_get::<i64, _>("seq")?)))
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
+        Ok(claimed
+            .into_iter()
+            .map(|(event, _)| Claimed { event, token })
+            .collect())
     }
+
     pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
-        todo!()
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let sql =
+            format!("UPDATE outbox_events SET locked_until = ?2 WHERE rowid IN ({LEASED_ROWIDS})");
+        let done = sqlx::query(&sql)
+            .bind(leases_json(leases))
+            .bind(now_ms().saturating_add(duration_ms(lease)))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
+
     pub async fn ack(&self, leases: &[Lease]) -> Result<Vec<Uuid>> {
-        todo!()
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql =
+            format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) RETURNING id");
+        let ids: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(leases_json(leases))
+            .fetch_all(&self.pool)
+            .await?;
+        ids.iter().map(|s| parse_id(s)).collect()
     }
+
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
-        todo!()
+        let id = lease.id.to_string();
+        let token = lease.token.to_string();
+        let query = match failure {
+            Failure::Retry {
+                error,
+                retry_at,
+                max_retry,
+            } => sqlx::query(
+                // SET expressions see the old row, so `retry + 1` and the
+                // max_retry override are applied to the values before this update.
+                "UPDATE outbox_events
+                 SET max_retry = COALESCE(?3, max_retry), retry = retry + 1, last_error = ?4,
+                     available_at = ?5, locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = ?1 AND lock_token = ?2",
+            )
+            .bind(id)
+            .bind(token)
+            .bind(max_retry.map(i64::from))
+            .bind(error.as_str())
+            .bind(retry_at.timestamp_millis()),
+            Failure::Dead { error } => sqlx::query(
+                "UPDATE outbox_events
+                 SET retry = max_retry, last_error = ?3,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = ?1 AND lock_token = ?2",
+            )
+            .bind(id)
+            .bind(token)
+            .bind(error.as_str()),
+            Failure::Reschedule { at } => sqlx::query(
+                "UPDATE outbox_events
+                 SET available_at = ?3, locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = ?1 AND lock_token = ?2",
+            )
+            .bind(id)
+            .bind(token)
+            .bind(at.timestamp_millis()),
+        };
+        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
     }
+
     pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
-        todo!()
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE outbox_events SET locked_by = NULL, locked_until = NULL, lock_token = NULL
+             WHERE rowid IN ({LEASED_ROWIDS})"
+        );
+        let n = sqlx::query(&sql)
+            .bind(leases_json(leases))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n)
     }
+
     pub async fn begin(&self) -> Result<super::AckTx> {
-        todo!()
+        Ok(super::AckTx::Sqlite(
+            self.pool.begin_with("BEGIN IMMEDIATE").await?,
+        ))
     }
+
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(
+            "UPDATE outbox_events
+             SET retry = max_retry, last_error = 'expired',
+                 locked_by = NULL, locked_until = NULL, lock_token = NULL
+             WHERE rowid IN (
+                 SELECT rowid FROM outbox_events
+                 WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND retry < max_retry
+                   AND (locked_until IS NULL OR locked_until < ?1)
+                 ORDER BY expires_at
+                 LIMIT ?2)",
+        )
+        .bind(now_ms())
+        .bind(limit.max(0))
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
     }
+
     pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(
+            "DELETE FROM outbox_events
+             WHERE rowid IN (
+                 SELECT rowid FROM outbox_events
+                 WHERE retry >= max_retry AND create_date <= ?1
+                 ORDER BY create_date
+                 LIMIT ?2)",
+        )
+        .bind(before.timestamp_millis())
+        .bind(limit.max(0))
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
     }
+
     pub async fn stats(&self) -> Result<Stats> {
-        todo!()
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT
+                 COALESCE(SUM(retry < max_retry AND available_at <= ?1
+                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS pending,
+                 COALESCE(SUM(retry < max_retry AND available_at > ?1
+                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS scheduled,
+                 COALESCE(SUM(retry < max_retry AND locked_until >= ?1), 0) AS running,
+                 COALESCE(SUM(retry >= max_retry), 0) AS dead,
+                 MIN(CASE WHEN retry < max_retry AND available_at <= ?1
+                               AND (locked_until IS NULL OR locked_until < ?1)
+                          THEN available_at END) AS oldest
+             FROM outbox_events",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok(Stats {
+            pending: row.try_get("pending")?,
+            scheduled: row.try_get("scheduled")?,
+            running: row.try_get("running")?,
+            dead: row.try_get("dead")?,
+            oldest_pending_age_secs: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+        })
     }
+
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
-        todo!()
+        // Two literal conditions rather than `(retry >= max_retry) = ?` so the
+        // planner can use the partial indexes.
+        let state = if filter.dead {
+            "retry >= max_retry"
+        } else {
+            "retry < max_retry"
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox_events
+             WHERE {state} AND (?1 IS NULL OR name = ?1)
+             ORDER BY create_date, rowid
+             LIMIT ?2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.name.as_deref())
+            .bind(filter.effective_limit())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
     }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
-        todo!()
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = ?1");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(event_from_row).transpose()
     }
+
     pub async fn replay(&self, id: Uuid) -> Result<()> {
-        todo!()
+        let n = sqlx::query(&format!("{REPLAY} WHERE id = ?2 AND retry >= max_retry"))
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE id = ?1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            return Err(if exists.is_some() {
+                StoreError::NotDead(id)
+            } else {
+                StoreError::NotFound(id)
+            });
+        }
+        self.wake();
+        Ok(())
     }
+
     pub async fn replay_all_dead(&self) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(&format!("{REPLAY} WHERE retry >= max_retry"))
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n)
     }
+
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
-        todo!()
+        let n = sqlx::query(
+            "DELETE FROM outbox_events WHERE retry >= max_retry AND (?1 IS NULL OR create_date <= ?1)",
+        )
+        .bind(before.map(|t| t.timestamp_millis()))
+        .execute(&self.pool)
+        .await?;
+        Ok(n.rows_affected())
     }
 }
+
+/// rowids of the rows whose (id, lock_token) pair is in the JSON array `?1`
+/// (`[["id","token"], ...]`); the join probes the primary key per pair.
+const LEASED_ROWIDS: &str = "SELECT e.rowid FROM json_each(?1) AS l
+     JOIN outbox_events e
+       ON e.id = json_extract(l.value, '$[0]') AND e.lock_token = json_extract(l.value, '$[1]')";
+
+/// Make dead rows live again; `?1` is now. `last_error` stays for the record.
+const REPLAY: &str = "UPDATE outbox_events
+     SET retry = 0, available_at = ?1, expires_at = NULL,
+         locked_by = NULL, locked_until = NULL, lock_token = NULL";
 
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
 /// Validates first; same idempotency key as a live event → that event's id.
@@ -90,33 +431,213 @@ pub async fn enqueue(conn: &mut SqliteConnection, event: &NewEvent) -> Result<Uu
     enqueue_with_default(conn, event, super::DEFAULT_MAX_RETRY).await
 }
 
+/// [`enqueue`] with the runtime's default `max_retry` for events that set none.
 pub async fn enqueue_with_default(
     conn: &mut SqliteConnection,
     event: &NewEvent,
     default_max_retry: i32,
 ) -> Result<Uuid> {
-    todo!()
+    event.validate()?;
+    let now = now_ms();
+    let max_retry = super::effective_max_retry(event, default_max_retry)?;
+    // A key can vanish between the conflicting INSERT and the SELECT (its
+    // event was acknowledged meanwhile); the next INSERT then succeeds.
+    for _ in 0..3 {
+        let id = Uuid::now_v7();
+        let inserted: Option<String> = sqlx::query_scalar(
+            "INSERT INTO outbox_events
+                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING id",
+        )
+        .bind(id.to_string())
+        .bind(now)
+        .bind(&event.name)
+        .bind(&event.payload)
+        .bind(event.group_id.as_deref())
+        .bind(i64::from(max_retry))
+        .bind(now.saturating_add(event.delay.map_or(0, duration_ms)))
+        .bind(event.expires_in.map(|ttl| now.saturating_add(duration_ms(ttl))))
+        .bind(event.idempotency_key.as_deref())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if inserted.is_some() {
+            return Ok(id);
+        }
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM outbox_events WHERE idempotency_key = ?1")
+                .bind(event.idempotency_key.as_deref())
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(existing) = existing {
+            return parse_id(&existing);
+        }
+    }
+    Err(StoreError::Db(sqlx::Error::Protocol(format!(
+        "idempotency key {:?} kept conflicting but its event could not be read; retry the enqueue",
+        event.idempotency_key
+    ))))
 }
 
+/// Run a row-returning statement for the `sql` capability. Values come back
+/// by their SQLite storage class (INTEGER, REAL, TEXT, BLOB, NULL), so a
+/// BOOLEAN column reads as an int. Parameters bind to `?`, `?N` or `$N`.
 pub async fn query(
     conn: &mut SqliteConnection,
     statement: &str,
     params: &[SqlValue],
 ) -> Result<SqlRows> {
-    todo!()
+    let rows = bind_all(sqlx::query(statement), params)
+        .fetch_all(&mut *conn)
+        .await?;
+    let columns = match rows.first() {
+        Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
+        // No row to read the names from: ask SQLite to describe the statement.
+        None => conn
+            .describe(statement)
+            .await?
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
+    };
+    let rows = rows.iter().map(row_values).collect::<Result<_>>()?;
+    Ok(SqlRows { columns, rows })
 }
 
+/// Run a statement for the `sql` capability; rows affected.
 pub async fn execute(
     conn: &mut SqliteConnection,
     statement: &str,
     params: &[SqlValue],
 ) -> Result<u64> {
-    todo!()
+    Ok(bind_all(sqlx::query(statement), params)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
 }
 
+/// Delete the handled event if its lease still holds and commit; otherwise
+/// roll back everything the handler did.
 pub async fn commit_ack(
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     lease: Lease,
 ) -> Result<bool> {
-    todo!()
+    let n = sqlx::query("DELETE FROM outbox_events WHERE id = ?1 AND lock_token = ?2")
+        .bind(lease.id.to_string())
+        .bind(lease.token.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if n == 1 {
+        tx.commit().await?;
+        Ok(true)
+    } else {
+        tx.rollback().await?;
+        Ok(false)
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    params: &'q [SqlValue],
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    for p in params {
+        q = match p {
+            SqlValue::Null => q.bind(None::<i64>),
+            SqlValue::Bool(b) => q.bind(*b),
+            SqlValue::Int(i) => q.bind(*i),
+            SqlValue::Float(f) => q.bind(*f),
+            SqlValue::Text(s) => q.bind(s.as_str()),
+            SqlValue::Blob(b) => q.bind(b.as_slice()),
+        };
+    }
+    q
+}
+
+fn row_values(row: &SqliteRow) -> Result<Vec<SqlValue>> {
+    (0..row.len())
+        .map(|i| {
+            let raw = row.try_get_raw(i)?;
+            if raw.is_null() {
+                return Ok(SqlValue::Null);
+            }
+            // The value's own storage class, not the declared column type.
+            let class = raw.type_info().name().to_string();
+            Ok(match class.as_str() {
+                "INTEGER" => SqlValue::Int(row.try_get_unchecked(i)?),
+                "REAL" => SqlValue::Float(row.try_get_unchecked(i)?),
+                "TEXT" => SqlValue::Text(row.try_get_unchecked(i)?),
+                "BLOB" => SqlValue::Blob(row.try_get_unchecked(i)?),
+                _ => {
+                    return Err(StoreError::UnsupportedColumn {
+                        column: row.columns()[i].name().to_string(),
+                        type_name: class,
+                    });
+                }
+            })
+        })
+        .collect()
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<Event> {
+    Ok(Event {
+        id: parse_id(row.try_get("id")?)?,
+        name: row.try_get("name")?,
+        payload: row.try_get("payload")?,
+        group_id: row.try_get("group_id")?,
+        retry: clamp_i32(row.try_get("retry")?),
+        max_retry: clamp_i32(row.try_get("max_retry")?),
+        create_date: ms_to_time(row.try_get("create_date")?)?,
+        available_at: ms_to_time(row.try_get("available_at")?)?,
+        expires_at: row
+            .try_get::<Option<i64>, _>("expires_at")?
+            .map(ms_to_time)
+            .transpose()?,
+        locked_by: row.try_get("locked_by")?,
+        locked_until: row
+            .try_get::<Option<i64>, _>("locked_until")?
+            .map(ms_to_time)
+            .transpose()?,
+        last_error: row.try_get("last_error")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+    })
+}
+
+fn parse_id(text: &str) -> Result<Uuid> {
+    Uuid::parse_str(text).map_err(|e| {
+        StoreError::Db(sqlx::Error::Decode(
+            format!("outbox_events.id {text:?} is not a UUID ({e}); fix or delete that row").into(),
+        ))
+    })
+}
+
+fn ms_to_time(ms: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| {
+        StoreError::Db(sqlx::Error::Decode(
+            format!("timestamp {ms} ms is out of range; outbox_events stores Unix milliseconds")
+                .into(),
+        ))
+    })
+}
+
+fn clamp_i32(v: i64) -> i32 {
+    v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn leases_json(leases: &[Lease]) -> String {
+    let pairs: Vec<[String; 2]> = leases
+        .iter()
+        .map(|l| [l.id.to_string(), l.token.to_string()])
+        .collect();
+    serde_json::to_string(&pairs).expect("strings serialise")
 }

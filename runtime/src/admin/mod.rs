@@ -1,0 +1,174 @@
+//! The admin HTTP server: `/healthz`, Prometheus `/metrics`, and a small
+//! JSON API to enqueue and inspect events (`/v1/events`, `/v1/stats`).
+//! The outbox gauges (pending, dead, oldest pending age) are refreshed here,
+//! on a timer, so scraping never runs a query.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::event::NewEvent;
+use crate::store::{ListFilter, Store, StoreError};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Store,
+    pub metrics: PrometheusHandle,
+    pub default_max_retry: i32,
+    /// Extra JSON for `/v1/handlers` (the WASM registry's listing).
+    pub handlers: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
+
+/// Install the Prometheus recorder for this process (once).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .install_recorder()?)
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/stats", get(stats))
+        .route("/v1/events", get(list).post(enqueue))
+        .route("/v1/events/{id}", get(show))
+        .route("/v1/handlers", get(handlers))
+        .with_state(state)
+}
+
+/// Serve until `stop`. Binding errors are returned before serving starts.
+pub async fn serve(addr: &str, state: AdminState, stop: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr: SocketAddr = addr.parse().map_err(|e| anyhow::anyhow!("admin.listen {addr:?} is not a socket address like 127.0.0.1:9464: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin.listen): {e}"))?;
+    tracing::info!(%addr, "admin server listening");
+    let gauges = tokio::spawn(refresh_gauges(state.store.clone(), stop.clone()));
+    let app = router(state);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+        gauges.abort();
+    }))
+}
+
+async fn refresh_gauges(store: Store, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.stats().await {
+            Ok(s) => {
+                metrics::gauge!("outrun_events_pending").set(s.pending as f64);
+                metrics::gauge!("outrun_events_scheduled").set(s.scheduled as f64);
+                metrics::gauge!("outrun_events_running").set(s.running as f64);
+                metrics::gauge!("outrun_events_dead").set(s.dead as f64);
+                metrics::gauge!("outrun_oldest_pending_age_seconds").set(s.oldest_pending_age_secs);
+            }
+            Err(e) => tracing::warn!(error = %e, "refreshing outbox gauges failed"),
+        }
+    }
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::NotDead(_) => StatusCode::CONFLICT,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+async fn healthz(State(st): State<AdminState>) -> Response {
+    match st.store.stats().await {
+        Ok(_) => (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "database unavailable", "error": e.to_string() }))).into_response(),
+    }
+}
+
+async fn metrics_text(State(st): State<AdminState>) -> String {
+    st.metrics.render()
+}
+
+async fn stats(State(st): State<AdminState>) -> Result<Json<crate::store::Stats>, ApiError> {
+    Ok(Json(st.store.stats().await?))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    dead: bool,
+    name: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list(State(st): State<AdminState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let filter = ListFilter { dead: q.dead, name: q.name, limit: q.limit.unwrap_or(100).clamp(1, 10_000) };
+    let events = st.store.list(&filter).await?;
+    Ok(Json(events.iter().map(crate::cli::event_json).collect()))
+}
+
+async fn show(State(st): State<AdminState>, Path(id): Path<Uuid>) -> Result<Json<serde_json::Value>, ApiError> {
+    let ev = st.store.get(id).await?.ok_or(StoreError::NotFound(id))?;
+    Ok(Json(crate::cli::event_json(&ev)))
+}
+
+/// Body of `POST /v1/events`: the payload is any JSON value.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueBody {
+    name: String,
+    payload: serde_json::Value,
+    group_id: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    expires_in: Option<Duration>,
+    max_retry: Option<i32>,
+    idempotency_key: Option<String>,
+}
+
+async fn enqueue(State(st): State<AdminState>, body: Result<Json<EnqueueBody>, axum::extract::rejection::JsonRejection>) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let event = NewEvent {
+        name: b.name,
+        payload: b.payload.to_string(),
+        group_id: b.group_id,
+        delay: b.delay,
+        expires_in: b.expires_in,
+        max_retry: b.max_retry,
+        idempotency_key: b.idempotency_key,
+    };
+    let id = st.store.enqueue(&event, st.default_max_retry).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
+}
+
+async fn handlers(State(st): State<AdminState>) -> Json<serde_json::Value> {
+    Json((st.handlers)())
+}

@@ -1,0 +1,209 @@
+//! One claimed event, from route lookup to its verdict in the table: ack
+//! (with the handler's effects), retry with backoff, dead, reschedule, or
+//! release at shutdown.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::FutureExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{Claimed, Lease};
+use crate::handler::{Effects, HandlerError, Outcome, Route, Router};
+use crate::store::{Failure, Store};
+
+use super::backoff::Backoff;
+use super::inflight::Inflight;
+
+/// What every worker shares.
+pub struct WorkerContext {
+    pub store: Store,
+    pub router: Arc<dyn Router>,
+    pub backoff: Backoff,
+    pub default_max_retry: i32,
+    pub inflight: Inflight,
+    pub acks: mpsc::UnboundedSender<Lease>,
+    /// Cancelled at shutdown: events that have not started are released.
+    pub stopping: CancellationToken,
+}
+
+/// The reason recorded for an event that no handler is bound to.
+pub fn no_handler_reason(name: &str) -> String {
+    format!("no handler for event '{name}'")
+}
+
+/// Handle one claimed event to its verdict. Returns whether the event
+/// belongs to a group (its successor may now be claimable).
+pub async fn run(cx: Arc<WorkerContext>, claimed: Claimed) -> bool {
+    let grouped = claimed.event.group_id.is_some();
+    handle(&cx, claimed).await;
+    grouped
+}
+
+async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
+    let lease = claimed.lease();
+    let ev = &claimed.event;
+    let Some(route) = cx.router.route(&ev.name) else {
+        let reason = no_handler_reason(&ev.name);
+        tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");
+        metrics::counter!("outrun_events_dead_total", "reason" => "no_handler").increment(1);
+        settle(cx, lease, Failure::Dead { error: reason }).await;
+        return;
+    };
+    if ev.expires_at.is_some_and(|t| t <= Utc::now()) {
+        expired(cx, lease, &route, ev.id).await;
+        return;
+    }
+    // Wait for the handler's concurrency cap; shutdown wins over waiting.
+    let _permit = match &route.permits {
+        Some(sem) => tokio::select! {
+            p = sem.clone().acquire_owned() => p.ok(),
+            _ = cx.stopping.cancelled() => None,
+        },
+        None => None,
+    };
+    if cx.stopping.is_cancelled() {
+        release(cx, lease).await;
+        return;
+    }
+
+    let mut effects = Effects::new(cx.store.clone());
+    let started = Instant::now();
+    let result = invoke(&route, ev, &mut effects).await;
+    let elapsed = started.elapsed();
+    metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.to_string()).record(elapsed.as_secs_f64());
+
+    match result {
+        Ok(Outcome::Done) => {
+            metrics::counter!("outrun_events_handled_total", "handler" => route.handler_name.to_string()).increment(1);
+            if effects.is_empty() {
+                // Nothing to commit with it: join the next batched DELETE.
+                if cx.acks.send(lease).is_err() {
+                    release(cx, lease).await;
+                }
+                return;
+            }
+            commit(cx, lease, &route, effects).await;
+        }
+        Ok(Outcome::RetryAfter(delay)) => {
+            discard(effects).await;
+            let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            if ev.expires_at.is_some_and(|exp| at > exp) {
+                expired(cx, lease, &route, ev.id).await;
+            } else {
+                tracing::debug!(event_id = %ev.id, handler = %route.handler_name, delay_ms = delay.as_millis() as u64, "handler asked to retry later");
+                settle(cx, lease, Failure::Reschedule { at }).await;
+            }
+        }
+        Err(err) => {
+            discard(effects).await;
+            let kind = if err.retryable { "retryable" } else { "rejected" };
+            metrics::counter!("outrun_events_failed_total", "handler" => route.handler_name.to_string(), "kind" => kind).increment(1);
+            let failure = if err.retryable {
+                let failures = ev.retry + 1;
+                let max = route.max_retry.unwrap_or(ev.max_retry);
+                if failures >= max {
+                    tracing::error!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed its last attempt and is dead");
+                    metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted").increment(1);
+                } else {
+                    tracing::warn!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed; will retry");
+                }
+                let retry_at = Utc::now() + chrono::Duration::from_std(cx.backoff.delay(failures)).unwrap_or(chrono::Duration::MAX);
+                Failure::Retry { error: err.message, retry_at, max_retry: route.max_retry }
+            } else {
+                tracing::error!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "handler rejected the event; it is dead");
+                metrics::counter!("outrun_events_dead_total", "reason" => "rejected").increment(1);
+                Failure::Dead { error: err.message }
+            };
+            settle(cx, lease, failure).await;
+        }
+    }
+}
+
+/// Run the handler with its timeout, turning a panic into a retryable error.
+async fn invoke(route: &Route, ev: &crate::event::Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+    let call = AssertUnwindSafe(route.handler.handle(ev, effects)).catch_unwind();
+    let outcome = match route.timeout {
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => return Err(HandlerError::retry(format!("timeout after {}", humantime::format_duration(round_ms(limit))))),
+        },
+        None => call.await,
+    };
+    match outcome {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(HandlerError::retry(format!("handler panicked: {msg}")))
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// Commit the handler's writes and emitted events with the ack.
+async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effects) {
+    let (tx, emitted) = effects.into_parts();
+    let result = async {
+        let mut tx = match tx {
+            Some(tx) => tx,
+            None => cx.store.begin().await?,
+        };
+        tx.enqueue_all(&emitted, cx.default_max_retry).await?;
+        tx.commit_ack(lease).await
+    }
+    .await;
+    match result {
+        Ok(true) => cx.inflight.remove(&lease.id),
+        Ok(false) => {
+            tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "lease lost before the ack; the handler's writes were rolled back and another runtime owns the event");
+            cx.inflight.remove(&lease.id);
+        }
+        Err(e) => {
+            let error = format!("committing the handler's effects failed: {e}");
+            tracing::error!(event_id = %lease.id, handler = %route.handler_name, "{error}");
+            let retry_at = Utc::now() + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
+            settle(cx, lease, Failure::Retry { error, retry_at, max_retry: route.max_retry }).await;
+        }
+    }
+}
+
+async fn discard(effects: Effects) {
+    if let (Some(tx), _) = effects.into_parts()
+        && let Err(e) = tx.rollback().await
+    {
+        tracing::warn!(error = %e, "rolling back a failed attempt's transaction failed (the connection drops it anyway)");
+    }
+}
+
+async fn expired(cx: &WorkerContext, lease: Lease, route: &Route, id: uuid::Uuid) {
+    tracing::warn!(event_id = %id, handler = %route.handler_name, "event expired before it could run; it is dead");
+    metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(1);
+    settle(cx, lease, Failure::Dead { error: "expired".into() }).await;
+}
+
+/// Record a verdict other than success; the lease goes with it.
+async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure) {
+    match cx.store.fail(lease, &failure).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(event_id = %lease.id, "lease lost before the failure could be recorded; another runtime owns the event"),
+        Err(e) => tracing::error!(event_id = %lease.id, error = %e, "recording the failure failed; the event runs again after its lease expires"),
+    }
+    cx.inflight.remove(&lease.id);
+}
+
+pub async fn release(cx: &WorkerContext, lease: Lease) {
+    if let Err(e) = cx.store.release(&[lease]).await {
+        tracing::error!(event_id = %lease.id, error = %e, "releasing the lease failed; the event runs again after its lease expires");
+    }
+    cx.inflight.remove(&lease.id);
+}

@@ -1,0 +1,31 @@
+//! Deletes dead events older than the retention period (the seed's
+//! `retry >= max_retry and create_date <= :before`). Live events are never
+//! touched, however old.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+
+use super::BATCH;
+
+/// Delete dead events created more than `retention` ago; returns the count.
+pub async fn run_once(store: &Store, retention: Duration) -> Result<u64, StoreError> {
+    let before = Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let mut total = 0;
+    loop {
+        let n = store.cleanup_dead(before, BATCH).await?;
+        total += n;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
+    metrics::counter!("outrun_dead_cleaned_total").increment(total);
+    Ok(total)
+}
+
+pub async fn run(store: Store, retention: Duration, interval: Duration, stop: CancellationToken) {
+    super::every("cleaner", interval, stop, || run_once(&store, retention)).await
+}

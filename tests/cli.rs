@@ -1,0 +1,170 @@
+//! The `outrun` binary, driven as a user would: migrate, enqueue, list,
+//! stats, show, replay, purge, serve; and every bad input the CLI must refuse
+//! with a one-line error, exit code 1 and nothing written.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{TestDb, wait_for};
+use serde_json::Value;
+
+fn outrun(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(args)
+        .env("OUTRUN_DATABASE_URL", db.url())
+        .env_remove("OUTRUN_CONFIG")
+        .output()
+        .expect("run outrun")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "outrun failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A failure: exit code 1 and exactly one line on stderr; returns it.
+fn fails(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "expected exit 1; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "expected a one-line error, got:\n{err}");
+    err
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("stdout is JSON")
+}
+
+fn stats(db: &TestDb) -> Value {
+    json(&outrun(db, &["events", "stats", "--json"]))
+}
+
+async fn enqueue_list_stats_show(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let id = ok(&outrun(&db, &["enqueue", "order.created", "--payload", r#"{"order_id":42}"#, "--group", "order:42", "--max-retry", "7"])).trim().to_string();
+    uuid::Uuid::parse_str(&id).expect("enqueue prints the id");
+    ok(&outrun(&db, &["enqueue", "later", "--payload", "{}", "--delay", "1h", "--expires-in", "2h"]));
+    let s = stats(&db);
+    for key in ["pending", "scheduled", "running", "dead"] {
+        assert!(s[key].is_i64(), "stats lacks integer {key}: {s}");
+    }
+    assert_eq!((s["pending"].as_i64(), s["scheduled"].as_i64(), s["dead"].as_i64()), (Some(1), Some(1), Some(0)));
+    let list = json(&outrun(&db, &["events", "list", "--json"]));
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let first = &rows[0];
+    assert_eq!(first["id"], id.as_str());
+    assert_eq!(first["name"], "order.created");
+    assert_eq!(first["payload"]["order_id"], 42);
+    assert_eq!(first["group_id"], "order:42");
+    assert_eq!((first["retry"].as_i64(), first["max_retry"].as_i64()), (Some(0), Some(7)));
+    assert!(first["create_date"].is_string() && first.get("last_error").is_some());
+    let only = json(&outrun(&db, &["events", "list", "--name", "later", "--json"]));
+    assert_eq!(only.as_array().unwrap().len(), 1);
+    let shown = json(&outrun(&db, &["events", "show", &id, "--json"]));
+    assert_eq!(shown["id"], id.as_str());
+    assert!(ok(&outrun(&db, &["events", "list"])).contains("order.created"), "human listing");
+}
+
+async fn idempotency_key_returns_the_same_id(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let a = ok(&outrun(&db, &["enqueue", "x", "--payload", "{}", "--key", "k-1"]));
+    let b = ok(&outrun(&db, &["enqueue", "x", "--payload", "{\"other\":1}", "--key", "k-1"]));
+    assert_eq!(a, b);
+    assert_eq!(stats(&db)["pending"], 1);
+}
+
+async fn bad_input_writes_nothing(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let err = fails(&outrun(&db, &["enqueue", "x", "--payload", "{not json"]));
+    assert!(err.contains("not valid JSON"), "{err}");
+    let err = fails(&outrun(&db, &["enqueue", "", "--payload", "{}"]));
+    assert!(err.contains("name is empty"), "{err}");
+    let long = "n".repeat(101);
+    let err = fails(&outrun(&db, &["enqueue", &long, "--payload", "{}"]));
+    assert!(err.contains("101") && err.contains("100"), "{err}");
+    let err = fails(&outrun(&db, &["enqueue", "x", "--payload", "{}", "--delay", "soon"]));
+    assert!(err.contains("soon") || err.contains("duration"), "{err}");
+    let s = stats(&db);
+    assert_eq!(s["pending"].as_i64().unwrap() + s["scheduled"].as_i64().unwrap() + s["dead"].as_i64().unwrap(), 0, "nothing written");
+}
+
+async fn replay_and_purge(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let id = ok(&outrun(&db, &["enqueue", "nobody.handles.this", "--payload", "{}"])).trim().to_string();
+    // serve has no handler for it: the event is dead at once.
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["serve"]).env("OUTRUN_DATABASE_URL", db.url()).env("OUTRUN_POLL_INTERVAL", "50ms").spawn().unwrap();
+    wait_for("event dead", || async { stats(&db)["dead"] == 1 }).await;
+    terminate(&mut serve);
+    let dead = json(&outrun(&db, &["events", "list", "--dead", "--json"]));
+    assert_eq!(dead[0]["last_error"], "no handler for event 'nobody.handles.this'");
+
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let err = fails(&outrun(&db, &["events", "replay", &unknown]));
+    assert!(err.contains(&unknown), "{err}");
+    assert_eq!(stats(&db)["dead"], 1, "a failed replay changes nothing");
+
+    ok(&outrun(&db, &["events", "replay", &id]));
+    let ev = json(&outrun(&db, &["events", "show", &id, "--json"]));
+    assert_eq!(ev["retry"], 0);
+    assert_eq!(stats(&db)["pending"], 1);
+
+    // Dead again, then purge: --older-than spares the fresh one.
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["serve"]).env("OUTRUN_DATABASE_URL", db.url()).env("OUTRUN_POLL_INTERVAL", "50ms").spawn().unwrap();
+    wait_for("event dead again", || async { stats(&db)["dead"] == 1 }).await;
+    terminate(&mut serve);
+    ok(&outrun(&db, &["enqueue", "live", "--payload", "{}"]));
+    ok(&outrun(&db, &["events", "purge", "--dead", "--older-than", "1h"]));
+    assert_eq!(stats(&db)["dead"], 1);
+    ok(&outrun(&db, &["events", "replay", "--all-dead"]));
+    assert_eq!(stats(&db)["dead"], 0);
+    assert_eq!(stats(&db)["pending"], 2);
+    fails(&outrun(&db, &["events", "purge"])); // --dead is required
+}
+
+fn terminate(child: &mut std::process::Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve should exit 0 on SIGTERM, got {status}");
+}
+
+on_both_backends!(enqueue_list_stats_show, idempotency_key_returns_the_same_id, bad_input_writes_nothing, replay_and_purge);
+
+#[test]
+fn unknown_config_key_names_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outrun.toml");
+    std::fs::write(&path, "[runtime]\nconcurency = 4\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["events", "stats", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("concurency") && err.contains("outrun.toml"), "{err}");
+}
+
+#[test]
+fn unreachable_database_is_one_line_with_redacted_url() {
+    // Port 1 on loopback: nothing listens there.
+    let url = "postgres://app:s3cret@127.0.0.1:1/app";
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["events", "stats", "--database", url]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("127.0.0.1:1"), "names the URL: {err}");
+    assert!(!err.contains("s3cret"), "password must be redacted: {err}");
+}
+
+#[test]
+fn commands_before_migrate_say_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display());
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_outrun")).args(args).args(["--database", &url]).output().unwrap();
+    let out = run(&["enqueue", "x", "--payload", "{}"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `outrun migrate` first"), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..2 {
+        let out = run(&["migrate"]);
+        assert!(out.status.success(), "migrate must be idempotent: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(run(&["enqueue", "x", "--payload", "{}"]).status.success());
+}

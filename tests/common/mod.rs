@@ -1,0 +1,278 @@
+//! Shared helpers of the end-to-end tests: a fresh database per test on
+//! either backend, and a macro that runs one test body against both.
+//!
+//! PostgreSQL tests read `OUTRUN_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), create a database
+//! `outrun_t_<uuid>` on that server and drop it when the [`TestDb`] is
+//! dropped. An unreachable server fails the test; it is never skipped.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::time::Duration;
+
+use outrun::Store;
+use outrun::store::ConnectOptions;
+use sqlx::Connection;
+
+pub const POSTGRES_ENV: &str = "OUTRUN_TEST_POSTGRES_URL";
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const REDIS_ENV: &str = "OUTRUN_TEST_REDIS_URL";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// The server URL PostgreSQL tests use (databases are created on it).
+pub fn postgres_admin_url() -> String {
+    std::env::var(POSTGRES_ENV).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string())
+}
+
+pub fn redis_url() -> String {
+    std::env::var(REDIS_ENV).unwrap_or_else(|_| DEFAULT_REDIS_URL.to_string())
+}
+
+/// A fresh key prefix for one test on the shared Redis; the test deletes its
+/// keys when done.
+pub fn redis_prefix() -> String {
+    format!("outrun_t_{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A guest component built by `scripts/build-guests.sh`, e.g. `guest("probe")`
+/// for `target/guests/probe.wasm`.
+pub fn guest(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-guests.sh",
+        path.display()
+    );
+    path
+}
+
+/// A database that exists for one test.
+pub enum TestDb {
+    Sqlite {
+        dir: tempfile::TempDir,
+        url: String,
+    },
+    Postgres {
+        admin_url: String,
+        name: String,
+        url: String,
+    },
+}
+
+impl TestDb {
+    /// A SQLite file in a fresh temporary directory.
+    pub fn sqlite() -> TestDb {
+        let dir =
+            tempfile::tempdir().expect("create a temporary directory for the SQLite test database");
+        let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
+        TestDb::Sqlite { dir, url }
+    }
+
+    /// A new, empty database on the test PostgreSQL server.
+    pub async fn postgres() -> TestDb {
+        let admin_url = postgres_admin_url();
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach the test PostgreSQL server at {} ({e}); start it or point {POSTGRES_ENV} at one",
+                outrun::store::redact_url(&admin_url)
+            )
+        });
+        let name = format!("outrun_t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("CREATE DATABASE {name} on {POSTGRES_ENV}'s server failed: {e}")
+            });
+        admin.close().await.ok();
+        let mut url = url::Url::parse(&admin_url)
+            .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is not a URL: {e}"));
+        url.set_path(&name);
+        TestDb::Postgres {
+            admin_url,
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            TestDb::Sqlite { url, .. } | TestDb::Postgres { url, .. } => url,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, TestDb::Postgres { .. })
+    }
+
+    /// A store on this database, connected and migrated.
+    pub async fn store(&self) -> Store {
+        let store = self.connect().await;
+        store.migrate().await.expect("migrate the test database");
+        store
+    }
+
+    /// A store on this database, connected but not migrated.
+    pub async fn connect(&self) -> Store {
+        Store::connect(self.url(), &ConnectOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test database: {e}"))
+    }
+
+    /// Run one SQL statement outside the store, as another application would.
+    pub async fn exec(&self, sql: &str) -> u64 {
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut c = sqlx::SqliteConnection::connect(url)
+                    .await
+                    .expect("open the SQLite test database");
+                let n = sqlx::query(sql)
+                    .execute(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                c.close().await.ok();
+                n.rows_affected()
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut c = sqlx::PgConnection::connect(url)
+                    .await
+                    .expect("connect to the PostgreSQL test database");
+                let n = sqlx::query(sql)
+                    .execute(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                c.close().await.ok();
+                n.rows_affected()
+            }
+        }
+    }
+
+    /// Run a query returning one text column, outside the store.
+    #[allow(dead_code)]
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut c = sqlx::SqliteConnection::connect(url).await.expect("open the SQLite test database");
+                sqlx::query_scalar(sql).fetch_all(&mut c).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut c = sqlx::PgConnection::connect(url).await.expect("connect to the PostgreSQL test database");
+                sqlx::query_scalar(sql).fetch_all(&mut c).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+        }
+    }
+
+    /// Run a query returning one integer, outside the store.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut c = sqlx::SqliteConnection::connect(url)
+                    .await
+                    .expect("open the SQLite test database");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut c = sqlx::PgConnection::connect(url)
+                    .await
+                    .expect("connect to the PostgreSQL test database");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let TestDb::Postgres {
+            admin_url, name, ..
+        } = self
+        else {
+            return;
+        };
+        let (admin_url, name) = (admin_url.clone(), name.clone());
+        let dropped = name.clone();
+        // Drop may run inside a runtime (where blocking on another is not
+        // allowed), so the cleanup gets its own thread and runtime. FORCE
+        // ends connections a store of the test may still hold.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {dropped} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await
+            })
+        });
+        if let Ok(Err(e)) = cleanup.join() {
+            eprintln!("warning: could not drop test database {name}: {e}");
+        }
+    }
+}
+
+/// Poll `check` until it returns `Some`, or panic after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Poll `check` every 25 ms until it is true; panic after 30 s naming `what`.
+#[allow(dead_code)]
+pub async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually(what, Duration::from_secs(30), || {
+        let fut = check();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+/// Run each listed `async fn name(db: TestDb)` as two tests,
+/// `sqlite::name` and `postgres::name`, each on its own fresh database.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::TestDb::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::TestDb::postgres().await).await
+                }
+            )*
+        }
+    };
+}
