@@ -15,18 +15,16 @@ use outrun::wasm::{HandlerSpec, HostServices, KvSettings, Registry, WasmError, c
 use outrun::{Event, Store};
 use uuid::Uuid;
 
+#[macro_use]
+mod common;
+use common::TestDb;
+
 // ---------------------------------------------------------------- helpers
 
+/// `guest("probe.wasm")` → target/guests/probe.wasm (panics with "run
+/// scripts/build-guests.sh" when missing).
 fn guest(file: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/guests")
-        .join(file);
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/build-guests.sh",
-        path.display()
-    );
-    path
+    common::guest(file.trim_end_matches(".wasm"))
 }
 
 /// A `[[handler]]` entry from TOML, as the config file would give it.
@@ -38,7 +36,9 @@ fn probe_spec(name: &str, module: &Path, extra: &str) -> HandlerSpec {
     spec(&format!(
         "name = \"{name}\"\nevents = [\"probe.echo\", \"probe.emit\", \"probe.emit-raw\", \"probe.sql\", \"probe.kv\", \"probe.http\", \
          \"probe.config\", \"probe.loop\", \"probe.oom\", \"probe.stack\", \"probe.trap\", \"probe.panic\", \"probe.fail\", \
-         \"probe.retry-after\", \"probe.version\"]\nmodule = {module:?}\ntimeout = \"2s\"\n{extra}"
+         \"probe.retry-after\", \"probe.version\"]\nmodule = {module:?}\n{timeout}{extra}",
+        // 2 s unless the test sets its own (TOML rejects a repeated key).
+        timeout = if extra.contains("timeout =") { "" } else { "timeout = \"2s\"\n" }
     ))
 }
 
@@ -97,27 +97,17 @@ async fn run_plain(
     run(reg, &event(name, payload), &mut Effects::default()).await
 }
 
-async fn sqlite_store(dir: &Path) -> Store {
-    let url = format!("sqlite://{}?mode=rwc", dir.join("outbox.db").display());
-    let store = Store::connect(&url, &Default::default())
-        .await
-        .expect("sqlite store");
-    store.migrate().await.expect("migrate");
-    store
-}
-
-fn redis_url() -> String {
-    std::env::var("OUTRUN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 async fn redis_conn() -> redis::aio::MultiplexedConnection {
-    let url = redis_url();
+    let url = common::redis_url();
     let client = redis::Client::open(url.as_str()).unwrap();
     client
         .get_multiplexed_async_connection()
         .await
         .unwrap_or_else(|e| {
-            panic!("Redis at {url} unreachable ({e}); start it or set OUTRUN_TEST_REDIS_URL")
+            panic!(
+                "Redis at {url} unreachable ({e}); start it or set {}",
+                common::REDIS_ENV
+            )
         })
 }
 
@@ -278,10 +268,28 @@ async fn emit_of_non_json_payload_is_invalid() {
 
 // ---------------------------------------------------------------- sql (+ emit) with the ack
 
-#[tokio::test]
-async fn sql_and_emit_commit_with_the_ack_and_vanish_on_failure() {
+on_both_backends!(
+    sql_and_emit_commit_with_the_ack_and_vanish_on_failure,
+    in_flight_event_finishes_on_old_version_across_reload
+);
+
+/// Claim the event with id `id` (the test enqueued it) for an ack.
+async fn claim(store: &Store, id: Uuid) -> outrun::Claimed {
+    let claimed = store
+        .claim("wasm-host-test", 100, Duration::from_secs(60), &[])
+        .await
+        .unwrap();
+    claimed
+        .into_iter()
+        .find(|c| c.event.id == id)
+        .expect("the test's event is claimable")
+}
+
+async fn sql_and_emit_commit_with_the_ack_and_vanish_on_failure(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path()).await;
+    let store = db.store().await;
+    db.exec("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        .await;
     let reg = load(
         vec![probe_spec(
             "writer",
@@ -291,53 +299,22 @@ async fn sql_and_emit_commit_with_the_ack_and_vanish_on_failure() {
         dir.path(),
     )
     .await;
-    let mut setup = Effects::new(store.clone());
-    setup
-        .tx()
-        .await
-        .unwrap()
-        .execute(
-            "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (tx, _) = setup.into_parts();
-    // Commit the DDL through a throwaway event so the test uses only the
-    // public ack path.
-    let ddl_id = store
-        .enqueue(&outrun::NewEvent::new("ddl", "{}"), 5)
-        .await
-        .unwrap();
-    let ddl = store
-        .claim("test", 10, Duration::from_secs(30), &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|c| c.event.id == ddl_id)
-        .unwrap();
-    assert!(tx.unwrap().commit_ack(ddl.lease()).await.unwrap());
 
-    // Success: the row, the emitted event and the ack land together.
-    let id = store
-        .enqueue(&outrun::NewEvent::new("probe.sql", "{}"), 5)
-        .await
-        .unwrap();
-    let claimed = store
-        .claim("test", 10, Duration::from_secs(30), &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|c| c.event.id == id)
-        .unwrap();
-    let mut ev = claimed.event.clone();
-    ev.payload = serde_json::json!({
-        "execute": [{"sql": "INSERT INTO notes (body) VALUES ($1)", "params": ["kept"]}],
+    // Success: the handler's row, its emitted event and the ack land together.
+    let payload = serde_json::json!({
+        "execute": [{"sql": "INSERT INTO notes (id, body) VALUES ($1, $2)", "params": [1, "kept"]}],
         "query": {"sql": "SELECT body FROM notes", "params": [], "expect_rows": [["kept"]]}
-    })
-    .to_string();
+    });
+    let id = store
+        .enqueue(&outrun::NewEvent::new("probe.sql", payload.to_string()), 5)
+        .await
+        .unwrap();
+    let claimed = claim(&store, id).await;
     let mut effects = Effects::new(store.clone());
-    assert_eq!(run(&reg, &ev, &mut effects).await, Ok(Outcome::Done));
+    assert_eq!(
+        run(&reg, &claimed.event, &mut effects).await,
+        Ok(Outcome::Done)
+    );
     let emit_ev = event(
         "probe.emit",
         serde_json::json!({"name": "follow.up", "payload": {"after": "sql"}}),
@@ -345,45 +322,41 @@ async fn sql_and_emit_commit_with_the_ack_and_vanish_on_failure() {
     assert_eq!(run(&reg, &emit_ev, &mut effects).await, Ok(Outcome::Done));
     let (tx, emitted) = effects.into_parts();
     let mut tx = tx.expect("sql opened the ack transaction");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM notes").await,
+        0,
+        "nothing visible before the ack commits"
+    );
     tx.enqueue_all(&emitted, 5).await.unwrap();
     assert!(tx.commit_ack(claimed.lease()).await.unwrap());
     assert!(
         store.get(id).await.unwrap().is_none(),
-        "acked event is deleted"
+        "the acked event is deleted"
     );
-    let follow = store
-        .list(&outrun::store::ListFilter {
-            name: Some("follow.up".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(follow.len(), 1);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM notes").await, 1);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM outbox_events WHERE name = 'follow.up'")
+            .await,
+        1
+    );
 
-    // Failure after writing: the dispatch loop rolls the ack transaction
-    // back, so neither the row nor anything else survives.
+    // Failure after writing: the caller rolls the ack transaction back and
+    // the row is gone with it.
     let ev = event(
         "probe.sql",
-        serde_json::json!({"execute": [{"sql": "INSERT INTO notes (body) VALUES ($1)", "params": ["lost"]}], "fail_after": true}),
+        serde_json::json!({"execute": [{"sql": "INSERT INTO notes (id, body) VALUES ($1, $2)", "params": [2, "lost"]}], "fail_after": true}),
     );
     let mut effects = Effects::new(store.clone());
     let err = run(&reg, &ev, &mut effects).await.unwrap_err();
-    assert!(err.retryable);
+    assert!(err.retryable, "{err:?}");
     let (tx, _) = effects.into_parts();
-    tx.expect("transaction handed back after the failed call")
+    tx.expect("the transaction is handed back after a failed call")
         .rollback()
         .await
         .unwrap();
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM notes").await, 1);
 
-    let check = event(
-        "probe.sql",
-        serde_json::json!({"query": {"sql": "SELECT body FROM notes ORDER BY id", "params": [], "expect_rows": [["kept"]]}}),
-    );
-    let mut effects = Effects::new(store.clone());
-    assert_eq!(run(&reg, &check, &mut effects).await, Ok(Outcome::Done));
-
-    // Bad SQL is `invalid`, reported to the guest (which rejects).
+    // Bad SQL is `invalid`: the guest gets the database's message.
     let bad = event(
         "probe.sql",
         serde_json::json!({"execute": [{"sql": "INSERT INTO no_such_table VALUES (1)", "params": []}]}),
@@ -392,6 +365,10 @@ async fn sql_and_emit_commit_with_the_ack_and_vanish_on_failure() {
         .await
         .unwrap_err();
     assert!(err.message.contains("no_such_table"), "{err:?}");
+    assert!(
+        !err.retryable,
+        "bad SQL will not get better on retry: {err:?}"
+    );
 }
 
 #[tokio::test]
@@ -465,10 +442,10 @@ async fn kv_embedded_store_works_and_expires() {
 #[tokio::test]
 async fn kv_on_redis_is_confined_to_the_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("outrun-test-{}:", Uuid::new_v4().simple());
+    let prefix = common::redis_prefix();
     let services = HostServices {
         kv: KvSettings {
-            url: Some(redis_url()),
+            url: Some(common::redis_url()),
         },
         ..Default::default()
     };
@@ -484,8 +461,9 @@ async fn kv_on_redis_is_confined_to_the_prefix() {
     .await
     .unwrap_or_else(|e| {
         panic!(
-            "Redis at {} unreachable ({e}); start it or set OUTRUN_TEST_REDIS_URL",
-            redis_url()
+            "Redis at {} unreachable ({e}); start it or set {}",
+            common::redis_url(),
+            common::REDIS_ENV
         )
     });
     let mut conn = redis_conn().await;
@@ -1004,10 +982,11 @@ impl HandleOnce for Arc<outrun::wasm::HandlerVersion> {
     }
 }
 
-#[tokio::test]
-async fn in_flight_event_finishes_on_old_version_across_reload() {
+async fn in_flight_event_finishes_on_old_version_across_reload(db: TestDb) {
     let f = reload_fixture();
-    let store = sqlite_store(f.dir.path()).await;
+    let store = db.store().await;
+    db.exec("CREATE TABLE probe_seen (event_id TEXT, version TEXT)")
+        .await;
     let reg = load(
         vec![probe_spec(
             "p",
@@ -1018,83 +997,70 @@ async fn in_flight_event_finishes_on_old_version_across_reload() {
     )
     .await;
     let _watch = reg.watch().unwrap();
-    let mut setup = Effects::new(store.clone());
-    setup
-        .tx()
-        .await
-        .unwrap()
-        .execute("CREATE TABLE probe_seen (event_id TEXT, version TEXT)", &[])
-        .await
-        .unwrap();
-    let setup_id = store
-        .enqueue(&outrun::NewEvent::new("setup", "{}"), 5)
-        .await
-        .unwrap();
-    let c = store
-        .claim("t", 10, Duration::from_secs(30), &[])
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|c| c.event.id == setup_id)
-        .unwrap();
-    assert!(
-        setup
-            .into_parts()
-            .0
-            .unwrap()
-            .commit_ack(c.lease())
-            .await
-            .unwrap()
-    );
 
-    // Start a slow v1 event, swap in v2 while it runs, then run a v2 event.
+    // Start a slow event on v1, swap in v2 while it runs, then run another.
     let route = reg.route("probe.version").unwrap();
-    let slow = event("probe.version", serde_json::json!({"sleep_ms": 1500}));
-    let (s2, slow2) = (store.clone(), slow.clone());
+    let slow_id = store
+        .enqueue(
+            &outrun::NewEvent::new("probe.version", r#"{"sleep_ms": 1500}"#),
+            5,
+        )
+        .await
+        .unwrap();
+    let slow = claim(&store, slow_id).await;
+    let (store2, slow2) = (store.clone(), slow.clone());
     let in_flight = tokio::spawn(async move {
-        let mut effects = Effects::new(s2);
-        let r = route.handler.handle(&slow2, &mut effects).await;
+        let mut effects = Effects::new(store2);
+        let r = route.handler.handle(&slow2.event, &mut effects).await;
         (r, effects)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let tmp = f.dir.path().join("handlers/.tmp");
     std::fs::copy(guest("probe_v2.wasm"), &tmp).unwrap();
     std::fs::rename(&tmp, &f.module).unwrap();
     eventually("v2 serving", || reg.handlers()[0].hash == f.v2).await;
     let (r, effects) = in_flight.await.unwrap();
     assert_eq!(r, Ok(Outcome::Done));
-    let mut tx = effects.into_parts().0.unwrap();
-    let rows = tx
-        .query(
-            "SELECT version FROM probe_seen WHERE event_id = $1",
-            &[outrun::store::SqlValue::Text(slow.id.to_string())],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        rows.rows,
-        vec![vec![outrun::store::SqlValue::Text("1".into())]],
-        "in-flight event ran on v1"
+    assert!(
+        effects
+            .into_parts()
+            .0
+            .unwrap()
+            .commit_ack(slow.lease())
+            .await
+            .unwrap()
     );
-    tx.rollback().await.unwrap();
 
-    let fresh = event("probe.version", serde_json::json!({}));
-    let mut effects = Effects::new(store.clone());
-    assert_eq!(run(&reg, &fresh, &mut effects).await, Ok(Outcome::Done));
-    let mut tx = effects.into_parts().0.unwrap();
-    let rows = tx
-        .query(
-            "SELECT version FROM probe_seen WHERE event_id = $1",
-            &[outrun::store::SqlValue::Text(fresh.id.to_string())],
-        )
+    let fresh_id = store
+        .enqueue(&outrun::NewEvent::new("probe.version", "{}"), 5)
         .await
         .unwrap();
+    let fresh = claim(&store, fresh_id).await;
+    let mut effects = Effects::new(store.clone());
     assert_eq!(
-        rows.rows,
-        vec![vec![outrun::store::SqlValue::Text("2".into())]],
-        "new event runs on v2"
+        run(&reg, &fresh.event, &mut effects).await,
+        Ok(Outcome::Done)
     );
-    tx.rollback().await.unwrap();
+    assert!(
+        effects
+            .into_parts()
+            .0
+            .unwrap()
+            .commit_ack(fresh.lease())
+            .await
+            .unwrap()
+    );
+
+    let seen = |id: Uuid| format!("SELECT version FROM probe_seen WHERE event_id = '{id}'");
+    assert_eq!(
+        db.strings(&seen(slow_id)).await,
+        vec!["1".to_string()],
+        "the in-flight event ran on v1"
+    );
+    assert_eq!(
+        db.strings(&seen(fresh_id)).await,
+        vec!["2".to_string()],
+        "the next event runs on v2"
+    );
 }
 
 #[tokio::test]
