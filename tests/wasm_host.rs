@@ -38,7 +38,11 @@ fn probe_spec(name: &str, module: &Path, extra: &str) -> HandlerSpec {
          \"probe.config\", \"probe.loop\", \"probe.oom\", \"probe.stack\", \"probe.trap\", \"probe.panic\", \"probe.fail\", \
          \"probe.retry-after\", \"probe.version\"]\nmodule = {module:?}\n{timeout}{extra}",
         // 2 s unless the test sets its own (TOML rejects a repeated key).
-        timeout = if extra.contains("timeout =") { "" } else { "timeout = \"2s\"\n" }
+        timeout = if extra.contains("timeout =") {
+            ""
+        } else {
+            "timeout = \"2s\"\n"
+        }
     ))
 }
 
@@ -804,6 +808,29 @@ async fn startup_errors_name_the_problem() {
         err.contains("core.wasm") && err.contains("not a component"),
         "{err}"
     );
+
+    // A component of another world (an empty one: no `handle` export) and a
+    // truncated copy of the probe.
+    std::fs::write(dir.path().join("other.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    let bytes = std::fs::read(&probe).unwrap();
+    std::fs::write(dir.path().join("cut.wasm"), &bytes[..bytes.len() * 2 / 3]).unwrap();
+    for (file, expected) in [
+        ("other.wasm", "does not export `handle"),
+        ("cut.wasm", "not a valid component"),
+    ] {
+        let s = spec(&format!(
+            "name = \"h\"\nevents = [\"e\"]\nmodule = \"{file}\"\n"
+        ));
+        let err = load_with(vec![s], dir.path(), HostServices::default())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(file) && err.contains(expected),
+            "{file}: {err}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -11,13 +11,13 @@ pub mod http;
 pub mod kv;
 pub mod log;
 pub mod sql;
+pub mod stderr;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -49,7 +49,7 @@ pub use bindings::outrun::handler::types::CapError;
 
 /// Bytes of guest stderr kept per event: enough for a panic message, which
 /// is the only use (the text goes into the event's `last_error`).
-const STDERR_CAPTURE: usize = 4096;
+const STDERR_CAPTURE: usize = 1024;
 
 /// What one handler is allowed to do, shared by all its versions (hot reload
 /// swaps code, not grants) and all its in-flight events.
@@ -108,7 +108,7 @@ pub struct HostState {
     pub(crate) version: Arc<str>,
     pub(crate) deadline: Instant,
     pub(crate) limits: MemoryLimiter,
-    pub(crate) stderr: MemoryOutputPipe,
+    pub(crate) stderr: stderr::StderrTail,
 }
 
 impl HostState {
@@ -123,7 +123,7 @@ impl HostState {
         // No files, env, args or network sockets: a handler reaches the world
         // only through its granted capabilities. stderr is captured (bounded)
         // so a guest panic message can be reported as the event's error.
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let stderr = stderr::StderrTail::new(STDERR_CAPTURE);
         let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
         Self {
             wasi,

@@ -47,7 +47,9 @@ pub struct HostServices {
     /// Compiled-artifact cache; `None` = `.outrun-cache` in the config
     /// file's directory.
     pub cache_dir: Option<PathBuf>,
-    /// Component instances alive at once (>= the runtime's concurrency).
+    /// Component instances alive at once: set it to at least the runtime's
+    /// concurrency (one instance per in-flight event). Default 128. Each
+    /// slot reserves address space (not memory) for its linear memories.
     pub max_instances: u32,
 }
 
@@ -211,6 +213,7 @@ impl Registry {
                 module.display(),
                 started.elapsed().as_millis()
             );
+            version_metric(&spec.name, None, &version.short);
             let permits = spec.concurrency.map(|n| Arc::new(Semaphore::new(n)));
             slots.push(Slot {
                 spec,
@@ -286,6 +289,15 @@ impl Router for Registry {
             .map(|(name, _)| name.clone())
             .collect()
     }
+}
+
+/// `outrun_handler_version{handler, version} = 1` for the serving version
+/// (and 0 for the one it replaced), so dashboards can show what runs where.
+pub(crate) fn version_metric(handler: &str, old: Option<&str>, new: &str) {
+    if let Some(old) = old {
+        metrics::gauge!("outrun_handler_version", "handler" => handler.to_string(), "version" => old.to_string()).set(0.0);
+    }
+    metrics::gauge!("outrun_handler_version", "handler" => handler.to_string(), "version" => new.to_string()).set(1.0);
 }
 
 /// Resolve the module's directory (so paths match what the file watcher
@@ -471,16 +483,10 @@ impl HandlerVersion {
                 None => format!("handler failed: {err:#}"),
             }
         };
-        let stderr = state.stderr.contents();
-        let stderr = String::from_utf8_lossy(&stderr);
-        let stderr: Vec<&str> = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("note: "))
-            .collect();
+        let stderr = state.stderr.summary();
         if !stderr.is_empty() {
             message.push_str(" (guest stderr: ");
-            message.push_str(&stderr.join(" "));
+            message.push_str(&stderr);
             message.push(')');
         }
         HandlerError::retry(message)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::registry::{Registry, compile_version};
+use super::registry::{Registry, compile_version, version_metric};
 use super::{HandlerInfo, WasmError};
 
 /// Quiet time after the last change to a file before it is loaded: writers
@@ -82,6 +82,7 @@ impl Registry {
         let elapsed = started.elapsed();
         let name = slot.spec.name.clone();
         tracing::info!(handler = %name, version = %new, "handler {name} reloaded: {} -> {new} in {} ms", old.short, elapsed.as_millis());
+        version_metric(&name, Some(&old.short), &new);
         metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
         metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
             .set(elapsed.as_secs_f64());
