@@ -697,6 +697,7 @@ async fn hostile_guests_fail_their_event_and_the_next_one_succeeds() {
         let err = run_plain(&reg, name, serde_json::json!({}))
             .await
             .unwrap_err();
+        eprintln!("{name} -> {}", err.message);
         assert!(err.retryable, "{name}: {err:?}");
         assert!(
             err.message.contains(expected),

@@ -291,6 +291,33 @@ impl Router for Registry {
     }
 }
 
+/// Frames wasmtime keeps in a trap backtrace (its default).
+const BACKTRACE_FRAMES: usize = 20;
+
+/// A Rust (LLVM) guest keeps large locals on a stack inside its linear
+/// memory; exhausting it surfaces as an out-of-bounds access, not as
+/// wasmtime's `StackOverflow`. When every frame of the (full) backtrace but
+/// a couple is the same function, that is what happened: name the function.
+fn deep_recursion(err: &wasmtime::Error) -> Option<String> {
+    let bt = err.downcast_ref::<wasmtime::WasmBacktrace>()?;
+    let frames = bt.frames();
+    if frames.len() < BACKTRACE_FRAMES {
+        return None;
+    }
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for f in frames {
+        *counts.entry(f.func_index()).or_default() += 1;
+    }
+    let (&func, &n) = counts.iter().max_by_key(|(_, n)| **n)?;
+    (n + 3 >= frames.len()).then(|| {
+        let frame = frames.iter().find(|f| f.func_index() == func)?;
+        Some(frame.func_name().map_or_else(
+            || format!("function #{func}"),
+            |n| format!("`{:#}`", rustc_demangle::demangle(n)),
+        ))
+    })?
+}
+
 /// `outrun_handler_version{handler, version} = 1` for the serving version
 /// (and 0 for the one it replaced), so dashboards can show what runs where.
 pub(crate) fn version_metric(handler: &str, old: Option<&str>, new: &str) {
@@ -479,6 +506,10 @@ impl HandlerVersion {
                     format!("timeout after {}", humantime::format_duration(self.timeout))
                 }
                 Some(Trap::StackOverflow) => "wasm trap: stack overflow".to_string(),
+                Some(Trap::MemoryOutOfBounds) if let Some(func) = deep_recursion(&err) => format!(
+                    "wasm trap: stack overflow (out of bounds memory access deep in a recursion of {func}: \
+                     the guest's in-memory stack is exhausted)"
+                ),
                 Some(trap) => trap.to_string(),
                 None => format!("handler failed: {err:#}"),
             }
