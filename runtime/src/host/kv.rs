@@ -64,12 +64,18 @@ struct Slot {
     expires: Option<Instant>,
 }
 
-/// The embedded kv store: a map behind a mutex with lazy TTL expiry (an
-/// expired key is dropped when next touched). Per process, not durable.
+/// The embedded kv store: a map behind a mutex. An expired key is dropped
+/// when next touched, and every [`SWEEP_EVERY`] operations a sweep drops the
+/// expired keys nobody touches again, so TTLs bound memory. Per process, not
+/// durable.
 #[derive(Default)]
 pub struct MemoryKv {
     map: Mutex<HashMap<String, Slot>>,
+    ops: std::sync::atomic::AtomicU64,
 }
+
+/// Operations between full sweeps of expired keys (amortised O(1)).
+const SWEEP_EVERY: u64 = 1024;
 
 const WRONG_TYPE: &str = "the key holds a set; use the set operations (or a different key)";
 const WRONG_TYPE_SET: &str =
@@ -78,6 +84,11 @@ const WRONG_TYPE_SET: &str =
 impl MemoryKv {
     fn with<R>(&self, key: &str, f: impl FnOnce(&mut HashMap<String, Slot>) -> R) -> R {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            let now = Instant::now();
+            map.retain(|_, s| s.expires.is_none_or(|t| t > now));
+        }
         if map
             .get(key)
             .is_some_and(|s| s.expires.is_some_and(|t| t <= Instant::now()))
@@ -341,5 +352,19 @@ mod tests {
         assert_eq!(kv.set_members("s").unwrap(), vec!["y".to_string()]);
         assert_eq!(kv.set_remove("s", vec!["y".into()]).unwrap(), 1);
         assert!(!kv.exists("s"), "an emptied set is deleted, as in Redis");
+
+        // Expired keys that are never touched again are swept.
+        for i in 0..100 {
+            kv.set(&format!("tmp{i}"), vec![0], Some(Duration::from_millis(1)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        for _ in 0..SWEEP_EVERY {
+            kv.exists("b");
+        }
+        assert_eq!(
+            kv.map.lock().unwrap().len(),
+            1,
+            "only the live key `b` is left"
+        );
     }
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use super::WasmError;
 use super::registry::{Registry, compile_version, version_metric};
-use super::{HandlerInfo, WasmError};
 
 /// Quiet time after the last change to a file before it is loaded: writers
 /// emit several events per save (create, modify ×N, close).
@@ -206,14 +206,4 @@ async fn reload_once(
             None
         }
     }
-}
-
-/// For `HandlerInfo` consumers that want to know what changed between two
-/// listings.
-pub fn changed(before: &[HandlerInfo], after: &[HandlerInfo]) -> Vec<String> {
-    after
-        .iter()
-        .filter(|a| before.iter().any(|b| b.name == a.name && b.hash != a.hash))
-        .map(|a| a.name.clone())
-        .collect()
 }
