@@ -26,13 +26,18 @@ pub async fn run(store: Store, inflight: Inflight, mut rx: mpsc::UnboundedReceiv
         match store.ack(&batch).await {
             Ok(acked) => {
                 if acked.len() < batch.len() {
-                    tracing::warn!(lost = batch.len() - acked.len(), "events finished after their lease was lost; another runtime may run them again");
+                    tracing::warn!(
+                        lost = batch.len() - acked.len(),
+                        "events finished after their lease was lost; another runtime may run them again"
+                    );
                 }
                 metrics::counter!("outrun_acks_total").increment(acked.len() as u64);
             }
             // The events stay leased until their lease runs out, then run
             // again: at-least-once, never lost.
-            Err(e) => tracing::error!(error = %e, events = batch.len(), "ack failed; these events will run again after their lease expires"),
+            Err(e) => {
+                tracing::error!(error = %e, events = batch.len(), "ack failed; these events will run again after their lease expires")
+            }
         }
         inflight.remove_all(&ids);
         batch.clear();

@@ -90,7 +90,8 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
         }
         Ok(Outcome::RetryAfter(delay)) => {
             discard(effects).await;
-            let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let at =
+                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             if ev.expires_at.is_some_and(|exp| at > exp) {
                 expired(cx, lease, &route, ev.id).await;
             } else {
@@ -100,19 +101,30 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
         }
         Err(err) => {
             discard(effects).await;
-            let kind = if err.retryable { "retryable" } else { "rejected" };
+            let kind = if err.retryable {
+                "retryable"
+            } else {
+                "rejected"
+            };
             metrics::counter!("outrun_events_failed_total", "handler" => route.handler_name.to_string(), "kind" => kind).increment(1);
             let failure = if err.retryable {
                 let failures = ev.retry + 1;
                 let max = route.max_retry.unwrap_or(ev.max_retry);
                 if failures >= max {
                     tracing::error!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed its last attempt and is dead");
-                    metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted").increment(1);
+                    metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted")
+                        .increment(1);
                 } else {
                     tracing::warn!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed; will retry");
                 }
-                let retry_at = Utc::now() + chrono::Duration::from_std(cx.backoff.delay(failures)).unwrap_or(chrono::Duration::MAX);
-                Failure::Retry { error: err.message, retry_at, max_retry: route.max_retry }
+                let retry_at = Utc::now()
+                    + chrono::Duration::from_std(cx.backoff.delay(failures))
+                        .unwrap_or(chrono::Duration::MAX);
+                Failure::Retry {
+                    error: err.message,
+                    retry_at,
+                    max_retry: route.max_retry,
+                }
             } else {
                 tracing::error!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "handler rejected the event; it is dead");
                 metrics::counter!("outrun_events_dead_total", "reason" => "rejected").increment(1);
@@ -124,12 +136,21 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
 }
 
 /// Run the handler with its timeout, turning a panic into a retryable error.
-async fn invoke(route: &Route, ev: &crate::event::Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+async fn invoke(
+    route: &Route,
+    ev: &crate::event::Event,
+    effects: &mut Effects,
+) -> Result<Outcome, HandlerError> {
     let call = AssertUnwindSafe(route.handler.handle(ev, effects)).catch_unwind();
     let outcome = match route.timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
             Ok(r) => r,
-            Err(_) => return Err(HandlerError::retry(format!("timeout after {}", humantime::format_duration(round_ms(limit))))),
+            Err(_) => {
+                return Err(HandlerError::retry(format!(
+                    "timeout after {}",
+                    humantime::format_duration(round_ms(limit))
+                )));
+            }
         },
         None => call.await,
     };
@@ -171,8 +192,18 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
         Err(e) => {
             let error = format!("committing the handler's effects failed: {e}");
             tracing::error!(event_id = %lease.id, handler = %route.handler_name, "{error}");
-            let retry_at = Utc::now() + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
-            settle(cx, lease, Failure::Retry { error, retry_at, max_retry: route.max_retry }).await;
+            let retry_at = Utc::now()
+                + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
+            settle(
+                cx,
+                lease,
+                Failure::Retry {
+                    error,
+                    retry_at,
+                    max_retry: route.max_retry,
+                },
+            )
+            .await;
         }
     }
 }
@@ -188,15 +219,26 @@ async fn discard(effects: Effects) {
 async fn expired(cx: &WorkerContext, lease: Lease, route: &Route, id: uuid::Uuid) {
     tracing::warn!(event_id = %id, handler = %route.handler_name, "event expired before it could run; it is dead");
     metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(1);
-    settle(cx, lease, Failure::Dead { error: "expired".into() }).await;
+    settle(
+        cx,
+        lease,
+        Failure::Dead {
+            error: "expired".into(),
+        },
+    )
+    .await;
 }
 
 /// Record a verdict other than success; the lease goes with it.
 async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure) {
     match cx.store.fail(lease, &failure).await {
         Ok(true) => {}
-        Ok(false) => tracing::warn!(event_id = %lease.id, "lease lost before the failure could be recorded; another runtime owns the event"),
-        Err(e) => tracing::error!(event_id = %lease.id, error = %e, "recording the failure failed; the event runs again after its lease expires"),
+        Ok(false) => {
+            tracing::warn!(event_id = %lease.id, "lease lost before the failure could be recorded; another runtime owns the event")
+        }
+        Err(e) => {
+            tracing::error!(event_id = %lease.id, error = %e, "recording the failure failed; the event runs again after its lease expires")
+        }
     }
     cx.inflight.remove(&lease.id);
 }
