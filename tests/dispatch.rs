@@ -641,6 +641,50 @@ async fn effects_commit_with_ack_or_not_at_all(db: TestDb) {
     );
 }
 
+/// With a poll interval of an hour, follow-ups, group successors and fresh
+/// enqueues can only run if the loop wakes up by itself (emitted events and
+/// finished group heads on both backends; NOTIFY or the in-process signal
+/// for new events).
+async fn wakes_up_without_polling(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)")
+        .await;
+    let followed = Recorder::default();
+    let grouped = Recorder::default();
+    let router = StaticRouter::new()
+        .with("write", Writer)
+        .with("followed", followed.clone())
+        .with("grouped", grouped.clone());
+    let config = RuntimeConfig {
+        poll_interval: Duration::from_secs(3600),
+        ..fast()
+    };
+    store
+        .enqueue(&NewEvent::new("write", "{}"), 5)
+        .await
+        .unwrap();
+    let events: Vec<_> = (0..3)
+        .map(|i| NewEvent::new("grouped", format!("{i}")).with_group("g"))
+        .collect();
+    store.enqueue_batch(&events, 5).await.unwrap();
+    let run = Running::start(&store, router, config);
+    wait_for("follow-up and group successors handled", || async {
+        followed.seen.lock().unwrap().len() == 1 && grouped.seen.lock().unwrap().len() == 3
+    })
+    .await;
+    // A new event while the loop sleeps.
+    store
+        .enqueue(&NewEvent::new("grouped", "3"), 5)
+        .await
+        .unwrap();
+    wait_for("event enqueued while idle handled", || async {
+        grouped.seen.lock().unwrap().len() == 4
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(grouped.names(), vec!["0", "1", "2", "3"]);
+}
+
 async fn crashed_instance_events_are_rescued(db: TestDb) {
     let store = db.store().await;
     let id = store
@@ -776,6 +820,7 @@ on_both_backends!(
     slow_handler_cap_does_not_starve_others,
     effects_commit_with_ack_or_not_at_all,
     crashed_instance_events_are_rescued,
+    wakes_up_without_polling,
     graceful_shutdown_leaves_no_lease,
     shutdown_grace_cancels_and_releases,
 );

@@ -90,7 +90,13 @@ impl Dispatcher {
         let cfg = &self.config;
         let inflight = Inflight::default();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let acker = tokio::spawn(acker::run(self.store.clone(), inflight.clone(), ack_rx));
+        let unblocked = Arc::new(tokio::sync::Notify::new());
+        let acker = tokio::spawn(acker::run(
+            self.store.clone(),
+            inflight.clone(),
+            ack_rx,
+            unblocked.clone(),
+        ));
         let extender_stop = CancellationToken::new();
         let extender = tokio::spawn(inflight::extend_leases(
             self.store.clone(),
@@ -123,8 +129,8 @@ impl Dispatcher {
         let mut workers: JoinSet<bool> = JoinSet::new();
         let mut summary = RunSummary::default();
         // Whether a claim now is likely to find work: the last claim was
-        // full, a wake-up arrived, or a grouped event finished (its
-        // successor may be ready). Otherwise a finished worker does not
+        // full, a wake-up arrived, or a finished worker may have made work
+        // claimable (a group successor, emitted follow-ups). Otherwise a finished worker does not
         // trigger a claim, so an idle queue costs one query per poll.
         let mut maybe_more = true;
         let mut claim_failures = 0u32;
@@ -173,8 +179,8 @@ impl Dispatcher {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 Some(done) = workers.join_next(), if !workers.is_empty() => {
-                    // A finished grouped event may have unblocked its
-                    // successor; a full house may have hidden more work.
+                    // A verdict may have made work claimable; a full house
+                    // may have hidden more work.
                     maybe_more |= free == 0 || reaped(done);
                     while let Some(done) = workers.try_join_next() {
                         maybe_more |= reaped(done);
@@ -187,6 +193,7 @@ impl Dispatcher {
                     }
                     maybe_more = true;
                 }
+                _ = unblocked.notified() => maybe_more = true,
                 _ = tokio::time::sleep(cfg.poll_interval) => maybe_more = true,
             }
         }
@@ -225,7 +232,8 @@ impl Dispatcher {
     }
 }
 
-/// Log a worker that panicked; true if it handled a grouped event.
+/// Log a worker that panicked; true if its verdict may have made work
+/// claimable.
 fn reaped(done: Result<bool, tokio::task::JoinError>) -> bool {
     match done {
         Ok(grouped) => grouped,

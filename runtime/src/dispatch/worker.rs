@@ -25,7 +25,7 @@ pub struct WorkerContext {
     pub backoff: Backoff,
     pub default_max_retry: i32,
     pub inflight: Inflight,
-    pub acks: mpsc::UnboundedSender<Lease>,
+    pub acks: mpsc::UnboundedSender<super::acker::Ack>,
     /// Cancelled at shutdown: events that have not started are released.
     pub stopping: CancellationToken,
 }
@@ -35,15 +35,18 @@ pub fn no_handler_reason(name: &str) -> String {
     format!("no handler for event '{name}'")
 }
 
-/// Handle one claimed event to its verdict. Returns whether the event
-/// belongs to a group (its successor may now be claimable).
+/// Handle one claimed event to its verdict. Returns whether the verdict may
+/// have made new work claimable: the event belonged to a group (its
+/// successor may be ready) or its handler emitted follow-up events (which
+/// wake nobody on SQLite, where there is no NOTIFY).
 pub async fn run(cx: Arc<WorkerContext>, claimed: Claimed) -> bool {
     let grouped = claimed.event.group_id.is_some();
-    handle(&cx, claimed).await;
-    grouped
+    let emitted = handle(&cx, claimed).await;
+    grouped || emitted
 }
 
-async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
+/// Returns whether follow-up events were committed.
+async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     let lease = claimed.lease();
     let ev = &claimed.event;
     let Some(route) = cx.router.route(&ev.name) else {
@@ -51,11 +54,11 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
         tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");
         metrics::counter!("outrun_events_dead_total", "reason" => "no_handler").increment(1);
         settle(cx, lease, Failure::Dead { error: reason }).await;
-        return;
+        return false;
     };
     if ev.expires_at.is_some_and(|t| t <= Utc::now()) {
         expired(cx, lease, &route, ev.id).await;
-        return;
+        return false;
     }
     // Wait for the handler's concurrency cap; shutdown wins over waiting.
     let _permit = match &route.permits {
@@ -67,7 +70,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
     };
     if cx.stopping.is_cancelled() {
         release(cx, lease).await;
-        return;
+        return false;
     }
 
     let mut effects = Effects::new(cx.store.clone());
@@ -81,12 +84,16 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
             metrics::counter!("outrun_events_handled_total", "handler" => route.handler_name.to_string()).increment(1);
             if effects.is_empty() {
                 // Nothing to commit with it: join the next batched DELETE.
-                if cx.acks.send(lease).is_err() {
+                let ack = super::acker::Ack {
+                    lease,
+                    grouped: ev.group_id.is_some(),
+                };
+                if cx.acks.send(ack).is_err() {
                     release(cx, lease).await;
                 }
-                return;
+                return false;
             }
-            commit(cx, lease, &route, effects).await;
+            return commit(cx, lease, &route, effects).await;
         }
         Ok(Outcome::RetryAfter(delay)) => {
             discard(effects).await;
@@ -133,6 +140,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
             settle(cx, lease, failure).await;
         }
     }
+    false
 }
 
 /// Run the handler with its timeout, turning a panic into a retryable error.
@@ -171,8 +179,9 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-/// Commit the handler's writes and emitted events with the ack.
-async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effects) {
+/// Commit the handler's writes and emitted events with the ack; returns
+/// whether follow-up events were committed.
+async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effects) -> bool {
     let (tx, emitted) = effects.into_parts();
     let result = async {
         let mut tx = match tx {
@@ -184,7 +193,10 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
     }
     .await;
     match result {
-        Ok(true) => cx.inflight.remove(&lease.id),
+        Ok(true) => {
+            cx.inflight.remove(&lease.id);
+            return !emitted.is_empty();
+        }
         Ok(false) => {
             tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "lease lost before the ack; the handler's writes were rolled back and another runtime owns the event");
             cx.inflight.remove(&lease.id);
@@ -206,6 +218,7 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
             .await;
         }
     }
+    false
 }
 
 async fn discard(effects: Effects) {
