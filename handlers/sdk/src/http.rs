@@ -584,6 +584,21 @@ impl Target {
     }
 }
 
+/// Percent-encode `s` for use as one path segment or query value: everything
+/// but RFC 3986 unreserved characters is escaped, so ids with `/`, `?`, `&`
+/// or spaces cannot change the URL's shape.
+pub fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Send `method url` with `headers` and an optional body.
 pub fn request(
     method: Method,
@@ -719,6 +734,14 @@ mod tests {
         let denied = req.error_from_code(wit::ErrorCode::HttpRequestDenied);
         assert!(matches!(denied, HttpError::Denied { .. }));
         assert!(!HandlerError::from(denied).is_retryable());
+    }
+
+    #[test]
+    fn components_are_escaped() {
+        assert_eq!(
+            encode_component("a b/c?d&e=ф~._-"),
+            "a%20b%2Fc%3Fd%26e%3D%D1%84~._-"
+        );
     }
 
     #[test]
