@@ -19,15 +19,29 @@ fn outrun(db: &TestDb, args: &[&str]) -> Output {
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "outrun failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "outrun failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-/// A failure: exit code 1 and exactly one line on stderr; returns it.
+/// A failure: a non-zero exit code (1 for errors, 2 for usage errors) and
+/// exactly one line on stderr; returns it.
 fn fails(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(1), "expected exit 1; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "expected exit 1 or 2, got {:?}; stdout: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
     let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "expected a one-line error, got:\n{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected a one-line error, got:\n{err}"
+    );
     err
 }
 
@@ -41,14 +55,47 @@ fn stats(db: &TestDb) -> Value {
 
 async fn enqueue_list_stats_show(db: TestDb) {
     ok(&outrun(&db, &["migrate"]));
-    let id = ok(&outrun(&db, &["enqueue", "order.created", "--payload", r#"{"order_id":42}"#, "--group", "order:42", "--max-retry", "7"])).trim().to_string();
+    let id = ok(&outrun(
+        &db,
+        &[
+            "enqueue",
+            "order.created",
+            "--payload",
+            r#"{"order_id":42}"#,
+            "--group",
+            "order:42",
+            "--max-retry",
+            "7",
+        ],
+    ))
+    .trim()
+    .to_string();
     uuid::Uuid::parse_str(&id).expect("enqueue prints the id");
-    ok(&outrun(&db, &["enqueue", "later", "--payload", "{}", "--delay", "1h", "--expires-in", "2h"]));
+    ok(&outrun(
+        &db,
+        &[
+            "enqueue",
+            "later",
+            "--payload",
+            "{}",
+            "--delay",
+            "1h",
+            "--expires-in",
+            "2h",
+        ],
+    ));
     let s = stats(&db);
     for key in ["pending", "scheduled", "running", "dead"] {
         assert!(s[key].is_i64(), "stats lacks integer {key}: {s}");
     }
-    assert_eq!((s["pending"].as_i64(), s["scheduled"].as_i64(), s["dead"].as_i64()), (Some(1), Some(1), Some(0)));
+    assert_eq!(
+        (
+            s["pending"].as_i64(),
+            s["scheduled"].as_i64(),
+            s["dead"].as_i64()
+        ),
+        (Some(1), Some(1), Some(0))
+    );
     let list = json(&outrun(&db, &["events", "list", "--json"]));
     let rows = list.as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -57,19 +104,34 @@ async fn enqueue_list_stats_show(db: TestDb) {
     assert_eq!(first["name"], "order.created");
     assert_eq!(first["payload"]["order_id"], 42);
     assert_eq!(first["group_id"], "order:42");
-    assert_eq!((first["retry"].as_i64(), first["max_retry"].as_i64()), (Some(0), Some(7)));
+    assert_eq!(
+        (first["retry"].as_i64(), first["max_retry"].as_i64()),
+        (Some(0), Some(7))
+    );
     assert!(first["create_date"].is_string() && first.get("last_error").is_some());
-    let only = json(&outrun(&db, &["events", "list", "--name", "later", "--json"]));
+    let only = json(&outrun(
+        &db,
+        &["events", "list", "--name", "later", "--json"],
+    ));
     assert_eq!(only.as_array().unwrap().len(), 1);
     let shown = json(&outrun(&db, &["events", "show", &id, "--json"]));
     assert_eq!(shown["id"], id.as_str());
-    assert!(ok(&outrun(&db, &["events", "list"])).contains("order.created"), "human listing");
+    assert!(
+        ok(&outrun(&db, &["events", "list"])).contains("order.created"),
+        "human listing"
+    );
 }
 
 async fn idempotency_key_returns_the_same_id(db: TestDb) {
     ok(&outrun(&db, &["migrate"]));
-    let a = ok(&outrun(&db, &["enqueue", "x", "--payload", "{}", "--key", "k-1"]));
-    let b = ok(&outrun(&db, &["enqueue", "x", "--payload", "{\"other\":1}", "--key", "k-1"]));
+    let a = ok(&outrun(
+        &db,
+        &["enqueue", "x", "--payload", "{}", "--key", "k-1"],
+    ));
+    let b = ok(&outrun(
+        &db,
+        &["enqueue", "x", "--payload", "{\"other\":1}", "--key", "k-1"],
+    ));
     assert_eq!(a, b);
     assert_eq!(stats(&db)["pending"], 1);
 }
@@ -83,21 +145,43 @@ async fn bad_input_writes_nothing(db: TestDb) {
     let long = "n".repeat(101);
     let err = fails(&outrun(&db, &["enqueue", &long, "--payload", "{}"]));
     assert!(err.contains("101") && err.contains("100"), "{err}");
-    let err = fails(&outrun(&db, &["enqueue", "x", "--payload", "{}", "--delay", "soon"]));
+    let err = fails(&outrun(
+        &db,
+        &["enqueue", "x", "--payload", "{}", "--delay", "soon"],
+    ));
     assert!(err.contains("soon") || err.contains("duration"), "{err}");
     let s = stats(&db);
-    assert_eq!(s["pending"].as_i64().unwrap() + s["scheduled"].as_i64().unwrap() + s["dead"].as_i64().unwrap(), 0, "nothing written");
+    assert_eq!(
+        s["pending"].as_i64().unwrap()
+            + s["scheduled"].as_i64().unwrap()
+            + s["dead"].as_i64().unwrap(),
+        0,
+        "nothing written"
+    );
 }
 
 async fn replay_and_purge(db: TestDb) {
     ok(&outrun(&db, &["migrate"]));
-    let id = ok(&outrun(&db, &["enqueue", "nobody.handles.this", "--payload", "{}"])).trim().to_string();
+    let id = ok(&outrun(
+        &db,
+        &["enqueue", "nobody.handles.this", "--payload", "{}"],
+    ))
+    .trim()
+    .to_string();
     // serve has no handler for it: the event is dead at once.
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["serve"]).env("OUTRUN_DATABASE_URL", db.url()).env("OUTRUN_POLL_INTERVAL", "50ms").spawn().unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["serve"])
+        .env("OUTRUN_DATABASE_URL", db.url())
+        .env("OUTRUN_POLL_INTERVAL", "50ms")
+        .spawn()
+        .unwrap();
     wait_for("event dead", || async { stats(&db)["dead"] == 1 }).await;
     terminate(&mut serve);
     let dead = json(&outrun(&db, &["events", "list", "--dead", "--json"]));
-    assert_eq!(dead[0]["last_error"], "no handler for event 'nobody.handles.this'");
+    assert_eq!(
+        dead[0]["last_error"],
+        "no handler for event 'nobody.handles.this'"
+    );
 
     let unknown = uuid::Uuid::now_v7().to_string();
     let err = fails(&outrun(&db, &["events", "replay", &unknown]));
@@ -110,11 +194,19 @@ async fn replay_and_purge(db: TestDb) {
     assert_eq!(stats(&db)["pending"], 1);
 
     // Dead again, then purge: --older-than spares the fresh one.
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["serve"]).env("OUTRUN_DATABASE_URL", db.url()).env("OUTRUN_POLL_INTERVAL", "50ms").spawn().unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["serve"])
+        .env("OUTRUN_DATABASE_URL", db.url())
+        .env("OUTRUN_POLL_INTERVAL", "50ms")
+        .spawn()
+        .unwrap();
     wait_for("event dead again", || async { stats(&db)["dead"] == 1 }).await;
     terminate(&mut serve);
     ok(&outrun(&db, &["enqueue", "live", "--payload", "{}"]));
-    ok(&outrun(&db, &["events", "purge", "--dead", "--older-than", "1h"]));
+    ok(&outrun(
+        &db,
+        &["events", "purge", "--dead", "--older-than", "1h"],
+    ));
     assert_eq!(stats(&db)["dead"], 1);
     ok(&outrun(&db, &["events", "replay", "--all-dead"]));
     assert_eq!(stats(&db)["dead"], 0);
@@ -126,27 +218,45 @@ fn terminate(child: &mut std::process::Child) {
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "serve should exit 0 on SIGTERM, got {status}");
+    assert!(
+        status.success(),
+        "serve should exit 0 on SIGTERM, got {status}"
+    );
 }
 
-on_both_backends!(enqueue_list_stats_show, idempotency_key_returns_the_same_id, bad_input_writes_nothing, replay_and_purge);
+on_both_backends!(
+    enqueue_list_stats_show,
+    idempotency_key_returns_the_same_id,
+    bad_input_writes_nothing,
+    replay_and_purge
+);
 
 #[test]
 fn unknown_config_key_names_key_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outrun.toml");
     std::fs::write(&path, "[runtime]\nconcurency = 4\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["events", "stats", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["events", "stats", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("concurency") && err.contains("outrun.toml"), "{err}");
+    assert!(
+        err.contains("concurency") && err.contains("outrun.toml"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unreachable_database_is_one_line_with_redacted_url() {
     // Port 1 on loopback: nothing listens there.
     let url = "postgres://app:s3cret@127.0.0.1:1/app";
-    let out = Command::new(env!("CARGO_BIN_EXE_outrun")).args(["events", "stats", "--database", url]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["events", "stats", "--database", url])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
@@ -158,13 +268,27 @@ fn unreachable_database_is_one_line_with_redacted_url() {
 fn commands_before_migrate_say_how_to_fix_it() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display());
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_outrun")).args(args).args(["--database", &url]).output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_outrun"))
+            .args(args)
+            .args(["--database", &url])
+            .output()
+            .unwrap()
+    };
     let out = run(&["enqueue", "x", "--payload", "{}"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("run `outrun migrate` first"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("run `outrun migrate` first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for _ in 0..2 {
         let out = run(&["migrate"]);
-        assert!(out.status.success(), "migrate must be idempotent: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "migrate must be idempotent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert!(run(&["enqueue", "x", "--payload", "{}"]).status.success());
 }

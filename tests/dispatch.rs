@@ -15,7 +15,9 @@ use common::{TestDb, wait_for};
 use outrun::config::RuntimeConfig;
 use outrun::dispatch::Dispatcher;
 use outrun::store::{SqlValue, Store};
-use outrun::{Effects, Event, Handler, HandlerError, NewEvent, Outcome, Route, Router, StaticRouter};
+use outrun::{
+    Effects, Event, Handler, HandlerError, NewEvent, Outcome, Route, Router, StaticRouter,
+};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -79,7 +81,12 @@ impl Handler for Recorder {
 
 impl Recorder {
     fn names(&self) -> Vec<String> {
-        self.seen.lock().unwrap().iter().map(|e| e.payload.clone()).collect()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.payload.clone())
+            .collect()
     }
 }
 
@@ -99,14 +106,29 @@ where
 async fn delivers_and_deletes(db: TestDb) {
     let store = db.store().await;
     let rec = Recorder::default();
-    let events: Vec<_> = (0..50).map(|i| NewEvent::new("order.created", format!("{{\"n\":{i}}}"))).collect();
+    let events: Vec<_> = (0..50)
+        .map(|i| NewEvent::new("order.created", format!("{{\"n\":{i}}}")))
+        .collect();
     store.enqueue_batch(&events, 5).await.unwrap();
-    let run = Running::start(&store, StaticRouter::new().with("order.created", rec.clone()), fast());
-    wait_for("all 50 events handled and deleted", || async { drained(&store).await }).await;
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("order.created", rec.clone()),
+        fast(),
+    );
+    wait_for("all 50 events handled and deleted", || async {
+        drained(&store).await
+    })
+    .await;
     let summary = run.stop().await;
     assert_eq!(rec.seen.lock().unwrap().len(), 50);
     assert_eq!(summary.claimed, 50);
-    assert!(rec.seen.lock().unwrap().iter().all(|e| e.retry == 0 && e.attempt() == 1));
+    assert!(
+        rec.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|e| e.retry == 0 && e.attempt() == 1)
+    );
 }
 
 async fn retries_with_backoff_until_dead(db: TestDb) {
@@ -117,14 +139,24 @@ async fn retries_with_backoff_until_dead(db: TestDb) {
         a.fetch_add(1, Ordering::SeqCst);
         Err(HandlerError::retry("upstream said 503"))
     });
-    let id = store.enqueue(&NewEvent::new("flaky", "{}").with_max_retry(3), 5).await.unwrap();
+    let id = store
+        .enqueue(&NewEvent::new("flaky", "{}").with_max_retry(3), 5)
+        .await
+        .unwrap();
     let run = Running::start(&store, StaticRouter::new().with("flaky", h), fast());
-    wait_for("event dead after 3 attempts", || async { store.get(id).await.unwrap().is_some_and(|e| e.is_dead()) }).await;
+    wait_for("event dead after 3 attempts", || async {
+        store.get(id).await.unwrap().is_some_and(|e| e.is_dead())
+    })
+    .await;
     run.stop().await;
     let ev = store.get(id).await.unwrap().unwrap();
     assert_eq!((ev.retry, ev.max_retry), (3, 3));
     assert_eq!(ev.last_error.as_deref(), Some("upstream said 503"));
-    assert_eq!(attempts.load(Ordering::SeqCst), 3, "exactly max_retry attempts");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "exactly max_retry attempts"
+    );
     assert!(ev.locked_until.is_none(), "a dead event holds no lease");
 }
 
@@ -134,38 +166,79 @@ async fn backoff_delays_the_next_attempt(db: TestDb) {
     let t = times.clone();
     let h = FnHandler(move |ev: &Event| {
         t.lock().unwrap().push(std::time::Instant::now());
-        if ev.retry < 2 { Err(HandlerError::retry("not yet")) } else { Ok(Outcome::Done) }
+        if ev.retry < 2 {
+            Err(HandlerError::retry("not yet"))
+        } else {
+            Ok(Outcome::Done)
+        }
     });
-    let config = RuntimeConfig { backoff_base: Duration::from_millis(300), backoff_max: Duration::from_secs(5), ..fast() };
-    store.enqueue(&NewEvent::new("slowly", "{}"), 5).await.unwrap();
+    let config = RuntimeConfig {
+        backoff_base: Duration::from_millis(300),
+        backoff_max: Duration::from_secs(5),
+        ..fast()
+    };
+    store
+        .enqueue(&NewEvent::new("slowly", "{}"), 5)
+        .await
+        .unwrap();
     let run = Running::start(&store, StaticRouter::new().with("slowly", h), config);
-    wait_for("event succeeded on its third attempt", || async { drained(&store).await }).await;
+    wait_for("event succeeded on its third attempt", || async {
+        drained(&store).await
+    })
+    .await;
     run.stop().await;
     let t = times.lock().unwrap();
     assert_eq!(t.len(), 3);
     // Backoff is 300 ms after the first failure and 600 ms after the second:
     // a lower bound, which no scheduling noise can make fail spuriously.
-    assert!(t[1] - t[0] >= Duration::from_millis(290), "{:?}", t[1] - t[0]);
-    assert!(t[2] - t[1] >= Duration::from_millis(590), "{:?}", t[2] - t[1]);
+    assert!(
+        t[1] - t[0] >= Duration::from_millis(290),
+        "{:?}",
+        t[1] - t[0]
+    );
+    assert!(
+        t[2] - t[1] >= Duration::from_millis(590),
+        "{:?}",
+        t[2] - t[1]
+    );
 }
 
 async fn unknown_name_is_dead_at_once(db: TestDb) {
     let store = db.store().await;
-    let id = store.enqueue(&NewEvent::new("nobody.listens", "{}"), 5).await.unwrap();
-    let run = Running::start(&store, StaticRouter::new().with("other", Recorder::default()), fast());
-    wait_for("unknown event dead", || async { store.get(id).await.unwrap().is_some_and(|e| e.is_dead()) }).await;
+    let id = store
+        .enqueue(&NewEvent::new("nobody.listens", "{}"), 5)
+        .await
+        .unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("other", Recorder::default()),
+        fast(),
+    );
+    wait_for("unknown event dead", || async {
+        store.get(id).await.unwrap().is_some_and(|e| e.is_dead())
+    })
+    .await;
     run.stop().await;
     let ev = store.get(id).await.unwrap().unwrap();
-    assert_eq!(ev.last_error.as_deref(), Some("no handler for event 'nobody.listens'"));
+    assert_eq!(
+        ev.last_error.as_deref(),
+        Some("no handler for event 'nobody.listens'")
+    );
     assert_eq!(ev.retry, ev.max_retry);
 }
 
 async fn rejected_event_is_dead_at_once(db: TestDb) {
     let store = db.store().await;
     let h = FnHandler(|_: &Event| Err(HandlerError::reject("payload lacks order_id")));
-    let id = store.enqueue(&NewEvent::new("strict", "{}").with_max_retry(10), 5).await.unwrap();
+    let id = store
+        .enqueue(&NewEvent::new("strict", "{}").with_max_retry(10), 5)
+        .await
+        .unwrap();
     let run = Running::start(&store, StaticRouter::new().with("strict", h), fast());
-    wait_for("rejected event dead", || async { store.get(id).await.unwrap().is_some_and(|e| e.is_dead()) }).await;
+    wait_for("rejected event dead", || async {
+        store.get(id).await.unwrap().is_some_and(|e| e.is_dead())
+    })
+    .await;
     run.stop().await;
     let ev = store.get(id).await.unwrap().unwrap();
     assert_eq!((ev.retry, ev.max_retry), (10, 10));
@@ -202,7 +275,10 @@ impl Handler for GroupWatcher {
         if let Some(k) = self.failing.get(&(g.clone(), n))
             && ev.retry < *k
         {
-            return Err(HandlerError::retry(format!("{g}/{n} fails attempt {}", ev.attempt())));
+            return Err(HandlerError::retry(format!(
+                "{g}/{n} fails attempt {}",
+                ev.attempt()
+            )));
         }
         self.order.lock().unwrap().entry(g).or_default().push(n);
         Ok(Outcome::Done)
@@ -220,25 +296,62 @@ async fn group_fifo_with_concurrency(db: TestDb) {
     }
     store.enqueue_batch(&events, 5).await.unwrap();
     let failing = HashMap::from([(("b".to_string(), 0), 2), (("c".to_string(), 7), 1)]);
-    let w = GroupWatcher { failing: Arc::new(failing), ..Default::default() };
-    let run = Running::start(&store, StaticRouter::new().with("grouped", w.clone()), fast());
-    wait_for("all grouped events handled", || async { drained(&store).await }).await;
+    let w = GroupWatcher {
+        failing: Arc::new(failing),
+        ..Default::default()
+    };
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("grouped", w.clone()),
+        fast(),
+    );
+    wait_for("all grouped events handled", || async {
+        drained(&store).await
+    })
+    .await;
     run.stop().await;
-    assert_eq!(w.overlaps.load(Ordering::SeqCst), 0, "two events of one group ran at the same time");
+    assert_eq!(
+        w.overlaps.load(Ordering::SeqCst),
+        0,
+        "two events of one group ran at the same time"
+    );
     let order = w.order.lock().unwrap();
     for g in ["a", "b", "c", "d"] {
-        assert_eq!(order[g], (0..15).collect::<Vec<_>>(), "group {g} out of order (failing heads included)");
+        assert_eq!(
+            order[g],
+            (0..15).collect::<Vec<_>>(),
+            "group {g} out of order (failing heads included)"
+        );
     }
 }
 
 async fn dead_head_does_not_block_its_group(db: TestDb) {
     let store = db.store().await;
-    let head = store.enqueue(&NewEvent::new("poison", "{}").with_group("g").with_max_retry(2), 5).await.unwrap();
-    store.enqueue(&NewEvent::new("fine", "{\"n\":1}").with_group("g"), 5).await.unwrap();
+    let head = store
+        .enqueue(
+            &NewEvent::new("poison", "{}")
+                .with_group("g")
+                .with_max_retry(2),
+            5,
+        )
+        .await
+        .unwrap();
+    store
+        .enqueue(&NewEvent::new("fine", "{\"n\":1}").with_group("g"), 5)
+        .await
+        .unwrap();
     let rec = Recorder::default();
-    let router = StaticRouter::new().with("poison", FnHandler(|_: &Event| Err(HandlerError::retry("always")))).with("fine", rec.clone());
+    let router = StaticRouter::new()
+        .with(
+            "poison",
+            FnHandler(|_: &Event| Err(HandlerError::retry("always"))),
+        )
+        .with("fine", rec.clone());
     let run = Running::start(&store, router, fast());
-    wait_for("the successor of a dead head ran", || async { rec.seen.lock().unwrap().len() == 1 }).await;
+    wait_for("the successor of a dead head ran", || async {
+        rec.seen.lock().unwrap().len() == 1
+    })
+    .await;
     run.stop().await;
     assert!(store.get(head).await.unwrap().unwrap().is_dead());
 }
@@ -247,14 +360,33 @@ async fn expired_event_is_dead_not_run(db: TestDb) {
     let store = db.store().await;
     let rec = Recorder::default();
     // Available only after it has expired: it can never start in time.
-    let ev = NewEvent::new("late", "{}").with_delay(Duration::from_millis(300)).with_expires_in(Duration::from_millis(100));
+    let ev = NewEvent::new("late", "{}")
+        .with_delay(Duration::from_millis(300))
+        .with_expires_in(Duration::from_millis(100));
     let id = store.enqueue(&ev, 5).await.unwrap();
-    let run = Running::start(&store, StaticRouter::new().with("late", rec.clone()), RuntimeConfig { cleanup_interval: Duration::from_millis(50), ..fast() });
-    let expirer = tokio::spawn(outrun::maintenance::expirer::run(store.clone(), Duration::from_millis(50), run.stop.clone()));
-    wait_for("expired event dead", || async { store.get(id).await.unwrap().is_some_and(|e| e.is_dead()) }).await;
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("late", rec.clone()),
+        RuntimeConfig {
+            cleanup_interval: Duration::from_millis(50),
+            ..fast()
+        },
+    );
+    let expirer = tokio::spawn(outrun::maintenance::expirer::run(
+        store.clone(),
+        Duration::from_millis(50),
+        run.stop.clone(),
+    ));
+    wait_for("expired event dead", || async {
+        store.get(id).await.unwrap().is_some_and(|e| e.is_dead())
+    })
+    .await;
     run.stop().await;
     expirer.await.unwrap();
-    assert_eq!(store.get(id).await.unwrap().unwrap().last_error.as_deref(), Some("expired"));
+    assert_eq!(
+        store.get(id).await.unwrap().unwrap().last_error.as_deref(),
+        Some("expired")
+    );
     assert!(rec.seen.lock().unwrap().is_empty());
 }
 
@@ -264,11 +396,21 @@ async fn retry_after_spends_no_retry(db: TestDb) {
     let c = calls.clone();
     let h = FnHandler(move |ev: &Event| {
         assert_eq!(ev.retry, 0, "retry-after must not count as a failure");
-        if c.fetch_add(1, Ordering::SeqCst) < 2 { Ok(Outcome::RetryAfter(Duration::from_millis(30))) } else { Ok(Outcome::Done) }
+        if c.fetch_add(1, Ordering::SeqCst) < 2 {
+            Ok(Outcome::RetryAfter(Duration::from_millis(30)))
+        } else {
+            Ok(Outcome::Done)
+        }
     });
-    store.enqueue(&NewEvent::new("later", "{}").with_max_retry(1), 5).await.unwrap();
+    store
+        .enqueue(&NewEvent::new("later", "{}").with_max_retry(1), 5)
+        .await
+        .unwrap();
     let run = Running::start(&store, StaticRouter::new().with("later", h), fast());
-    wait_for("event done after two retry-afters", || async { drained(&store).await }).await;
+    wait_for("event done after two retry-afters", || async {
+        drained(&store).await
+    })
+    .await;
     run.stop().await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
@@ -276,11 +418,23 @@ async fn retry_after_spends_no_retry(db: TestDb) {
 async fn retry_after_past_expiry_is_expired(db: TestDb) {
     let store = db.store().await;
     let h = FnHandler(|_: &Event| Ok(Outcome::RetryAfter(Duration::from_secs(3600))));
-    let id = store.enqueue(&NewEvent::new("hopeless", "{}").with_expires_in(Duration::from_secs(60)), 5).await.unwrap();
+    let id = store
+        .enqueue(
+            &NewEvent::new("hopeless", "{}").with_expires_in(Duration::from_secs(60)),
+            5,
+        )
+        .await
+        .unwrap();
     let run = Running::start(&store, StaticRouter::new().with("hopeless", h), fast());
-    wait_for("event dead", || async { store.get(id).await.unwrap().is_some_and(|e| e.is_dead()) }).await;
+    wait_for("event dead", || async {
+        store.get(id).await.unwrap().is_some_and(|e| e.is_dead())
+    })
+    .await;
     run.stop().await;
-    assert_eq!(store.get(id).await.unwrap().unwrap().last_error.as_deref(), Some("expired"));
+    assert_eq!(
+        store.get(id).await.unwrap().unwrap().last_error.as_deref(),
+        Some("expired")
+    );
 }
 
 struct Sleeper(Duration);
@@ -294,29 +448,58 @@ impl Handler for Sleeper {
 }
 
 fn route(name: &str, handler: impl Handler) -> Route {
-    Route { handler_name: Arc::from(name), handler: Arc::new(handler), permits: None, timeout: None, max_retry: None }
+    Route {
+        handler_name: Arc::from(name),
+        handler: Arc::new(handler),
+        permits: None,
+        timeout: None,
+        max_retry: None,
+    }
 }
 
 async fn timeout_and_panic_are_retryable_failures(db: TestDb) {
     let store = db.store().await;
-    let slow = Route { timeout: Some(Duration::from_millis(100)), max_retry: Some(1), ..route("slow", Sleeper(Duration::from_secs(30))) };
-    let panicky = Route { max_retry: Some(1), ..route("panicky", FnHandler(|_: &Event| panic!("guest exploded"))) };
-    let router = StaticRouter::new().with_route("slow", slow).with_route("panicky", panicky).with("ok", Recorder::default());
-    let a = store.enqueue(&NewEvent::new("slow", "{}"), 5).await.unwrap();
-    let b = store.enqueue(&NewEvent::new("panicky", "{}"), 5).await.unwrap();
+    let slow = Route {
+        timeout: Some(Duration::from_millis(100)),
+        max_retry: Some(1),
+        ..route("slow", Sleeper(Duration::from_secs(30)))
+    };
+    let panicky = Route {
+        max_retry: Some(1),
+        ..route("panicky", FnHandler(|_: &Event| panic!("guest exploded")))
+    };
+    let router = StaticRouter::new()
+        .with_route("slow", slow)
+        .with_route("panicky", panicky)
+        .with("ok", Recorder::default());
+    let a = store
+        .enqueue(&NewEvent::new("slow", "{}"), 5)
+        .await
+        .unwrap();
+    let b = store
+        .enqueue(&NewEvent::new("panicky", "{}"), 5)
+        .await
+        .unwrap();
     let c = store.enqueue(&NewEvent::new("ok", "{}"), 5).await.unwrap();
     let run = Running::start(&store, router, fast());
     wait_for("both failures recorded", || async {
-        store.get(a).await.unwrap().is_some_and(|e| e.is_dead()) && store.get(b).await.unwrap().is_some_and(|e| e.is_dead())
+        store.get(a).await.unwrap().is_some_and(|e| e.is_dead())
+            && store.get(b).await.unwrap().is_some_and(|e| e.is_dead())
     })
     .await;
-    wait_for("the healthy event still ran", || async { store.get(c).await.unwrap().is_none() }).await;
+    wait_for("the healthy event still ran", || async {
+        store.get(c).await.unwrap().is_none()
+    })
+    .await;
     run.stop().await;
     // The route's max_retry (1) overrides the event's 5.
     let a = store.get(a).await.unwrap().unwrap();
     assert_eq!(a.last_error.as_deref(), Some("timeout after 100ms"));
     assert_eq!((a.retry, a.max_retry), (1, 1));
-    assert_eq!(store.get(b).await.unwrap().unwrap().last_error.as_deref(), Some("handler panicked: guest exploded"));
+    assert_eq!(
+        store.get(b).await.unwrap().unwrap().last_error.as_deref(),
+        Some("handler panicked: guest exploded")
+    );
 }
 
 /// Counts how many run at once.
@@ -342,21 +525,50 @@ impl Handler for Gauge {
 
 async fn slow_handler_cap_does_not_starve_others(db: TestDb) {
     let store = db.store().await;
-    let slow = Gauge { delay: Duration::from_millis(150), ..Default::default() };
-    let fast_h = Gauge { delay: Duration::from_millis(1), ..Default::default() };
-    let capped = Route { permits: Some(Arc::new(Semaphore::new(1))), ..route("slow", slow.clone()) };
-    let router = StaticRouter::new().with_route("slow", capped).with("quick", fast_h.clone());
+    let slow = Gauge {
+        delay: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let fast_h = Gauge {
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let capped = Route {
+        permits: Some(Arc::new(Semaphore::new(1))),
+        ..route("slow", slow.clone())
+    };
+    let router = StaticRouter::new()
+        .with_route("slow", capped)
+        .with("quick", fast_h.clone());
     // Slow ones first, so a naive claimer would fill every slot with them.
     let mut events: Vec<_> = (0..12).map(|_| NewEvent::new("slow", "{}")).collect();
     events.extend((0..40).map(|_| NewEvent::new("quick", "{}")));
     store.enqueue_batch(&events, 5).await.unwrap();
-    let run = Running::start(&store, router, RuntimeConfig { concurrency: 4, batch_size: 4, ..fast() });
-    wait_for("quick events all done", || async { fast_h.done.load(Ordering::SeqCst) == 40 }).await;
+    let run = Running::start(
+        &store,
+        router,
+        RuntimeConfig {
+            concurrency: 4,
+            batch_size: 4,
+            ..fast()
+        },
+    );
+    wait_for("quick events all done", || async {
+        fast_h.done.load(Ordering::SeqCst) == 40
+    })
+    .await;
     let slow_done = slow.done.load(Ordering::SeqCst);
     wait_for("slow events all done", || async { drained(&store).await }).await;
     run.stop().await;
-    assert_eq!(slow.peak.load(Ordering::SeqCst), 1, "the cap of 1 was exceeded");
-    assert!(slow_done < 12, "quick events waited for all slow ones ({slow_done} of 12 slow done first)");
+    assert_eq!(
+        slow.peak.load(Ordering::SeqCst),
+        1,
+        "the cap of 1 was exceeded"
+    );
+    assert!(
+        slow_done < 12,
+        "quick events waited for all slow ones ({slow_done} of 12 slow done first)"
+    );
 }
 
 /// Writes through the ack transaction and emits a follow-up; fails when the
@@ -367,11 +579,21 @@ struct Writer;
 impl Handler for Writer {
     async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
         let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
-        let tx = fx.tx().await.map_err(|e| HandlerError::retry(e.to_string()))?;
-        tx.execute("INSERT INTO ledger (event_id) VALUES ($1)", &[SqlValue::Text(ev.id.to_string())])
+        let tx = fx
+            .tx()
             .await
             .map_err(|e| HandlerError::retry(e.to_string()))?;
-        fx.emit(NewEvent::new("followed", format!("{{\"from\":\"{}\"}}", ev.id))).map_err(|e| HandlerError::reject(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO ledger (event_id) VALUES ($1)",
+            &[SqlValue::Text(ev.id.to_string())],
+        )
+        .await
+        .map_err(|e| HandlerError::retry(e.to_string()))?;
+        fx.emit(NewEvent::new(
+            "followed",
+            format!("{{\"from\":\"{}\"}}", ev.id),
+        ))
+        .map_err(|e| HandlerError::reject(e.to_string()))?;
         if v["fail"].as_bool() == Some(true) {
             return Err(HandlerError::reject("failing after writing"));
         }
@@ -381,64 +603,206 @@ impl Handler for Writer {
 
 async fn effects_commit_with_ack_or_not_at_all(db: TestDb) {
     let store = db.store().await;
-    db.exec("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)").await;
-    let ok = store.enqueue(&NewEvent::new("write", "{\"fail\":false}"), 5).await.unwrap();
-    let bad = store.enqueue(&NewEvent::new("write", "{\"fail\":true}"), 5).await.unwrap();
+    db.exec("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)")
+        .await;
+    let ok = store
+        .enqueue(&NewEvent::new("write", "{\"fail\":false}"), 5)
+        .await
+        .unwrap();
+    let bad = store
+        .enqueue(&NewEvent::new("write", "{\"fail\":true}"), 5)
+        .await
+        .unwrap();
     let followed = Recorder::default();
-    let run = Running::start(&store, StaticRouter::new().with("write", Writer).with("followed", followed.clone()), fast());
+    let run = Running::start(
+        &store,
+        StaticRouter::new()
+            .with("write", Writer)
+            .with("followed", followed.clone()),
+        fast(),
+    );
     wait_for("ok handled, bad dead, follow-up handled", || async {
-        store.get(ok).await.unwrap().is_none() && store.get(bad).await.unwrap().is_some_and(|e| e.is_dead()) && followed.seen.lock().unwrap().len() == 1
+        store.get(ok).await.unwrap().is_none()
+            && store.get(bad).await.unwrap().is_some_and(|e| e.is_dead())
+            && followed.seen.lock().unwrap().len() == 1
     })
     .await;
     run.stop().await;
     let ledger = db.strings("SELECT event_id FROM ledger").await;
-    assert_eq!(ledger, vec![ok.to_string()], "only the successful attempt's write is committed");
-    assert_eq!(followed.names(), vec![format!("{{\"from\":\"{ok}\"}}")], "only the successful attempt's emit exists");
+    assert_eq!(
+        ledger,
+        vec![ok.to_string()],
+        "only the successful attempt's write is committed"
+    );
+    assert_eq!(
+        followed.names(),
+        vec![format!("{{\"from\":\"{ok}\"}}")],
+        "only the successful attempt's emit exists"
+    );
+}
+
+/// With a poll interval of an hour, follow-ups, group successors and fresh
+/// enqueues can only run if the loop wakes up by itself (emitted events and
+/// finished group heads on both backends; NOTIFY or the in-process signal
+/// for new events).
+async fn wakes_up_without_polling(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)")
+        .await;
+    let followed = Recorder::default();
+    let grouped = Recorder::default();
+    let router = StaticRouter::new()
+        .with("write", Writer)
+        .with("followed", followed.clone())
+        .with("grouped", grouped.clone());
+    let config = RuntimeConfig {
+        poll_interval: Duration::from_secs(3600),
+        ..fast()
+    };
+    store
+        .enqueue(&NewEvent::new("write", "{}"), 5)
+        .await
+        .unwrap();
+    let events: Vec<_> = (0..3)
+        .map(|i| NewEvent::new("grouped", format!("{i}")).with_group("g"))
+        .collect();
+    store.enqueue_batch(&events, 5).await.unwrap();
+    let run = Running::start(&store, router, config);
+    wait_for("follow-up and group successors handled", || async {
+        followed.seen.lock().unwrap().len() == 1 && grouped.seen.lock().unwrap().len() == 3
+    })
+    .await;
+    // A new event while the loop sleeps.
+    store
+        .enqueue(&NewEvent::new("grouped", "3"), 5)
+        .await
+        .unwrap();
+    wait_for("event enqueued while idle handled", || async {
+        grouped.seen.lock().unwrap().len() == 4
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(grouped.names(), vec!["0", "1", "2", "3"]);
 }
 
 async fn crashed_instance_events_are_rescued(db: TestDb) {
     let store = db.store().await;
-    let id = store.enqueue(&NewEvent::new("orphan", "{}"), 5).await.unwrap();
+    let id = store
+        .enqueue(&NewEvent::new("orphan", "{}"), 5)
+        .await
+        .unwrap();
     // An instance claims it with a short lease and dies without a verdict.
-    let claimed = store.claim("dead-instance", 10, Duration::from_millis(300), &[]).await.unwrap();
+    let claimed = store
+        .claim("dead-instance", 10, Duration::from_millis(300), &[])
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     let rec = Recorder::default();
-    let run = Running::start(&store, StaticRouter::new().with("orphan", rec.clone()), fast());
-    wait_for("orphaned event handled after its lease expired", || async { store.get(id).await.unwrap().is_none() }).await;
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("orphan", rec.clone()),
+        fast(),
+    );
+    wait_for("orphaned event handled after its lease expired", || async {
+        store.get(id).await.unwrap().is_none()
+    })
+    .await;
     run.stop().await;
     assert_eq!(rec.seen.lock().unwrap().len(), 1);
     // The dead instance's late verdict is refused: its token is stale.
-    assert!(!store.fail(claimed[0].lease(), &outrun::store::Failure::Dead { error: "late".into() }).await.unwrap());
+    assert!(
+        !store
+            .fail(
+                claimed[0].lease(),
+                &outrun::store::Failure::Dead {
+                    error: "late".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
 }
 
 async fn graceful_shutdown_leaves_no_lease(db: TestDb) {
     let store = db.store().await;
-    let h = Gauge { delay: Duration::from_millis(400), ..Default::default() };
+    let h = Gauge {
+        delay: Duration::from_millis(400),
+        ..Default::default()
+    };
     let events: Vec<_> = (0..20).map(|_| NewEvent::new("slow", "{}")).collect();
     store.enqueue_batch(&events, 5).await.unwrap();
-    let run = Running::start(&store, StaticRouter::new().with("slow", h.clone()), RuntimeConfig { concurrency: 3, batch_size: 3, ..fast() });
-    wait_for("handlers running", || async { h.now.load(Ordering::SeqCst) > 0 }).await;
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("slow", h.clone()),
+        RuntimeConfig {
+            concurrency: 3,
+            batch_size: 3,
+            ..fast()
+        },
+    );
+    wait_for("handlers running", || async {
+        h.now.load(Ordering::SeqCst) > 0
+    })
+    .await;
     let summary = run.stop().await;
-    assert_eq!(summary.cancelled, 0, "in-flight handlers should finish within the grace period");
+    assert_eq!(
+        summary.cancelled, 0,
+        "in-flight handlers should finish within the grace period"
+    );
     let s = store.stats().await.unwrap();
     assert_eq!(s.running, 0, "no event may stay leased after shutdown");
     let done = h.done.load(Ordering::SeqCst) as i64;
     assert!(done >= 1);
-    assert_eq!(s.pending + s.scheduled, 20 - done, "unfinished events are live and free again");
-    let leased = store.list(&outrun::store::ListFilter { dead: false, name: None, limit: 100 }).await.unwrap();
-    assert!(leased.iter().all(|e| e.locked_until.is_none() && e.locked_by.is_none()), "released events carry no lease");
+    assert_eq!(
+        s.pending + s.scheduled,
+        20 - done,
+        "unfinished events are live and free again"
+    );
+    let leased = store
+        .list(&outrun::store::ListFilter {
+            dead: false,
+            name: None,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert!(
+        leased
+            .iter()
+            .all(|e| e.locked_until.is_none() && e.locked_by.is_none()),
+        "released events carry no lease"
+    );
 }
 
 async fn shutdown_grace_cancels_and_releases(db: TestDb) {
     let store = db.store().await;
-    let id = store.enqueue(&NewEvent::new("stuck", "{}"), 5).await.unwrap();
-    let h = Gauge { delay: Duration::from_secs(60), ..Default::default() };
-    let run = Running::start(&store, StaticRouter::new().with("stuck", h.clone()), RuntimeConfig { shutdown_grace: Duration::from_millis(100), ..fast() });
-    wait_for("handler running", || async { h.now.load(Ordering::SeqCst) == 1 }).await;
+    let id = store
+        .enqueue(&NewEvent::new("stuck", "{}"), 5)
+        .await
+        .unwrap();
+    let h = Gauge {
+        delay: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("stuck", h.clone()),
+        RuntimeConfig {
+            shutdown_grace: Duration::from_millis(100),
+            ..fast()
+        },
+    );
+    wait_for("handler running", || async {
+        h.now.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let summary = run.stop().await;
     assert_eq!(summary.cancelled, 1);
     let ev = store.get(id).await.unwrap().unwrap();
-    assert!(ev.locked_until.is_none() && !ev.is_dead() && ev.retry == 0, "a cancelled event is released, not failed: {ev:?}");
+    assert!(
+        ev.locked_until.is_none() && !ev.is_dead() && ev.retry == 0,
+        "a cancelled event is released, not failed: {ev:?}"
+    );
 }
 
 on_both_backends!(
@@ -456,6 +820,7 @@ on_both_backends!(
     slow_handler_cap_does_not_starve_others,
     effects_commit_with_ack_or_not_at_all,
     crashed_instance_events_are_rescued,
+    wakes_up_without_polling,
     graceful_shutdown_leaves_no_lease,
     shutdown_grace_cancels_and_releases,
 );
@@ -467,7 +832,9 @@ on_both_backends!(
 async fn two_runtimes_share_one_postgres_database() {
     let db = TestDb::postgres().await;
     let seed = db.store().await;
-    let events: Vec<_> = (0..5000).map(|i| NewEvent::new("count", format!("{{\"i\":{i}}}"))).collect();
+    let events: Vec<_> = (0..5000)
+        .map(|i| NewEvent::new("count", format!("{{\"i\":{i}}}")))
+        .collect();
     for chunk in events.chunks(1000) {
         seed.enqueue_batch(chunk, 5).await.unwrap();
     }
@@ -484,9 +851,20 @@ async fn two_runtimes_share_one_postgres_database() {
                 Ok(Outcome::Done)
             }
         }
-        runs.push(Running::start(&store, StaticRouter::new().with("count", Count(instance, seen)), RuntimeConfig { concurrency: 16, batch_size: 32, ..fast() }));
+        runs.push(Running::start(
+            &store,
+            StaticRouter::new().with("count", Count(instance, seen)),
+            RuntimeConfig {
+                concurrency: 16,
+                batch_size: 32,
+                ..fast()
+            },
+        ));
     }
-    wait_for("5000 events drained by two runtimes", || async { drained(&seed).await }).await;
+    wait_for("5000 events drained by two runtimes", || async {
+        drained(&seed).await
+    })
+    .await;
     for r in runs {
         r.stop().await;
     }
@@ -495,5 +873,8 @@ async fn two_runtimes_share_one_postgres_database() {
     let twice: Vec<_> = seen.iter().filter(|(_, (n, _))| *n != 1).collect();
     assert!(twice.is_empty(), "events handled more than once: {twice:?}");
     let by_first = seen.values().filter(|(_, i)| *i == 0).count();
-    assert!(by_first > 0 && by_first < 5000, "both runtimes should have taken part ({by_first} by the first)");
+    assert!(
+        by_first > 0 && by_first < 5000,
+        "both runtimes should have taken part ({by_first} by the first)"
+    );
 }

@@ -14,13 +14,24 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://outrun.db?mode=rwc";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{origin}: `{key}` {message}")]
-    Invalid { origin: String, key: &'static str, message: String },
+    Invalid {
+        origin: String,
+        key: &'static str,
+        message: String,
+    },
     #[error("environment variable {var}={value:?}: {message}")]
-    Env { var: &'static str, value: String, message: String },
+    Env {
+        var: &'static str,
+        value: String,
+        message: String,
+    },
 }
 
 /// The whole file. Unknown keys anywhere are errors that name the key.
@@ -147,10 +158,16 @@ impl Config {
     }
 
     /// As [`Config::load`], with the environment given as a lookup (tests).
-    pub fn load_with_env(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut config = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
                 let mut c = Self::parse(&text, p)?;
                 c.source = Some(p.to_path_buf());
                 c
@@ -175,7 +192,14 @@ impl Config {
         self.source
             .as_deref()
             .and_then(Path::parent)
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }.to_path_buf())
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+                .to_path_buf()
+            })
             .unwrap_or_else(|| PathBuf::from("."))
     }
 
@@ -191,7 +215,11 @@ impl Config {
         where
             T::Err: std::fmt::Display,
         {
-            value.trim().parse().map_err(|e: T::Err| ConfigError::Env { var, value: value.into(), message: e.to_string() })
+            value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                value: value.into(),
+                message: e.to_string(),
+            })
         }
         fn duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
             humantime::parse_duration(value.trim()).map_err(|e| ConfigError::Env {
@@ -229,7 +257,13 @@ impl Config {
             self.log.format = match v.trim() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
-                _ => return Err(ConfigError::Env { var: "OUTRUN_LOG_FORMAT", value: v, message: "expected text or json".into() }),
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "OUTRUN_LOG_FORMAT",
+                        value: v,
+                        message: "expected text or json".into(),
+                    });
+                }
             };
         }
         Ok(())
@@ -238,7 +272,13 @@ impl Config {
     /// Reject values that would make the runtime misbehave rather than fail.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let r = &self.runtime;
-        let bad = |key: &'static str, message: &str| Err(ConfigError::Invalid { origin: self.origin(), key, message: message.to_string() });
+        let bad = |key: &'static str, message: &str| {
+            Err(ConfigError::Invalid {
+                origin: self.origin(),
+                key,
+                message: message.to_string(),
+            })
+        };
         if r.concurrency == 0 {
             return bad("runtime.concurrency", "must be at least 1");
         }
@@ -246,10 +286,16 @@ impl Config {
             return bad("runtime.batch_size", "must be at least 1");
         }
         if r.max_retry < 1 || r.max_retry > i16::MAX as i32 {
-            return bad("runtime.max_retry", "must be between 1 and 32767 (the column is a SMALLINT)");
+            return bad(
+                "runtime.max_retry",
+                "must be between 1 and 32767 (the column is a SMALLINT)",
+            );
         }
         if r.lease_duration < Duration::from_secs(1) {
-            return bad("runtime.lease_duration", "must be at least 1s (leases are extended every third of it)");
+            return bad(
+                "runtime.lease_duration",
+                "must be at least 1s (leases are extended every third of it)",
+            );
         }
         if r.poll_interval.is_zero() {
             return bad("runtime.poll_interval", "must be more than 0");
@@ -258,7 +304,10 @@ impl Config {
             return bad("runtime.backoff_jitter", "must be between 0.0 and 1.0");
         }
         if r.backoff_base.is_zero() || r.backoff_base > r.backoff_max {
-            return bad("runtime.backoff_base", "must be more than 0 and at most runtime.backoff_max");
+            return bad(
+                "runtime.backoff_base",
+                "must be more than 0 and at most runtime.backoff_max",
+            );
         }
         if r.cleanup_interval.is_zero() {
             return bad("runtime.cleanup_interval", "must be more than 0");
@@ -301,7 +350,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_the_file() {
-        let err = load_text("[runtime]\nconcurency = 4\n").unwrap_err().to_string();
+        let err = load_text("[runtime]\nconcurency = 4\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("concurency"), "{err}");
         assert!(err.contains("outrun.toml"), "{err}");
         let err = load_text("databse_url = \"x\"\n").unwrap_err().to_string();
@@ -310,13 +361,25 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected() {
-        let err = load_text("[runtime]\nconcurrency = 0\n").unwrap_err().to_string();
+        let err = load_text("[runtime]\nconcurrency = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("runtime.concurrency"), "{err}");
-        let err = load_text("[runtime]\nbackoff_jitter = 1.5\n").unwrap_err().to_string();
+        let err = load_text("[runtime]\nbackoff_jitter = 1.5\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("backoff_jitter"), "{err}");
-        let err = load_text("[runtime]\npoll_interval = \"soon\"\n").unwrap_err().to_string();
-        assert!(err.contains("poll_interval") || err.contains("soon"), "{err}");
-        assert!(matches!(Config::load_with_env(Some(Path::new("/nonexistent/outrun.toml")), no_env), Err(ConfigError::Read { .. })));
+        let err = load_text("[runtime]\npoll_interval = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("poll_interval") || err.contains("soon"),
+            "{err}"
+        );
+        assert!(matches!(
+            Config::load_with_env(Some(Path::new("/nonexistent/outrun.toml")), no_env),
+            Err(ConfigError::Read { .. })
+        ));
     }
 
     #[test]
@@ -336,7 +399,9 @@ mod tests {
         assert_eq!(c.database_url, "sqlite://x.db");
         assert_eq!(c.base_dir(), dir.path());
         let env = |k: &str| (k == "OUTRUN_BATCH_SIZE").then(|| "lots".to_string());
-        let err = Config::load_with_env(Some(&path), env).unwrap_err().to_string();
+        let err = Config::load_with_env(Some(&path), env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("OUTRUN_BATCH_SIZE"), "{err}");
     }
 }

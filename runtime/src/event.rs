@@ -70,7 +70,8 @@ impl NewEvent {
 
     /// Serialise `payload` with serde_json.
     pub fn json<T: Serialize>(name: impl Into<String>, payload: &T) -> Result<Self, InvalidEvent> {
-        let text = serde_json::to_string(payload).map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
+        let text = serde_json::to_string(payload)
+            .map_err(|e| InvalidEvent::PayloadNotJson(e.to_string()))?;
         Ok(Self::new(name, text))
     }
 
@@ -176,7 +177,10 @@ pub struct Claimed {
 
 impl Claimed {
     pub fn lease(&self) -> Lease {
-        Lease { id: self.event.id, token: self.token }
+        Lease {
+            id: self.event.id,
+            token: self.token,
+        }
     }
 }
 
@@ -193,17 +197,51 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert_eq!(NewEvent::new("", "{}").validate(), Err(InvalidEvent::EmptyName));
-        assert_eq!(NewEvent::new("x".repeat(101), "{}").validate(), Err(InvalidEvent::NameTooLong(101)));
+        assert_eq!(
+            NewEvent::new("", "{}").validate(),
+            Err(InvalidEvent::EmptyName)
+        );
+        assert_eq!(
+            NewEvent::new("x".repeat(101), "{}").validate(),
+            Err(InvalidEvent::NameTooLong(101))
+        );
         assert!(NewEvent::new("x".repeat(100), "{}").validate().is_ok());
-        assert!(matches!(NewEvent::new("a", "{not json").validate(), Err(InvalidEvent::PayloadNotJson(_))));
-        assert!(matches!(NewEvent::new("a", "").validate(), Err(InvalidEvent::PayloadNotJson(_))));
-        assert_eq!(NewEvent::new("a", "1").with_max_retry(0).validate(), Err(InvalidEvent::MaxRetry(0)));
-        assert_eq!(NewEvent::new("a", "1").with_max_retry(40_000).validate(), Err(InvalidEvent::MaxRetry(40_000)));
-        assert!(NewEvent::new("a", "1").with_max_retry(MAX_RETRY_LIMIT).validate().is_ok());
-        assert_eq!(NewEvent::new("a", "1").with_key("").validate(), Err(InvalidEvent::EmptyKey));
+        assert!(matches!(
+            NewEvent::new("a", "{not json").validate(),
+            Err(InvalidEvent::PayloadNotJson(_))
+        ));
+        assert!(matches!(
+            NewEvent::new("a", "").validate(),
+            Err(InvalidEvent::PayloadNotJson(_))
+        ));
+        assert_eq!(
+            NewEvent::new("a", "1").with_max_retry(0).validate(),
+            Err(InvalidEvent::MaxRetry(0))
+        );
+        assert_eq!(
+            NewEvent::new("a", "1").with_max_retry(40_000).validate(),
+            Err(InvalidEvent::MaxRetry(40_000))
+        );
+        assert!(
+            NewEvent::new("a", "1")
+                .with_max_retry(MAX_RETRY_LIMIT)
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(
+            NewEvent::new("a", "1").with_key("").validate(),
+            Err(InvalidEvent::EmptyKey)
+        );
         let big = format!("\"{}\"", "x".repeat(MAX_PAYLOAD_BYTES));
-        assert!(matches!(NewEvent::new("a", big).validate(), Err(InvalidEvent::PayloadTooLarge(_))));
-        assert!(matches!(NewEvent::new("a", "{}").with_group("g".repeat(101)).validate(), Err(InvalidEvent::GroupTooLong(101))));
+        assert!(matches!(
+            NewEvent::new("a", big).validate(),
+            Err(InvalidEvent::PayloadTooLarge(_))
+        ));
+        assert!(matches!(
+            NewEvent::new("a", "{}")
+                .with_group("g".repeat(101))
+                .validate(),
+            Err(InvalidEvent::GroupTooLong(101))
+        ));
     }
 }

@@ -31,10 +31,16 @@ pub struct HandlerError {
 
 impl HandlerError {
     pub fn retry(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: true }
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
     }
     pub fn reject(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: false }
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
     }
 }
 
@@ -108,7 +114,11 @@ impl Router for StaticRouter {
     fn saturated(&self) -> Vec<String> {
         self.routes
             .iter()
-            .filter(|(_, r)| r.permits.as_ref().is_some_and(|p| p.available_permits() == 0))
+            .filter(|(_, r)| {
+                r.permits
+                    .as_ref()
+                    .is_some_and(|p| p.available_permits() == 0)
+            })
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -128,7 +138,11 @@ pub struct Effects {
 
 impl Effects {
     pub fn new(store: Store) -> Self {
-        Self { store: Some(store), tx: None, emitted: Vec::new() }
+        Self {
+            store: Some(store),
+            tx: None,
+            emitted: Vec::new(),
+        }
     }
 
     /// The ack transaction, opened on first use.

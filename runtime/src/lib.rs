@@ -27,6 +27,9 @@ pub use store::{Backend, OutboxDatabase, Store, StoreError};
 /// Enqueue `event` inside the caller's transaction or connection, on either
 /// backend: `outrun::enqueue::<sqlx::Postgres>(&mut *tx, &event)`. Rolled back
 /// with the caller's transaction.
-pub async fn enqueue<DB: OutboxDatabase>(conn: &mut DB::Connection, event: &NewEvent) -> Result<uuid::Uuid, StoreError> {
+pub async fn enqueue<DB: OutboxDatabase>(
+    conn: &mut DB::Connection,
+    event: &NewEvent,
+) -> Result<uuid::Uuid, StoreError> {
     DB::enqueue(conn, event).await
 }

@@ -150,16 +150,25 @@ impl TestDb {
     }
 
     /// Run a query returning one text column, outside the store.
-    #[allow(dead_code)]
     pub async fn strings(&self, sql: &str) -> Vec<String> {
         match self {
             TestDb::Sqlite { url, .. } => {
-                let mut c = sqlx::SqliteConnection::connect(url).await.expect("open the SQLite test database");
-                sqlx::query_scalar(sql).fetch_all(&mut c).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+                let mut c = sqlx::SqliteConnection::connect(url)
+                    .await
+                    .expect("open the SQLite test database");
+                sqlx::query_scalar(sql)
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
             }
             TestDb::Postgres { url, .. } => {
-                let mut c = sqlx::PgConnection::connect(url).await.expect("connect to the PostgreSQL test database");
-                sqlx::query_scalar(sql).fetch_all(&mut c).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+                let mut c = sqlx::PgConnection::connect(url)
+                    .await
+                    .expect("connect to the PostgreSQL test database");
+                sqlx::query_scalar(sql)
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
             }
         }
     }
@@ -240,7 +249,6 @@ where
 }
 
 /// Poll `check` every 25 ms until it is true; panic after 30 s naming `what`.
-#[allow(dead_code)]
 pub async fn wait_for<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

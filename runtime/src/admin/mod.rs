@@ -33,7 +33,9 @@ pub struct AdminState {
 /// Install the Prometheus recorder for this process (once).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    let buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
         .install_recorder()?)
@@ -51,14 +53,25 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Serve until `stop`. Binding errors are returned before serving starts.
-pub async fn serve(addr: &str, state: AdminState, stop: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let addr: SocketAddr = addr.parse().map_err(|e| anyhow::anyhow!("admin.listen {addr:?} is not a socket address like 127.0.0.1:9464: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin.listen): {e}"))?;
+pub async fn serve(
+    addr: &str,
+    state: AdminState,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr: SocketAddr = addr.parse().map_err(|e| {
+        anyhow::anyhow!("admin.listen {addr:?} is not a socket address like 127.0.0.1:9464: {e}")
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin.listen): {e}"))?;
     tracing::info!(%addr, "admin server listening");
     let gauges = tokio::spawn(refresh_gauges(state.store.clone(), stop.clone()));
     let app = router(state);
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "admin server failed");
         }
         gauges.abort();
@@ -108,7 +121,11 @@ impl From<StoreError> for ApiError {
 async fn healthz(State(st): State<AdminState>) -> Response {
     match st.store.stats().await {
         Ok(_) => (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "database unavailable", "error": e.to_string() }))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "database unavailable", "error": e.to_string() })),
+        )
+            .into_response(),
     }
 }
 
@@ -128,13 +145,23 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
-async fn list(State(st): State<AdminState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    let filter = ListFilter { dead: q.dead, name: q.name, limit: q.limit.unwrap_or(100).clamp(1, 10_000) };
+async fn list(
+    State(st): State<AdminState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let filter = ListFilter {
+        dead: q.dead,
+        name: q.name,
+        limit: q.limit.unwrap_or(100).clamp(1, 10_000),
+    };
     let events = st.store.list(&filter).await?;
     Ok(Json(events.iter().map(crate::cli::event_json).collect()))
 }
 
-async fn show(State(st): State<AdminState>, Path(id): Path<Uuid>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn show(
+    State(st): State<AdminState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let ev = st.store.get(id).await?.ok_or(StoreError::NotFound(id))?;
     Ok(Json(crate::cli::event_json(&ev)))
 }
@@ -154,7 +181,10 @@ struct EnqueueBody {
     idempotency_key: Option<String>,
 }
 
-async fn enqueue(State(st): State<AdminState>, body: Result<Json<EnqueueBody>, axum::extract::rejection::JsonRejection>) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+async fn enqueue(
+    State(st): State<AdminState>,
+    body: Result<Json<EnqueueBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let event = NewEvent {
         name: b.name,

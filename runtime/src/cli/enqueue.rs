@@ -44,7 +44,10 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     // when the database is down.
     event.validate()?;
     let store = super::connect(config).await?;
-    let id = store.enqueue(&event, config.runtime.max_retry).await.map_err(|e| super::events::hint_migrate(e.into()))?;
+    let id = store
+        .enqueue(&event, config.runtime.max_retry)
+        .await
+        .map_err(|e| super::events::hint_migrate(e.into()))?;
     println!("{id}");
     Ok(())
 }

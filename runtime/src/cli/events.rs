@@ -76,11 +76,18 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
                     s.scheduled,
                     s.running,
                     s.dead,
-                    humantime::format_duration(Duration::from_secs(s.oldest_pending_age_secs as u64))
+                    humantime::format_duration(Duration::from_secs(
+                        s.oldest_pending_age_secs as u64
+                    ))
                 );
             }
         }
-        Command::List { dead, name, limit, json } => {
+        Command::List {
+            dead,
+            name,
+            limit,
+            json,
+        } => {
             if limit < 1 {
                 anyhow::bail!("--limit must be at least 1");
             }
@@ -93,7 +100,10 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Show { id, json } => {
-            let ev = store.get(id).await?.with_context(|| format!("no event with id {id}"))?;
+            let ev = store
+                .get(id)
+                .await?
+                .with_context(|| format!("no event with id {id}"))?;
             if json {
                 println!("{}", serde_json::to_string(&event_json(&ev))?);
             } else {
@@ -109,7 +119,9 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
             eprintln!("replayed {n} dead events");
         }
         Command::Purge { older_than, .. } => {
-            let before = older_than.map(|d| Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+            let before = older_than.map(|d| {
+                Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+            });
             let n = store.purge_dead(before).await?;
             eprintln!("purged {n} dead events");
         }
@@ -120,7 +132,8 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
 /// An event as JSON, with the payload embedded as JSON when it parses (it
 /// should; rows inserted by hand may not) and as a string otherwise.
 pub fn event_json(ev: &Event) -> Value {
-    let payload = serde_json::from_str::<Value>(&ev.payload).unwrap_or_else(|_| Value::String(ev.payload.clone()));
+    let payload = serde_json::from_str::<Value>(&ev.payload)
+        .unwrap_or_else(|_| Value::String(ev.payload.clone()));
     json!({
         "id": ev.id,
         "name": ev.name,
@@ -140,7 +153,10 @@ pub fn event_json(ev: &Event) -> Value {
 }
 
 fn print_table(events: &[Event]) {
-    println!("{:<36}  {:<24}  {:<12}  {:>5}  {:<20}  last_error", "id", "name", "group", "retry", "created");
+    println!(
+        "{:<36}  {:<24}  {:<12}  {:>5}  {:<20}  last_error",
+        "id", "name", "group", "retry", "created"
+    );
     for ev in events {
         println!(
             "{:<36}  {:<24}  {:<12}  {:>2}/{:<2}  {:<20}  {}",
@@ -158,7 +174,9 @@ fn print_table(events: &[Event]) {
 /// A missing table is the usual first-run mistake: say how to fix it.
 pub(crate) fn hint_migrate(e: anyhow::Error) -> anyhow::Error {
     let text = format!("{e:#}");
-    if text.contains("outbox_events") && (text.contains("no such table") || text.contains("does not exist")) {
+    if text.contains("outbox_events")
+        && (text.contains("no such table") || text.contains("does not exist"))
+    {
         e.context("the outbox table does not exist yet; run `outrun migrate` first")
     } else {
         e

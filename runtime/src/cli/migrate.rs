@@ -5,6 +5,9 @@ use crate::config::Config;
 pub async fn run(config: &Config) -> anyhow::Result<()> {
     let store = super::connect(config).await?;
     store.migrate().await?;
-    eprintln!("migrated {}", crate::store::redact_url(&config.database_url));
+    eprintln!(
+        "migrated {}",
+        crate::store::redact_url(&config.database_url)
+    );
     Ok(())
 }

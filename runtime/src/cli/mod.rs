@@ -18,7 +18,11 @@ use crate::config::{Config, LogFormat};
 use crate::store::{ConnectOptions, Store, redact_url};
 
 #[derive(Debug, Parser)]
-#[command(name = "outrun", version, about = "Transactional-outbox runtime with WebAssembly event handlers")]
+#[command(
+    name = "outrun",
+    version,
+    about = "Transactional-outbox runtime with WebAssembly event handlers"
+)]
 pub struct Cli {
     /// Database URL (sqlite://PATH?mode=rwc or postgres://USER@HOST/DB).
     /// Overrides the config file. Default: sqlite://outrun.db?mode=rwc
@@ -49,8 +53,18 @@ pub enum Command {
 
 /// Parse the process arguments, run, and exit with 0 or 1.
 pub fn main() -> ! {
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("{}", one_line_usage_error(&e));
+            std::process::exit(2)
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => 0,
         Err(e) => {
@@ -61,6 +75,18 @@ pub fn main() -> ! {
     };
     runtime.shutdown_timeout(Duration::from_secs(1));
     std::process::exit(code)
+}
+
+/// Clap's usage errors span several lines; scripts and log collectors want
+/// one. Keep the first paragraph and point at --help for the rest.
+fn one_line_usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    format!("{} (see --help)", first.join(" "))
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -85,7 +111,9 @@ fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTRUN_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -94,7 +122,10 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 /// Connect for a CLI command: few connections, quick failure.
 pub(crate) async fn connect(config: &Config) -> anyhow::Result<Store> {
-    let opts = ConnectOptions { max_connections: 2, acquire_timeout: Duration::from_secs(5) };
+    let opts = ConnectOptions {
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(5),
+    };
     Store::connect(&config.database_url, &opts)
         .await
         .with_context(|| format!("database {}", redact_url(&config.database_url)))
@@ -102,5 +133,6 @@ pub(crate) async fn connect(config: &Config) -> anyhow::Result<Store> {
 
 /// Parse "500ms", "5s", "1h", "7d".
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write a duration like 500ms, 30s, 5m, 7d)"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write a duration like 500ms, 30s, 5m, 7d)"))
 }

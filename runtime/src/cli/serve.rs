@@ -29,12 +29,18 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     let r = &config.runtime;
     // Workers, the claimer, the acker, the lease extender and maintenance
     // each may hold a connection at once.
-    let opts = ConnectOptions { max_connections: (r.concurrency as u32 + 4).min(64), acquire_timeout: Duration::from_secs(30) };
+    let opts = ConnectOptions {
+        max_connections: (r.concurrency as u32 + 4).min(64),
+        acquire_timeout: Duration::from_secs(30),
+    };
     let store = Store::connect(&config.database_url, &opts)
         .await
         .with_context(|| format!("database {}", redact_url(&config.database_url)))?;
     if !args.no_migrate {
-        store.migrate().await.context("applying migrations (use --no-migrate to skip)")?;
+        store
+            .migrate()
+            .await
+            .context("applying migrations (use --no-migrate to skip)")?;
     }
     let router: Arc<dyn Router> = Arc::new(StaticRouter::new());
     let stop = CancellationToken::new();
@@ -46,16 +52,33 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     for s in services {
         let _ = s.await;
     }
-    tracing::info!(claimed = summary.claimed, cancelled = summary.cancelled, "outrun stopped");
+    tracing::info!(
+        claimed = summary.claimed,
+        cancelled = summary.cancelled,
+        "outrun stopped"
+    );
     Ok(())
 }
 
 /// Maintenance and, if configured, the admin server.
-async fn start_services(config: &Config, store: &Store, stop: CancellationToken) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+async fn start_services(
+    config: &Config,
+    store: &Store,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let r = &config.runtime;
     let mut tasks = vec![
-        tokio::spawn(crate::maintenance::expirer::run(store.clone(), r.cleanup_interval.min(Duration::from_secs(10)), stop.clone())),
-        tokio::spawn(crate::maintenance::cleaner::run(store.clone(), r.dead_retention, r.cleanup_interval, stop.clone())),
+        tokio::spawn(crate::maintenance::expirer::run(
+            store.clone(),
+            r.cleanup_interval.min(Duration::from_secs(10)),
+            stop.clone(),
+        )),
+        tokio::spawn(crate::maintenance::cleaner::run(
+            store.clone(),
+            r.dead_retention,
+            r.cleanup_interval,
+            stop.clone(),
+        )),
     ];
     if let Some(addr) = &config.admin.listen {
         let state = crate::admin::AdminState {

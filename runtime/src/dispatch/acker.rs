@@ -1,7 +1,9 @@
 //! Batched acks for handlers that wrote nothing: one DELETE for every event
 //! that finished since the last flush, instead of one per event.
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc};
 
 use crate::event::Lease;
 use crate::store::Store;
@@ -11,14 +13,34 @@ use super::inflight::Inflight;
 /// Most leases in one DELETE.
 const MAX_BATCH: usize = 512;
 
-/// Drain `rx` until every sender is gone, acking in batches.
-pub async fn run(store: Store, inflight: Inflight, mut rx: mpsc::UnboundedReceiver<Lease>) {
+/// A finished event waiting for its DELETE.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub lease: Lease,
+    /// Its group's next event becomes claimable once this DELETE commits.
+    pub grouped: bool,
+}
+
+/// Drain `rx` until every sender is gone, acking in batches. After a batch
+/// that freed a group, `unblocked` wakes the claimer: the successor became
+/// claimable only now, after the worker that handled the head had finished.
+pub async fn run(
+    store: Store,
+    inflight: Inflight,
+    mut rx: mpsc::UnboundedReceiver<Ack>,
+    unblocked: Arc<Notify>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut grouped = false;
     while let Some(first) = rx.recv().await {
-        batch.push(first);
+        grouped |= first.grouped;
+        batch.push(first.lease);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(l) => batch.push(l),
+                Ok(a) => {
+                    grouped |= a.grouped;
+                    batch.push(a.lease);
+                }
                 Err(_) => break,
             }
         }
@@ -26,15 +48,23 @@ pub async fn run(store: Store, inflight: Inflight, mut rx: mpsc::UnboundedReceiv
         match store.ack(&batch).await {
             Ok(acked) => {
                 if acked.len() < batch.len() {
-                    tracing::warn!(lost = batch.len() - acked.len(), "events finished after their lease was lost; another runtime may run them again");
+                    tracing::warn!(
+                        lost = batch.len() - acked.len(),
+                        "events finished after their lease was lost; another runtime may run them again"
+                    );
                 }
                 metrics::counter!("outrun_acks_total").increment(acked.len() as u64);
             }
             // The events stay leased until their lease runs out, then run
             // again: at-least-once, never lost.
-            Err(e) => tracing::error!(error = %e, events = batch.len(), "ack failed; these events will run again after their lease expires"),
+            Err(e) => {
+                tracing::error!(error = %e, events = batch.len(), "ack failed; these events will run again after their lease expires")
+            }
         }
         inflight.remove_all(&ids);
         batch.clear();
+        if std::mem::take(&mut grouped) {
+            unblocked.notify_one();
+        }
     }
 }

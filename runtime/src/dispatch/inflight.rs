@@ -21,7 +21,10 @@ pub struct Inflight {
 
 impl Inflight {
     pub fn insert(&self, lease: Lease) {
-        self.leases.lock().expect("inflight lock").insert(lease.id, lease);
+        self.leases
+            .lock()
+            .expect("inflight lock")
+            .insert(lease.id, lease);
     }
     pub fn remove(&self, id: &Uuid) {
         self.leases.lock().expect("inflight lock").remove(id);
@@ -33,7 +36,12 @@ impl Inflight {
         }
     }
     pub fn snapshot(&self) -> Vec<Lease> {
-        self.leases.lock().expect("inflight lock").values().copied().collect()
+        self.leases
+            .lock()
+            .expect("inflight lock")
+            .values()
+            .copied()
+            .collect()
     }
     pub fn len(&self) -> usize {
         self.leases.lock().expect("inflight lock").len()
@@ -44,7 +52,12 @@ impl Inflight {
 }
 
 /// Extend all held leases every third of the lease duration until `stop`.
-pub async fn extend_leases(store: Store, inflight: Inflight, lease: Duration, stop: CancellationToken) {
+pub async fn extend_leases(
+    store: Store,
+    inflight: Inflight,
+    lease: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -61,7 +74,11 @@ pub async fn extend_leases(store: Store, inflight: Inflight, lease: Duration, st
             Ok(n) if (n as usize) < held.len() => {
                 // Another runtime re-claimed these after our lease ran out
                 // (a stall longer than the lease): their acks will be no-ops.
-                tracing::warn!(held = held.len(), extended = n, "some leases were lost before they could be extended");
+                tracing::warn!(
+                    held = held.len(),
+                    extended = n,
+                    "some leases were lost before they could be extended"
+                );
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "extending leases failed; will retry next tick"),

@@ -51,10 +51,17 @@ pub struct RunSummary {
 
 impl Dispatcher {
     pub fn new(store: Store, router: Arc<dyn Router>, config: RuntimeConfig) -> Self {
-        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "host".into());
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "host".into());
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let worker_id = format!("{host}:{}:{}", std::process::id(), &suffix[..8]);
-        Self { store, router, config, worker_id }
+        Self {
+            store,
+            router,
+            config,
+            worker_id,
+        }
     }
 
     /// The `locked_by` value of this instance's claims.
@@ -63,7 +70,10 @@ impl Dispatcher {
     }
 
     /// Run until `shutdown` resolves, then shut down gracefully.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<RunSummary, StoreError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<RunSummary, StoreError> {
         let stop = CancellationToken::new();
         let trigger = stop.clone();
         let run = self.run_until(stop);
@@ -80,13 +90,28 @@ impl Dispatcher {
         let cfg = &self.config;
         let inflight = Inflight::default();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let acker = tokio::spawn(acker::run(self.store.clone(), inflight.clone(), ack_rx));
+        let unblocked = Arc::new(tokio::sync::Notify::new());
+        let acker = tokio::spawn(acker::run(
+            self.store.clone(),
+            inflight.clone(),
+            ack_rx,
+            unblocked.clone(),
+        ));
         let extender_stop = CancellationToken::new();
-        let extender = tokio::spawn(inflight::extend_leases(self.store.clone(), inflight.clone(), cfg.lease_duration, extender_stop.clone()));
+        let extender = tokio::spawn(inflight::extend_leases(
+            self.store.clone(),
+            inflight.clone(),
+            cfg.lease_duration,
+            extender_stop.clone(),
+        ));
         let cx = Arc::new(worker::WorkerContext {
             store: self.store.clone(),
             router: self.router.clone(),
-            backoff: Backoff { base: cfg.backoff_base, max: cfg.backoff_max, jitter: cfg.backoff_jitter },
+            backoff: Backoff {
+                base: cfg.backoff_base,
+                max: cfg.backoff_max,
+                jitter: cfg.backoff_jitter,
+            },
             default_max_retry: cfg.max_retry,
             inflight: inflight.clone(),
             acks: ack_tx,
@@ -104,8 +129,8 @@ impl Dispatcher {
         let mut workers: JoinSet<bool> = JoinSet::new();
         let mut summary = RunSummary::default();
         // Whether a claim now is likely to find work: the last claim was
-        // full, a wake-up arrived, or a grouped event finished (its
-        // successor may be ready). Otherwise a finished worker does not
+        // full, a wake-up arrived, or a finished worker may have made work
+        // claimable (a group successor, emitted follow-ups). Otherwise a finished worker does not
         // trigger a claim, so an idle queue costs one query per poll.
         let mut maybe_more = true;
         let mut claim_failures = 0u32;
@@ -113,7 +138,16 @@ impl Dispatcher {
             let free = cfg.concurrency.saturating_sub(workers.len());
             if free > 0 && maybe_more {
                 let want = free.min(cfg.batch_size);
-                match self.store.claim(&self.worker_id, want, cfg.lease_duration, &self.router.saturated()).await {
+                match self
+                    .store
+                    .claim(
+                        &self.worker_id,
+                        want,
+                        cfg.lease_duration,
+                        &self.router.saturated(),
+                    )
+                    .await
+                {
                     Ok(batch) => {
                         claim_failures = 0;
                         maybe_more = batch.len() == want;
@@ -145,8 +179,8 @@ impl Dispatcher {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 Some(done) = workers.join_next(), if !workers.is_empty() => {
-                    // A finished grouped event may have unblocked its
-                    // successor; a full house may have hidden more work.
+                    // A verdict may have made work claimable; a full house
+                    // may have hidden more work.
                     maybe_more |= free == 0 || reaped(done);
                     while let Some(done) = workers.try_join_next() {
                         maybe_more |= reaped(done);
@@ -159,6 +193,7 @@ impl Dispatcher {
                     }
                     maybe_more = true;
                 }
+                _ = unblocked.notified() => maybe_more = true,
                 _ = tokio::time::sleep(cfg.poll_interval) => maybe_more = true,
             }
         }
@@ -170,7 +205,10 @@ impl Dispatcher {
         .await;
         if drained.is_err() {
             summary.cancelled = workers.len() as u64;
-            tracing::warn!(cancelled = workers.len(), "grace period over; cancelling handlers still running and releasing their events");
+            tracing::warn!(
+                cancelled = workers.len(),
+                "grace period over; cancelling handlers still running and releasing their events"
+            );
             workers.abort_all();
             while workers.join_next().await.is_some() {}
         }
@@ -184,14 +222,18 @@ impl Dispatcher {
         let left = inflight.snapshot();
         if !left.is_empty() {
             let n = self.store.release(&left).await?;
-            tracing::info!(released = n, "released leases of events that did not finish");
+            tracing::info!(
+                released = n,
+                "released leases of events that did not finish"
+            );
         }
         tracing::info!(claimed = summary.claimed, "dispatch loop stopped");
         Ok(summary)
     }
 }
 
-/// Log a worker that panicked; true if it handled a grouped event.
+/// Log a worker that panicked; true if its verdict may have made work
+/// claimable.
 fn reaped(done: Result<bool, tokio::task::JoinError>) -> bool {
     match done {
         Ok(grouped) => grouped,

@@ -25,7 +25,7 @@ pub struct WorkerContext {
     pub backoff: Backoff,
     pub default_max_retry: i32,
     pub inflight: Inflight,
-    pub acks: mpsc::UnboundedSender<Lease>,
+    pub acks: mpsc::UnboundedSender<super::acker::Ack>,
     /// Cancelled at shutdown: events that have not started are released.
     pub stopping: CancellationToken,
 }
@@ -35,15 +35,18 @@ pub fn no_handler_reason(name: &str) -> String {
     format!("no handler for event '{name}'")
 }
 
-/// Handle one claimed event to its verdict. Returns whether the event
-/// belongs to a group (its successor may now be claimable).
+/// Handle one claimed event to its verdict. Returns whether the verdict may
+/// have made new work claimable: the event belonged to a group (its
+/// successor may be ready) or its handler emitted follow-up events (which
+/// wake nobody on SQLite, where there is no NOTIFY).
 pub async fn run(cx: Arc<WorkerContext>, claimed: Claimed) -> bool {
     let grouped = claimed.event.group_id.is_some();
-    handle(&cx, claimed).await;
-    grouped
+    let emitted = handle(&cx, claimed).await;
+    grouped || emitted
 }
 
-async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
+/// Returns whether follow-up events were committed.
+async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     let lease = claimed.lease();
     let ev = &claimed.event;
     let Some(route) = cx.router.route(&ev.name) else {
@@ -51,11 +54,11 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
         tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");
         metrics::counter!("outrun_events_dead_total", "reason" => "no_handler").increment(1);
         settle(cx, lease, Failure::Dead { error: reason }).await;
-        return;
+        return false;
     };
     if ev.expires_at.is_some_and(|t| t <= Utc::now()) {
         expired(cx, lease, &route, ev.id).await;
-        return;
+        return false;
     }
     // Wait for the handler's concurrency cap; shutdown wins over waiting.
     let _permit = match &route.permits {
@@ -67,7 +70,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
     };
     if cx.stopping.is_cancelled() {
         release(cx, lease).await;
-        return;
+        return false;
     }
 
     let mut effects = Effects::new(cx.store.clone());
@@ -81,16 +84,21 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
             metrics::counter!("outrun_events_handled_total", "handler" => route.handler_name.to_string()).increment(1);
             if effects.is_empty() {
                 // Nothing to commit with it: join the next batched DELETE.
-                if cx.acks.send(lease).is_err() {
+                let ack = super::acker::Ack {
+                    lease,
+                    grouped: ev.group_id.is_some(),
+                };
+                if cx.acks.send(ack).is_err() {
                     release(cx, lease).await;
                 }
-                return;
+                return false;
             }
-            commit(cx, lease, &route, effects).await;
+            return commit(cx, lease, &route, effects).await;
         }
         Ok(Outcome::RetryAfter(delay)) => {
             discard(effects).await;
-            let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            let at =
+                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             if ev.expires_at.is_some_and(|exp| at > exp) {
                 expired(cx, lease, &route, ev.id).await;
             } else {
@@ -100,19 +108,30 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
         }
         Err(err) => {
             discard(effects).await;
-            let kind = if err.retryable { "retryable" } else { "rejected" };
+            let kind = if err.retryable {
+                "retryable"
+            } else {
+                "rejected"
+            };
             metrics::counter!("outrun_events_failed_total", "handler" => route.handler_name.to_string(), "kind" => kind).increment(1);
             let failure = if err.retryable {
                 let failures = ev.retry + 1;
                 let max = route.max_retry.unwrap_or(ev.max_retry);
                 if failures >= max {
                     tracing::error!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed its last attempt and is dead");
-                    metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted").increment(1);
+                    metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted")
+                        .increment(1);
                 } else {
                     tracing::warn!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed; will retry");
                 }
-                let retry_at = Utc::now() + chrono::Duration::from_std(cx.backoff.delay(failures)).unwrap_or(chrono::Duration::MAX);
-                Failure::Retry { error: err.message, retry_at, max_retry: route.max_retry }
+                let retry_at = Utc::now()
+                    + chrono::Duration::from_std(cx.backoff.delay(failures))
+                        .unwrap_or(chrono::Duration::MAX);
+                Failure::Retry {
+                    error: err.message,
+                    retry_at,
+                    max_retry: route.max_retry,
+                }
             } else {
                 tracing::error!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "handler rejected the event; it is dead");
                 metrics::counter!("outrun_events_dead_total", "reason" => "rejected").increment(1);
@@ -121,15 +140,25 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) {
             settle(cx, lease, failure).await;
         }
     }
+    false
 }
 
 /// Run the handler with its timeout, turning a panic into a retryable error.
-async fn invoke(route: &Route, ev: &crate::event::Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+async fn invoke(
+    route: &Route,
+    ev: &crate::event::Event,
+    effects: &mut Effects,
+) -> Result<Outcome, HandlerError> {
     let call = AssertUnwindSafe(route.handler.handle(ev, effects)).catch_unwind();
     let outcome = match route.timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
             Ok(r) => r,
-            Err(_) => return Err(HandlerError::retry(format!("timeout after {}", humantime::format_duration(round_ms(limit))))),
+            Err(_) => {
+                return Err(HandlerError::retry(format!(
+                    "timeout after {}",
+                    humantime::format_duration(round_ms(limit))
+                )));
+            }
         },
         None => call.await,
     };
@@ -150,8 +179,9 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-/// Commit the handler's writes and emitted events with the ack.
-async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effects) {
+/// Commit the handler's writes and emitted events with the ack; returns
+/// whether follow-up events were committed.
+async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effects) -> bool {
     let (tx, emitted) = effects.into_parts();
     let result = async {
         let mut tx = match tx {
@@ -163,7 +193,10 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
     }
     .await;
     match result {
-        Ok(true) => cx.inflight.remove(&lease.id),
+        Ok(true) => {
+            cx.inflight.remove(&lease.id);
+            return !emitted.is_empty();
+        }
         Ok(false) => {
             tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "lease lost before the ack; the handler's writes were rolled back and another runtime owns the event");
             cx.inflight.remove(&lease.id);
@@ -171,10 +204,21 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
         Err(e) => {
             let error = format!("committing the handler's effects failed: {e}");
             tracing::error!(event_id = %lease.id, handler = %route.handler_name, "{error}");
-            let retry_at = Utc::now() + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
-            settle(cx, lease, Failure::Retry { error, retry_at, max_retry: route.max_retry }).await;
+            let retry_at = Utc::now()
+                + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
+            settle(
+                cx,
+                lease,
+                Failure::Retry {
+                    error,
+                    retry_at,
+                    max_retry: route.max_retry,
+                },
+            )
+            .await;
         }
     }
+    false
 }
 
 async fn discard(effects: Effects) {
@@ -188,15 +232,26 @@ async fn discard(effects: Effects) {
 async fn expired(cx: &WorkerContext, lease: Lease, route: &Route, id: uuid::Uuid) {
     tracing::warn!(event_id = %id, handler = %route.handler_name, "event expired before it could run; it is dead");
     metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(1);
-    settle(cx, lease, Failure::Dead { error: "expired".into() }).await;
+    settle(
+        cx,
+        lease,
+        Failure::Dead {
+            error: "expired".into(),
+        },
+    )
+    .await;
 }
 
 /// Record a verdict other than success; the lease goes with it.
 async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure) {
     match cx.store.fail(lease, &failure).await {
         Ok(true) => {}
-        Ok(false) => tracing::warn!(event_id = %lease.id, "lease lost before the failure could be recorded; another runtime owns the event"),
-        Err(e) => tracing::error!(event_id = %lease.id, error = %e, "recording the failure failed; the event runs again after its lease expires"),
+        Ok(false) => {
+            tracing::warn!(event_id = %lease.id, "lease lost before the failure could be recorded; another runtime owns the event")
+        }
+        Err(e) => {
+            tracing::error!(event_id = %lease.id, error = %e, "recording the failure failed; the event runs again after its lease expires")
+        }
     }
     cx.inflight.remove(&lease.id);
 }

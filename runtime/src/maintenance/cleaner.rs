@@ -13,7 +13,8 @@ use super::BATCH;
 
 /// Delete dead events created more than `retention` ago; returns the count.
 pub async fn run_once(store: &Store, retention: Duration) -> Result<u64, StoreError> {
-    let before = Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let before =
+        Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
     let mut total = 0;
     loop {
         let n = store.cleanup_dead(before, BATCH).await?;

@@ -20,7 +20,10 @@ pub async fn run_once(store: &Store) -> Result<u64, StoreError> {
     }
     if total > 0 {
         metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(total);
-        tracing::warn!(events = total, "events expired before they could run; they are dead with reason 'expired'");
+        tracing::warn!(
+            events = total,
+            "events expired before they could run; they are dead with reason 'expired'"
+        );
     }
     Ok(total)
 }

@@ -19,8 +19,12 @@ pub const BATCH: i64 = 1000;
 
 /// Run `pass` every `interval` until `stop`; each pass loops while it fills
 /// whole batches.
-pub(crate) async fn every<F, Fut>(name: &'static str, interval: Duration, stop: CancellationToken, mut pass: F)
-where
+pub(crate) async fn every<F, Fut>(
+    name: &'static str,
+    interval: Duration,
+    stop: CancellationToken,
+    mut pass: F,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
 {
@@ -34,7 +38,9 @@ where
         match pass().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(service = name, rows = n, "maintenance pass"),
-            Err(e) => tracing::error!(service = name, error = %e, "maintenance pass failed; will retry next interval"),
+            Err(e) => {
+                tracing::error!(service = name, error = %e, "maintenance pass failed; will retry next interval")
+            }
         }
     }
 }
