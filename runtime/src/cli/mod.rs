@@ -3,6 +3,7 @@
 
 mod enqueue;
 pub(crate) mod events;
+mod handlers;
 mod migrate;
 mod serve;
 
@@ -49,6 +50,9 @@ pub enum Command {
     /// Inspect and repair the outbox.
     #[command(subcommand)]
     Events(events::Command),
+    /// List the configured handlers or check a component file.
+    #[command(subcommand)]
+    Handlers(handlers::Command),
 }
 
 /// Parse the process arguments, run, and exit with 0 or 1.
@@ -104,6 +108,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(config, args).await,
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
+        Command::Handlers(cmd) => handlers::run(&config, cmd).await,
     }
 }
 
