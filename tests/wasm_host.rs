@@ -888,6 +888,13 @@ async fn startup_errors_name_the_problem() {
 #[tokio::test]
 async fn check_file_accepts_the_probe_and_explains_rejections() {
     let dir = tempfile::tempdir().unwrap();
+    // The shipped handlers fit the host as well.
+    for shipped in ["ai_check_requeue", "family_sharing", "package_deletion"] {
+        let path = common::guest(shipped);
+        if let Err(e) = check_file(&path) {
+            panic!("{shipped}: {e}");
+        }
+    }
     let info = check_file(&guest("probe.wasm")).expect("probe implements the handler world");
     assert!(
         info.exports.iter().any(|e| e == "handle"),
