@@ -861,6 +861,31 @@ async fn startup_errors_name_the_problem() {
         "{err}"
     );
 
+    // Limits and names are checked before anything compiles.
+    for (extra, expected) in [
+        ("events = [\"\"]\nmemory = \"16MiB\"", "event name \"\""),
+        (
+            "events = [\"e\"]\nmemory = \"1KiB\"",
+            "memory = 1 KiB is out of range",
+        ),
+        (
+            "events = [\"e\"]\nconcurrency = 0",
+            "concurrency must be at least 1",
+        ),
+        ("events = []", "`events` is empty"),
+    ] {
+        let s = spec(&format!("name = \"lim\"\nmodule = {probe:?}\n{extra}\n"));
+        let err = load_with(vec![s], dir.path(), HostServices::default())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("lim") && err.contains(expected),
+            "{extra}: {err}"
+        );
+    }
+
     // A component of another world (an empty one: no `handle` export) and a
     // truncated copy of the probe.
     std::fs::write(dir.path().join("other.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
