@@ -276,6 +276,11 @@ async fn emit_granted_is_buffered_and_denied_names_the_fix() {
     );
     assert_eq!(emitted[0].group_id.as_deref(), Some("g1"));
     assert_eq!(emitted[0].delay, Some(Duration::from_secs(5)));
+    assert_eq!(
+        emitted[0].max_retry,
+        Some(outrun::store::DEFAULT_MAX_RETRY),
+        "no max-retry option: the runtime default"
+    );
 
     let mut effects = Effects::default();
     let ev = event(
