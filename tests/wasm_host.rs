@@ -276,6 +276,11 @@ async fn emit_granted_is_buffered_and_denied_names_the_fix() {
     );
     assert_eq!(emitted[0].group_id.as_deref(), Some("g1"));
     assert_eq!(emitted[0].delay, Some(Duration::from_secs(5)));
+    assert_eq!(
+        emitted[0].max_retry,
+        Some(outrun::store::DEFAULT_MAX_RETRY),
+        "no max-retry option: the runtime default"
+    );
 
     let mut effects = Effects::default();
     let ev = event(
@@ -861,6 +866,31 @@ async fn startup_errors_name_the_problem() {
         "{err}"
     );
 
+    // Limits and names are checked before anything compiles.
+    for (extra, expected) in [
+        ("events = [\"\"]\nmemory = \"16MiB\"", "event name \"\""),
+        (
+            "events = [\"e\"]\nmemory = \"1KiB\"",
+            "memory = 1 KiB is out of range",
+        ),
+        (
+            "events = [\"e\"]\nconcurrency = 0",
+            "concurrency must be at least 1",
+        ),
+        ("events = []", "`events` is empty"),
+    ] {
+        let s = spec(&format!("name = \"lim\"\nmodule = {probe:?}\n{extra}\n"));
+        let err = load_with(vec![s], dir.path(), HostServices::default())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("lim") && err.contains(expected),
+            "{extra}: {err}"
+        );
+    }
+
     // A component of another world (an empty one: no `handle` export) and a
     // truncated copy of the probe.
     std::fs::write(dir.path().join("other.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
@@ -888,6 +918,13 @@ async fn startup_errors_name_the_problem() {
 #[tokio::test]
 async fn check_file_accepts_the_probe_and_explains_rejections() {
     let dir = tempfile::tempdir().unwrap();
+    // The shipped handlers fit the host as well.
+    for shipped in ["ai_check_requeue", "family_sharing", "package_deletion"] {
+        let path = common::guest(shipped);
+        if let Err(e) = check_file(&path) {
+            panic!("{shipped}: {e}");
+        }
+    }
     let info = check_file(&guest("probe.wasm")).expect("probe implements the handler world");
     assert!(
         info.exports.iter().any(|e| e == "handle"),

@@ -5,7 +5,7 @@
 //! replace it while in-flight events finish on the version they started
 //! with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use super::cache::{ArtifactCache, Source};
 use super::engine::{EngineLimits, EpochTicker, build_engine};
 use super::spec::{ByteSize, HandlerSpec, KvSettings};
 use super::{WasmError, resolve};
-use crate::event::Event;
+use crate::event::{Event, validate_name};
 use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
 use crate::host::bindings::outrun::handler::types as wit;
 use crate::host::bindings::{Handler as HandlerWorld, HandlerPre};
@@ -33,6 +33,11 @@ use crate::store::DEFAULT_MAX_RETRY;
 /// beyond the handler's own, so the host's precise message ("timeout after
 /// 2s") wins the race.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
+
+/// One wasm page: nothing smaller can hold any linear memory.
+const MIN_MEMORY: u64 = 64 * 1024;
+/// The whole 32-bit address space of a wasm memory.
+const MAX_MEMORY: u64 = 4 * 1024 * 1024 * 1024;
 
 /// What the host needs from the rest of the runtime. There is no `Store`
 /// here on purpose: a handler reaches the database only through the
@@ -113,11 +118,11 @@ impl Registry {
         base_dir: &Path,
         services: HostServices,
     ) -> Result<Arc<Registry>, WasmError> {
-        let mut names: HashMap<&str, ()> = HashMap::new();
+        let mut names: HashSet<&str> = HashSet::new();
         let mut by_event: HashMap<String, usize> = HashMap::new();
         let mut modules = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            if names.insert(spec.name.as_str(), ()).is_some() {
+            if !names.insert(spec.name.as_str()) {
                 return Err(WasmError::DuplicateHandler(spec.name.clone()));
             }
             if spec.name.trim().is_empty() {
@@ -140,6 +145,21 @@ impl Registry {
                     handler: spec.name.clone(),
                     reason: "max_retry must be at least 1".into(),
                 });
+            }
+            let bad = |reason: String| WasmError::BadSpec {
+                handler: spec.name.clone(),
+                reason,
+            };
+            for name in spec.events.iter().chain(&spec.allow.emit) {
+                validate_name(name).map_err(|e| bad(format!("event name {name:?}: {e}")))?;
+            }
+            if spec.memory.bytes() < MIN_MEMORY || spec.memory.bytes() > MAX_MEMORY {
+                return Err(bad(format!(
+                    "memory = {} is out of range: use between {} and {}",
+                    spec.memory,
+                    ByteSize(MIN_MEMORY),
+                    ByteSize(MAX_MEMORY)
+                )));
             }
             if spec.timeout.is_zero() {
                 return Err(WasmError::BadSpec {
