@@ -487,3 +487,144 @@ on_both_backends!(
     hostile_guests_fail_only_their_event,
     hot_reload_while_events_flow
 );
+
+fn outrun(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(args)
+        .env_remove("OUTRUN_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn handlers_check_accepts_components_and_explains_rejections() {
+    for name in [
+        "probe",
+        "ai_check_requeue",
+        "family_sharing",
+        "package_deletion",
+    ] {
+        let path = guest(name);
+        let out = outrun(&["handlers", "check", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("implements outrun:handler/handler"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let probe = std::fs::read(guest("probe")).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "text.wasm",
+            b"hello, not wasm".to_vec(),
+            "not a WebAssembly file",
+        ),
+        (
+            "truncated.wasm",
+            probe[..probe.len() / 2].to_vec(),
+            "not a valid component",
+        ),
+        // A core module (the smallest one), not a component.
+        ("core.wasm", b"\0asm\x01\0\0\0".to_vec(), "core"),
+    ];
+    for (file, bytes, expect) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, bytes).unwrap();
+        let out = outrun(&["handlers", "check", path.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{file}: one line: {err}");
+        assert!(
+            err.contains(file) && err.to_lowercase().contains(&expect.to_lowercase()),
+            "{file}: {err}"
+        );
+    }
+}
+
+#[test]
+fn handlers_list_and_startup_errors_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display());
+    let probe = guest("probe");
+    let config = dir.path().join("outrun.toml");
+    let write = |body: String| std::fs::write(&config, body).unwrap();
+    write(format!(
+        "[[handler]]\nname = \"probe\"\nmodule = \"{}\"\nevents = [\"probe.echo\", \"probe.sql\"]\n",
+        probe.display()
+    ));
+    let out = outrun(&[
+        "handlers",
+        "list",
+        "--json",
+        "--config",
+        config.to_str().unwrap(),
+        "--database",
+        &db,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "probe");
+    assert_eq!(list[0]["events"], json!(["probe.echo", "probe.sql"]));
+    assert_eq!(
+        list[0]["hash"].as_str().unwrap(),
+        blake3::hash(&std::fs::read(&probe).unwrap())
+            .to_hex()
+            .as_str()
+    );
+    assert!(list[0]["loaded_at"].is_string());
+
+    // A missing module: serve refuses to start and names the path.
+    write(
+        "[[handler]]\nname = \"gone\"\nmodule = \"nowhere/gone.wasm\"\nevents = [\"x\"]\n"
+            .to_string(),
+    );
+    let out = outrun(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--database",
+        &db,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("nowhere/gone.wasm") && err.contains("not found"),
+        "{err}"
+    );
+
+    // Two handlers bound to one event name.
+    write(format!(
+        "[[handler]]\nname = \"a\"\nmodule = \"{p}\"\nevents = [\"same\"]\n[[handler]]\nname = \"b\"\nmodule = \"{p}\"\nevents = [\"same\"]\n",
+        p = probe.display()
+    ));
+    let out = outrun(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--database",
+        &db,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"same\"") && err.contains("handler a") && err.contains("handler b"),
+        "{err}"
+    );
+
+    // A typo in a handler entry is an error naming the key.
+    write(format!(
+        "[[handler]]\nname = \"a\"\nmodule = \"{}\"\nevents = [\"x\"]\n[handler.allow]\nhttps = [\"x\"]\n",
+        probe.display()
+    ));
+    let out = outrun(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--database",
+        &db,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("https"), "{}", stderr(&out));
+}
