@@ -864,20 +864,23 @@ impl Kv {
         }
         out
     }
+}
 
-    async fn cleanup(&self) {
-        let mut conn = self.conn.clone();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+/// The namespace's keys go even when the test fails. Drop cannot await, so
+/// this uses a plain blocking connection.
+impl Drop for Kv {
+    fn drop(&mut self) {
+        let pattern = format!("{}*", self.prefix);
+        let cleanup = || -> redis::RedisResult<()> {
+            let mut c = redis::Client::open(common::redis_url())?.get_connection()?;
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut c)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(&keys).query::<i64>(&mut c)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = cleanup() {
+            eprintln!("warning: could not delete the Redis keys {pattern}: {e}");
         }
     }
 }
@@ -989,8 +992,6 @@ async fn package_draft_lifecycle(db: TestDb) {
         "the draft's keys are gone, the ticket's stay"
     );
     assert!(dead_events(&db).is_empty());
-    kv.cleanup().await;
-    assert!(kv.dump().await.is_empty());
 }
 
 /// Storage fails one package (503) on the first attempt and answers 404
@@ -1033,7 +1034,6 @@ async fn package_retry_resends_only_the_rest(db: TestDb) {
         kv.dump().await
     );
     assert!(dead_events(&db).is_empty());
-    kv.cleanup().await;
 }
 
 /// Bad events are dead naming the problem; a Storage refusal (403) is dead
@@ -1106,7 +1106,6 @@ async fn package_bad_input_is_dead(db: TestDb) {
             "DELETE /storage/packages/pk-locked"
         ]
     );
-    kv.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------
