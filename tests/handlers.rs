@@ -458,7 +458,8 @@ async fn ai_check_bad_payloads_are_dead(db: TestDb) {
             json!({"triggerId": " ", "applicationId": "a"}),
             "empty `triggerId`",
         ),
-        (json!("t-1 a-1"), "expected struct Check"),
+        (json!("t-1 a-1"), "must be a JSON object"),
+        (json!(["t-2", "a-2"]), "must be a JSON object"),
         (
             json!({"triggerId": "t-3", "applicationId": "refused"}),
             "422",

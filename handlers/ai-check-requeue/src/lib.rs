@@ -76,7 +76,7 @@ impl Check {
                 ev.name
             )));
         }
-        let check: Check = ev.json()?;
+        let check: Check = ev.json_object()?;
         for (field, value) in [
             ("triggerId", &check.trigger_id),
             ("applicationId", &check.application_id),
