@@ -54,6 +54,14 @@ impl KvStore {
     }
 }
 
+/// A value of the embedded store, as [`MemoryKv::snapshot`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvValue {
+    Bytes(Vec<u8>),
+    /// Members sorted, for stable output.
+    Set(std::collections::BTreeSet<String>),
+}
+
 enum Entry {
     Bytes(Vec<u8>),
     Set(HashSet<String>),
@@ -172,6 +180,26 @@ impl MemoryKv {
             }
             Ok(n)
         })
+    }
+
+    /// Every live key with its value, sorted by key: lets the embedding
+    /// process (`outrun demo`) show and check what handlers left behind.
+    pub fn snapshot(&self) -> Vec<(String, KvValue)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut out: Vec<(String, KvValue)> = map
+            .iter()
+            .filter(|(_, s)| s.expires.is_none_or(|t| t > now))
+            .map(|(k, s)| {
+                let v = match &s.entry {
+                    Entry::Bytes(b) => KvValue::Bytes(b.clone()),
+                    Entry::Set(set) => KvValue::Set(set.iter().cloned().collect()),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn set_members(&self, key: &str) -> Result<Vec<String>, CapError> {
