@@ -17,10 +17,11 @@ fn guests_dir() -> PathBuf {
         .to_path_buf()
 }
 
-fn demo(handlers: &Path) -> Output {
+fn demo(handlers: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outrun"))
         .args(["demo", "--handlers"])
         .arg(handlers)
+        .args(extra)
         .env_remove("OUTRUN_CONFIG")
         .env_remove("OUTRUN_LOG")
         .env_remove("RUST_LOG")
@@ -44,12 +45,18 @@ fn guests_copy(swap: Option<&str>) -> tempfile::TempDir {
         };
         std::fs::copy(from, dir.path().join(format!("{m}.wasm"))).unwrap();
     }
+    // Share the compiled-artifact cache (content-addressed, written by
+    // rename): compiling in a debug build takes seconds per component.
+    let cache = guests_dir().join(".outrun-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&cache, dir.path().join(".outrun-cache")).unwrap();
     dir
 }
 
 #[test]
 fn demo_runs_the_story_and_checks_itself() {
-    let out = demo(&guests_dir());
+    let out = demo(&guests_dir(), &[]);
     let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -93,7 +100,7 @@ fn demo_runs_the_story_and_checks_itself() {
 fn missing_handlers_dir_is_a_clear_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-dir");
-    let out = demo(&missing);
+    let out = demo(&missing, &[]);
     assert_eq!(out.status.code(), Some(1), "stdout: {}", text(&out.stdout));
     let err = text(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
@@ -106,7 +113,7 @@ fn missing_handlers_dir_is_a_clear_one_line_error() {
 fn incomplete_handlers_dir_names_the_missing_file() {
     let dir = guests_copy(None);
     std::fs::remove_file(dir.path().join("family_sharing.wasm")).unwrap();
-    let out = demo(dir.path());
+    let out = demo(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("family_sharing.wasm"), "{err}");
@@ -119,7 +126,8 @@ fn wrong_component_makes_the_checks_fail() {
     // The probe loads fine as a handler, but does not share rides: the demo
     // must notice and say what differs.
     let dir = guests_copy(Some("family_sharing"));
-    let out = demo(dir.path());
+    // Rejected events leave nothing live, but bound the wait anyway.
+    let out = demo(dir.path(), &["--timeout", "10s"]);
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),

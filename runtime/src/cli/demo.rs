@@ -40,7 +40,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!(
-            "demo: {} check(s) failed: {}",
+            "demo: {} check(s) failed (details in the MISMATCH lines above): {}",
             run.mismatches.len(),
             run.mismatches.join("; ")
         )

@@ -79,7 +79,8 @@ pub struct Options {
 #[derive(Debug)]
 pub struct DemoRun {
     pub report: String,
-    /// Empty when the end state matched the story.
+    /// The checks that failed (their details are in the report); empty
+    /// when the end state matched the story.
     pub mismatches: Vec<String>,
 }
 
@@ -272,7 +273,8 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         report: text,
         mismatches: checks
             .into_iter()
-            .filter_map(|c| c.mismatch.map(|m| format!("{}: {m}", c.what)))
+            .filter(|c| c.mismatch.is_some())
+            .map(|c| c.what)
             .collect(),
     })
 }
