@@ -358,6 +358,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn snapshot_lists_live_keys_sorted() {
+        let kv = MemoryKv::default();
+        kv.set("z", b"1".to_vec(), None);
+        kv.set("gone", b"x".to_vec(), Some(Duration::from_millis(1)));
+        kv.set_add("a", vec!["y".into(), "x".into()]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            kv.snapshot(),
+            vec![
+                (
+                    "a".to_string(),
+                    KvValue::Set(["x".to_string(), "y".to_string()].into())
+                ),
+                ("z".to_string(), KvValue::Bytes(b"1".to_vec())),
+            ]
+        );
+    }
+
+    #[test]
     fn memory_kv_ttl_and_sets() {
         let kv = MemoryKv::default();
         kv.set("a", b"1".to_vec(), Some(Duration::from_millis(1)));
