@@ -1,6 +1,7 @@
 //! The `outrun` command line: one file per subcommand. Errors reach the
 //! user as one line on stderr and exit code 1.
 
+mod demo;
 mod enqueue;
 pub(crate) mod events;
 mod handlers;
@@ -53,6 +54,10 @@ pub enum Command {
     /// List the configured handlers or check a component file.
     #[command(subcommand)]
     Handlers(handlers::Command),
+    /// Run the three shipped handlers end to end on a throwaway embedded
+    /// database with demo stand-in services; exit 0 only if all went as
+    /// expected.
+    Demo(demo::Args),
 }
 
 /// Parse the process arguments, run, and exit with 0 or 1.
@@ -101,6 +106,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(f) = cli.log_format {
         config.log.format = f;
     }
+    if let Command::Demo(args) = cli.command {
+        // The demo installs its own logging (it captures handler logs).
+        return demo::run(&config, args).await;
+    }
     let serving = matches!(cli.command, Command::Serve(_));
     init_logging(config.log.format, if serving { "info" } else { "warn" });
     match cli.command {
@@ -109,6 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,
+        Command::Demo(_) => unreachable!("handled above"),
     }
 }
 

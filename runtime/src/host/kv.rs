@@ -54,6 +54,14 @@ impl KvStore {
     }
 }
 
+/// A value of the embedded store, as [`MemoryKv::snapshot`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvValue {
+    Bytes(Vec<u8>),
+    /// Members sorted, for stable output.
+    Set(std::collections::BTreeSet<String>),
+}
+
 enum Entry {
     Bytes(Vec<u8>),
     Set(HashSet<String>),
@@ -172,6 +180,26 @@ impl MemoryKv {
             }
             Ok(n)
         })
+    }
+
+    /// Every live key with its value, sorted by key: lets the embedding
+    /// process (`outrun demo`) show and check what handlers left behind.
+    pub fn snapshot(&self) -> Vec<(String, KvValue)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut out: Vec<(String, KvValue)> = map
+            .iter()
+            .filter(|(_, s)| s.expires.is_none_or(|t| t > now))
+            .map(|(k, s)| {
+                let v = match &s.entry {
+                    Entry::Bytes(b) => KvValue::Bytes(b.clone()),
+                    Entry::Set(set) => KvValue::Set(set.iter().cloned().collect()),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn set_members(&self, key: &str) -> Result<Vec<String>, CapError> {
@@ -328,6 +356,25 @@ impl Host for HostState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_lists_live_keys_sorted() {
+        let kv = MemoryKv::default();
+        kv.set("z", b"1".to_vec(), None);
+        kv.set("gone", b"x".to_vec(), Some(Duration::from_millis(1)));
+        kv.set_add("a", vec!["y".into(), "x".into()]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            kv.snapshot(),
+            vec![
+                (
+                    "a".to_string(),
+                    KvValue::Set(["x".to_string(), "y".to_string()].into())
+                ),
+                ("z".to_string(), KvValue::Bytes(b"1".to_vec())),
+            ]
+        );
+    }
 
     #[test]
     fn memory_kv_ttl_and_sets() {
