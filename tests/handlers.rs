@@ -11,27 +11,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{TestDb, guest, wait_for};
+use common::{Serve, TestDb, guest, wait_for};
 use outrun::{NewEvent, Store};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------
 // The binary
-
-/// Retry quickly so the retry paths run within a test; no jitter so a retry
-/// is never pushed past the polling deadline.
-const FAST_ENV: [(&str, &str); 5] = [
-    ("OUTRUN_POLL_INTERVAL", "50ms"),
-    ("OUTRUN_BACKOFF_BASE", "50ms"),
-    ("OUTRUN_BACKOFF_MAX", "200ms"),
-    ("OUTRUN_BACKOFF_JITTER", "0"),
-    ("OUTRUN_LOG", "info"),
-];
 
 fn outrun(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outrun"))
@@ -71,60 +61,6 @@ fn dead_events(db: &TestDb) -> BTreeMap<String, String> {
 fn live_events(db: &TestDb) -> Vec<Value> {
     let out = ok(&outrun(db, &["events", "list", "--json"]));
     serde_json::from_str(&out).expect("events list --json prints JSON")
-}
-
-/// `outrun serve` as a child process, logging to a file we can read.
-struct Serve {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Serve {
-    /// Start serve on `config` and wait until its dispatch loop runs.
-    async fn ready(db: &TestDb, config: &Path) -> Serve {
-        let log = config.with_extension("log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_outrun"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--database", db.url()])
-            .envs(FAST_ENV)
-            .env_remove("RUST_LOG")
-            .env_remove("OUTRUN_DATABASE_URL")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start outrun serve");
-        let serve = Serve { child, log };
-        wait_for("outrun serve to start serving", || async {
-            serve.log().contains("dispatch loop started")
-        })
-        .await;
-        serve
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, assert a clean exit 0, return the log.
-    fn stop(mut self) -> String {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        let log = self.log();
-        assert!(status.success(), "serve exited with {status}; log:\n{log}");
-        log
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Migrate the outbox through the binary and apply one handler's app

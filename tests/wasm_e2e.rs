@@ -9,72 +9,16 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{TestDb, guest, wait_for};
+use common::{Serve, TestDb, guest, wait_for};
 use outrun::NewEvent;
 use outrun::store::{ListFilter, Store};
 use serde_json::json;
-
-/// `outrun serve` as a child process, logging to a file we can read.
-struct Serve {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(db: &TestDb, config: &Path) -> Serve {
-        let log = config.with_extension("log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_outrun"))
-            .args(["serve", "--no-migrate", "--config"])
-            .arg(config)
-            .env("OUTRUN_DATABASE_URL", db.url())
-            .env("OUTRUN_LOG", "info")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start outrun serve");
-        Serve { child, log }
-    }
-
-    /// Start and wait until the handlers are loaded and the loop runs.
-    async fn ready(db: &TestDb, config: &Path) -> Serve {
-        let serve = Serve::start(db, config);
-        wait_for("outrun serve to start serving", || async {
-            serve.log().contains("dispatch loop started")
-        })
-        .await;
-        serve
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) -> String {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        let log = self.log();
-        assert!(status.success(), "serve exited with {status}; log:\n{log}");
-        log
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const FAST: &str = "[runtime]\npoll_interval = \"50ms\"\nbackoff_base = \"20ms\"\nbackoff_max = \"100ms\"\nbackoff_jitter = 0.0\nshutdown_grace = \"5s\"\n";
 
