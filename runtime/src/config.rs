@@ -47,6 +47,11 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Where compiled handler artifacts are cached, so a restart with
+    /// unchanged modules does not recompile. Default: `.outrun-cache` next
+    /// to the config file. `OUTRUN_CACHE_DIR`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
     /// `[kv]`: the key-value store behind the `kv` capability.
     #[serde(default)]
     pub kv: crate::wasm::KvSettings,
@@ -152,6 +157,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            cache_dir: None,
             kv: Default::default(),
             handler: Vec::new(),
             source: None,
@@ -271,6 +277,9 @@ impl Config {
         over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
+        }
+        if let Some(v) = env("OUTRUN_CACHE_DIR") {
+            self.cache_dir = (!v.trim().is_empty()).then(|| PathBuf::from(v));
         }
         if let Some(v) = env("OUTRUN_KV_URL") {
             self.kv.url = (!v.trim().is_empty()).then_some(v);

@@ -273,12 +273,18 @@ pub struct Serve {
 /// no jitter so a retry is never pushed past a polling deadline. The
 /// environment overrides the config file, so a test that needs other values
 /// passes them to the command itself.
-pub const FAST_ENV: [(&str, &str); 5] = [
+pub const FAST_ENV: [(&str, &str); 6] = [
     ("OUTRUN_POLL_INTERVAL", "50ms"),
     ("OUTRUN_BACKOFF_BASE", "50ms"),
     ("OUTRUN_BACKOFF_MAX", "200ms"),
     ("OUTRUN_BACKOFF_JITTER", "0"),
     ("OUTRUN_LOG", "info"),
+    // One artifact cache for every test's serve: each component compiles
+    // once per test run, not once per test (writes are atomic renames).
+    (
+        "OUTRUN_CACHE_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-artifact-cache"),
+    ),
 ];
 
 impl Serve {

@@ -80,7 +80,10 @@ pub(crate) async fn load_registry(config: &Config) -> anyhow::Result<Arc<Registr
     let services = HostServices {
         kv: config.kv.clone(),
         default_max_retry: config.runtime.max_retry,
-        cache_dir: None,
+        cache_dir: config
+            .cache_dir
+            .as_ref()
+            .map(|d| crate::wasm::resolve(&config.base_dir(), d)),
         // One instance per in-flight event, with headroom for a reload
         // overlapping a full house.
         max_instances: (config.runtime.concurrency as u32)
