@@ -15,8 +15,10 @@ pub mod config;
 pub mod dispatch;
 pub mod event;
 pub mod handler;
+pub mod host;
 pub mod maintenance;
 pub mod store;
+pub mod wasm;
 
 pub use event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
 pub use handler::{Effects, Handler, HandlerError, Outcome, Route, Router, StaticRouter};

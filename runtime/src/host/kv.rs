@@ -1,0 +1,345 @@
+//! `outrun:handler/kv`: a key-value store with TTLs and sets, confined to the
+//! handler's key prefix (`allow.kv`). The guest passes unprefixed keys.
+//!
+//! Backends: Redis (one `ConnectionManager` per runtime, shared by every
+//! handler) when `[kv] url` is set, else [`MemoryKv`], an embedded store that
+//! lives in this process only: it is not shared between runtime instances
+//! and is lost on restart. Use Redis for anything that must survive.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+
+use super::bindings::outrun::handler::kv::Host;
+use super::{CapError, HostState};
+use crate::wasm::{KvSettings, WasmError};
+
+/// The kv backend of one runtime. Cheap to clone.
+#[derive(Clone)]
+pub enum KvStore {
+    Redis(redis::aio::ConnectionManager),
+    Memory(Arc<MemoryKv>),
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvStore::Redis(_) => f.write_str("KvStore::Redis"),
+            KvStore::Memory(_) => f.write_str("KvStore::Memory"),
+        }
+    }
+}
+
+impl KvStore {
+    /// Connect to Redis when `settings.url` is set, else an embedded store.
+    pub async fn connect(settings: &KvSettings) -> Result<KvStore, WasmError> {
+        let Some(url) = &settings.url else {
+            return Ok(KvStore::memory());
+        };
+        let fail = |e: redis::RedisError| WasmError::KvConnect {
+            url: crate::store::redact_url(url),
+            reason: e.to_string(),
+        };
+        let client = redis::Client::open(url.as_str()).map_err(fail)?;
+        let manager = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(fail)?;
+        Ok(KvStore::Redis(manager))
+    }
+
+    pub fn memory() -> KvStore {
+        KvStore::Memory(Arc::new(MemoryKv::default()))
+    }
+}
+
+enum Entry {
+    Bytes(Vec<u8>),
+    Set(HashSet<String>),
+}
+
+struct Slot {
+    entry: Entry,
+    expires: Option<Instant>,
+}
+
+/// The embedded kv store: a map behind a mutex with lazy TTL expiry (an
+/// expired key is dropped when next touched). Per process, not durable.
+#[derive(Default)]
+pub struct MemoryKv {
+    map: Mutex<HashMap<String, Slot>>,
+}
+
+const WRONG_TYPE: &str = "the key holds a set; use the set operations (or a different key)";
+const WRONG_TYPE_SET: &str =
+    "the key holds a plain value, not a set; use get/set (or a different key)";
+
+impl MemoryKv {
+    fn with<R>(&self, key: &str, f: impl FnOnce(&mut HashMap<String, Slot>) -> R) -> R {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(key)
+            .is_some_and(|s| s.expires.is_some_and(|t| t <= Instant::now()))
+        {
+            map.remove(key);
+        }
+        f(&mut map)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CapError> {
+        self.with(key, |m| match m.get(key) {
+            None => Ok(None),
+            Some(Slot {
+                entry: Entry::Bytes(b),
+                ..
+            }) => Ok(Some(b.clone())),
+            Some(_) => Err(CapError::Invalid(WRONG_TYPE.into())),
+        })
+    }
+
+    fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) {
+        self.with(key, |m| {
+            m.insert(
+                key.to_string(),
+                Slot {
+                    entry: Entry::Bytes(value),
+                    expires: ttl.map(|t| Instant::now() + t),
+                },
+            );
+        })
+    }
+
+    fn delete(&self, key: &str) -> bool {
+        self.with(key, |m| m.remove(key).is_some())
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        self.with(key, |m| m.contains_key(key))
+    }
+
+    fn expire(&self, key: &str, ttl: Option<Duration>) -> bool {
+        self.with(key, |m| match m.get_mut(key) {
+            Some(slot) => {
+                slot.expires = ttl.map(|t| Instant::now() + t);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn set_add(&self, key: &str, members: Vec<String>) -> Result<u32, CapError> {
+        self.with(key, |m| {
+            let slot = m.entry(key.to_string()).or_insert_with(|| Slot {
+                entry: Entry::Set(HashSet::new()),
+                expires: None,
+            });
+            match &mut slot.entry {
+                Entry::Set(s) => {
+                    Ok(members.into_iter().filter(|x| s.insert(x.clone())).count() as u32)
+                }
+                Entry::Bytes(_) => Err(CapError::Invalid(WRONG_TYPE_SET.into())),
+            }
+        })
+    }
+
+    fn set_remove(&self, key: &str, members: Vec<String>) -> Result<u32, CapError> {
+        self.with(key, |m| {
+            let Some(slot) = m.get_mut(key) else {
+                return Ok(0);
+            };
+            let (n, empty) = match &mut slot.entry {
+                Entry::Set(s) => (
+                    members.iter().filter(|x| s.remove(*x)).count() as u32,
+                    s.is_empty(),
+                ),
+                Entry::Bytes(_) => return Err(CapError::Invalid(WRONG_TYPE_SET.into())),
+            };
+            // Redis deletes a set when its last member goes; match it.
+            if empty {
+                m.remove(key);
+            }
+            Ok(n)
+        })
+    }
+
+    fn set_members(&self, key: &str) -> Result<Vec<String>, CapError> {
+        self.with(key, |m| match m.get(key) {
+            None => Ok(Vec::new()),
+            Some(Slot {
+                entry: Entry::Set(s),
+                ..
+            }) => Ok(s.iter().cloned().collect()),
+            Some(_) => Err(CapError::Invalid(WRONG_TYPE_SET.into())),
+        })
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> CapError {
+    if e.kind() == redis::ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
+        CapError::Invalid(format!("kv: {e}"))
+    } else {
+        CapError::Unavailable(format!("kv (Redis) unavailable: {e}"))
+    }
+}
+
+fn ttl_ms(ms: u64) -> Result<i64, CapError> {
+    if ms == 0 {
+        return Err(CapError::Invalid(
+            "ttl-ms must be at least 1 (omit it for no expiry)".into(),
+        ));
+    }
+    i64::try_from(ms).map_err(|_| CapError::Invalid(format!("ttl-ms {ms} is too large")))
+}
+
+impl HostState {
+    /// The full key, or a denial when the handler has no kv prefix.
+    fn kv_key(&self, key: &str) -> Result<String, CapError> {
+        match &self.caps.kv_prefix {
+            Some(prefix) => Ok(format!("{prefix}{key}")),
+            None => Err(self
+                .caps
+                .deny(&self.event_id, "kv", "kv = \"<key prefix>\"")),
+        }
+    }
+}
+
+impl Host for HostState {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, CapError> {
+        let key = self.kv_key(&key)?;
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => m.get(&key),
+            KvStore::Redis(c) => c.get(&key).await.map_err(redis_error),
+        }
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl: Option<u64>) -> Result<(), CapError> {
+        let key = self.kv_key(&key)?;
+        let ttl = ttl.map(ttl_ms).transpose()?;
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => {
+                m.set(&key, value, ttl.map(|t| Duration::from_millis(t as u64)));
+                Ok(())
+            }
+            KvStore::Redis(c) => {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(&key).arg(value);
+                if let Some(t) = ttl {
+                    cmd.arg("PX").arg(t);
+                }
+                cmd.query_async::<()>(c).await.map_err(redis_error)
+            }
+        }
+    }
+
+    async fn delete(&mut self, key: String) -> Result<bool, CapError> {
+        let key = self.kv_key(&key)?;
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => Ok(m.delete(&key)),
+            KvStore::Redis(c) => c
+                .del::<_, i64>(&key)
+                .await
+                .map(|n| n > 0)
+                .map_err(redis_error),
+        }
+    }
+
+    async fn exists(&mut self, key: String) -> Result<bool, CapError> {
+        let key = self.kv_key(&key)?;
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => Ok(m.exists(&key)),
+            KvStore::Redis(c) => c.exists::<_, bool>(&key).await.map_err(redis_error),
+        }
+    }
+
+    async fn expire(&mut self, key: String, ttl: Option<u64>) -> Result<bool, CapError> {
+        let key = self.kv_key(&key)?;
+        let ttl = ttl.map(ttl_ms).transpose()?;
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => Ok(m.expire(&key, ttl.map(|t| Duration::from_millis(t as u64)))),
+            KvStore::Redis(c) => match ttl {
+                Some(t) => c.pexpire::<_, bool>(&key, t).await.map_err(redis_error),
+                // PERSIST says 0 both for "no key" and "had no TTL"; the
+                // contract is "false only if no such key".
+                None => {
+                    let (exists, _): (bool, i64) = redis::pipe()
+                        .exists(&key)
+                        .persist(&key)
+                        .query_async(c)
+                        .await
+                        .map_err(redis_error)?;
+                    Ok(exists)
+                }
+            },
+        }
+    }
+
+    async fn set_add(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
+        let key = self.kv_key(&key)?;
+        if members.is_empty() {
+            return Ok(0);
+        }
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => m.set_add(&key, members),
+            KvStore::Redis(c) => c
+                .sadd::<_, _, u32>(&key, members)
+                .await
+                .map_err(redis_error),
+        }
+    }
+
+    async fn set_remove(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
+        let key = self.kv_key(&key)?;
+        if members.is_empty() {
+            return Ok(0);
+        }
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => m.set_remove(&key, members),
+            KvStore::Redis(c) => c
+                .srem::<_, _, u32>(&key, members)
+                .await
+                .map_err(redis_error),
+        }
+    }
+
+    async fn set_members(&mut self, key: String) -> Result<Vec<String>, CapError> {
+        let key = self.kv_key(&key)?;
+        match &mut self.caps.kv.clone() {
+            KvStore::Memory(m) => m.set_members(&key),
+            KvStore::Redis(c) => c
+                .smembers::<_, Vec<String>>(&key)
+                .await
+                .map_err(redis_error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_kv_ttl_and_sets() {
+        let kv = MemoryKv::default();
+        kv.set("a", b"1".to_vec(), Some(Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(kv.get("a").unwrap(), None, "expired key must vanish");
+        kv.set("b", b"2".to_vec(), None);
+        assert!(kv.expire("b", Some(Duration::from_secs(60))));
+        assert!(!kv.expire("nope", None));
+        assert_eq!(
+            kv.set_add("s", vec!["x".into(), "y".into(), "x".into()])
+                .unwrap(),
+            2
+        );
+        assert!(matches!(kv.get("s"), Err(CapError::Invalid(_))));
+        assert!(matches!(
+            kv.set_add("b", vec!["x".into()]),
+            Err(CapError::Invalid(_))
+        ));
+        assert_eq!(kv.set_remove("s", vec!["x".into(), "z".into()]).unwrap(), 1);
+        assert_eq!(kv.set_members("s").unwrap(), vec!["y".to_string()]);
+        assert_eq!(kv.set_remove("s", vec!["y".into()]).unwrap(), 1);
+        assert!(!kv.exists("s"), "an emptied set is deleted, as in Redis");
+    }
+}

@@ -1,0 +1,68 @@
+//! The WebAssembly component host: one [`wasmtime::Engine`] ([`engine`]),
+//! the [`Registry`] that maps event names to handler components and
+//! implements [`Router`](crate::handler::Router) ([`registry`]), hot reload
+//! ([`reload`]), the compiled-artifact cache ([`cache`]) and the config
+//! sections the host reads ([`spec`]). What a handler may do once running is
+//! in [`crate::host`].
+
+pub mod cache;
+pub mod engine;
+pub mod registry;
+pub mod reload;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+
+pub use registry::{
+    ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
+};
+pub use reload::{ReloadWatcher, Reloaded};
+pub use spec::{Allow, ByteSize, HandlerSpec, KvSettings};
+
+/// Errors of loading, checking and reloading handler components. Each names
+/// the handler or file and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    #[error("handler {handler}: module file {} not found; check `module` in its [[handler]] entry (relative paths resolve against the config file's directory)", path.display())]
+    ModuleMissing { handler: String, path: PathBuf },
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("two [[handler]] entries are named {0:?}; handler names must be unique")]
+    DuplicateHandler(String),
+    #[error(
+        "event {event:?} is bound to both handler {first} and handler {second}; an event name may go to one handler only"
+    )]
+    DuplicateEvent {
+        event: String,
+        first: String,
+        second: String,
+    },
+    #[error("handler {0}: `events` is empty; bind at least one event name")]
+    NoEvents(String),
+    #[error("handler {handler}: {reason}")]
+    BadSpec { handler: String, reason: String },
+    #[error("no handler named {0:?}")]
+    UnknownHandler(String),
+    #[error(
+        "cannot connect to the kv store at {url}: {reason}; check [kv] url and that Redis is running"
+    )]
+    KvConnect { url: String, reason: String },
+    #[error("cannot watch {} for handler changes: {reason}", path.display())]
+    Watch { path: PathBuf, reason: String },
+    #[error("wasm engine setup failed: {0}")]
+    Engine(String),
+}
+
+/// `path` relative to `base` unless already absolute.
+pub(crate) fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}

@@ -1,0 +1,546 @@
+//! The [`Registry`]: which component handles which event name. It loads and
+//! checks every `[[handler]]` at startup, implements
+//! [`Router`](crate::handler::Router) for the dispatch loop, and holds each
+//! handler's current [`HandlerVersion`] in an `ArcSwap` so hot reload can
+//! replace it while in-flight events finish on the version they started
+//! with.
+
+use std::collections::HashMap;
+use std::mem;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use wasmtime::component::Linker;
+use wasmtime::{Engine, Trap, UpdateDeadline};
+
+use super::cache::{ArtifactCache, Source};
+use super::engine::{EngineLimits, EpochTicker, build_engine};
+use super::spec::{ByteSize, HandlerSpec, KvSettings};
+use super::{WasmError, resolve};
+use crate::event::Event;
+use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
+use crate::host::bindings::outrun::handler::types as wit;
+use crate::host::bindings::{Handler as HandlerWorld, HandlerPre};
+use crate::host::{Capabilities, HostState, KvStore, linker};
+use crate::store::DEFAULT_MAX_RETRY;
+
+/// Extra time the dispatch loop's backstop timeout (`Route::timeout`) allows
+/// beyond the handler's own, so the host's precise message ("timeout after
+/// 2s") wins the race.
+const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
+
+/// What the host needs from the rest of the runtime. There is no `Store`
+/// here on purpose: a handler reaches the database only through the
+/// [`Effects`] the dispatch loop passes with each event (its ack
+/// transaction), never on a connection of its own.
+#[derive(Debug, Clone)]
+pub struct HostServices {
+    /// `[kv]`: Redis URL or the embedded store.
+    pub kv: KvSettings,
+    /// `max_retry` for events a handler emits without one.
+    pub default_max_retry: i32,
+    /// Compiled-artifact cache; `None` = `.outrun-cache` in the config
+    /// file's directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Component instances alive at once: set it to at least the runtime's
+    /// concurrency (one instance per in-flight event). Default 128. Each
+    /// slot reserves address space (not memory) for its linear memories.
+    pub max_instances: u32,
+}
+
+impl Default for HostServices {
+    fn default() -> Self {
+        Self {
+            kv: KvSettings::default(),
+            default_max_retry: DEFAULT_MAX_RETRY,
+            cache_dir: None,
+            max_instances: 256,
+        }
+    }
+}
+
+/// One loaded handler, for `outrun handlers list` and the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandlerInfo {
+    pub name: String,
+    pub module: PathBuf,
+    /// blake3 of the `.wasm` currently serving (hex).
+    pub hash: String,
+    pub loaded_at: DateTime<Utc>,
+    pub events: Vec<String>,
+}
+
+/// The result of [`check_file`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentInfo {
+    pub path: PathBuf,
+    pub hash: String,
+    pub size: u64,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+}
+
+/// One `[[handler]]`: its grants, its limits and its current version. Lives
+/// as long as the registry; reloads replace only `current`.
+pub(crate) struct Slot {
+    pub(crate) spec: HandlerSpec,
+    pub(crate) module: PathBuf,
+    pub(crate) caps: Arc<Capabilities>,
+    pub(crate) permits: Option<Arc<Semaphore>>,
+    pub(crate) current: ArcSwap<HandlerVersion>,
+}
+
+/// Name → handler component. See the module docs.
+pub struct Registry {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Arc<Linker<HostState>>,
+    pub(crate) cache: ArtifactCache,
+    pub(crate) slots: Vec<Slot>,
+    by_event: HashMap<String, usize>,
+    _ticker: EpochTicker,
+}
+
+impl Registry {
+    /// Check every spec, compile (or load from cache) every module, and
+    /// return the registry. Fails on the first bad entry, naming it.
+    pub async fn load(
+        specs: Vec<HandlerSpec>,
+        base_dir: &Path,
+        services: HostServices,
+    ) -> Result<Arc<Registry>, WasmError> {
+        let mut names: HashMap<&str, ()> = HashMap::new();
+        let mut by_event: HashMap<String, usize> = HashMap::new();
+        let mut modules = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            if names.insert(spec.name.as_str(), ()).is_some() {
+                return Err(WasmError::DuplicateHandler(spec.name.clone()));
+            }
+            if spec.name.trim().is_empty() {
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "`name` is empty".into(),
+                });
+            }
+            if spec.events.is_empty() {
+                return Err(WasmError::NoEvents(spec.name.clone()));
+            }
+            if spec.concurrency == Some(0) {
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "concurrency must be at least 1 (omit it for no cap)".into(),
+                });
+            }
+            if spec.max_retry.is_some_and(|m| m < 1) {
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "max_retry must be at least 1".into(),
+                });
+            }
+            if spec.timeout.is_zero() {
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "timeout must be more than 0".into(),
+                });
+            }
+            for event in &spec.events {
+                if let Some(&j) = by_event.get(event) {
+                    return Err(WasmError::DuplicateEvent {
+                        event: event.clone(),
+                        first: specs[j].name.clone(),
+                        second: spec.name.clone(),
+                    });
+                }
+                by_event.insert(event.clone(), i);
+            }
+            let path = resolve(base_dir, &spec.module);
+            if !path.is_file() {
+                return Err(WasmError::ModuleMissing {
+                    handler: spec.name.clone(),
+                    path,
+                });
+            }
+            modules.push(canonical_module(&path)?);
+        }
+
+        let max_memory = specs
+            .iter()
+            .map(|s| s.memory.bytes())
+            .max()
+            .unwrap_or(super::spec::DEFAULT_MEMORY.bytes());
+        let engine = build_engine(EngineLimits {
+            max_memory,
+            instances: services.max_instances,
+        })?;
+        let linker = Arc::new(
+            linker(&engine)
+                .map_err(|e| WasmError::Engine(format!("linking host functions: {e:#}")))?,
+        );
+        let cache = ArtifactCache::new(
+            &engine,
+            services
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| base_dir.join(".outrun-cache")),
+        );
+        let kv = KvStore::connect(&services.kv).await?;
+
+        let mut slots = Vec::with_capacity(specs.len());
+        for (spec, module) in specs.into_iter().zip(modules) {
+            let caps = Arc::new(Capabilities::new(
+                &spec,
+                kv.clone(),
+                services.default_max_retry,
+            ));
+            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
+                path: module.clone(),
+                source,
+            })?;
+            let started = Instant::now();
+            let (version, source) =
+                compile_version(&engine, &linker, &cache, &spec, &caps, &module, bytes).await?;
+            tracing::info!(
+                handler = %spec.name,
+                version = %version.short,
+                "handler {} v{} {} from {} in {} ms",
+                spec.name,
+                version.short,
+                match source { Source::Cache => "loaded from cache", Source::Compiled => "compiled" },
+                module.display(),
+                started.elapsed().as_millis()
+            );
+            version_metric(&spec.name, None, &version.short);
+            let permits = spec.concurrency.map(|n| Arc::new(Semaphore::new(n)));
+            slots.push(Slot {
+                spec,
+                module,
+                caps,
+                permits,
+                current: ArcSwap::from_pointee(version),
+            });
+        }
+        let ticker = EpochTicker::start(&engine)?;
+        Ok(Arc::new(Registry {
+            engine,
+            linker,
+            cache,
+            slots,
+            by_event,
+            _ticker: ticker,
+        }))
+    }
+
+    /// Every handler with its current version.
+    pub fn handlers(&self) -> Vec<HandlerInfo> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let v = s.current.load();
+                HandlerInfo {
+                    name: s.spec.name.clone(),
+                    module: s.module.clone(),
+                    hash: v.hash.to_hex().to_string(),
+                    loaded_at: v.loaded_at,
+                    events: s.spec.events.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The version serving `handler` now (hot reload may replace it).
+    pub fn current(&self, handler: &str) -> Option<Arc<HandlerVersion>> {
+        self.slots
+            .iter()
+            .find(|s| s.spec.name == handler)
+            .map(|s| s.current.load_full())
+    }
+
+    pub(crate) fn slot_index(&self, handler: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.spec.name == handler)
+    }
+}
+
+impl Router for Registry {
+    fn route(&self, name: &str) -> Option<Route> {
+        let slot = &self.slots[*self.by_event.get(name)?];
+        let handler: Arc<dyn Handler> = slot.current.load_full();
+        Some(Route {
+            handler_name: slot.caps.handler.clone(),
+            handler,
+            permits: slot.permits.clone(),
+            timeout: Some(slot.spec.timeout + BACKSTOP_GRACE),
+            max_retry: slot.spec.max_retry,
+        })
+    }
+
+    fn saturated(&self) -> Vec<String> {
+        self.by_event
+            .iter()
+            .filter(|(_, i)| {
+                self.slots[**i]
+                    .permits
+                    .as_ref()
+                    .is_some_and(|p| p.available_permits() == 0)
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// `outrun_handler_version{handler, version} = 1` for the serving version
+/// (and 0 for the one it replaced), so dashboards can show what runs where.
+pub(crate) fn version_metric(handler: &str, old: Option<&str>, new: &str) {
+    if let Some(old) = old {
+        metrics::gauge!("outrun_handler_version", "handler" => handler.to_string(), "version" => old.to_string()).set(0.0);
+    }
+    metrics::gauge!("outrun_handler_version", "handler" => handler.to_string(), "version" => new.to_string()).set(1.0);
+}
+
+/// Resolve the module's directory (so paths match what the file watcher
+/// reports) while keeping its file name.
+fn canonical_module(path: &Path) -> Result<PathBuf, WasmError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = dir.canonicalize().map_err(|source| WasmError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(dir.join(path.file_name().unwrap_or_default()))
+}
+
+/// Compile `bytes` (off the async threads) and check it against the world.
+pub(crate) async fn compile_version(
+    engine: &Engine,
+    linker: &Arc<Linker<HostState>>,
+    cache: &ArtifactCache,
+    spec: &HandlerSpec,
+    caps: &Arc<Capabilities>,
+    module: &Path,
+    bytes: Vec<u8>,
+) -> Result<(HandlerVersion, Source), WasmError> {
+    let (engine2, linker2, cache2, path) = (
+        engine.clone(),
+        linker.clone(),
+        cache.clone(),
+        module.to_path_buf(),
+    );
+    let (hash, pre, source) = tokio::task::spawn_blocking(move || {
+        prepare(&engine2, &linker2, Some(&cache2), &path, &bytes)
+    })
+    .await
+    .map_err(|e| WasmError::Engine(format!("compile task failed: {e}")))??;
+    let hex = hash.to_hex();
+    let version = HandlerVersion {
+        pre,
+        from_cache: source == Source::Cache,
+        hash,
+        short: Arc::from(&hex.as_str()[..12]),
+        loaded_at: Utc::now(),
+        caps: caps.clone(),
+        timeout: spec.timeout,
+        memory: usize::try_from(spec.memory.bytes()).unwrap_or(usize::MAX),
+        max_retry: spec.max_retry,
+    };
+    Ok((version, source))
+}
+
+/// Validate, compile and link one component. Blocking (compiles).
+pub(crate) fn prepare(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    cache: Option<&ArtifactCache>,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(blake3::Hash, HandlerPre<HostState>, Source), WasmError> {
+    let invalid = |reason: String| WasmError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    sniff(bytes).map_err(invalid)?;
+    let hash = blake3::hash(bytes);
+    let (component, source) = match cache {
+        Some(c) => c.load_or_compile(engine, bytes, &hash),
+        None => wasmtime::component::Component::new(engine, bytes).map(|c| (c, Source::Compiled)),
+    }
+    .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
+    let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+        invalid(format!("does not fit outrun's `handler` world (outrun:handler@0.1.0): {e:#}; handlers may import only wasi:cli/io/clocks/random, wasi:http/outgoing-handler, wasi:config/store, wasi:logging and outrun:handler/{{emit,sql,kv}}"))
+    })?;
+    let pre = HandlerPre::new(instance_pre).map_err(|e| {
+        invalid(format!("does not export `handle: func(event) -> result<outcome, handler-error>` of world outrun:handler/handler@0.1.0: {e:#}"))
+    })?;
+    Ok((hash, pre, source))
+}
+
+/// Reject what is obviously not a component with a message that says what
+/// it is instead.
+fn sniff(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Err("file is empty".into());
+    }
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(
+            "not a WebAssembly file (no \\0asm header); point `module` at a .wasm component".into(),
+        );
+    }
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err("is a core WebAssembly module, not a component; build the handler for wasm32-wasip2 (or wrap it with `wasm-tools component new`)".into());
+    }
+    Ok(())
+}
+
+/// `outrun handlers check FILE`: Ok when the file is a component that
+/// implements world `handler` with only imports outrun provides.
+pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => WasmError::Invalid {
+            path: path.to_path_buf(),
+            reason: "file not found".into(),
+        },
+        _ => WasmError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let engine = build_engine(EngineLimits {
+        max_memory: super::spec::DEFAULT_MEMORY.bytes(),
+        instances: 1,
+    })?;
+    let linker = linker(&engine).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+    let (hash, pre, _) = prepare(&engine, &linker, None, path, &bytes)?;
+    let ty = pre.instance_pre().component().component_type();
+    Ok(ComponentInfo {
+        path: path.to_path_buf(),
+        hash: hash.to_hex().to_string(),
+        size: bytes.len() as u64,
+        imports: ty.imports(&engine).map(|(n, _)| n.to_string()).collect(),
+        exports: ty.exports(&engine).map(|(n, _)| n.to_string()).collect(),
+    })
+}
+
+/// One compiled version of a handler: what a `Route` hands to the dispatch
+/// loop. Each event gets a fresh instance of it.
+pub struct HandlerVersion {
+    pre: HandlerPre<HostState>,
+    from_cache: bool,
+    pub(crate) hash: blake3::Hash,
+    /// First 12 hex digits of `hash`, for logs.
+    pub(crate) short: Arc<str>,
+    pub(crate) loaded_at: DateTime<Utc>,
+    caps: Arc<Capabilities>,
+    timeout: Duration,
+    memory: usize,
+    max_retry: Option<i32>,
+}
+
+impl HandlerVersion {
+    pub fn hash(&self) -> String {
+        self.hash.to_hex().to_string()
+    }
+    pub fn loaded_at(&self) -> DateTime<Utc> {
+        self.loaded_at
+    }
+    /// True when the compiled code came from the artifact cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    fn wit_event(&self, event: &Event) -> wit::Event {
+        let ms = |t: DateTime<Utc>| u64::try_from(t.timestamp_millis()).unwrap_or(0);
+        wit::Event {
+            id: event.id.to_string(),
+            name: event.name.clone(),
+            payload: event.payload.clone(),
+            group_id: event.group_id.clone(),
+            attempt: u32::try_from(event.attempt()).unwrap_or(1),
+            max_attempts: u32::try_from(self.max_retry.unwrap_or(event.max_retry)).unwrap_or(0),
+            created_at: ms(event.create_date),
+            expires_at: event.expires_at.map(ms),
+        }
+    }
+
+    /// A trap (or host error) as the event's error: retryable, and worded
+    /// for the person reading `last_error`.
+    fn describe(&self, err: wasmtime::Error, state: &HostState) -> HandlerError {
+        let mut message = if state.limits.hit {
+            format!(
+                "memory limit {} exceeded",
+                ByteSize(state.limits.cap as u64)
+            )
+        } else {
+            match err.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => {
+                    format!("timeout after {}", humantime::format_duration(self.timeout))
+                }
+                Some(Trap::StackOverflow) => "wasm trap: stack overflow".to_string(),
+                Some(trap) => trap.to_string(),
+                None => format!("handler failed: {err:#}"),
+            }
+        };
+        let stderr = state.stderr.summary();
+        if !stderr.is_empty() {
+            message.push_str(" (guest stderr: ");
+            message.push_str(&stderr);
+            message.push(')');
+        }
+        HandlerError::retry(message)
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for HandlerVersion {
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+        let engine = self.pre.engine();
+        let deadline = Instant::now() + self.timeout;
+        let state = HostState::new(
+            self.caps.clone(),
+            mem::take(effects),
+            event.id.to_string(),
+            self.short.clone(),
+            deadline,
+            self.memory,
+        );
+        let mut store = wasmtime::Store::new(engine, state);
+        store.limiter(|s| &mut s.limits);
+        // Check the clock on every epoch tick: trap past the deadline,
+        // otherwise yield so a busy guest does not hog a tokio worker.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            Ok(if Instant::now() >= ctx.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        let wit_event = self.wit_event(event);
+        // The epoch deadline only fires while guest code runs; a guest
+        // waiting on a host future (HTTP, SQL) is bounded by this timeout.
+        let result = tokio::time::timeout(self.timeout, async {
+            let instance: HandlerWorld = self.pre.instantiate_async(&mut store).await?;
+            instance.call_handle(&mut store, &wit_event).await
+        })
+        .await;
+        *effects = mem::take(&mut store.data_mut().effects);
+        match result {
+            Err(_elapsed) => Err(HandlerError::retry(format!(
+                "timeout after {}",
+                humantime::format_duration(self.timeout)
+            ))),
+            Ok(Err(err)) => Err(self.describe(err, store.data())),
+            Ok(Ok(Ok(wit::Outcome::Done))) => Ok(Outcome::Done),
+            Ok(Ok(Ok(wit::Outcome::RetryAfter(ms)))) => {
+                Ok(Outcome::RetryAfter(Duration::from_millis(ms)))
+            }
+            Ok(Ok(Err(e))) => Err(HandlerError {
+                message: e.message,
+                retryable: e.retryable,
+            }),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Hot reload: a `notify` watcher on the directories of the configured
+//! modules. A change to a configured file is debounced, compiled off the
+//! async threads, checked against the world and swapped in atomically
+//! (`ArcSwap`); events already running keep the `Arc` of the version they
+//! started on. A file that does not load (broken, incompatible, or caught
+//! half-written by a plain overwrite) leaves the old version serving: if the
+//! file is still changing it is retried quietly on the next change, else one
+//! error line names the file and the reason.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::registry::{Registry, compile_version, version_metric};
+use super::{HandlerInfo, WasmError};
+
+/// Quiet time after the last change to a file before it is loaded: writers
+/// emit several events per save (create, modify ×N, close).
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// What [`Registry::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The file's content hash equals the serving version.
+    Unchanged,
+    Swapped {
+        old: String,
+        new: String,
+        elapsed: Duration,
+    },
+}
+
+/// Stops watching when dropped.
+pub struct ReloadWatcher {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ReloadWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Registry {
+    /// Reload one handler from its module file now. Errors leave the current
+    /// version serving.
+    pub async fn reload(&self, handler: &str) -> Result<Reloaded, WasmError> {
+        let i = self
+            .slot_index(handler)
+            .ok_or_else(|| WasmError::UnknownHandler(handler.to_string()))?;
+        self.reload_slot(i).await
+    }
+
+    async fn reload_slot(&self, i: usize) -> Result<Reloaded, WasmError> {
+        let slot = &self.slots[i];
+        let bytes = std::fs::read(&slot.module).map_err(|source| WasmError::Io {
+            path: slot.module.clone(),
+            source,
+        })?;
+        let old = slot.current.load_full();
+        if blake3::hash(&bytes) == old.hash {
+            return Ok(Reloaded::Unchanged);
+        }
+        let started = Instant::now();
+        let (version, _) = compile_version(
+            &self.engine,
+            &self.linker,
+            &self.cache,
+            &slot.spec,
+            &slot.caps,
+            &slot.module,
+            bytes,
+        )
+        .await?;
+        let new = version.short.to_string();
+        slot.current.store(Arc::new(version));
+        let elapsed = started.elapsed();
+        let name = slot.spec.name.clone();
+        tracing::info!(handler = %name, version = %new, "handler {name} reloaded: {} -> {new} in {} ms", old.short, elapsed.as_millis());
+        version_metric(&name, Some(&old.short), &new);
+        metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
+        metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
+            .set(elapsed.as_secs_f64());
+        Ok(Reloaded::Swapped {
+            old: old.short.to_string(),
+            new,
+            elapsed,
+        })
+    }
+
+    /// Watch the configured module files and reload on change until the
+    /// returned watcher is dropped. Must run inside a tokio runtime.
+    pub fn watch(self: &Arc<Self>) -> Result<ReloadWatcher, WasmError> {
+        let (tx, rx) = mpsc::unbounded_channel::<PathBuf>();
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(event) => {
+                    for path in event.paths {
+                        let _ = tx.send(path);
+                    }
+                }
+                Err(e) => tracing::warn!("handler file watcher error: {e}"),
+            })
+            .map_err(|e| WasmError::Watch {
+                path: PathBuf::from("."),
+                reason: e.to_string(),
+            })?;
+        let dirs: HashSet<PathBuf> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.module.parent().map(PathBuf::from))
+            .collect();
+        for dir in &dirs {
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| WasmError::Watch {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let task = tokio::spawn(run(self.clone(), rx));
+        Ok(ReloadWatcher {
+            _watcher: watcher,
+            task,
+        })
+    }
+}
+
+/// The watcher loop: collect changed paths, wait for [`DEBOUNCE`] of quiet
+/// per file, then reload.
+async fn run(registry: Arc<Registry>, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
+    let by_path: HashMap<PathBuf, Vec<usize>> =
+        registry
+            .slots
+            .iter()
+            .enumerate()
+            .fold(HashMap::new(), |mut m, (i, s)| {
+                m.entry(s.module.clone()).or_default().push(i);
+                m
+            });
+    let mut due: HashMap<usize, tokio::time::Instant> = HashMap::new();
+    // Content that already failed (and was reported): not reported twice.
+    let mut failed: HashMap<usize, blake3::Hash> = HashMap::new();
+    loop {
+        let next = due.values().min().copied();
+        tokio::select! {
+            path = rx.recv() => {
+                let Some(path) = path else { return };
+                for &i in by_path.get(&path).into_iter().flatten() {
+                    due.insert(i, tokio::time::Instant::now() + DEBOUNCE);
+                }
+            }
+            _ = tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)), if next.is_some() => {
+                let now = tokio::time::Instant::now();
+                let ready: Vec<usize> = due.iter().filter(|(_, t)| **t <= now).map(|(i, _)| *i).collect();
+                for i in ready {
+                    due.remove(&i);
+                    if let Some(retry_at) = reload_once(&registry, i, &mut failed).await {
+                        due.insert(i, retry_at);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Try one reload; returns when to try again if the file was still being
+/// written.
+async fn reload_once(
+    registry: &Registry,
+    i: usize,
+    failed: &mut HashMap<usize, blake3::Hash>,
+) -> Option<tokio::time::Instant> {
+    let slot = &registry.slots[i];
+    let before = match std::fs::read(&slot.module) {
+        Ok(b) => blake3::hash(&b),
+        // Mid-rename or deleted: the old version keeps serving; a new file
+        // under the name produces another event.
+        Err(_) => return None,
+    };
+    if failed.get(&i) == Some(&before) {
+        return None;
+    }
+    match registry.reload_slot(i).await {
+        Ok(_) => {
+            failed.remove(&i);
+            None
+        }
+        Err(e) => {
+            let now = std::fs::read(&slot.module).map(|b| blake3::hash(&b)).ok();
+            if now != Some(before) {
+                // Still being written (plain overwrite): try again once quiet.
+                return Some(tokio::time::Instant::now() + DEBOUNCE);
+            }
+            failed.insert(i, before);
+            let name = &slot.spec.name;
+            let serving = slot.current.load().short.clone();
+            tracing::error!(handler = %name, "handler {name}: reload of {} rejected: {e}; version {serving} keeps serving", slot.module.display());
+            metrics::counter!("outrun_handler_reload_failures_total", "handler" => name.clone())
+                .increment(1);
+            None
+        }
+    }
+}
+
+/// For `HandlerInfo` consumers that want to know what changed between two
+/// listings.
+pub fn changed(before: &[HandlerInfo], after: &[HandlerInfo]) -> Vec<String> {
+    after
+        .iter()
+        .filter(|a| before.iter().any(|b| b.name == a.name && b.hash != a.hash))
+        .map(|a| a.name.clone())
+        .collect()
+}
