@@ -1,6 +1,7 @@
 //! The `outrun` command line: one file per subcommand. Errors reach the
 //! user as one line on stderr and exit code 1.
 
+mod bench;
 mod enqueue;
 pub(crate) mod events;
 mod migrate;
@@ -49,6 +50,8 @@ pub enum Command {
     /// Inspect and repair the outbox.
     #[command(subcommand)]
     Events(events::Command),
+    /// Measure throughput or latency with the bench guest (empty outbox needed).
+    Bench(bench::Args),
 }
 
 /// Parse the process arguments, run, and exit with 0 or 1.
@@ -104,6 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(config, args).await,
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
+        Command::Bench(args) => bench::run(&config, args).await,
     }
 }
 

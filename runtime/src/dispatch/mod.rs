@@ -15,6 +15,7 @@
 mod acker;
 mod backoff;
 mod inflight;
+mod observer;
 mod worker;
 
 use std::future::Future;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::Backoff;
 pub use inflight::Inflight;
+pub use observer::DispatchObserver;
 pub use worker::no_handler_reason;
 
 use crate::config::RuntimeConfig;
@@ -38,6 +40,7 @@ pub struct Dispatcher {
     router: Arc<dyn Router>,
     config: RuntimeConfig,
     worker_id: String,
+    observer: Option<Arc<dyn DispatchObserver>>,
 }
 
 /// What a finished run did, for logs and tests.
@@ -61,7 +64,14 @@ impl Dispatcher {
             router,
             config,
             worker_id,
+            observer: None,
         }
+    }
+
+    /// Report handler starts and acks to `observer` (see [`DispatchObserver`]).
+    pub fn with_observer(mut self, observer: Arc<dyn DispatchObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The `locked_by` value of this instance's claims.
@@ -96,6 +106,7 @@ impl Dispatcher {
             inflight.clone(),
             ack_rx,
             unblocked.clone(),
+            self.observer.clone(),
         ));
         let extender_stop = CancellationToken::new();
         let extender = tokio::spawn(inflight::extend_leases(
@@ -116,6 +127,7 @@ impl Dispatcher {
             inflight: inflight.clone(),
             acks: ack_tx,
             stopping: stop.clone(),
+            observer: self.observer.clone(),
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),
