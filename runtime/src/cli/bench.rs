@@ -76,7 +76,11 @@ pub struct Args {
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
     /// The bench guest component.
-    #[arg(long, env = "OUTRUN_BENCH_MODULE", default_value = "target/guests/bench.wasm")]
+    #[arg(
+        long,
+        env = "OUTRUN_BENCH_MODULE",
+        default_value = "target/guests/bench.wasm"
+    )]
     pub module: PathBuf,
     /// Compiled-artifact cache [default: outrun-bench-cache in the system
     /// temp directory], so repeated runs do not recompile the guest.
@@ -320,7 +324,10 @@ impl DispatchObserver for Recorder {
                 }
             }
         }
-        let n = self.acked_count.fetch_add(ids.len() as u64, Ordering::AcqRel) + ids.len() as u64;
+        let n = self
+            .acked_count
+            .fetch_add(ids.len() as u64, Ordering::AcqRel)
+            + ids.len() as u64;
         if n >= self.target {
             self.all_acked.notify_waiters();
         }
@@ -355,7 +362,8 @@ async fn drain(
     let (registry, load_ms, from_cache) = load_handler(args).await?;
     let recorder = Arc::new(Recorder::new(events, false));
     let router: Arc<dyn Router> = registry.clone();
-    let dispatcher = Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
+    let dispatcher =
+        Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
     let stop = CancellationToken::new();
     let started = Instant::now();
     let run = tokio::spawn(dispatcher.run_until(stop.clone()));
@@ -402,7 +410,8 @@ async fn latency(
     let (registry, load_ms, from_cache) = load_handler(args).await?;
     let recorder = Arc::new(Recorder::new(events, true));
     let router: Arc<dyn Router> = registry.clone();
-    let dispatcher = Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
+    let dispatcher =
+        Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
     let stop = CancellationToken::new();
     let run = tokio::spawn(dispatcher.run_until(stop.clone()));
     // Let the claimer reach its wait (LISTEN registered, first empty claim
@@ -445,7 +454,11 @@ async fn latency(
 
     let started = std::mem::take(&mut *recorder.started.lock().expect("recorder lock"));
     let acked = std::mem::take(&mut *recorder.acked.lock().expect("recorder lock"));
-    let since = |t0: &Instant, t: Instant| t.saturating_duration_since(*t0).as_micros().min(u32::MAX as u128) as u32;
+    let since = |t0: &Instant, t: Instant| {
+        t.saturating_duration_since(*t0)
+            .as_micros()
+            .min(u32::MAX as u128) as u32
+    };
     let mut to_start: Vec<u32> = sent
         .iter()
         .filter_map(|(id, t0)| started.get(id).map(|t| since(t0, *t)))
