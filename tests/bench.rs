@@ -136,6 +136,8 @@ async fn latency_reports_all_keys(db: TestDb) {
     assert_eq!(r["rate"], 200.0, "{r}");
     assert_eq!(r["latency_from"], "enqueue", "{r}");
     ordered(&r["start_latency_ms"], "start_latency_ms");
+    ordered(&r["enqueue_call_ms"], "enqueue_call_ms");
+    ordered(&r["start_after_commit_ms"], "start_after_commit_ms");
     // An event is acked after its handler started.
     assert!(
         r["start_latency_ms"]["p50"].as_f64() <= r["latency_ms"]["p50"].as_f64(),

@@ -127,6 +127,14 @@ pub struct Report {
     pub latency_ms: Percentiles,
     /// Enqueue call start → handler start (latency mode only).
     pub start_latency_ms: Option<Percentiles>,
+    /// The enqueue call itself: INSERT + COMMIT on the application's pool,
+    /// including the commit's WAL flush (latency mode only). Part of
+    /// `start_latency_ms`, but paid by the application, not the runtime.
+    pub enqueue_call_ms: Option<Percentiles>,
+    /// Enqueue call returned (committed) → handler start, 0 when the handler
+    /// started before the commit acknowledgement reached the application
+    /// (latency mode only): the delay the runtime adds.
+    pub start_after_commit_ms: Option<Percentiles>,
     /// Peak resident set of this process (VmHWM), MiB.
     pub peak_rss_mb: Option<f64>,
     /// Loading the handler (compile or cache hit), ms; not in `seconds`.
@@ -391,6 +399,8 @@ async fn drain(
         latency_from: "handler_start",
         latency_ms: percentiles_us(&mut service),
         start_latency_ms: None,
+        enqueue_call_ms: None,
+        start_after_commit_ms: None,
         peak_rss_mb: peak_rss_mb(),
         load_ms,
         module_from_cache: from_cache,
@@ -422,9 +432,11 @@ async fn latency(
     let first = tokio::time::Instant::now();
     let mut enqueues = tokio::task::JoinSet::new();
     let mut sent: HashMap<Uuid, Instant> = HashMap::with_capacity(events as usize);
+    let mut committed: HashMap<Uuid, Instant> = HashMap::with_capacity(events as usize);
     let mut record = |done: Result<_, tokio::task::JoinError>| -> anyhow::Result<()> {
-        let (id, t0) = done.context("enqueue task")??;
+        let (id, t0, t1) = done.context("enqueue task")??;
         sent.insert(id, t0);
+        committed.insert(id, t1);
         Ok(())
     };
     for i in 0..events {
@@ -433,7 +445,7 @@ async fn latency(
         enqueues.spawn(async move {
             let t0 = Instant::now();
             let id = app.enqueue(&ev, max_retry).await?;
-            Ok::<_, crate::store::StoreError>((id, t0))
+            Ok::<_, crate::store::StoreError>((id, t0, Instant::now()))
         });
         // Reap as we go so the set stays small.
         while let Some(done) = enqueues.try_join_next() {
@@ -462,6 +474,14 @@ async fn latency(
     let mut to_start: Vec<u32> = sent
         .iter()
         .filter_map(|(id, t0)| started.get(id).map(|t| since(t0, *t)))
+        .collect();
+    let mut after_commit: Vec<u32> = committed
+        .iter()
+        .filter_map(|(id, t1)| started.get(id).map(|t| since(t1, *t)))
+        .collect();
+    let mut enqueue_call: Vec<u32> = sent
+        .iter()
+        .filter_map(|(id, t0)| committed.get(id).map(|t1| since(t0, *t1)))
         .collect();
     let mut to_ack: Vec<u32> = acked
         .iter()
@@ -492,6 +512,8 @@ async fn latency(
         latency_from: "enqueue",
         latency_ms: percentiles_us(&mut to_ack),
         start_latency_ms: Some(percentiles_us(&mut to_start)),
+        enqueue_call_ms: Some(percentiles_us(&mut enqueue_call)),
+        start_after_commit_ms: Some(percentiles_us(&mut after_commit)),
         peak_rss_mb: peak_rss_mb(),
         load_ms,
         module_from_cache: from_cache,
@@ -561,6 +583,12 @@ fn print_text(r: &Report) {
     );
     if let Some(s) = &r.start_latency_ms {
         println!("enqueue → handler start: {}", p(s));
+    }
+    if let Some(s) = &r.enqueue_call_ms {
+        println!("  of which the enqueue call (INSERT + COMMIT): {}", p(s));
+    }
+    if let Some(s) = &r.start_after_commit_ms {
+        println!("committed → handler start: {}", p(s));
     }
     println!("{} → acked: {}", r.latency_from, p(&r.latency_ms));
     if let Some(rss) = r.peak_rss_mb {
