@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh                 # everything (~15 min on 2 cores)
 #   RUNS=1 BIG=0 scripts/bench.sh    # quick: one run each, no 1M-event drain
+#   BIG_RUNS=1 scripts/bench.sh      # the 1M-event drain (~3 min a run) once
 #
 # PostgreSQL: OUTRUN_BENCH_POSTGRES_URL (default
 # postgres://postgres@127.0.0.1:5432/postgres); each run creates and drops its
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 BIG=${BIG:-1}
+BIG_RUNS=${BIG_RUNS:-$RUNS}
 PG_ADMIN=${OUTRUN_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 OUT=docs/benchmarks.md
 work=$(mktemp -d)
@@ -46,10 +48,10 @@ run_one() {
 }
 
 scenario() {
-  local label=$1; shift
-  echo "== $label: outrun bench $*" >&2
+  local label=$1 backend=$2; shift 2
+  echo "== $label ($backend): outrun bench $*" >&2
   printf '%s\t%s\n' "$label" "$*" >>"$work/commands.tsv"
-  for _ in $(seq "$RUNS"); do run_one "$label" "$@"; done
+  for _ in $(seq "${SCENARIO_RUNS:-$RUNS}"); do run_one "$label" "$backend" "$@"; done
 }
 
 # The first run compiles the guest into the fresh cache; record that too.
@@ -61,7 +63,7 @@ scenario sqlite-drain-json   sqlite   --events 100000 --payload-bytes 200 --hand
 scenario pg-latency-500      postgres --mode latency --rate 500 --events 5000
 scenario pg-drain-10k        postgres --events 10000
 if [ "$BIG" = 1 ]; then
-  scenario pg-drain-1m       postgres --events 1000000
+  SCENARIO_RUNS=$BIG_RUNS scenario pg-drain-1m postgres --events 1000000
 fi
 
 criterion_out="$work/criterion.txt"
@@ -89,6 +91,10 @@ for label, cmd in cmds:
     if rs[0].get("start_latency_ms"):
         row["s50"] = med([r["start_latency_ms"]["p50"] for r in rs])
         row["s99"] = med([r["start_latency_ms"]["p99"] for r in rs])
+    if rs[0].get("start_after_commit_ms"):
+        row["c50"] = med([r["start_after_commit_ms"]["p50"] for r in rs])
+        row["c99"] = med([r["start_after_commit_ms"]["p99"] for r in rs])
+        row["e50"] = med([r["enqueue_call_ms"]["p50"] for r in rs])
     rows.append(row)
 
 cpu = "unknown"
@@ -103,12 +109,17 @@ L.append(f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m
 L.append(f"- Machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}; "
          f"load average at the end {' '.join(load)} (the machine is shared, so numbers are noisy)")
 L.append(f"- PostgreSQL {pgv} on the same machine; SQLite file in a temp directory")
-L.append(f"- Each row: median of {runs} runs, each on a fresh database; all runs listed in the last column\n")
+L.append(f"- Each row: median of the runs listed in the last column ({runs} unless fewer are listed), each on a fresh database\n")
 L.append("| scenario | events | events/s (median) | enqueue/s | latency p50 / p99 ms | peak RSS MiB | all runs, events/s |")
 L.append("|---|---:|---:|---:|---|---:|---|")
 for r in rows:
     if r["mode"] == "latency":
-        lat = f"enqueue→start {r['s50']:.2f} / {r['s99']:.2f}; enqueue→acked {r['p50']:.2f} / {r['p99']:.2f}"
+        lat = f"enqueue→start {r['s50']:.2f} / {r['s99']:.2f}; "
+        if "c50" in r:
+            lat += f"committed→start {r['c50']:.2f} / {r['c99']:.2f}; "
+        lat += f"enqueue→acked {r['p50']:.2f} / {r['p99']:.2f}"
+        if "e50" in r:
+            lat += f" (enqueue call p50 {r['e50']:.2f})"
     else:
         lat = f"start→acked {r['p50']:.2f} / {r['p99']:.2f}"
     allr = ", ".join(f"{x:,.0f}" for x in r["eps_all"])
