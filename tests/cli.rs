@@ -228,7 +228,8 @@ on_both_backends!(
     enqueue_list_stats_show,
     idempotency_key_returns_the_same_id,
     bad_input_writes_nothing,
-    replay_and_purge
+    replay_and_purge,
+    admin_api_enqueues_and_reports
 );
 
 #[test]
@@ -291,4 +292,127 @@ fn commands_before_migrate_say_how_to_fix_it() {
         );
     }
     assert!(run(&["enqueue", "x", "--payload", "{}"]).status.success());
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns (status, body).
+async fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    // axum sends these bodies with a Content-Length, not chunked.
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn admin_api_enqueues_and_reports(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["serve", "--admin", &format!("127.0.0.1:{port}")])
+        .env("OUTRUN_DATABASE_URL", db.url())
+        .env("OUTRUN_POLL_INTERVAL", "50ms")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("admin server up", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let (status, body) = http(port, "GET", "/healthz", None).await;
+    assert_eq!((status, body.contains("ok")), (200, true), "{body}");
+
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events",
+        Some(r#"{"name":"later","payload":{"a":1},"delay":"1h","group_id":"g"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, body) = http(port, "GET", &format!("/v1/events/{id}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let ev: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            ev["name"].as_str(),
+            ev["payload"]["a"].as_i64(),
+            ev["group_id"].as_str()
+        ),
+        (Some("later"), Some(1), Some("g"))
+    );
+
+    // Bad input: clear errors, nothing written.
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events",
+        Some(r#"{"name":"","payload":{}}"#),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("name is empty"), "{body}");
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events",
+        Some(r#"{"name":"x","payload":{},"priority":1}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "unknown field: {body}");
+    assert!(body.contains("priority"), "{body}");
+    let (status, _) = http(port, "POST", "/v1/events", Some("{not json")).await;
+    assert_eq!(status, 400);
+    let (status, _) = http(
+        port,
+        "GET",
+        &format!("/v1/events/{}", uuid::Uuid::now_v7()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    let (status, body) = http(port, "GET", "/v1/stats", None).await;
+    assert_eq!(status, 200);
+    let s: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (s["scheduled"].as_i64(), s["pending"].as_i64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+
+    // The gauges refresh on a timer; wait for the first refresh.
+    wait_for("metrics exported", || async {
+        let (status, body) = http(port, "GET", "/metrics", None).await;
+        status == 200 && body.contains("outrun_events_scheduled")
+    })
+    .await;
+    terminate(&mut serve);
 }

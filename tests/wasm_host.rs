@@ -115,6 +115,49 @@ async fn redis_conn() -> redis::aio::MultiplexedConnection {
         })
 }
 
+/// Log lines written while the guard lives (this thread only, which with
+/// `#[tokio::test]`'s current-thread runtime includes spawned tasks).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        let buf = self.0.lock().unwrap();
+        String::from_utf8_lossy(&buf)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
 /// Poll `f` until it is true; panic with `what` after a generous deadline.
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -206,6 +249,7 @@ async fn outcomes_and_handler_errors_map_through() {
 
 #[tokio::test]
 async fn emit_granted_is_buffered_and_denied_names_the_fix() {
+    let (logs, _guard) = capture_logs();
     let dir = tempfile::tempdir().unwrap();
     let reg = load(
         vec![probe_spec(
@@ -232,6 +276,11 @@ async fn emit_granted_is_buffered_and_denied_names_the_fix() {
     );
     assert_eq!(emitted[0].group_id.as_deref(), Some("g1"));
     assert_eq!(emitted[0].delay, Some(Duration::from_secs(5)));
+    assert_eq!(
+        emitted[0].max_retry,
+        Some(outrun::store::DEFAULT_MAX_RETRY),
+        "no max-retry option: the runtime default"
+    );
 
     let mut effects = Effects::default();
     let ev = event(
@@ -246,6 +295,13 @@ async fn emit_granted_is_buffered_and_denied_names_the_fix() {
         "{err:?}"
     );
     assert!(effects.is_empty(), "a denied emit must not be buffered");
+    let denied = logs.lines_with("capability denied");
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(
+        denied[0].contains("WARN") && denied[0].contains("handler=emitter"),
+        "{}",
+        denied[0]
+    );
 }
 
 #[tokio::test]
@@ -697,6 +753,7 @@ async fn hostile_guests_fail_their_event_and_the_next_one_succeeds() {
         let err = run_plain(&reg, name, serde_json::json!({}))
             .await
             .unwrap_err();
+        eprintln!("{name} -> {}", err.message);
         assert!(err.retryable, "{name}: {err:?}");
         assert!(
             err.message.contains(expected),
@@ -809,6 +866,31 @@ async fn startup_errors_name_the_problem() {
         "{err}"
     );
 
+    // Limits and names are checked before anything compiles.
+    for (extra, expected) in [
+        ("events = [\"\"]\nmemory = \"16MiB\"", "event name \"\""),
+        (
+            "events = [\"e\"]\nmemory = \"1KiB\"",
+            "memory = 1 KiB is out of range",
+        ),
+        (
+            "events = [\"e\"]\nconcurrency = 0",
+            "concurrency must be at least 1",
+        ),
+        ("events = []", "`events` is empty"),
+    ] {
+        let s = spec(&format!("name = \"lim\"\nmodule = {probe:?}\n{extra}\n"));
+        let err = load_with(vec![s], dir.path(), HostServices::default())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("lim") && err.contains(expected),
+            "{extra}: {err}"
+        );
+    }
+
     // A component of another world (an empty one: no `handle` export) and a
     // truncated copy of the probe.
     std::fs::write(dir.path().join("other.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
@@ -836,6 +918,13 @@ async fn startup_errors_name_the_problem() {
 #[tokio::test]
 async fn check_file_accepts_the_probe_and_explains_rejections() {
     let dir = tempfile::tempdir().unwrap();
+    // The shipped handlers fit the host as well.
+    for shipped in ["ai_check_requeue", "family_sharing", "package_deletion"] {
+        let path = common::guest(shipped);
+        if let Err(e) = check_file(&path) {
+            panic!("{shipped}: {e}");
+        }
+    }
     let info = check_file(&guest("probe.wasm")).expect("probe implements the handler world");
     assert!(
         info.exports.iter().any(|e| e == "handle"),
@@ -1136,6 +1225,7 @@ async fn reload_survives_a_plain_overwrite_in_slow_chunks() {
 
 #[tokio::test]
 async fn corrupt_file_keeps_old_version_serving() {
+    let (logs, _guard) = capture_logs();
     let f = reload_fixture();
     let reg = load(
         vec![probe_spec("p", Path::new("handlers/probe.wasm"), "")],
@@ -1146,24 +1236,42 @@ async fn corrupt_file_keeps_old_version_serving() {
     let tmp = f.dir.path().join("handlers/.tmp");
     std::fs::write(&tmp, b"\0asm\x0d\0\x01\0garbage").unwrap();
     std::fs::rename(&tmp, &f.module).unwrap();
-    // The direct reload reports what the watcher logs.
-    let err = reg.reload("p").await.unwrap_err().to_string();
-    assert!(
-        err.contains("probe.wasm") && err.contains("not a valid component"),
-        "{err}"
-    );
+
+    // One error line naming the file and the reason; the old version serves.
+    eventually("the rejection is logged", || {
+        !logs.lines_with("reload of").is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let rejected = logs.lines_with("reload of");
+    assert_eq!(rejected.len(), 1, "exactly one error line: {rejected:?}");
+    assert!(
+        rejected[0].contains("ERROR")
+            && rejected[0].contains(&f.module.display().to_string())
+            && rejected[0].contains("not a valid component")
+            && rejected[0].contains("keeps serving"),
+        "{}",
+        rejected[0]
+    );
     assert_eq!(reg.handlers()[0].hash, f.v1);
     assert_eq!(
         run_plain(&reg, "probe.echo", serde_json::json!({})).await,
         Ok(Outcome::Done)
     );
+    // Reloading by hand reports the same reason.
+    let err = reg.reload("p").await.unwrap_err().to_string();
+    assert!(err.contains("not a valid component"), "{err}");
 
     // A later good file is picked up: one bad write does not wedge the watcher.
     std::fs::copy(guest("probe_v2.wasm"), &tmp).unwrap();
     std::fs::rename(&tmp, &f.module).unwrap();
     eventually("v2 after the corrupt file", || {
         reg.handlers()[0].hash == f.v2
+    })
+    .await;
+    let expected = format!("handler p reloaded: {} -> {} in ", &f.v1[..12], &f.v2[..12]);
+    eventually("the reload is logged", || {
+        !logs.lines_with(&expected).is_empty()
     })
     .await;
 }

@@ -47,6 +47,18 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Where compiled handler artifacts are cached, so a restart with
+    /// unchanged modules does not recompile. Default: `.outrun-cache` next
+    /// to the config file. `OUTRUN_CACHE_DIR`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// `[kv]`: the key-value store behind the `kv` capability.
+    #[serde(default)]
+    pub kv: crate::wasm::KvSettings,
+    /// `[[handler]]` entries: which component handles which event names,
+    /// with its limits and capabilities.
+    #[serde(default)]
+    pub handler: Vec<crate::wasm::HandlerSpec>,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -145,6 +157,9 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            cache_dir: None,
+            kv: Default::default(),
+            handler: Vec::new(),
             source: None,
         }
     }
@@ -180,10 +195,20 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            // toml's message already names the unknown key and its line.
-            message: e.to_string().trim_end().replace('\n', " "),
+        toml::from_str(text).map_err(|e| {
+            // toml's Display draws a multi-line snippet; one line reads
+            // better in logs: "line 4: unknown field `handlr`, expected ...".
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let message = e.message().trim_end().replace('\n', " ");
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: match line {
+                    Some(l) => format!("line {l}: {message}"),
+                    None => message,
+                },
+            }
         })
     }
 
@@ -252,6 +277,12 @@ impl Config {
         over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
+        }
+        if let Some(v) = env("OUTRUN_CACHE_DIR") {
+            self.cache_dir = (!v.trim().is_empty()).then(|| PathBuf::from(v));
+        }
+        if let Some(v) = env("OUTRUN_KV_URL") {
+            self.kv.url = (!v.trim().is_empty()).then_some(v);
         }
         if let Some(v) = env("OUTRUN_LOG_FORMAT") {
             self.log.format = match v.trim() {

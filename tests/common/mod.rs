@@ -261,6 +261,81 @@ where
     .await
 }
 
+/// `outrun serve --config CONFIG --database DB` as a child process, its log
+/// in a file next to the config, with fast polls and retries (every knob
+/// can still be set in the config file).
+pub struct Serve {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+/// Knobs that keep end-to-end tests quick: retries within a test's patience,
+/// no jitter so a retry is never pushed past a polling deadline. The
+/// environment overrides the config file, so a test that needs other values
+/// passes them to the command itself.
+pub const FAST_ENV: [(&str, &str); 6] = [
+    ("OUTRUN_POLL_INTERVAL", "50ms"),
+    ("OUTRUN_BACKOFF_BASE", "50ms"),
+    ("OUTRUN_BACKOFF_MAX", "200ms"),
+    ("OUTRUN_BACKOFF_JITTER", "0"),
+    ("OUTRUN_LOG", "info"),
+    // One artifact cache for every test's serve: each component compiles
+    // once per test run, not once per test (writes are atomic renames).
+    (
+        "OUTRUN_CACHE_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-artifact-cache"),
+    ),
+];
+
+impl Serve {
+    /// Start serve on `config` and wait until its dispatch loop runs (the
+    /// handlers are compiled and the hot-reload watcher is live by then).
+    pub async fn ready(db: &TestDb, config: &std::path::Path) -> Serve {
+        let log = config.with_extension("log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_outrun"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--database", db.url()])
+            .envs(FAST_ENV)
+            .env_remove("RUST_LOG")
+            .env_remove("OUTRUN_DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start outrun serve");
+        let serve = Serve { child, log };
+        wait_for("outrun serve to start serving", || async {
+            serve.log().contains("dispatch loop started")
+        })
+        .await;
+        serve
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, assert a clean exit 0, return the log.
+    pub fn stop(mut self) -> String {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        let log = self.log();
+        assert!(status.success(), "serve exited with {status}; log:\n{log}");
+        log
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Run each listed `async fn name(db: TestDb)` as two tests,
 /// `sqlite::name` and `postgres::name`, each on its own fresh database.
 #[macro_export]

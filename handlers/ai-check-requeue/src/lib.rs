@@ -76,7 +76,7 @@ impl Check {
                 ev.name
             )));
         }
-        let check: Check = ev.json()?;
+        let check: Check = ev.json_object()?;
         for (field, value) in [
             ("triggerId", &check.trigger_id),
             ("applicationId", &check.application_id),
@@ -223,7 +223,8 @@ mod tests {
                 r#"{"triggerId":" ","applicationId":"a"}"#,
                 "empty `triggerId`",
             ),
-            ("not json", "expected"),
+            ("not json", "must be a JSON object"),
+            (r#"["t","a"]"#, "must be a JSON object"),
         ] {
             let err = Check::parse(&event(EVENT, payload)).unwrap_err();
             assert!(!err.is_retryable(), "{payload}");

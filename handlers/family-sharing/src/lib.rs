@@ -82,7 +82,7 @@ pub struct Toggle {
 impl Share {
     /// Parse and validate the payload; anything off rejects the event.
     pub fn parse(ev: &Event) -> Result<Self, HandlerError> {
-        let share: Share = ev.json()?;
+        let share: Share = ev.json_object()?;
         for (field, value) in [
             ("order_id", &share.order_id),
             ("sharing_key", &share.sharing_key),

@@ -159,21 +159,21 @@ impl Command {
     pub fn parse(ev: &Event) -> Result<Self, HandlerError> {
         let cmd = match ev.name.as_str() {
             "package.requested" => {
-                let b: RequestedBody = ev.json()?;
+                let b: RequestedBody = ev.json_object()?;
                 Command::Requested {
                     package_id: b.package_id,
                     owner: b.owner,
                 }
             }
             "package.closed" => {
-                let b: ClosedBody = ev.json()?;
+                let b: ClosedBody = ev.json_object()?;
                 Command::Closed {
                     package_id: b.package_id,
                     owner: b.owner,
                 }
             }
             "draft.finished" | "ticket.finished" => {
-                let b: FinishedBody = ev.json()?;
+                let b: FinishedBody = ev.json_object()?;
                 let kind = if ev.name == "draft.finished" {
                     OwnerKind::Draft
                 } else {

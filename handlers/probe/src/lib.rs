@@ -22,7 +22,9 @@
 //! | `probe.trap` | — | executes `unreachable` |
 //! | `probe.panic` | — | `panic!("probe panic")` (a trap on wasm32) |
 //!
-//! Any other name is rejected; so is a payload with unknown fields, so a typo
+//! A name may carry a prefix ending in `/` (`denied/probe.sql` runs
+//! `probe.sql`), so one config can bind the same operation to handlers with
+//! different grants. Any other name is rejected; so is a payload with unknown fields, so a typo
 //! in a test shows up as a dead event naming the field, not as a silent pass.
 //! Kv `op`s: `set` (`value`, `ttl_ms`?), `get` (`expect`: string|null),
 //! `delete`/`exists` (`expect`: bool), `expire` (`ttl_ms`?, `expect`: bool),
@@ -46,7 +48,10 @@ pub const VERSION: &str = "1";
 pub const VERSION: &str = "2";
 
 fn handle(ev: Event) -> Result<Outcome, HandlerError> {
-    match ev.name.as_str() {
+    // Dispatch on the part after the last '/', so a test can bind
+    // `denied/probe.sql` to a second handler of the same module with other
+    // grants (one event name goes to one handler only).
+    match ev.name.rsplit('/').next().unwrap_or_default() {
         "probe.echo" => echo(&ev),
         "probe.emit" => emit_event(ev.json()?),
         "probe.emit-raw" => emit_raw(ev.json()?),

@@ -59,6 +59,22 @@ impl Event {
         })
     }
 
+    /// Parse a payload that must be a JSON object into `T`. serde's derived
+    /// structs also accept a JSON array (fields by position), so
+    /// `["t","a"]` would pass for `{"triggerId":"t","applicationId":"a"}`;
+    /// producers that send an array have a bug worth hearing about.
+    pub fn json_object<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        if !self.payload.trim_start().starts_with('{') {
+            return Err(HandlerError::reject(format!(
+                "payload of event `{}` ({}) must be a JSON object, got {}",
+                self.name,
+                self.id,
+                preview(&self.payload),
+            )));
+        }
+        self.json()
+    }
+
     /// Whether the event's expiry has passed by the guest's wall clock.
     /// Events without an expiry never expire.
     pub fn is_expired(&self) -> bool {
@@ -102,6 +118,15 @@ fn short_type_name<T>() -> &'static str {
     }
 }
 
+/// The start of a payload for an error message.
+fn preview(payload: &str) -> String {
+    let mut p: String = payload.trim().chars().take(40).collect();
+    if payload.trim().chars().count() > 40 {
+        p.push('…');
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +154,30 @@ mod tests {
     fn json_parses_payload() {
         let ev = event(r#"{"id":"o-1"}"#, None);
         assert_eq!(ev.json::<Order>().unwrap(), Order { id: "o-1".into() });
+    }
+
+    #[test]
+    fn json_object_rejects_arrays_and_scalars() {
+        // Plain `json` would take the array positionally.
+        assert_eq!(
+            event(r#"["o-1"]"#, None).json::<Order>().unwrap(),
+            Order { id: "o-1".into() }
+        );
+        for bad in [r#"["o-1"]"#, r#""o-1""#, "42", "null"] {
+            let err = event(bad, None).json_object::<Order>().unwrap_err();
+            assert!(!err.is_retryable());
+            assert!(
+                err.message().contains("must be a JSON object"),
+                "{}",
+                err.message()
+            );
+        }
+        assert_eq!(
+            event(r#" {"id":"o-2"}"#, None)
+                .json_object::<Order>()
+                .unwrap(),
+            Order { id: "o-2".into() }
+        );
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! user as one line on stderr and exit code 1.
 
 mod bench;
+mod demo;
 mod enqueue;
 pub(crate) mod events;
+mod handlers;
 mod migrate;
 mod serve;
 
@@ -50,6 +52,13 @@ pub enum Command {
     /// Inspect and repair the outbox.
     #[command(subcommand)]
     Events(events::Command),
+    /// List the configured handlers or check a component file.
+    #[command(subcommand)]
+    Handlers(handlers::Command),
+    /// Run the three shipped handlers end to end on a throwaway embedded
+    /// database with demo stand-in services; exit 0 only if all went as
+    /// expected.
+    Demo(demo::Args),
     /// Measure throughput or latency with the bench guest (empty outbox needed).
     Bench(bench::Args),
 }
@@ -100,6 +109,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(f) = cli.log_format {
         config.log.format = f;
     }
+    if let Command::Demo(args) = cli.command {
+        // The demo installs its own logging (it captures handler logs).
+        return demo::run(&config, args).await;
+    }
     let serving = matches!(cli.command, Command::Serve(_));
     init_logging(config.log.format, if serving { "info" } else { "warn" });
     match cli.command {
@@ -107,6 +120,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(config, args).await,
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
+        Command::Handlers(cmd) => handlers::run(&config, cmd).await,
+        Command::Demo(_) => unreachable!("handled above"),
         Command::Bench(args) => bench::run(&config, args).await,
     }
 }
@@ -115,9 +130,12 @@ fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTRUN_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, not for files and collectors.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

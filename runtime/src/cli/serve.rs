@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::handler::{Router, StaticRouter};
 use crate::store::{ConnectOptions, Store, redact_url};
+use crate::wasm::{HostServices, Registry};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,9 +43,23 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             .await
             .context("applying migrations (use --no-migrate to skip)")?;
     }
-    let router: Arc<dyn Router> = Arc::new(StaticRouter::new());
     let stop = CancellationToken::new();
-    let services = start_services(&config, &store, stop.clone()).await?;
+    let (router, registry, _watcher) = if config.handler.is_empty() {
+        tracing::warn!(
+            "no [[handler]] in the config: every event will be dead with 'no handler for event'"
+        );
+        (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None, None)
+    } else {
+        let registry = load_registry(&config).await?;
+        // Dropping the watcher stops hot reload, so it lives as long as serve.
+        let watcher = registry.watch()?;
+        (
+            registry.clone() as Arc<dyn Router>,
+            Some(registry),
+            Some(watcher),
+        )
+    };
+    let services = start_services(&config, &store, registry, stop.clone()).await?;
     let dispatcher = Dispatcher::new(store.clone(), router, config.runtime.clone());
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
     let summary = dispatcher.run(shutdown_signal()).await?;
@@ -60,10 +75,33 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Compile (or load from the artifact cache) every configured handler.
+pub(crate) async fn load_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+    let services = HostServices {
+        kv: config.kv.clone(),
+        default_max_retry: config.runtime.max_retry,
+        cache_dir: config
+            .cache_dir
+            .as_ref()
+            .map(|d| crate::wasm::resolve(&config.base_dir(), d)),
+        // One instance per in-flight event, with headroom for a reload
+        // overlapping a full house.
+        max_instances: (config.runtime.concurrency as u32)
+            .saturating_mul(2)
+            .max(16),
+    };
+    let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
+    for h in registry.handlers() {
+        tracing::info!(handler = %h.name, module = %h.module.display(), version = &h.hash[..12], events = ?h.events, "handler loaded");
+    }
+    Ok(registry)
+}
+
 /// Maintenance and, if configured, the admin server.
 async fn start_services(
     config: &Config,
     store: &Store,
+    registry: Option<Arc<Registry>>,
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let r = &config.runtime;
@@ -85,7 +123,10 @@ async fn start_services(
             store: store.clone(),
             metrics: crate::admin::install_metrics()?,
             default_max_retry: r.max_retry,
-            handlers: Arc::new(|| serde_json::json!([])),
+            handlers: Arc::new(move || match &registry {
+                Some(r) => serde_json::to_value(r.handlers()).unwrap_or_default(),
+                None => serde_json::json!([]),
+            }),
         };
         tasks.push(crate::admin::serve(addr, state, stop).await?);
     }

@@ -27,7 +27,9 @@ impl Host for HostState {
                 i32::try_from(m)
                     .map_err(|_| CapError::Invalid(format!("max-retry {m} is too large")))?,
             ),
-            None => None,
+            // Fixed now rather than at ack time so the buffered event says
+            // exactly what will be inserted.
+            None => Some(self.caps.default_max_retry),
         };
         let event = NewEvent {
             name,

@@ -54,6 +54,14 @@ impl KvStore {
     }
 }
 
+/// A value of the embedded store, as [`MemoryKv::snapshot`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvValue {
+    Bytes(Vec<u8>),
+    /// Members sorted, for stable output.
+    Set(std::collections::BTreeSet<String>),
+}
+
 enum Entry {
     Bytes(Vec<u8>),
     Set(HashSet<String>),
@@ -64,12 +72,18 @@ struct Slot {
     expires: Option<Instant>,
 }
 
-/// The embedded kv store: a map behind a mutex with lazy TTL expiry (an
-/// expired key is dropped when next touched). Per process, not durable.
+/// The embedded kv store: a map behind a mutex. An expired key is dropped
+/// when next touched, and every [`SWEEP_EVERY`] operations a sweep drops the
+/// expired keys nobody touches again, so TTLs bound memory. Per process, not
+/// durable.
 #[derive(Default)]
 pub struct MemoryKv {
     map: Mutex<HashMap<String, Slot>>,
+    ops: std::sync::atomic::AtomicU64,
 }
+
+/// Operations between full sweeps of expired keys (amortised O(1)).
+const SWEEP_EVERY: u64 = 1024;
 
 const WRONG_TYPE: &str = "the key holds a set; use the set operations (or a different key)";
 const WRONG_TYPE_SET: &str =
@@ -78,6 +92,11 @@ const WRONG_TYPE_SET: &str =
 impl MemoryKv {
     fn with<R>(&self, key: &str, f: impl FnOnce(&mut HashMap<String, Slot>) -> R) -> R {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            let now = Instant::now();
+            map.retain(|_, s| s.expires.is_none_or(|t| t > now));
+        }
         if map
             .get(key)
             .is_some_and(|s| s.expires.is_some_and(|t| t <= Instant::now()))
@@ -161,6 +180,26 @@ impl MemoryKv {
             }
             Ok(n)
         })
+    }
+
+    /// Every live key with its value, sorted by key: lets the embedding
+    /// process (`outrun demo`) show and check what handlers left behind.
+    pub fn snapshot(&self) -> Vec<(String, KvValue)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut out: Vec<(String, KvValue)> = map
+            .iter()
+            .filter(|(_, s)| s.expires.is_none_or(|t| t > now))
+            .map(|(k, s)| {
+                let v = match &s.entry {
+                    Entry::Bytes(b) => KvValue::Bytes(b.clone()),
+                    Entry::Set(set) => KvValue::Set(set.iter().cloned().collect()),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn set_members(&self, key: &str) -> Result<Vec<String>, CapError> {
@@ -319,6 +358,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn snapshot_lists_live_keys_sorted() {
+        let kv = MemoryKv::default();
+        kv.set("z", b"1".to_vec(), None);
+        kv.set("gone", b"x".to_vec(), Some(Duration::from_millis(1)));
+        kv.set_add("a", vec!["y".into(), "x".into()]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            kv.snapshot(),
+            vec![
+                (
+                    "a".to_string(),
+                    KvValue::Set(["x".to_string(), "y".to_string()].into())
+                ),
+                ("z".to_string(), KvValue::Bytes(b"1".to_vec())),
+            ]
+        );
+    }
+
+    #[test]
     fn memory_kv_ttl_and_sets() {
         let kv = MemoryKv::default();
         kv.set("a", b"1".to_vec(), Some(Duration::from_millis(1)));
@@ -341,5 +399,19 @@ mod tests {
         assert_eq!(kv.set_members("s").unwrap(), vec!["y".to_string()]);
         assert_eq!(kv.set_remove("s", vec!["y".into()]).unwrap(), 1);
         assert!(!kv.exists("s"), "an emptied set is deleted, as in Redis");
+
+        // Expired keys that are never touched again are swept.
+        for i in 0..100 {
+            kv.set(&format!("tmp{i}"), vec![0], Some(Duration::from_millis(1)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        for _ in 0..SWEEP_EVERY {
+            kv.exists("b");
+        }
+        assert_eq!(
+            kv.map.lock().unwrap().len(),
+            1,
+            "only the live key `b` is left"
+        );
     }
 }

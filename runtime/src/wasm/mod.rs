@@ -58,8 +58,9 @@ pub enum WasmError {
     Engine(String),
 }
 
-/// `path` relative to `base` unless already absolute.
-pub(crate) fn resolve(base: &Path, path: &Path) -> PathBuf {
+/// `path` relative to `base` unless already absolute (config paths resolve
+/// against the config file's directory).
+pub fn resolve(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
     } else {

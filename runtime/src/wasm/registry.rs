@@ -5,7 +5,7 @@
 //! replace it while in-flight events finish on the version they started
 //! with.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use super::cache::{ArtifactCache, Source};
 use super::engine::{EngineLimits, EpochTicker, build_engine};
 use super::spec::{ByteSize, HandlerSpec, KvSettings};
 use super::{WasmError, resolve};
-use crate::event::Event;
+use crate::event::{Event, validate_name};
 use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
 use crate::host::bindings::outrun::handler::types as wit;
 use crate::host::bindings::{Handler as HandlerWorld, HandlerPre};
@@ -33,6 +33,11 @@ use crate::store::DEFAULT_MAX_RETRY;
 /// beyond the handler's own, so the host's precise message ("timeout after
 /// 2s") wins the race.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(1);
+
+/// One wasm page: nothing smaller can hold any linear memory.
+const MIN_MEMORY: u64 = 64 * 1024;
+/// The whole 32-bit address space of a wasm memory.
+const MAX_MEMORY: u64 = 4 * 1024 * 1024 * 1024;
 
 /// What the host needs from the rest of the runtime. There is no `Store`
 /// here on purpose: a handler reaches the database only through the
@@ -113,11 +118,11 @@ impl Registry {
         base_dir: &Path,
         services: HostServices,
     ) -> Result<Arc<Registry>, WasmError> {
-        let mut names: HashMap<&str, ()> = HashMap::new();
+        let mut names: HashSet<&str> = HashSet::new();
         let mut by_event: HashMap<String, usize> = HashMap::new();
         let mut modules = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            if names.insert(spec.name.as_str(), ()).is_some() {
+            if !names.insert(spec.name.as_str()) {
                 return Err(WasmError::DuplicateHandler(spec.name.clone()));
             }
             if spec.name.trim().is_empty() {
@@ -140,6 +145,21 @@ impl Registry {
                     handler: spec.name.clone(),
                     reason: "max_retry must be at least 1".into(),
                 });
+            }
+            let bad = |reason: String| WasmError::BadSpec {
+                handler: spec.name.clone(),
+                reason,
+            };
+            for name in spec.events.iter().chain(&spec.allow.emit) {
+                validate_name(name).map_err(|e| bad(format!("event name {name:?}: {e}")))?;
+            }
+            if spec.memory.bytes() < MIN_MEMORY || spec.memory.bytes() > MAX_MEMORY {
+                return Err(bad(format!(
+                    "memory = {} is out of range: use between {} and {}",
+                    spec.memory,
+                    ByteSize(MIN_MEMORY),
+                    ByteSize(MAX_MEMORY)
+                )));
             }
             if spec.timeout.is_zero() {
                 return Err(WasmError::BadSpec {
@@ -289,6 +309,33 @@ impl Router for Registry {
             .map(|(name, _)| name.clone())
             .collect()
     }
+}
+
+/// Frames wasmtime keeps in a trap backtrace (its default).
+const BACKTRACE_FRAMES: usize = 20;
+
+/// A Rust (LLVM) guest keeps large locals on a stack inside its linear
+/// memory; exhausting it surfaces as an out-of-bounds access, not as
+/// wasmtime's `StackOverflow`. When every frame of the (full) backtrace but
+/// a couple is the same function, that is what happened: name the function.
+fn deep_recursion(err: &wasmtime::Error) -> Option<String> {
+    let bt = err.downcast_ref::<wasmtime::WasmBacktrace>()?;
+    let frames = bt.frames();
+    if frames.len() < BACKTRACE_FRAMES {
+        return None;
+    }
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for f in frames {
+        *counts.entry(f.func_index()).or_default() += 1;
+    }
+    let (&func, &n) = counts.iter().max_by_key(|(_, n)| **n)?;
+    (n + 3 >= frames.len()).then(|| {
+        let frame = frames.iter().find(|f| f.func_index() == func)?;
+        Some(frame.func_name().map_or_else(
+            || format!("function #{func}"),
+            |n| format!("`{:#}`", rustc_demangle::demangle(n)),
+        ))
+    })?
 }
 
 /// `outrun_handler_version{handler, version} = 1` for the serving version
@@ -479,6 +526,10 @@ impl HandlerVersion {
                     format!("timeout after {}", humantime::format_duration(self.timeout))
                 }
                 Some(Trap::StackOverflow) => "wasm trap: stack overflow".to_string(),
+                Some(Trap::MemoryOutOfBounds) if let Some(func) = deep_recursion(&err) => format!(
+                    "wasm trap: stack overflow (out of bounds memory access deep in a recursion of {func}: \
+                     the guest's in-memory stack is exhausted)"
+                ),
                 Some(trap) => trap.to_string(),
                 None => format!("handler failed: {err:#}"),
             }

@@ -15,12 +15,17 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use super::WasmError;
 use super::registry::{Registry, compile_version, version_metric};
-use super::{HandlerInfo, WasmError};
 
 /// Quiet time after the last change to a file before it is loaded: writers
 /// emit several events per save (create, modify ×N, close).
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// How long a truncated file may stay truncated before it is reported: a
+/// plain overwrite (`cp`, a slow upload) shows partial files for a while,
+/// and those are not errors, just not done yet.
+pub const TRUNCATED_GRACE: Duration = Duration::from_secs(2);
 
 /// What [`Registry::reload`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,9 +148,16 @@ async fn run(registry: Arc<Registry>, mut rx: mpsc::UnboundedReceiver<PathBuf>) 
                 m.entry(s.module.clone()).or_default().push(i);
                 m
             });
-    let mut due: HashMap<usize, tokio::time::Instant> = HashMap::new();
+    // Catch up once at start: a module replaced between its load and the
+    // watcher's start produced no event we could see. Unchanged files cost
+    // one read and hash.
+    let mut due: HashMap<usize, tokio::time::Instant> = (0..registry.slots.len())
+        .map(|i| (i, tokio::time::Instant::now()))
+        .collect();
     // Content that already failed (and was reported): not reported twice.
     let mut failed: HashMap<usize, blake3::Hash> = HashMap::new();
+    // Truncated content first seen when: reported only if it stays so.
+    let mut truncated_since: HashMap<usize, (blake3::Hash, tokio::time::Instant)> = HashMap::new();
     loop {
         let next = due.values().min().copied();
         tokio::select! {
@@ -160,7 +172,7 @@ async fn run(registry: Arc<Registry>, mut rx: mpsc::UnboundedReceiver<PathBuf>) 
                 let ready: Vec<usize> = due.iter().filter(|(_, t)| **t <= now).map(|(i, _)| *i).collect();
                 for i in ready {
                     due.remove(&i);
-                    if let Some(retry_at) = reload_once(&registry, i, &mut failed).await {
+                    if let Some(retry_at) = reload_once(&registry, i, &mut failed, &mut truncated_since).await {
                         due.insert(i, retry_at);
                     }
                 }
@@ -175,10 +187,11 @@ async fn reload_once(
     registry: &Registry,
     i: usize,
     failed: &mut HashMap<usize, blake3::Hash>,
+    truncated_since: &mut HashMap<usize, (blake3::Hash, tokio::time::Instant)>,
 ) -> Option<tokio::time::Instant> {
     let slot = &registry.slots[i];
-    let before = match std::fs::read(&slot.module) {
-        Ok(b) => blake3::hash(&b),
+    let (before, is_truncated) = match std::fs::read(&slot.module) {
+        Ok(b) => (blake3::hash(&b), truncated(&b)),
         // Mid-rename or deleted: the old version keeps serving; a new file
         // under the name produces another event.
         Err(_) => return None,
@@ -186,6 +199,21 @@ async fn reload_once(
     if failed.get(&i) == Some(&before) {
         return None;
     }
+    if is_truncated {
+        let now = tokio::time::Instant::now();
+        let since = match truncated_since.get(&i) {
+            Some((h, t)) if *h == before => *t,
+            _ => {
+                truncated_since.insert(i, (before, now));
+                now
+            }
+        };
+        if now.duration_since(since) < TRUNCATED_GRACE {
+            tracing::debug!(handler = %slot.spec.name, "{} is truncated, probably still being written; waiting", slot.module.display());
+            return Some(now + DEBOUNCE * 4);
+        }
+    }
+    truncated_since.remove(&i);
     match registry.reload_slot(i).await {
         Ok(_) => {
             failed.remove(&i);
@@ -208,12 +236,71 @@ async fn reload_once(
     }
 }
 
-/// For `HandlerInfo` consumers that want to know what changed between two
-/// listings.
-pub fn changed(before: &[HandlerInfo], after: &[HandlerInfo]) -> Vec<String> {
-    after
-        .iter()
-        .filter(|a| before.iter().any(|b| b.name == a.name && b.hash != a.hash))
-        .map(|a| a.name.clone())
-        .collect()
+/// Whether `bytes` look like the beginning of a WebAssembly binary that is
+/// still being written: a prefix of the header, or a top-level section that
+/// runs past the end. Anything else (garbage, a complete file of the wrong
+/// kind) is judged by the compiler at once.
+fn truncated(bytes: &[u8]) -> bool {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 {
+        return MAGIC.starts_with(&bytes[..bytes.len().min(4)]);
+    }
+    if &bytes[..4] != MAGIC {
+        return false;
+    }
+    let mut pos = 8;
+    while pos < bytes.len() {
+        pos += 1; // section id
+        let mut size: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let Some(&b) = bytes.get(pos) else {
+                return true;
+            };
+            pos += 1;
+            size |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 35 {
+                return false; // not a LEB128 u32: malformed, not truncated
+            }
+        }
+        match pos.checked_add(size as usize) {
+            Some(end) if end <= bytes.len() => pos = end,
+            _ => return true,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncated;
+
+    #[test]
+    fn truncation_is_told_from_garbage() {
+        // A component header, then a custom section of 3 bytes.
+        let whole = [
+            b"\0asm".as_slice(),
+            &[0x0d, 0x00, 0x01, 0x00],
+            &[0x00, 0x03, 0x01, b'a', 0x7f],
+        ]
+        .concat();
+        assert!(!truncated(&whole));
+        for cut in (0..whole.len()).filter(|&c| c != 8) {
+            assert!(
+                truncated(&whole[..cut]),
+                "a {cut}-byte prefix is still being written"
+            );
+        }
+        // A bare header is a complete (empty) binary as far as structure goes.
+        assert!(!truncated(&whole[..8]));
+        assert!(!truncated(b"not wasm at all"));
+        // Garbage behind a valid magic cannot be told from a file still being
+        // written; it is reported once TRUNCATED_GRACE has passed.
+        assert!(truncated(b"\0asm\x0d\0\x01\0\x01\x7f"));
+        assert!(!truncated(b"x"));
+    }
 }

@@ -1,0 +1,70 @@
+//! `outrun demo`: run the shipped handlers end to end on a throwaway
+//! embedded database (see [`crate::demo`]), print the report, and exit 0
+//! only when the end state is the expected one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::config::{Config, LogFormat};
+use crate::demo::{self, Journal, Options};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory with ai_check_requeue.wasm, family_sharing.wasm and
+    /// package_deletion.wasm (scripts/build-guests.sh writes them).
+    #[arg(long, value_name = "DIR", default_value = "target/guests")]
+    pub handlers: PathBuf,
+    /// Longest wait for the outbox to drain, e.g. 30s.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::parse_duration)]
+    pub timeout: Duration,
+    /// Keep the temporary directory with the demo database.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
+    let journal = Journal::default();
+    init_logging(config.log.format, &journal);
+    let opts = Options {
+        handlers_dir: args.handlers,
+        deadline: args.timeout,
+        keep: args.keep,
+    };
+    let run = demo::run(&opts, journal).await?;
+    print!("{}", run.report);
+    if run.mismatches.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "demo: {} check(s) failed (details in the MISMATCH lines above): {}",
+            run.mismatches.len(),
+            run.mismatches.join("; ")
+        )
+    }
+}
+
+/// The report is the demo's output; runtime logs stay off unless asked for
+/// with OUTRUN_LOG (or RUST_LOG), since the demo's expected failures (a 503,
+/// the dead letter) would read as problems. The journal layer always sees
+/// the handlers' own log lines.
+fn init_logging(format: LogFormat, journal: &Journal) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTRUN_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(journal.guest_log_layer())
+        .try_init();
+}
