@@ -1,6 +1,7 @@
 //! The `outrun` command line: one file per subcommand. Errors reach the
 //! user as one line on stderr and exit code 1.
 
+mod bench;
 mod demo;
 mod enqueue;
 pub(crate) mod events;
@@ -58,6 +59,8 @@ pub enum Command {
     /// database with demo stand-in services; exit 0 only if all went as
     /// expected.
     Demo(demo::Args),
+    /// Measure throughput or latency with the bench guest (empty outbox needed).
+    Bench(bench::Args),
 }
 
 /// Parse the process arguments, run, and exit with 0 or 1.
@@ -119,6 +122,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,
         Command::Demo(_) => unreachable!("handled above"),
+        Command::Bench(args) => bench::run(&config, args).await,
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::event::Lease;
 use crate::store::Store;
 
+use super::DispatchObserver;
 use super::inflight::Inflight;
 
 /// Most leases in one DELETE.
@@ -29,6 +30,7 @@ pub async fn run(
     inflight: Inflight,
     mut rx: mpsc::UnboundedReceiver<Ack>,
     unblocked: Arc<Notify>,
+    observer: Option<Arc<dyn DispatchObserver>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut grouped = false;
@@ -54,6 +56,9 @@ pub async fn run(
                     );
                 }
                 metrics::counter!("outrun_acks_total").increment(acked.len() as u64);
+                if let Some(o) = &observer {
+                    o.on_acked(&acked);
+                }
             }
             // The events stay leased until their lease runs out, then run
             // again: at-least-once, never lost.

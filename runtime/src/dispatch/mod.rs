@@ -1,9 +1,10 @@
 //! The dispatch loop: claim events in batches, run them concurrently on
 //! their handlers, and record each verdict.
 //!
-//! One claimer task owns the worker set. It claims only as many events as
-//! there are free worker slots (so nothing sits leased while waiting for a
-//! slot), skips the names of handlers at their concurrency cap, and sleeps
+//! One claimer task owns the worker set. It claims in batches and runs at
+//! most one batch ahead of the workers (a short, bounded queue of leased
+//! events waiting for a slot), skips the names of handlers at their
+//! concurrency cap, and sleeps
 //! until a wake-up (PostgreSQL NOTIFY or an in-process enqueue), a finished
 //! worker, or the poll interval. Acks of handlers that wrote nothing go to
 //! the batched acker; leases are extended by one task for all workers.
@@ -15,8 +16,10 @@
 mod acker;
 mod backoff;
 mod inflight;
+mod observer;
 mod worker;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -26,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::Backoff;
 pub use inflight::Inflight;
+pub use observer::DispatchObserver;
 pub use worker::no_handler_reason;
 
 use crate::config::RuntimeConfig;
@@ -38,6 +42,7 @@ pub struct Dispatcher {
     router: Arc<dyn Router>,
     config: RuntimeConfig,
     worker_id: String,
+    observer: Option<Arc<dyn DispatchObserver>>,
 }
 
 /// What a finished run did, for logs and tests.
@@ -61,7 +66,14 @@ impl Dispatcher {
             router,
             config,
             worker_id,
+            observer: None,
         }
+    }
+
+    /// Report handler starts and acks to `observer` (see [`DispatchObserver`]).
+    pub fn with_observer(mut self, observer: Arc<dyn DispatchObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The `locked_by` value of this instance's claims.
@@ -96,6 +108,7 @@ impl Dispatcher {
             inflight.clone(),
             ack_rx,
             unblocked.clone(),
+            self.observer.clone(),
         ));
         let extender_stop = CancellationToken::new();
         let extender = tokio::spawn(inflight::extend_leases(
@@ -116,6 +129,7 @@ impl Dispatcher {
             inflight: inflight.clone(),
             acks: ack_tx,
             stopping: stop.clone(),
+            observer: self.observer.clone(),
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),
@@ -127,6 +141,20 @@ impl Dispatcher {
         tracing::info!(worker = %self.worker_id, backend = ?self.store.backend(), concurrency = cfg.concurrency, batch_size = cfg.batch_size, "dispatch loop started");
 
         let mut workers: JoinSet<bool> = JoinSet::new();
+        // Claimed events waiting for a worker slot. The claimer runs up to
+        // one batch ahead of the workers, so claims are full batches issued
+        // while the workers are busy, instead of one small claim per
+        // finished worker (each claim walks past every leased row at the
+        // head of the queue, so many small claims cost the database far
+        // more than few large ones). Queued events are in `inflight`: their
+        // leases are extended, and released at shutdown.
+        let mut ready: VecDeque<crate::event::Claimed> = VecDeque::new();
+        let run_ahead = cfg.batch_size.min(cfg.concurrency).max(1);
+        let capacity = cfg.concurrency + run_ahead;
+        // Claim once at least this much room opened up (or at once when
+        // idle), so a steady stream of finishing workers still yields
+        // claims of half a batch or more.
+        let refill = (run_ahead / 2).max(1);
         let mut summary = RunSummary::default();
         // Whether a claim now is likely to find work: the last claim was
         // full, a wake-up arrived, or a finished worker may have made work
@@ -135,9 +163,15 @@ impl Dispatcher {
         let mut maybe_more = true;
         let mut claim_failures = 0u32;
         while !stop.is_cancelled() {
-            let free = cfg.concurrency.saturating_sub(workers.len());
-            if free > 0 && maybe_more {
-                let want = free.min(cfg.batch_size);
+            while workers.len() < cfg.concurrency {
+                let Some(claimed) = ready.pop_front() else {
+                    break;
+                };
+                workers.spawn(worker::run(cx.clone(), claimed));
+            }
+            let room = capacity.saturating_sub(workers.len() + ready.len());
+            if maybe_more && (room >= refill || (workers.is_empty() && room > 0)) {
+                let want = room.min(cfg.batch_size);
                 match self
                     .store
                     .claim(
@@ -155,9 +189,12 @@ impl Dispatcher {
                         metrics::counter!("outrun_claimed_total").increment(batch.len() as u64);
                         for claimed in batch {
                             inflight.insert(claimed.lease());
-                            workers.spawn(worker::run(cx.clone(), claimed));
+                            ready.push_back(claimed);
                         }
-                        if maybe_more && workers.len() < cfg.concurrency {
+                        if maybe_more {
+                            continue;
+                        }
+                        if !ready.is_empty() {
                             continue;
                         }
                     }
@@ -181,7 +218,7 @@ impl Dispatcher {
                 Some(done) = workers.join_next(), if !workers.is_empty() => {
                     // A verdict may have made work claimable; a full house
                     // may have hidden more work.
-                    maybe_more |= free == 0 || reaped(done);
+                    maybe_more |= reaped(done);
                     while let Some(done) = workers.try_join_next() {
                         maybe_more |= reaped(done);
                     }
@@ -198,7 +235,9 @@ impl Dispatcher {
             }
         }
 
-        tracing::info!(running = workers.len(), grace = ?cfg.shutdown_grace, "shutting down: no new claims; waiting for running handlers");
+        tracing::info!(running = workers.len(), queued = ready.len(), grace = ?cfg.shutdown_grace, "shutting down: no new claims; waiting for running handlers");
+        // Never started: released with the other leftovers below.
+        ready.clear();
         let drained = tokio::time::timeout(cfg.shutdown_grace, async {
             while workers.join_next().await.is_some() {}
         })

@@ -28,6 +28,7 @@ pub struct WorkerContext {
     pub acks: mpsc::UnboundedSender<super::acker::Ack>,
     /// Cancelled at shutdown: events that have not started are released.
     pub stopping: CancellationToken,
+    pub observer: Option<Arc<dyn super::DispatchObserver>>,
 }
 
 /// The reason recorded for an event that no handler is bound to.
@@ -73,6 +74,9 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         return false;
     }
 
+    if let Some(o) = &cx.observer {
+        o.on_started(ev);
+    }
     let mut effects = Effects::new(cx.store.clone());
     let started = Instant::now();
     let result = invoke(&route, ev, &mut effects).await;
@@ -195,6 +199,9 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
     match result {
         Ok(true) => {
             cx.inflight.remove(&lease.id);
+            if let Some(o) = &cx.observer {
+                o.on_acked(&[lease.id]);
+            }
             return !emitted.is_empty();
         }
         Ok(false) => {

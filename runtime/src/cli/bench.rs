@@ -1,0 +1,606 @@
+//! `outrun bench`: throughput and latency of the real runtime against a real
+//! database — the real claim loop, the bench guest component (a fresh
+//! instance per event) and real acks. Nothing is short-circuited: the
+//! handler is loaded through the same [`Registry`] as any other.
+//!
+//! - `drain` (default): enqueue N events in batched transactions, then start
+//!   the runtime and time until every one is acked.
+//! - `latency`: start the runtime, then enqueue at a fixed rate, one event
+//!   per transaction on a separate connection pool (as an application
+//!   would), open loop (each enqueue is scheduled by the clock, not by the
+//!   previous one finishing, so a stall shows up as latency instead of
+//!   silently lowering the rate).
+//!
+//! Progress is observed through the dispatcher's [`DispatchObserver`] hook,
+//! not by polling the table, so the measurement adds no queries.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::{Config, RuntimeConfig};
+use crate::dispatch::{DispatchObserver, Dispatcher};
+use crate::event::{Event, NewEvent};
+use crate::handler::Router;
+use crate::store::{Backend, ConnectOptions, Store, redact_url};
+use crate::wasm::{HandlerSpec, HostServices, Registry};
+
+/// Enqueue batch size in drain mode: large enough that the per-transaction
+/// cost vanishes, small enough that memory stays flat at a million events.
+const ENQUEUE_BATCH: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Drain,
+    Latency,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    /// `bench.noop`: returns Done at once.
+    Noop,
+    /// `bench.json`: parses the payload with serde_json.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Events to enqueue [default: 100000 in drain mode, 10 s worth at
+    /// --rate in latency mode].
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Events handled at once (the runtime's concurrency).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Most events per claim statement.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Size of each event's JSON payload in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
+    #[arg(long, value_enum, default_value_t = HandlerKind::Noop)]
+    pub handler: HandlerKind,
+    #[arg(long, value_enum, default_value_t = Mode::Drain)]
+    pub mode: Mode,
+    /// Enqueues per second in latency mode.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// The bench guest component.
+    #[arg(
+        long,
+        env = "OUTRUN_BENCH_MODULE",
+        default_value = "target/guests/bench.wasm"
+    )]
+    pub module: PathBuf,
+    /// Compiled-artifact cache [default: outrun-bench-cache in the system
+    /// temp directory], so repeated runs do not recompile the guest.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub backend: Backend,
+    pub mode: Mode,
+    pub handler: HandlerKind,
+    pub events: u64,
+    pub concurrency: usize,
+    pub batch_size: usize,
+    pub payload_bytes: usize,
+    /// Target enqueue rate (latency mode).
+    pub rate: Option<f64>,
+    /// Wall time from starting the runtime until the last event was acked
+    /// (drain), or from the first enqueue until the last ack (latency).
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    pub enqueue_seconds: f64,
+    pub enqueue_per_sec: f64,
+    /// Where `latency_ms` starts: `enqueue` (latency mode: the start of the
+    /// enqueue call, so it includes the INSERT and its commit) or
+    /// `handler_start` (drain mode, where every event waits behind the
+    /// backlog by design: handler start → ack committed).
+    pub latency_from: &'static str,
+    /// `latency_from` → ack committed.
+    pub latency_ms: Percentiles,
+    /// Enqueue call start → handler start (latency mode only).
+    pub start_latency_ms: Option<Percentiles>,
+    /// The enqueue call itself: INSERT + COMMIT on the application's pool,
+    /// including the commit's WAL flush (latency mode only). Part of
+    /// `start_latency_ms`, but paid by the application, not the runtime.
+    pub enqueue_call_ms: Option<Percentiles>,
+    /// Enqueue call returned (committed) → handler start, 0 when the handler
+    /// started before the commit acknowledgement reached the application
+    /// (latency mode only): the delay the runtime adds.
+    pub start_after_commit_ms: Option<Percentiles>,
+    /// Peak resident set of this process (VmHWM), MiB.
+    pub peak_rss_mb: Option<f64>,
+    /// Loading the handler (compile or cache hit), ms; not in `seconds`.
+    pub load_ms: f64,
+    pub module_from_cache: bool,
+}
+
+pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        bail!("--rate must be a positive number of events per second");
+    }
+    let events = args.events.unwrap_or(match args.mode {
+        Mode::Drain => 100_000,
+        Mode::Latency => (args.rate * 10.0).ceil() as u64,
+    });
+    if events == 0 {
+        bail!("--events must be at least 1");
+    }
+    let payload = payload(args.handler, args.payload_bytes);
+    let name = match args.handler {
+        HandlerKind::Noop => "bench.noop",
+        HandlerKind::Json => "bench.json",
+    };
+    NewEvent::new(name, payload.clone())
+        .validate()
+        .context("the generated bench event")?;
+    if !args.module.is_file() {
+        bail!(
+            "bench guest {} not found; run scripts/build-guests.sh (or pass --module PATH)",
+            args.module.display()
+        );
+    }
+
+    let url = &config.database_url;
+    // Workers with effects, the claimer, the acker, the lease extender and
+    // the LISTEN connection may each hold one.
+    let opts = ConnectOptions {
+        max_connections: (args.concurrency as u32 + 4).min(64),
+        acquire_timeout: Duration::from_secs(30),
+    };
+    let store = Store::connect(url, &opts)
+        .await
+        .with_context(|| format!("database {}", redact_url(url)))?;
+    store.migrate().await.context("applying migrations")?;
+    let before = store.stats().await?;
+    let present = before.pending + before.scheduled + before.running + before.dead;
+    if present > 0 {
+        bail!(
+            "the outbox at {} already holds {present} events; the bench needs an empty outbox \
+             so it measures only its own events (point --database at a fresh database)",
+            redact_url(url)
+        );
+    }
+
+    let mut runtime = config.runtime.clone();
+    runtime.concurrency = args.concurrency;
+    runtime.batch_size = args.batch_size;
+
+    let report = match args.mode {
+        Mode::Drain => drain(&args, &store, runtime, events, name, &payload).await?,
+        Mode::Latency => {
+            let app = Store::connect(url, &ConnectOptions::default())
+                .await
+                .with_context(|| format!("database {}", redact_url(url)))?;
+            latency(&args, &store, &app, runtime, events, name, &payload).await?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+/// A JSON payload of exactly `bytes` bytes (or the smallest the handler
+/// accepts, if `bytes` is smaller): an [`Order`]-shaped object padded with
+/// a `pad` string.
+fn payload(kind: HandlerKind, bytes: usize) -> String {
+    let base = match kind {
+        HandlerKind::Noop => r#"{"id":1,"pad":""}"#.to_string(),
+        HandlerKind::Json => r#"{"id":4711,"customer":"c-0042","amount_cents":12999,"items":[{"sku":"sku-1","qty":2},{"sku":"sku-2","qty":1}],"pad":""}"#.to_string(),
+    };
+    let pad = bytes.saturating_sub(base.len());
+    base.replacen(r#""pad":"""#, &format!(r#""pad":"{}""#, "x".repeat(pad)), 1)
+}
+
+async fn load_handler(args: &Args) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
+    let spec = HandlerSpec {
+        name: "bench".into(),
+        events: vec!["bench.noop".into(), "bench.json".into()],
+        module: args.module.clone(),
+        max_retry: None,
+        timeout: crate::wasm::spec::DEFAULT_TIMEOUT,
+        memory: crate::wasm::spec::DEFAULT_MEMORY,
+        concurrency: None,
+        allow: Default::default(),
+    };
+    let services = HostServices {
+        cache_dir: Some(
+            args.cache_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("outrun-bench-cache")),
+        ),
+        max_instances: u32::try_from(args.concurrency).unwrap_or(u32::MAX),
+        ..HostServices::default()
+    };
+    let started = Instant::now();
+    let registry = Registry::load(vec![spec], std::path::Path::new("."), services)
+        .await
+        .context("loading the bench guest")?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let from_cache = registry.current("bench").is_some_and(|v| v.from_cache());
+    Ok((registry, load_ms, from_cache))
+}
+
+/// Records handler starts and acks. In drain mode only events in flight are
+/// kept (a million-event run must not grow with N); latency mode keeps one
+/// start and one ack instant per event for the join with the enqueue times.
+struct Recorder {
+    keep_all: bool,
+    started: Mutex<HashMap<Uuid, Instant>>,
+    acked: Mutex<Vec<(Uuid, Instant)>>,
+    /// Drain mode: handler start → ack, µs.
+    service_us: Mutex<Vec<u32>>,
+    acked_count: AtomicU64,
+    target: u64,
+    all_acked: Notify,
+}
+
+impl Recorder {
+    fn new(target: u64, keep_all: bool) -> Self {
+        Self {
+            keep_all,
+            started: Mutex::new(HashMap::new()),
+            acked: Mutex::new(Vec::new()),
+            service_us: Mutex::new(Vec::with_capacity(if keep_all {
+                0
+            } else {
+                target.min(10_000_000) as usize
+            })),
+            acked_count: AtomicU64::new(0),
+            target,
+            all_acked: Notify::new(),
+        }
+    }
+
+    async fn wait_all_acked(&self, deadline: Duration) -> anyhow::Result<()> {
+        let wait = async {
+            loop {
+                let notified = self.all_acked.notified();
+                if self.acked_count.load(Ordering::Acquire) >= self.target {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.map_err(|_| {
+            anyhow::anyhow!(
+                "only {} of {} events were acked within {deadline:?}; check the log (OUTRUN_LOG=info) for handler errors",
+                self.acked_count.load(Ordering::Acquire),
+                self.target
+            )
+        })
+    }
+}
+
+impl DispatchObserver for Recorder {
+    fn on_started(&self, event: &Event) {
+        self.started
+            .lock()
+            .expect("recorder lock")
+            .insert(event.id, Instant::now());
+    }
+
+    fn on_acked(&self, ids: &[Uuid]) {
+        let now = Instant::now();
+        if self.keep_all {
+            self.acked
+                .lock()
+                .expect("recorder lock")
+                .extend(ids.iter().map(|id| (*id, now)));
+        } else {
+            let mut started = self.started.lock().expect("recorder lock");
+            let mut service = self.service_us.lock().expect("recorder lock");
+            for id in ids {
+                if let Some(t) = started.remove(id) {
+                    service.push(now.duration_since(t).as_micros().min(u32::MAX as u128) as u32);
+                }
+            }
+        }
+        let n = self
+            .acked_count
+            .fetch_add(ids.len() as u64, Ordering::AcqRel)
+            + ids.len() as u64;
+        if n >= self.target {
+            self.all_acked.notify_waiters();
+        }
+    }
+}
+
+/// How long a run may take before it is declared stuck: generous (2,000
+/// events/s would be a very slow machine) so only a real stall trips it.
+fn run_deadline(events: u64) -> Duration {
+    Duration::from_secs(60 + events / 2_000)
+}
+
+async fn drain(
+    args: &Args,
+    store: &Store,
+    runtime: RuntimeConfig,
+    events: u64,
+    name: &str,
+    payload: &str,
+) -> anyhow::Result<Report> {
+    let max_retry = runtime.max_retry;
+    let enqueue_started = Instant::now();
+    let mut left = events;
+    while left > 0 {
+        let n = left.min(ENQUEUE_BATCH as u64) as usize;
+        let batch: Vec<NewEvent> = (0..n).map(|_| NewEvent::new(name, payload)).collect();
+        store.enqueue_batch(&batch, max_retry).await?;
+        left -= n as u64;
+    }
+    let enqueue_seconds = enqueue_started.elapsed().as_secs_f64();
+
+    let (registry, load_ms, from_cache) = load_handler(args).await?;
+    let recorder = Arc::new(Recorder::new(events, false));
+    let router: Arc<dyn Router> = registry.clone();
+    let dispatcher =
+        Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let run = tokio::spawn(dispatcher.run_until(stop.clone()));
+    let waited = recorder.wait_all_acked(run_deadline(events)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await.context("dispatch task")??;
+    waited?;
+    ensure_empty(store).await?;
+
+    let mut service = std::mem::take(&mut *recorder.service_us.lock().expect("recorder lock"));
+    Ok(Report {
+        backend: store.backend(),
+        mode: Mode::Drain,
+        handler: args.handler,
+        events,
+        concurrency: args.concurrency,
+        batch_size: args.batch_size,
+        payload_bytes: payload.len(),
+        rate: None,
+        seconds,
+        events_per_sec: events as f64 / seconds,
+        enqueue_seconds,
+        enqueue_per_sec: events as f64 / enqueue_seconds,
+        latency_from: "handler_start",
+        latency_ms: percentiles_us(&mut service),
+        start_latency_ms: None,
+        enqueue_call_ms: None,
+        start_after_commit_ms: None,
+        peak_rss_mb: peak_rss_mb(),
+        load_ms,
+        module_from_cache: from_cache,
+    })
+}
+
+async fn latency(
+    args: &Args,
+    store: &Store,
+    app: &Store,
+    runtime: RuntimeConfig,
+    events: u64,
+    name: &str,
+    payload: &str,
+) -> anyhow::Result<Report> {
+    let max_retry = runtime.max_retry;
+    let (registry, load_ms, from_cache) = load_handler(args).await?;
+    let recorder = Arc::new(Recorder::new(events, true));
+    let router: Arc<dyn Router> = registry.clone();
+    let dispatcher =
+        Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(dispatcher.run_until(stop.clone()));
+    // Let the claimer reach its wait (LISTEN registered, first empty claim
+    // done) so the first events do not measure start-up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let first = tokio::time::Instant::now();
+    let mut enqueues = tokio::task::JoinSet::new();
+    let mut sent: HashMap<Uuid, Instant> = HashMap::with_capacity(events as usize);
+    let mut committed: HashMap<Uuid, Instant> = HashMap::with_capacity(events as usize);
+    let mut record = |done: Result<_, tokio::task::JoinError>| -> anyhow::Result<()> {
+        let (id, t0, t1) = done.context("enqueue task")??;
+        sent.insert(id, t0);
+        committed.insert(id, t1);
+        Ok(())
+    };
+    for i in 0..events {
+        tokio::time::sleep_until(first + interval.mul_f64(i as f64)).await;
+        let (app, ev) = (app.clone(), NewEvent::new(name, payload));
+        enqueues.spawn(async move {
+            let t0 = Instant::now();
+            let id = app.enqueue(&ev, max_retry).await?;
+            Ok::<_, crate::store::StoreError>((id, t0, Instant::now()))
+        });
+        // Reap as we go so the set stays small.
+        while let Some(done) = enqueues.try_join_next() {
+            record(done)?;
+        }
+    }
+    while let Some(done) = enqueues.join_next().await {
+        record(done)?;
+    }
+    // The last enqueue call returned: the offered rate is what was achieved.
+    let enqueue_seconds = first.elapsed().as_secs_f64();
+    let waited = recorder.wait_all_acked(run_deadline(events)).await;
+    let seconds = first.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await.context("dispatch task")??;
+    waited?;
+    ensure_empty(store).await?;
+
+    let started = std::mem::take(&mut *recorder.started.lock().expect("recorder lock"));
+    let acked = std::mem::take(&mut *recorder.acked.lock().expect("recorder lock"));
+    let since = |t0: &Instant, t: Instant| {
+        t.saturating_duration_since(*t0)
+            .as_micros()
+            .min(u32::MAX as u128) as u32
+    };
+    let mut to_start: Vec<u32> = sent
+        .iter()
+        .filter_map(|(id, t0)| started.get(id).map(|t| since(t0, *t)))
+        .collect();
+    let mut after_commit: Vec<u32> = committed
+        .iter()
+        .filter_map(|(id, t1)| started.get(id).map(|t| since(t1, *t)))
+        .collect();
+    let mut enqueue_call: Vec<u32> = sent
+        .iter()
+        .filter_map(|(id, t0)| committed.get(id).map(|t1| since(t0, *t1)))
+        .collect();
+    let mut to_ack: Vec<u32> = acked
+        .iter()
+        .filter_map(|(id, t)| sent.get(id).map(|t0| since(t0, *t)))
+        .collect();
+    if to_start.len() as u64 != events || to_ack.len() as u64 != events {
+        bail!(
+            "latency join incomplete: {} enqueued, {} starts and {} acks matched; \
+             was another runtime draining the same outbox?",
+            sent.len(),
+            to_start.len(),
+            to_ack.len()
+        );
+    }
+    Ok(Report {
+        backend: store.backend(),
+        mode: Mode::Latency,
+        handler: args.handler,
+        events,
+        concurrency: args.concurrency,
+        batch_size: args.batch_size,
+        payload_bytes: payload.len(),
+        rate: Some(args.rate),
+        seconds,
+        events_per_sec: events as f64 / seconds,
+        enqueue_seconds,
+        enqueue_per_sec: events as f64 / enqueue_seconds,
+        latency_from: "enqueue",
+        latency_ms: percentiles_us(&mut to_ack),
+        start_latency_ms: Some(percentiles_us(&mut to_start)),
+        enqueue_call_ms: Some(percentiles_us(&mut enqueue_call)),
+        start_after_commit_ms: Some(percentiles_us(&mut after_commit)),
+        peak_rss_mb: peak_rss_mb(),
+        load_ms,
+        module_from_cache: from_cache,
+    })
+}
+
+/// The run must leave nothing behind: every event acked, none dead or
+/// stuck in a lease.
+async fn ensure_empty(store: &Store) -> anyhow::Result<()> {
+    let s = store.stats().await?;
+    if s.pending + s.scheduled + s.running + s.dead > 0 {
+        bail!(
+            "the bench left events behind (pending {}, scheduled {}, running {}, dead {}); \
+             see `outrun events list --dead` for handler errors",
+            s.pending,
+            s.scheduled,
+            s.running,
+            s.dead
+        );
+    }
+    Ok(())
+}
+
+fn percentiles_us(us: &mut [u32]) -> Percentiles {
+    us.sort_unstable();
+    let at = |q: f64| -> f64 {
+        if us.is_empty() {
+            return 0.0;
+        }
+        let i = ((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1;
+        f64::from(us[i]) / 1e3
+    };
+    Percentiles {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+/// VmHWM from /proc/self/status (Linux); `None` elsewhere.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn print_text(r: &Report) {
+    let p = |x: &Percentiles| {
+        format!(
+            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            x.p50, x.p90, x.p99, x.max
+        )
+    };
+    println!(
+        "{:?} {:?}, handler {:?}: {} events, {}-byte payload, concurrency {}, batch {}",
+        r.backend, r.mode, r.handler, r.events, r.payload_bytes, r.concurrency, r.batch_size
+    );
+    println!(
+        "enqueue: {:.0} events/s ({:.2} s)",
+        r.enqueue_per_sec, r.enqueue_seconds
+    );
+    println!(
+        "handled: {:.0} events/s ({:.2} s)",
+        r.events_per_sec, r.seconds
+    );
+    if let Some(s) = &r.start_latency_ms {
+        println!("enqueue → handler start: {}", p(s));
+    }
+    if let Some(s) = &r.enqueue_call_ms {
+        println!("  of which the enqueue call (INSERT + COMMIT): {}", p(s));
+    }
+    if let Some(s) = &r.start_after_commit_ms {
+        println!("committed → handler start: {}", p(s));
+    }
+    println!("{} → acked: {}", r.latency_from, p(&r.latency_ms));
+    if let Some(rss) = r.peak_rss_mb {
+        println!("peak RSS: {rss:.1} MiB");
+    }
+    println!(
+        "handler load: {:.1} ms ({})",
+        r.load_ms,
+        if r.module_from_cache {
+            "artifact cache hit"
+        } else {
+            "compiled"
+        }
+    );
+}

@@ -1,0 +1,197 @@
+//! `outrun bench` through the real binary on both backends, with small N:
+//! it runs the real runtime and the bench guest, drains everything it
+//! enqueued, and reports every key of its JSON contract. No timing is
+//! asserted (the numbers depend on the machine); only that they are
+//! measured (positive, finite, ordered percentiles) and that the outbox is
+//! left empty. Bad input is refused with a one-line error and nothing written.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{TestDb, guest};
+use serde_json::Value;
+
+fn outrun(db: &TestDb, args: &[&str]) -> Output {
+    // Shared by the tests (the cache writes temp files and renames them, so
+    // parallel runs are safe): the guest is compiled once, not per test.
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-cache");
+    Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(args)
+        .args(["--cache-dir", cache.to_str().expect("utf-8 target path")])
+        .env("OUTRUN_DATABASE_URL", db.url())
+        .env("OUTRUN_BENCH_MODULE", guest("bench"))
+        .env_remove("OUTRUN_CONFIG")
+        .output()
+        .expect("run outrun")
+}
+
+fn report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "outrun bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout.clone()).expect("utf-8 stdout");
+    assert_eq!(stdout.trim().lines().count(), 1, "one JSON line: {stdout}");
+    serde_json::from_str(stdout.trim()).expect("stdout is one JSON object")
+}
+
+fn positive(r: &Value, key: &str) -> f64 {
+    let v = r[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {r}"));
+    assert!(v.is_finite() && v > 0.0, "{key} = {v} in {r}");
+    v
+}
+
+/// p50 <= p90 <= p99 <= max, all finite and non-negative.
+fn ordered(p: &Value, what: &str) {
+    let get = |k: &str| {
+        p[k].as_f64()
+            .unwrap_or_else(|| panic!("{what}.{k} missing in {p}"))
+    };
+    let (p50, p90, p99, max) = (get("p50"), get("p90"), get("p99"), get("max"));
+    assert!(
+        0.0 <= p50 && p50 <= p90 && p90 <= p99 && p99 <= max && max.is_finite(),
+        "{what} percentiles out of order: {p}"
+    );
+}
+
+async fn outbox_total(db: &TestDb) -> i64 {
+    db.scalar("SELECT count(*) FROM outbox_events").await
+}
+
+fn common_keys(r: &Value, db: &TestDb, mode: &str, events: u64) {
+    let backend = if db.is_postgres() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    assert_eq!(r["backend"], backend, "{r}");
+    assert_eq!(r["mode"], mode, "{r}");
+    assert_eq!(r["events"], events, "{r}");
+    assert_eq!(r["concurrency"], 8, "{r}");
+    for key in [
+        "seconds",
+        "events_per_sec",
+        "enqueue_per_sec",
+        "peak_rss_mb",
+    ] {
+        positive(r, key);
+    }
+    ordered(&r["latency_ms"], "latency_ms");
+}
+
+async fn drain_reports_all_keys(db: TestDb) {
+    let out = outrun(
+        &db,
+        &[
+            "bench",
+            "--events",
+            "300",
+            "--concurrency",
+            "8",
+            "--handler",
+            "json",
+            "--json",
+        ],
+    );
+    let r = report(&out);
+    common_keys(&r, &db, "drain", 300);
+    assert_eq!(r["handler"], "json", "{r}");
+    assert_eq!(r["payload_bytes"], 200, "{r}");
+    assert_eq!(r["latency_from"], "handler_start", "{r}");
+    // 300 events at `events_per_sec` take `seconds`: the two agree.
+    let implied = 300.0 / positive(&r, "events_per_sec");
+    assert!(
+        (implied - positive(&r, "seconds")).abs() < 1e-6,
+        "events_per_sec does not match seconds: {r}"
+    );
+    assert_eq!(outbox_total(&db).await, 0, "the bench left rows behind");
+}
+
+async fn latency_reports_all_keys(db: TestDb) {
+    let out = outrun(
+        &db,
+        &[
+            "bench",
+            "--mode",
+            "latency",
+            "--rate",
+            "200",
+            "--events",
+            "100",
+            "--concurrency",
+            "8",
+            "--payload-bytes",
+            "64",
+            "--json",
+        ],
+    );
+    let r = report(&out);
+    common_keys(&r, &db, "latency", 100);
+    assert_eq!(r["handler"], "noop", "{r}");
+    assert_eq!(r["payload_bytes"], 64, "{r}");
+    assert_eq!(r["rate"], 200.0, "{r}");
+    assert_eq!(r["latency_from"], "enqueue", "{r}");
+    ordered(&r["start_latency_ms"], "start_latency_ms");
+    ordered(&r["enqueue_call_ms"], "enqueue_call_ms");
+    ordered(&r["start_after_commit_ms"], "start_after_commit_ms");
+    // An event is acked after its handler started.
+    assert!(
+        r["start_latency_ms"]["p50"].as_f64() <= r["latency_ms"]["p50"].as_f64(),
+        "{r}"
+    );
+    assert_eq!(outbox_total(&db).await, 0, "the bench left rows behind");
+}
+
+/// The bench measures only its own events: a non-empty outbox is refused
+/// before anything is enqueued, and the existing event is untouched.
+async fn refuses_a_non_empty_outbox(db: TestDb) {
+    let store = db.store().await;
+    let id = store
+        .enqueue(&outrun::NewEvent::new("order.created", "{}"), 5)
+        .await
+        .expect("enqueue");
+    let out = outrun(&db, &["bench", "--events", "10", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+    assert!(err.contains("already holds 1 events"), "{err}");
+    assert!(err.contains("fresh database"), "{err}");
+    assert_eq!(outbox_total(&db).await, 1);
+    assert!(store.get(id).await.expect("get").is_some());
+}
+
+on_both_backends!(
+    drain_reports_all_keys,
+    latency_reports_all_keys,
+    refuses_a_non_empty_outbox
+);
+
+#[test]
+fn bad_arguments_are_refused_in_one_line() {
+    let db = TestDb::sqlite();
+    for (args, expect) in [
+        (vec!["bench", "--concurrency", "0"], "--concurrency"),
+        (vec!["bench", "--rate", "0", "--mode", "latency"], "--rate"),
+        (vec!["bench", "--events", "0"], "--events"),
+        (vec!["bench", "--handler", "nope"], "nope"),
+        (
+            vec!["bench", "--module", "/nonexistent/bench.wasm"],
+            "build-guests.sh",
+        ),
+    ] {
+        let out = outrun(&db, &args);
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "{args:?}: {out:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    // Nothing was created: every refusal came before connecting.
+    assert!(!std::path::Path::new(&db.url()["sqlite://".len()..]).exists());
+}
