@@ -35,6 +35,12 @@ impl Inflight {
             l.remove(id);
         }
     }
+    /// How many of `leases` are still held.
+    pub fn count_of(&self, leases: &[Lease]) -> usize {
+        let l = self.leases.lock().expect("inflight lock");
+        leases.iter().filter(|x| l.contains_key(&x.id)).count()
+    }
+
     pub fn snapshot(&self) -> Vec<Lease> {
         self.leases
             .lock()
@@ -72,13 +78,18 @@ pub async fn extend_leases(
         }
         match store.extend(&held, lease).await {
             Ok(n) if (n as usize) < held.len() => {
-                // Another runtime re-claimed these after our lease ran out
-                // (a stall longer than the lease): their acks will be no-ops.
-                tracing::warn!(
-                    held = held.len(),
-                    extended = n,
-                    "some leases were lost before they could be extended"
-                );
+                // Rows acked or failed while the UPDATE ran are gone, not
+                // lost: only leases still held afterwards and not extended
+                // were taken over by another runtime (a stall longer than
+                // the lease), and their acks will be no-ops.
+                let still = inflight.count_of(&held);
+                if (n as usize) < still {
+                    tracing::warn!(
+                        held = still,
+                        extended = n,
+                        "some leases were lost before they could be extended"
+                    );
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "extending leases failed; will retry next tick"),
