@@ -422,12 +422,16 @@ mod tests {
             "OUTRUN_CONCURRENCY" => Some("9".to_string()),
             "OUTRUN_LEASE_DURATION" => Some("2m".to_string()),
             "OUTRUN_DATABASE_URL" => Some("sqlite://x.db".to_string()),
+            "OUTRUN_CACHE_DIR" => Some("/var/cache/outrun".to_string()),
+            "OUTRUN_KV_URL" => Some("redis://127.0.0.1:6379".to_string()),
             _ => None,
         };
         let c = Config::load_with_env(Some(&path), env).unwrap();
         assert_eq!(c.runtime.concurrency, 9);
         assert_eq!(c.runtime.lease_duration, Duration::from_secs(120));
         assert_eq!(c.database_url, "sqlite://x.db");
+        assert_eq!(c.cache_dir.as_deref(), Some(Path::new("/var/cache/outrun")));
+        assert_eq!(c.kv.url.as_deref(), Some("redis://127.0.0.1:6379"));
         assert_eq!(c.base_dir(), dir.path());
         let env = |k: &str| (k == "OUTRUN_BATCH_SIZE").then(|| "lots".to_string());
         let err = Config::load_with_env(Some(&path), env)

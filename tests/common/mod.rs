@@ -61,6 +61,34 @@ pub enum TestDb {
     },
 }
 
+/// Open a fresh connection of the test database's backend as `$c`, run
+/// `$body` (a `Result`), close the connection, and panic naming the SQL on
+/// error. The connection types differ per backend, hence a macro.
+macro_rules! on_conn {
+    ($db:expr, $sql:expr, $c:ident => $body:expr) => {{
+        use sqlx::Connection;
+        let result = match $db {
+            TestDb::Sqlite { url, .. } => {
+                let mut $c = sqlx::SqliteConnection::connect(url)
+                    .await
+                    .expect("open the SQLite test database");
+                let r = $body;
+                $c.close().await.ok();
+                r
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut $c = sqlx::PgConnection::connect(url)
+                    .await
+                    .expect("connect to the PostgreSQL test database");
+                let r = $body;
+                $c.close().await.ok();
+                r
+            }
+        };
+        result.unwrap_or_else(|e| panic!("{}: {e}", $sql))
+    }};
+}
+
 impl TestDb {
     /// A SQLite file in a fresh temporary directory.
     pub fn sqlite() -> TestDb {
@@ -123,78 +151,17 @@ impl TestDb {
 
     /// Run one SQL statement outside the store, as another application would.
     pub async fn exec(&self, sql: &str) -> u64 {
-        match self {
-            TestDb::Sqlite { url, .. } => {
-                let mut c = sqlx::SqliteConnection::connect(url)
-                    .await
-                    .expect("open the SQLite test database");
-                let n = sqlx::query(sql)
-                    .execute(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                c.close().await.ok();
-                n.rows_affected()
-            }
-            TestDb::Postgres { url, .. } => {
-                let mut c = sqlx::PgConnection::connect(url)
-                    .await
-                    .expect("connect to the PostgreSQL test database");
-                let n = sqlx::query(sql)
-                    .execute(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                c.close().await.ok();
-                n.rows_affected()
-            }
-        }
+        on_conn!(self, sql, c => sqlx::query(sql).execute(&mut c).await.map(|r| r.rows_affected()))
     }
 
     /// Run a query returning one text column, outside the store.
     pub async fn strings(&self, sql: &str) -> Vec<String> {
-        match self {
-            TestDb::Sqlite { url, .. } => {
-                let mut c = sqlx::SqliteConnection::connect(url)
-                    .await
-                    .expect("open the SQLite test database");
-                sqlx::query_scalar(sql)
-                    .fetch_all(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
-            TestDb::Postgres { url, .. } => {
-                let mut c = sqlx::PgConnection::connect(url)
-                    .await
-                    .expect("connect to the PostgreSQL test database");
-                sqlx::query_scalar(sql)
-                    .fetch_all(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
-        }
+        on_conn!(self, sql, c => sqlx::query_scalar(sql).fetch_all(&mut c).await)
     }
 
     /// Run a query returning one integer, outside the store.
     pub async fn scalar(&self, sql: &str) -> i64 {
-        match self {
-            TestDb::Sqlite { url, .. } => {
-                let mut c = sqlx::SqliteConnection::connect(url)
-                    .await
-                    .expect("open the SQLite test database");
-                sqlx::query_scalar(sql)
-                    .fetch_one(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
-            TestDb::Postgres { url, .. } => {
-                let mut c = sqlx::PgConnection::connect(url)
-                    .await
-                    .expect("connect to the PostgreSQL test database");
-                sqlx::query_scalar(sql)
-                    .fetch_one(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
-        }
+        on_conn!(self, sql, c => sqlx::query_scalar(sql).fetch_one(&mut c).await)
     }
 }
 

@@ -81,11 +81,12 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     let started = Instant::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
-    metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.to_string()).record(elapsed.as_secs_f64());
+    metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
+        .record(elapsed.as_secs_f64());
 
     match result {
         Ok(Outcome::Done) => {
-            metrics::counter!("outrun_events_handled_total", "handler" => route.handler_name.to_string()).increment(1);
+            metrics::counter!("outrun_events_handled_total", "handler" => route.handler_name.clone()).increment(1);
             if effects.is_empty() {
                 // Nothing to commit with it: join the next batched DELETE.
                 let ack = super::acker::Ack {
@@ -117,7 +118,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
             } else {
                 "rejected"
             };
-            metrics::counter!("outrun_events_failed_total", "handler" => route.handler_name.to_string(), "kind" => kind).increment(1);
+            metrics::counter!("outrun_events_failed_total", "handler" => route.handler_name.clone(), "kind" => kind).increment(1);
             let failure = if err.retryable {
                 let failures = ev.retry + 1;
                 let max = route.max_retry.unwrap_or(ev.max_retry);
