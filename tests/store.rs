@@ -66,6 +66,7 @@ crate::on_both_backends!(
     batch_enqueue_is_one_transaction,
     plain_sql_insert_with_name_and_payload_works,
     claim_respects_limit_and_lease,
+    claim_finds_events_that_sort_before_earlier_claims,
     expired_lease_is_reclaimable_and_old_token_is_fenced,
     failure_counts_retries_and_respects_backoff,
     max_retry_override_applies_on_failure,
@@ -339,6 +340,54 @@ async fn plain_sql_insert_with_name_and_payload_works(db: TestDb) {
             .len(),
         3
     );
+}
+
+/// PostgreSQL claims resume where the last full claim ended while there is a
+/// backlog; an event that sorts before that point (here: written with a
+/// past `available_at`, as a long transaction's insert would be) must still
+/// be claimed once the backlog runs dry, and a rewind finds it at once.
+async fn claim_finds_events_that_sort_before_earlier_claims(db: TestDb) {
+    let store = db.store().await;
+    let past_insert = |name: &str| {
+        if db.is_postgres() {
+            format!(
+                "INSERT INTO outbox_events (name, payload, available_at) VALUES ('{name}', '{{}}', now() - interval '1 hour')"
+            )
+        } else {
+            let t = Utc::now().timestamp_millis() - 3_600_000;
+            format!(
+                "INSERT INTO outbox_events (name, payload, available_at) VALUES ('{name}', '{{}}', {t})"
+            )
+        }
+    };
+    for i in 0..6 {
+        store.enqueue(&ev(&format!("e{i}")), 5).await.unwrap();
+    }
+    let full = store.claim("w", 3, LONG, NONE).await.unwrap();
+    assert_eq!(full.len(), 3, "a full claim: a backlog remains");
+    db.exec(&past_insert("late")).await;
+    let mut seen = ids(&full);
+    let mut late_claimed = false;
+    // Within two more claims: at most one resumes after the cursor and comes
+    // back short; the next starts from the head.
+    for _ in 0..2 {
+        let got = store.claim("w", 10, LONG, NONE).await.unwrap();
+        assert!(ids(&got).is_disjoint(&seen), "no event is handed out twice");
+        late_claimed |= got.iter().any(|c| c.event.name == "late");
+        seen.extend(ids(&got));
+    }
+    assert!(late_claimed, "the late event was never claimed");
+    assert_eq!(seen.len(), 7);
+
+    // After a rewind, the very next claim finds it, backlog or not.
+    for i in 0..6 {
+        store.enqueue(&ev(&format!("f{i}")), 5).await.unwrap();
+    }
+    assert_eq!(store.claim("w", 3, LONG, NONE).await.unwrap().len(), 3);
+    db.exec(&past_insert("late2")).await;
+    store.rewind_claims();
+    let got = store.claim("w", 1, LONG, NONE).await.unwrap();
+    assert_eq!(got[0].event.name, "late2", "oldest first after a rewind");
 }
 
 async fn claim_respects_limit_and_lease(db: TestDb) {
@@ -1283,7 +1332,17 @@ async fn postgres_concurrent_migrations_are_safe() {
     for r in results {
         r.expect("every concurrent migrate succeeds");
     }
-    assert_eq!(db.scalar("SELECT count(*) FROM _sqlx_migrations").await, 1);
+    let embedded = std::fs::read_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../migrations/postgres"
+    ))
+    .unwrap()
+    .count() as i64;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM _sqlx_migrations").await,
+        embedded,
+        "each migration applied once"
+    );
     stores[0].enqueue(&ev("after"), 5).await.unwrap();
 }
 

@@ -75,7 +75,10 @@ fn default_database_url() -> String {
 pub struct RuntimeConfig {
     /// Events handled at the same time by this runtime. `OUTRUN_CONCURRENCY`.
     pub concurrency: usize,
-    /// Most events claimed by one claim statement. `OUTRUN_BATCH_SIZE`.
+    /// Most events claimed by one claim statement, and the most claimed
+    /// events waiting for a free worker (they are leased while they wait).
+    /// Larger batches claim more cheaply per event; smaller ones leave more
+    /// work to other instances when handlers are slow. `OUTRUN_BATCH_SIZE`.
     pub batch_size: usize,
     /// How often to look for work when no wake-up arrives (PostgreSQL
     /// NOTIFY or an in-process enqueue). `OUTRUN_POLL_INTERVAL`.

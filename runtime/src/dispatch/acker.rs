@@ -14,6 +14,9 @@ use super::inflight::Inflight;
 /// Most leases in one DELETE.
 const MAX_BATCH: usize = 512;
 
+/// How long the first ack of a batch waits for company.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// A finished event waiting for its DELETE.
 #[derive(Debug, Clone, Copy)]
 pub struct Ack {
@@ -37,6 +40,20 @@ pub async fn run(
     while let Some(first) = rx.recv().await {
         grouped |= first.grouped;
         batch.push(first.lease);
+        // Linger briefly for more: a DELETE costs about as much for one row
+        // as for dozens, and at full speed acks arrive every few µs. Not
+        // when a group's successor waits for this DELETE to become
+        // claimable.
+        let linger = tokio::time::Instant::now() + LINGER;
+        while batch.len() < MAX_BATCH && !grouped {
+            match tokio::time::timeout_at(linger, rx.recv()).await {
+                Ok(Some(a)) => {
+                    grouped |= a.grouped;
+                    batch.push(a.lease);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(a) => {

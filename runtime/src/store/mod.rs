@@ -219,6 +219,15 @@ impl Store {
         each!(self, s => s.claim(worker, limit, lease, skip_names).await)
     }
 
+    /// Tell the next claim that work may have become claimable anywhere in
+    /// the queue, not only after where the last claim ended (PostgreSQL
+    /// claims resume from a cursor; SQLite has nothing to rewind).
+    pub fn rewind_claims(&self) {
+        if let Store::Postgres(s) = self {
+            s.rewind();
+        }
+    }
+
     /// Push `locked_until` to now + lease for the leases still held; returns
     /// how many were extended (a lease that was lost is not).
     pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {

@@ -40,9 +40,20 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const EVENT_COLUMNS: &str = "rowid AS seq, id, name, payload, group_id, retry, max_retry, \
      create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key";
 
+/// The single connection of the bookkeeping pool (see [`SqliteStore`]).
+const BOOKKEEPING_CONNECTIONS: u32 = 1;
+
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: sqlx::Pool<sqlx::Sqlite>,
+    /// The runtime's own writes (claim, extend, ack, fail, release, expiry,
+    /// cleanup) on one connection: SQLite has one writer at a time anyway,
+    /// and a connection whose page cache another connection's commit did
+    /// not just invalidate reads its B-tree pages from memory instead of
+    /// the file (measured: re-reading pages through `read()` after every
+    /// other connection's commit was a large share of the claim loop).
+    /// Enqueues, handler transactions and admin reads use `pool`.
+    bookkeeping: sqlx::Pool<sqlx::Sqlite>,
     /// Bumped by this store's enqueues, replays and releases; see
     /// [`super::Store::wakeups`].
     wake: Arc<watch::Sender<u64>>,
@@ -73,9 +84,22 @@ impl SqliteStore {
         } else {
             pool.max_connections(opts.max_connections.max(1))
         };
-        let pool = pool.connect_with(options).await.map_err(connect_err)?;
+        let pool = pool
+            .connect_with(options.clone())
+            .await
+            .map_err(connect_err)?;
+        // An in-memory database exists only on its one connection.
+        let bookkeeping = if in_memory {
+            pool.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .acquire_timeout(opts.acquire_timeout)
+                .max_connections(BOOKKEEPING_CONNECTIONS)
+                .connect_lazy_with(options)
+        };
         Ok(Self {
             pool,
+            bookkeeping,
             wake: Arc::new(watch::Sender::new(0)),
         })
     }
@@ -166,7 +190,7 @@ impl SqliteStore {
             .bind(now)
             .bind(serde_json::to_string(skip_names).expect("strings serialise"))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.bookkeeping)
             .await?;
         // RETURNING order is unspecified; hand the batch out oldest first.
         let mut claimed = rows
@@ -189,7 +213,7 @@ impl SqliteStore {
         let done = sqlx::query(&sql)
             .bind(leases_json(leases))
             .bind(now_ms().saturating_add(duration_ms(lease)))
-            .execute(&self.pool)
+            .execute(&self.bookkeeping)
             .await?;
         Ok(done.rows_affected())
     }
@@ -202,7 +226,7 @@ impl SqliteStore {
             format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) RETURNING id");
         let ids: Vec<String> = sqlx::query_scalar(&sql)
             .bind(leases_json(leases))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.bookkeeping)
             .await?;
         ids.iter().map(|s| parse_id(s)).collect()
     }
@@ -246,7 +270,7 @@ impl SqliteStore {
             .bind(token)
             .bind(at.timestamp_millis()),
         };
-        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+        Ok(query.execute(&self.bookkeeping).await?.rows_affected() == 1)
     }
 
     pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
@@ -259,7 +283,7 @@ impl SqliteStore {
         );
         let n = sqlx::query(&sql)
             .bind(leases_json(leases))
-            .execute(&self.pool)
+            .execute(&self.bookkeeping)
             .await?
             .rows_affected();
         if n > 0 {
@@ -288,7 +312,7 @@ impl SqliteStore {
         )
         .bind(now_ms())
         .bind(limit.max(0))
-        .execute(&self.pool)
+        .execute(&self.bookkeeping)
         .await?;
         Ok(n.rows_affected())
     }
@@ -304,7 +328,7 @@ impl SqliteStore {
         )
         .bind(before.timestamp_millis())
         .bind(limit.max(0))
-        .execute(&self.pool)
+        .execute(&self.bookkeeping)
         .await?;
         Ok(n.rows_affected())
     }
