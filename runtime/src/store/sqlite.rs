@@ -222,13 +222,36 @@ impl SqliteStore {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let sql =
-            format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) RETURNING id");
-        let ids: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(leases_json(leases))
-            .fetch_all(&self.bookkeeping)
-            .await?;
-        ids.iter().map(|s| parse_id(s)).collect()
+        // No RETURNING: sqlx hands every returned row across its worker
+        // thread one by one, which cost more than the DELETE. All rows gone
+        // (the usual case) means every lease was held; otherwise ask which
+        // of them another runtime still holds.
+        let sql = format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS})");
+        let json = leases_json(leases);
+        let deleted = sqlx::query(&sql)
+            .bind(&json)
+            .execute(&self.bookkeeping)
+            .await?
+            .rows_affected();
+        if deleted == leases.len() as u64 {
+            return Ok(leases.iter().map(|l| l.id).collect());
+        }
+        let kept: Vec<String> = sqlx::query_scalar(
+            "SELECT e.id FROM json_each(?1) AS l
+             JOIN outbox_events e ON e.id = json_extract(l.value, '$[0]')",
+        )
+        .bind(&json)
+        .fetch_all(&self.bookkeeping)
+        .await?;
+        let kept = kept
+            .iter()
+            .map(|s| parse_id(s))
+            .collect::<Result<std::collections::HashSet<_>>>()?;
+        Ok(leases
+            .iter()
+            .map(|l| l.id)
+            .filter(|id| !kept.contains(id))
+            .collect())
     }
 
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
