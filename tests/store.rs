@@ -67,6 +67,7 @@ crate::on_both_backends!(
     plain_sql_insert_with_name_and_payload_works,
     claim_respects_limit_and_lease,
     claim_finds_events_that_sort_before_earlier_claims,
+    claim_hands_out_every_field_as_stored,
     expired_lease_is_reclaimable_and_old_token_is_fenced,
     failure_counts_retries_and_respects_backoff,
     max_retry_override_applies_on_failure,
@@ -340,6 +341,66 @@ async fn plain_sql_insert_with_name_and_payload_works(db: TestDb) {
             .len(),
         3
     );
+}
+
+/// The claim reads rows its own way (on SQLite, a batch comes back as one
+/// JSON document): every field must reach the handler exactly as stored.
+async fn claim_hands_out_every_field_as_stored(db: TestDb) {
+    let store = db.store().await;
+    let payload = "{\"t\": \"é \\u00e9 \\\" \\n tab\",\t \"n\": [1.50, -0, 1e3], \"z\": null}\n";
+    let id = store
+        .enqueue(
+            &NewEvent::new("odd.event", payload)
+                .with_group("g \"1\"")
+                .with_expires_in(Duration::from_secs(7200))
+                .with_max_retry(9)
+                .with_key("k\u{1F600}"),
+            5,
+        )
+        .await
+        .unwrap();
+    let stored = store.get(id).await.unwrap().unwrap();
+    let claimed = store.claim("w\"x", 5, LONG, NONE).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let e = &claimed[0].event;
+    assert_eq!(e.payload, payload, "payload byte for byte");
+    assert_eq!(
+        (
+            &e.id,
+            &e.name,
+            &e.group_id,
+            &e.idempotency_key,
+            &e.last_error
+        ),
+        (
+            &stored.id,
+            &stored.name,
+            &stored.group_id,
+            &stored.idempotency_key,
+            &stored.last_error
+        )
+    );
+    assert_eq!(
+        (
+            e.retry,
+            e.max_retry,
+            e.create_date,
+            e.available_at,
+            e.expires_at
+        ),
+        (
+            stored.retry,
+            stored.max_retry,
+            stored.create_date,
+            stored.available_at,
+            stored.expires_at
+        ),
+        "the event as it was due, not as leased"
+    );
+    assert_eq!(e.locked_by.as_deref(), Some("w\"x"));
+    let leased = store.get(id).await.unwrap().unwrap();
+    assert_eq!(leased.locked_until, e.locked_until);
+    assert!(leased.locked_until.unwrap() > Utc::now() + chrono::Duration::seconds(500));
 }
 
 /// PostgreSQL claims resume where the last full claim ended while there is a
