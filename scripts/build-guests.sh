@@ -25,8 +25,8 @@ fi
 
 out=target/guests
 mkdir -p "$out"
-build() { cargo build --quiet --release --target wasm32-wasip2 "$@"; }
-copy() { cp "target/wasm32-wasip2/release/$1.wasm" "$out/$2.wasm.tmp" && mv "$out/$2.wasm.tmp" "$out/$2.wasm"; }
+build() { cargo build --quiet --profile guest --target wasm32-wasip2 "$@"; }
+copy() { cp "target/wasm32-wasip2/guest/$1.wasm" "$out/$2.wasm.tmp" && mv "$out/$2.wasm.tmp" "$out/$2.wasm"; }
 
 args=()
 for g in "${guests[@]}"; do args+=(-p "$g"); done

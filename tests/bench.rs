@@ -170,6 +170,29 @@ on_both_backends!(
     refuses_a_non_empty_outbox
 );
 
+/// Hot reload through the real file watcher, no database involved.
+#[test]
+fn reload_reports_all_keys() {
+    let db = TestDb::sqlite();
+    let r = report(&outrun(
+        &db,
+        &["bench", "--mode", "reload", "--events", "3", "--json"],
+    ));
+    assert_eq!(r["mode"], "reload", "{r}");
+    assert_eq!(r["reloads"], 3, "{r}");
+    let size = std::fs::metadata(guest("bench"))
+        .expect("bench guest")
+        .len();
+    assert_eq!(r["module_bytes"], size, "{r}");
+    ordered(&r["latency_ms"], "latency_ms");
+    assert!(r["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    positive(&r, "peak_rss_mb");
+    assert!(
+        !std::path::Path::new(&db.url()["sqlite://".len()..]).exists(),
+        "reload mode touched the database"
+    );
+}
+
 #[test]
 fn bad_arguments_are_refused_in_one_line() {
     let db = TestDb::sqlite();
@@ -177,6 +200,11 @@ fn bad_arguments_are_refused_in_one_line() {
         (vec!["bench", "--concurrency", "0"], "--concurrency"),
         (vec!["bench", "--rate", "0", "--mode", "latency"], "--rate"),
         (vec!["bench", "--events", "0"], "--events"),
+        (
+            vec!["bench", "--mode", "reload", "--events", "0"],
+            "--events",
+        ),
+        (vec!["bench", "--mode", "sideways"], "sideways"),
         (vec!["bench", "--handler", "nope"], "nope"),
         (
             vec!["bench", "--module", "/nonexistent/bench.wasm"],

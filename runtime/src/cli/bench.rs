@@ -42,6 +42,9 @@ const ENQUEUE_BATCH: usize = 1000;
 pub enum Mode {
     Drain,
     Latency,
+    /// Hot reload: a new version of the module renamed into place → the
+    /// new version serving, `--events` times (default 20). No database.
+    Reload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -158,6 +161,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     let events = args.events.unwrap_or(match args.mode {
         Mode::Drain => 100_000,
         Mode::Latency => (args.rate * 10.0).ceil() as u64,
+        Mode::Reload => 20,
     });
     if events == 0 {
         bail!("--events must be at least 1");
@@ -175,6 +179,20 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
             "bench guest {} not found; run scripts/build-guests.sh (or pass --module PATH)",
             args.module.display()
         );
+    }
+
+    if args.mode == Mode::Reload {
+        let report = reload(&args, events).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            let p = &report.latency_ms;
+            println!(
+                "reload of a {}-byte module, {} times: written → new version serving p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                report.module_bytes, report.reloads, p.p50, p.p90, p.p99, p.max
+            );
+        }
+        return Ok(());
     }
 
     let url = &config.database_url;
@@ -204,6 +222,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
 
     let report = match args.mode {
         Mode::Drain => drain(&args, &store, runtime, events, name, &payload).await?,
+        Mode::Reload => unreachable!("handled above"),
         Mode::Latency => {
             let app = Store::connect(url, &ConnectOptions::default())
                 .await
@@ -217,6 +236,115 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         print_text(&report);
     }
     Ok(())
+}
+
+/// What `--mode reload --json` prints.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    pub mode: Mode,
+    pub reloads: u64,
+    pub module_bytes: usize,
+    /// New module renamed into place → `Registry::current` serves it: file
+    /// watcher, debounce, read, hash, compile (each version is new, so never
+    /// from the artifact cache) and swap.
+    pub latency_ms: Percentiles,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Hot reload through the real file watcher: each round writes the module
+/// plus a custom section that makes it a new version (new hash, same code)
+/// to a temporary name, renames it over the watched file, as a deploy
+/// would, and waits until the registry serves it.
+async fn reload(args: &Args, rounds: u64) -> anyhow::Result<ReloadReport> {
+    let original = std::fs::read(&args.module)
+        .with_context(|| format!("reading {}", args.module.display()))?;
+    let dir = std::env::temp_dir().join(format!("outrun-bench-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = reload_rounds(&dir, &original, rounds).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut us = result?;
+    Ok(ReloadReport {
+        mode: Mode::Reload,
+        reloads: rounds,
+        module_bytes: original.len(),
+        latency_ms: percentiles_us(&mut us),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+async fn reload_rounds(
+    dir: &std::path::Path,
+    original: &[u8],
+    rounds: u64,
+) -> anyhow::Result<Vec<u32>> {
+    let module = dir.join("bench.wasm");
+    std::fs::write(&module, original)?;
+    let spec = HandlerSpec {
+        name: "bench".into(),
+        events: vec!["bench.noop".into()],
+        module: module.clone(),
+        max_retry: None,
+        timeout: crate::wasm::spec::DEFAULT_TIMEOUT,
+        memory: crate::wasm::spec::DEFAULT_MEMORY,
+        concurrency: None,
+        allow: Default::default(),
+    };
+    let services = HostServices {
+        cache_dir: Some(dir.join("cache")),
+        max_instances: 4,
+        ..HostServices::default()
+    };
+    let registry = Registry::load(vec![spec], dir, services)
+        .await
+        .context("loading the bench guest")?;
+    let _watcher = registry.watch()?;
+    // Let the watcher's start-up catch-up pass finish first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut us = Vec::with_capacity(rounds as usize);
+    for round in 0..rounds {
+        let mut bytes = original.to_vec();
+        bytes.extend(custom_section("outrun-bench-reload", &round.to_le_bytes()));
+        let want = blake3::hash(&bytes).to_hex().to_string();
+        let tmp = dir.join(".bench.wasm.tmp");
+        std::fs::write(&tmp, &bytes)?;
+        let written = Instant::now();
+        std::fs::rename(&tmp, &module)?;
+        loop {
+            if registry.current("bench").is_some_and(|v| v.hash() == want) {
+                break;
+            }
+            if written.elapsed() > Duration::from_secs(30) {
+                bail!("version {round} was not serving 30 s after it was written");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        us.push(u32::try_from(written.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    Ok(us)
+}
+
+/// A WebAssembly custom section (id 0): ignored by the runtime, but part of
+/// the file's content hash.
+fn custom_section(name: &str, payload: &[u8]) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(payload);
+    let mut section = vec![0u8];
+    leb(body.len(), &mut section);
+    section.extend(body);
+    section
 }
 
 /// A JSON payload of exactly `bytes` bytes (or the smallest the handler

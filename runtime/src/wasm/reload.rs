@@ -20,12 +20,15 @@ use super::registry::{Registry, compile_version, version_metric};
 
 /// Quiet time after the last change to a file before it is loaded: writers
 /// emit several events per save (create, modify ×N, close).
-pub const DEBOUNCE: Duration = Duration::from_millis(50);
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// How long a truncated file may stay truncated before it is reported: a
 /// plain overwrite (`cp`, a slow upload) shows partial files for a while,
 /// and those are not errors, just not done yet.
 pub const TRUNCATED_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a truncated file is looked at again while it is being written.
+const TRUNCATED_RECHECK: Duration = Duration::from_millis(50);
 
 /// What [`Registry::reload`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +213,7 @@ async fn reload_once(
         };
         if now.duration_since(since) < TRUNCATED_GRACE {
             tracing::debug!(handler = %slot.spec.name, "{} is truncated, probably still being written; waiting", slot.module.display());
-            return Some(now + DEBOUNCE * 4);
+            return Some(now + TRUNCATED_RECHECK);
         }
     }
     truncated_since.remove(&i);
