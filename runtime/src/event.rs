@@ -173,6 +173,9 @@ impl Event {
 pub struct Claimed {
     pub event: Event,
     pub token: Uuid,
+    /// The row's place in insertion order (PostgreSQL's `seq`, SQLite's
+    /// rowid): lets the store find the row without a lookup by id.
+    pub seq: i64,
 }
 
 impl Claimed {
@@ -180,15 +183,18 @@ impl Claimed {
         Lease {
             id: self.event.id,
             token: self.token,
+            seq: self.seq,
         }
     }
 }
 
-/// The (id, fencing token) pair that ack/fail/extend/release act on.
+/// What ack/fail/extend/release act on: the event, the fencing token its
+/// claim set, and the row's `seq` (see [`Claimed::seq`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub id: Uuid,
     pub token: Uuid,
+    pub seq: i64,
 }
 
 #[cfg(test)]

@@ -128,6 +128,21 @@ impl Dispatcher {
             cfg.lease_duration,
             extender_stop.clone(),
         ));
+        let checkpointer = self.store.checkpoint_interval().map(|every| {
+            let store = self.store.clone();
+            let stop = extender_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                    if let Err(e) = store.checkpoint().await {
+                        tracing::warn!(error = %e, "checkpointing the write-ahead log failed; will retry");
+                    }
+                }
+            })
+        });
         let cx = Arc::new(worker::WorkerContext {
             store: self.store.clone(),
             router: self.router.clone(),
@@ -182,12 +197,20 @@ impl Dispatcher {
         // overlapping claims apart.
         let mut claims = FuturesUnordered::new();
         let mut claiming = 0usize;
-        let claim = |want: usize, skip: Vec<String>| {
+        let claim = |want: usize, skip: Vec<String>, signals: u64| {
             let store = self.store.clone();
             let worker_id = self.worker_id.clone();
             let lease = cfg.lease_duration;
-            async move { (want, store.claim(&worker_id, want, lease, &skip).await) }
+            async move {
+                let result = store.claim(&worker_id, want, lease, &skip).await;
+                (want, signals, result)
+            }
         };
+        // Counts the signals that work may be claimable (wake-ups, verdicts,
+        // polls). A claim that comes back short only clears `maybe_more` if
+        // no signal arrived after it was issued: it may have run before
+        // that work was committed, and the signal would otherwise be lost.
+        let mut signals = 0u64;
         // Whether a claim now is likely to find work: the last claim was
         // full, a wake-up arrived, or a finished worker may have made work
         // claimable (a group successor, emitted follow-ups). Otherwise room
@@ -206,17 +229,17 @@ impl Dispatcher {
             {
                 let want = free.min(cfg.batch_size);
                 claiming += want;
-                claims.push(claim(want, self.router.saturated()));
+                claims.push(claim(want, self.router.saturated(), signals));
                 continue;
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some((want, result)) = claims.next(), if !claims.is_empty() => {
+                Some((want, issued_at, result)) = claims.next(), if !claims.is_empty() => {
                     claiming -= want;
                     match result {
                         Ok(batch) => {
                             claim_failures = 0;
-                            maybe_more = batch.len() == want;
+                            maybe_more = batch.len() == want || issued_at != signals;
                             summary.claimed += batch.len() as u64;
                             metrics::counter!("outrun_claimed_total").increment(batch.len() as u64);
                             for claimed in batch {
@@ -239,6 +262,7 @@ impl Dispatcher {
                 _ = sleep_until(paused_until) => {
                     paused_until = None;
                     maybe_more = true;
+                    signals += 1;
                 }
                 // Workers took enough from the queue for a claim worth making.
                 _ = room.notified(), if maybe_more => {}
@@ -248,20 +272,25 @@ impl Dispatcher {
                         wakeups = None;
                     }
                     maybe_more = true;
+                    signals += 1;
                 }
                 // A verdict may have made work claimable: a group's next
                 // event, or follow-ups a handler emitted.
                 _ = unblocked.notified() => {
                     maybe_more = true;
+                    signals += 1;
                     // It may sort before where the claims have got to.
                     self.store.rewind_claims();
                 }
-                _ = tokio::time::sleep(cfg.poll_interval) => maybe_more = true,
+                _ = tokio::time::sleep(cfg.poll_interval) => {
+                    maybe_more = true;
+                    signals += 1;
+                }
             }
         }
         // Claims still in flight lease rows too: hold them, to be released
         // below with the rest.
-        while let Some((_, result)) = claims.next().await {
+        while let Some((_, _, result)) = claims.next().await {
             if let Ok(batch) = result {
                 summary.claimed += batch.len() as u64;
                 for claimed in batch {
@@ -298,6 +327,9 @@ impl Dispatcher {
         }
         extender_stop.cancel();
         let _ = extender.await;
+        if let Some(checkpointer) = checkpointer {
+            let _ = checkpointer.await;
+        }
         let left = inflight.snapshot();
         if !left.is_empty() {
             let n = self.store.release(&left).await?;

@@ -219,6 +219,24 @@ impl Store {
         each!(self, s => s.claim(worker, limit, lease, skip_names).await)
     }
 
+    /// How often the dispatcher should call [`Store::checkpoint`], if the
+    /// backend needs it (SQLite's write-ahead log; see `sqlite.rs`).
+    pub fn checkpoint_interval(&self) -> Option<Duration> {
+        match self {
+            Store::Sqlite(_) => Some(Duration::from_millis(500)),
+            Store::Postgres(_) => None,
+        }
+    }
+
+    /// Background upkeep of the backend's log; see
+    /// [`Store::checkpoint_interval`].
+    pub async fn checkpoint(&self) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => s.checkpoint().await,
+            Store::Postgres(_) => Ok(()),
+        }
+    }
+
     /// Tell the next claim that work may have become claimable anywhere in
     /// the queue, not only after where the last claim ended (PostgreSQL
     /// claims resume from a cursor; SQLite has nothing to rewind).

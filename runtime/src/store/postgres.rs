@@ -100,6 +100,9 @@ pub struct PgStore {
 struct ClaimCursor {
     after: Option<(DateTime<Utc>, i64)>,
     scanned_from_head: Option<Instant>,
+    /// Bumped by every rewind: a claim that was already running when the
+    /// rewind came must not set the cursor again from its result.
+    rewinds: u64,
 }
 
 /// The longest a claim range goes without a scan from the head.
@@ -136,7 +139,9 @@ impl PgStore {
     /// Make the next claim scan from the head of the claim index: work may
     /// have become claimable before the cursor.
     pub fn rewind(&self) {
-        self.cursor.lock().expect("claim cursor lock").after = None;
+        let mut c = self.cursor.lock().expect("claim cursor lock");
+        c.after = None;
+        c.rewinds += 1;
     }
 
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
@@ -251,12 +256,15 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let token = Uuid::new_v4();
-        let after = {
+        let (after, rewinds) = {
             let c = self.cursor.lock().expect("claim cursor lock");
             let fresh = c
                 .scanned_from_head
                 .is_some_and(|t| t.elapsed() < RESCAN_EVERY);
-            c.after.filter(|_| fresh && skip_names.is_empty())
+            (
+                c.after.filter(|_| fresh && skip_names.is_empty()),
+                c.rewinds,
+            )
         };
         // The group check sees an earlier live event whether it is pending,
         // backing off or leased by someone else (row locks do not hide rows
@@ -315,6 +323,7 @@ impl PgStore {
             // the next claim starts from the head, where rows that sort
             // before the cursor wait.
             c.after = match claimed.last() {
+                _ if c.rewinds != rewinds => None,
                 Some((last, seq)) if claimed.len() == limit => {
                     let reached = (last.available_at, *seq);
                     Some(c.after.map_or(reached, |a| a.max(reached)))
@@ -324,7 +333,7 @@ impl PgStore {
         }
         Ok(claimed
             .into_iter()
-            .map(|(event, _)| Claimed { event, token })
+            .map(|(event, seq)| Claimed { event, token, seq })
             .collect())
     }
 

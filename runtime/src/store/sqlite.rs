@@ -19,6 +19,7 @@
 //! so leased rows leave the head of the claim index and a lapsed lease makes
 //! its row claimable again; release puts it back to now.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +100,11 @@ impl SqliteStore {
             SqlitePoolOptions::new()
                 .acquire_timeout(opts.acquire_timeout)
                 .max_connections(BOOKKEEPING_CONNECTIONS)
-                .connect_lazy_with(options)
+                // No checkpoint inline on the claim/ack path (copying the
+                // WAL into the database and syncing it stalled the one
+                // connection everything waits on); the dispatcher runs
+                // [`SqliteStore::checkpoint`] in the background instead.
+                .connect_lazy_with(options.pragma("wal_autocheckpoint", "0"))
         };
         Ok(Self {
             pool,
@@ -146,16 +151,79 @@ impl SqliteStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        // SQLite inserts are in-process calls; what makes a batch cheap is the
-        // single transaction (one fsync), not a multi-row statement.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // One INSERT for the whole batch, its rows in one JSON parameter:
+        // SQLite itself is fast, but each statement is a round trip to
+        // sqlx's connection thread (one per event made the batch ~20k/s).
+        // Rows are inserted in array order, so rowids keep the batch's
+        // order (groups run in it).
+        let now = now_ms();
         let mut ids = Vec::with_capacity(events.len());
+        let mut rows = Vec::with_capacity(events.len());
         for ev in events {
-            ids.push(enqueue_with_default(&mut tx, ev, default_max_retry).await?);
+            let id = Uuid::now_v7();
+            ids.push(id);
+            rows.push(serde_json::json!([
+                id.to_string(),
+                ev.name,
+                ev.payload,
+                ev.group_id,
+                super::effective_max_retry(ev, default_max_retry)?,
+                now.saturating_add(ev.delay.map_or(0, duration_ms)),
+                ev.expires_in
+                    .map(|ttl| now.saturating_add(duration_ms(ttl))),
+                ev.idempotency_key,
+            ]));
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let inserted = sqlx::query(
+            "INSERT INTO outbox_events
+                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+             SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+                    value ->> 5, value ->> 6, value ->> 7
+             FROM json_each(?1) WHERE true
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted < events.len() as u64 {
+            // Some keys were taken (by a live or dead event, or earlier in
+            // this batch): those events map to the id that holds the key.
+            let keys: Vec<&str> = events
+                .iter()
+                .filter_map(|e| e.idempotency_key.as_deref())
+                .collect();
+            let holders: HashMap<String, String> = sqlx::query_as(
+                "SELECT idempotency_key, id FROM outbox_events
+                 WHERE idempotency_key IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(serde_json::to_string(&keys).expect("strings serialise"))
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            for (id, ev) in ids.iter_mut().zip(events) {
+                if let Some(holder) = ev.idempotency_key.as_ref().and_then(|k| holders.get(k)) {
+                    *id = parse_id(holder)?;
+                }
+            }
         }
         tx.commit().await?;
         self.wake();
         Ok(ids)
+    }
+
+    /// Copy what it can of the write-ahead log into the database file
+    /// without waiting for readers or writers (`PASSIVE`), on a main-pool
+    /// connection. Keeps the WAL short while the bookkeeping connection,
+    /// which does not checkpoint by itself, writes.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn claim(
@@ -236,7 +304,7 @@ impl SqliteStore {
         claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
         Ok(claimed
             .into_iter()
-            .map(|(event, _)| Claimed { event, token })
+            .map(|(event, seq)| Claimed { event, token, seq })
             .collect())
     }
 
@@ -273,21 +341,18 @@ impl SqliteStore {
         if deleted == leases.len() as u64 {
             return Ok(leases.iter().map(|l| l.id).collect());
         }
-        let kept: Vec<String> = sqlx::query_scalar(
-            "SELECT e.id FROM json_each(?1) AS l
-             JOIN outbox_events e ON e.id = json_extract(l.value, '$[0]')",
+        let kept: Vec<i64> = sqlx::query_scalar(
+            "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
+             JOIN outbox_events e ON e.rowid = r.value",
         )
         .bind(&json)
         .fetch_all(&self.bookkeeping)
         .await?;
-        let kept = kept
-            .iter()
-            .map(|s| parse_id(s))
-            .collect::<Result<std::collections::HashSet<_>>>()?;
+        let kept: std::collections::HashSet<i64> = kept.into_iter().collect();
         Ok(leases
             .iter()
+            .filter(|l| !kept.contains(&l.seq))
             .map(|l| l.id)
-            .filter(|id| !kept.contains(id))
             .collect())
     }
 
@@ -502,9 +567,11 @@ impl SqliteStore {
 
 /// rowids of the rows whose (id, lock_token) pair is in the JSON array `?1`
 /// (`[["id","token"], ...]`); the join probes the primary key per pair.
-const LEASED_ROWIDS: &str = "SELECT e.rowid FROM json_each(?1) AS l
-     JOIN outbox_events e
-       ON e.id = json_extract(l.value, '$[0]') AND e.lock_token = json_extract(l.value, '$[1]')";
+/// Rowids of the rows whose lease `?1` (see [`leases_json`]) still holds.
+/// Found by rowid and checked by token: a rowid SQLite reused for another
+/// row never carries this claim's token.
+const LEASED_ROWIDS: &str = "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
+     JOIN outbox_events e ON e.rowid = r.value AND e.lock_token = t.key";
 
 /// Make dead rows live again; `?1` is now. `last_error` stays for the record.
 const REPLAY: &str = "UPDATE outbox_events
@@ -759,10 +826,13 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Leases as `{"token": [rowid, ...], ...}`: a batch usually comes from a
+/// few claims, so this is short, and SQLite joins it without parsing a
+/// pair per row.
 fn leases_json(leases: &[Lease]) -> String {
-    let pairs: Vec<[String; 2]> = leases
-        .iter()
-        .map(|l| [l.id.to_string(), l.token.to_string()])
-        .collect();
-    serde_json::to_string(&pairs).expect("strings serialise")
+    let mut by_token: HashMap<String, Vec<i64>> = HashMap::new();
+    for l in leases {
+        by_token.entry(l.token.to_string()).or_default().push(l.seq);
+    }
+    serde_json::to_string(&by_token).expect("strings and integers serialise")
 }
