@@ -1048,32 +1048,6 @@ async fn package_bad_input_is_dead(db: TestDb) {
 // ---------------------------------------------------------------------------
 // Hot reload of a shipped handler
 
-/// The component with a custom section (id 0) named "outrun-test" appended:
-/// still a valid component, different bytes, so a different version.
-fn with_custom_section(component: &[u8], payload: &[u8]) -> Vec<u8> {
-    fn leb128(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                break;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"outrun-test";
-    let mut content = Vec::new();
-    leb128(name.len(), &mut content);
-    content.extend_from_slice(name);
-    content.extend_from_slice(payload);
-    let mut out = component.to_vec();
-    out.push(0);
-    leb128(content.len(), &mut out);
-    out.extend_from_slice(&content);
-    out
-}
-
 /// ai-check-requeue is replaced (atomic rename) by a new version while
 /// events flow: the reload is logged with the new hash, and every event is
 /// handled exactly once: one POST and one row per event, none lost, none
@@ -1084,7 +1058,7 @@ async fn ai_check_hot_reload_while_events_flow(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let module = dir.path().join("ai_check_requeue.wasm");
     let v1 = std::fs::read(guest("ai_check_requeue")).unwrap();
-    let v2 = with_custom_section(&v1, b"version 2");
+    let v2 = outrun::wasm::with_custom_section(&v1, "outrun-test", b"version 2");
     std::fs::write(&module, &v1).unwrap();
     // Never requeue: every event must reach the service exactly once.
     let config = ai_config(dir.path(), &module, &svc, "requeue_threshold = \"1000000\"");

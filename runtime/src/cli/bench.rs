@@ -279,16 +279,7 @@ async fn reload_rounds(
 ) -> anyhow::Result<Vec<u32>> {
     let module = dir.join("bench.wasm");
     std::fs::write(&module, original)?;
-    let spec = HandlerSpec {
-        name: "bench".into(),
-        events: vec!["bench.noop".into()],
-        module: module.clone(),
-        max_retry: None,
-        timeout: crate::wasm::spec::DEFAULT_TIMEOUT,
-        memory: crate::wasm::spec::DEFAULT_MEMORY,
-        concurrency: None,
-        allow: Default::default(),
-    };
+    let spec = bench_spec(module.clone());
     let services = HostServices {
         cache_dir: Some(dir.join("cache")),
         max_instances: 4,
@@ -302,8 +293,8 @@ async fn reload_rounds(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut us = Vec::with_capacity(rounds as usize);
     for round in 0..rounds {
-        let mut bytes = original.to_vec();
-        bytes.extend(custom_section("outrun-bench-reload", &round.to_le_bytes()));
+        let bytes =
+            crate::wasm::with_custom_section(original, "outrun-bench-reload", &round.to_le_bytes());
         let want = blake3::hash(&bytes).to_hex().to_string();
         let tmp = dir.join(".bench.wasm.tmp");
         std::fs::write(&tmp, &bytes)?;
@@ -323,30 +314,6 @@ async fn reload_rounds(
     Ok(us)
 }
 
-/// A WebAssembly custom section (id 0): ignored by the runtime, but part of
-/// the file's content hash.
-fn custom_section(name: &str, payload: &[u8]) -> Vec<u8> {
-    fn leb(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let mut body = Vec::new();
-    leb(name.len(), &mut body);
-    body.extend_from_slice(name.as_bytes());
-    body.extend_from_slice(payload);
-    let mut section = vec![0u8];
-    leb(body.len(), &mut section);
-    section.extend(body);
-    section
-}
-
 /// A JSON payload of exactly `bytes` bytes (or the smallest the handler
 /// accepts, if `bytes` is smaller): an [`Order`]-shaped object padded with
 /// a `pad` string.
@@ -359,17 +326,23 @@ fn payload(kind: HandlerKind, bytes: usize) -> String {
     base.replacen(r#""pad":"""#, &format!(r#""pad":"{}""#, "x".repeat(pad)), 1)
 }
 
-async fn load_handler(args: &Args) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
-    let spec = HandlerSpec {
+/// The bench guest bound to both of its events, with default limits and no
+/// capabilities.
+fn bench_spec(module: PathBuf) -> HandlerSpec {
+    HandlerSpec {
         name: "bench".into(),
         events: vec!["bench.noop".into(), "bench.json".into()],
-        module: args.module.clone(),
+        module,
         max_retry: None,
         timeout: crate::wasm::spec::DEFAULT_TIMEOUT,
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
         allow: Default::default(),
-    };
+    }
+}
+
+async fn load_handler(args: &Args) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
+    let spec = bench_spec(args.module.clone());
     let services = HostServices {
         cache_dir: Some(
             args.cache_dir

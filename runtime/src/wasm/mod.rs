@@ -19,6 +19,32 @@ pub use registry::{
 pub use reload::{ReloadWatcher, Reloaded};
 pub use spec::{Allow, ByteSize, HandlerSpec, KvSettings};
 
+/// `module` with a custom section (id 0) appended: the same code under a
+/// new content hash, i.e. a new version to the registry. For hot-reload
+/// benchmarks and tests.
+pub fn with_custom_section(module: &[u8], name: &str, payload: &[u8]) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut body = Vec::new();
+    leb128(name.len(), &mut body);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(payload);
+    let mut out = module.to_vec();
+    out.push(0);
+    leb128(body.len(), &mut out);
+    out.extend(body);
+    out
+}
+
 /// Errors of loading, checking and reloading handler components. Each names
 /// the handler or file and says how to fix it.
 #[derive(Debug, thiserror::Error)]
