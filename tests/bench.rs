@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::{TestDb, guest};
 use serde_json::Value;
@@ -16,12 +16,10 @@ fn outrun(db: &TestDb, args: &[&str]) -> Output {
     // Shared by the tests (the cache writes temp files and renames them, so
     // parallel runs are safe): the guest is compiled once, not per test.
     let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-cache");
-    Command::new(env!("CARGO_BIN_EXE_outrun"))
+    common::outrun_command(db)
         .args(args)
         .args(["--cache-dir", cache.to_str().expect("utf-8 target path")])
-        .env("OUTRUN_DATABASE_URL", db.url())
         .env("OUTRUN_BENCH_MODULE", guest("bench"))
-        .env_remove("OUTRUN_CONFIG")
         .output()
         .expect("run outrun")
 }
@@ -211,15 +209,21 @@ fn bad_arguments_are_refused_in_one_line() {
             "build-guests.sh",
         ),
     ] {
-        let out = outrun(&db, &args);
-        assert!(
-            matches!(out.status.code(), Some(1 | 2)),
-            "{args:?}: {out:?}"
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        let err = common::fails(&outrun(&db, &args));
         assert!(err.contains(expect), "{args:?}: {err}");
     }
+    // Reload mode with a file that is not a component: refused, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.wasm");
+    std::fs::write(&text, "not a component").unwrap();
+    let text = text.to_str().unwrap();
+    let err = common::fails(&outrun(
+        &db,
+        &[
+            "bench", "--mode", "reload", "--events", "2", "--module", text,
+        ],
+    ));
+    assert!(err.contains(text), "{err}");
     // Nothing was created: every refusal came before connecting.
     assert!(!std::path::Path::new(&db.url()["sqlite://".len()..]).exists());
 }

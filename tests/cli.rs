@@ -6,44 +6,8 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{TestDb, wait_for};
+use common::{TestDb, fails, ok, outrun, wait_for};
 use serde_json::Value;
-
-fn outrun(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outrun"))
-        .args(args)
-        .env("OUTRUN_DATABASE_URL", db.url())
-        .env_remove("OUTRUN_CONFIG")
-        .output()
-        .expect("run outrun")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "outrun failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A failure: a non-zero exit code (1 for errors, 2 for usage errors) and
-/// exactly one line on stderr; returns it.
-fn fails(out: &Output) -> String {
-    assert!(
-        matches!(out.status.code(), Some(1 | 2)),
-        "expected exit 1 or 2, got {:?}; stdout: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "expected a one-line error, got:\n{err}"
-    );
-    err
-}
 
 fn json(out: &Output) -> Value {
     serde_json::from_str(&ok(out)).expect("stdout is JSON")

@@ -11,37 +11,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{Serve, TestDb, guest, wait_for};
+use common::{Serve, TestDb, guest, ok, outrun, wait_for};
 use outrun::{NewEvent, Store};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------
 // The binary
-
-fn outrun(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outrun"))
-        .args(args)
-        .args(["--database", db.url()])
-        .env_remove("OUTRUN_CONFIG")
-        .env_remove("OUTRUN_DATABASE_URL")
-        .output()
-        .expect("run outrun")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "outrun failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 /// `outrun events list --dead --json`: dead event id → last_error.
 fn dead_events(db: &TestDb) -> BTreeMap<String, String> {

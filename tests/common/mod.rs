@@ -61,6 +61,49 @@ pub enum TestDb {
     },
 }
 
+/// The real `outrun` binary against `db` (through `OUTRUN_DATABASE_URL`),
+/// with no config file from the environment; add arguments and run it.
+pub fn outrun_command(db: &TestDb) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_outrun"));
+    c.env("OUTRUN_DATABASE_URL", db.url())
+        .env_remove("OUTRUN_CONFIG");
+    c
+}
+
+/// Run `outrun ARGS` against `db` to completion.
+pub fn outrun(db: &TestDb, args: &[&str]) -> std::process::Output {
+    outrun_command(db).args(args).output().expect("run outrun")
+}
+
+/// A success; returns stdout.
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "outrun failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+/// A failure: a non-zero exit code (1 for errors, 2 for usage errors) and
+/// exactly one line on stderr; returns it.
+pub fn fails(out: &std::process::Output) -> String {
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "expected exit 1 or 2, got {:?}; stdout: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8(out.stderr.clone()).expect("utf-8 stderr");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected a one-line error, got:\n{err}"
+    );
+    err
+}
+
 /// Open a fresh connection of the test database's backend as `$c`, run
 /// `$body` (a `Result`), close the connection, and panic naming the SQL on
 /// error. The connection types differ per backend, hence a macro.

@@ -106,6 +106,16 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.p50, self.p90, self.p99, self.max
+        )
+    }
+}
+
 /// What `--json` prints.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -186,10 +196,9 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
-            let p = &report.latency_ms;
             println!(
-                "reload of a {}-byte module, {} times: written → new version serving p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                report.module_bytes, report.reloads, p.p50, p.p90, p.p99, p.max
+                "reload of a {}-byte module, {} times: written → new version serving: {}",
+                report.module_bytes, report.reloads, report.latency_ms
             );
         }
         return Ok(());
@@ -256,6 +265,9 @@ pub struct ReloadReport {
 /// to a temporary name, renames it over the watched file, as a deploy
 /// would, and waits until the registry serves it.
 async fn reload(args: &Args, rounds: u64) -> anyhow::Result<ReloadReport> {
+    // Checked where the user put it, so an error names that file rather
+    // than the temporary copy the rounds rewrite.
+    crate::wasm::check_file(&args.module).context("the bench guest")?;
     let original = std::fs::read(&args.module)
         .with_context(|| format!("reading {}", args.module.display()))?;
     let dir = std::env::temp_dir().join(format!("outrun-bench-reload-{}", std::process::id()));
@@ -309,7 +321,7 @@ async fn reload_rounds(
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
-        us.push(u32::try_from(written.elapsed().as_micros()).unwrap_or(u32::MAX));
+        us.push(micros(written.elapsed()));
     }
     Ok(us)
 }
@@ -432,7 +444,7 @@ impl DispatchObserver for Recorder {
             let mut service = self.service_us.lock().expect("recorder lock");
             for id in ids {
                 if let Some(t) = started.remove(id) {
-                    service.push(now.duration_since(t).as_micros().min(u32::MAX as u128) as u32);
+                    service.push(micros(now.duration_since(t)));
                 }
             }
         }
@@ -569,28 +581,14 @@ async fn latency(
     ensure_empty(store).await?;
 
     let started = std::mem::take(&mut *recorder.started.lock().expect("recorder lock"));
-    let acked = std::mem::take(&mut *recorder.acked.lock().expect("recorder lock"));
-    let since = |t0: &Instant, t: Instant| {
-        t.saturating_duration_since(*t0)
-            .as_micros()
-            .min(u32::MAX as u128) as u32
-    };
-    let mut to_start: Vec<u32> = sent
-        .iter()
-        .filter_map(|(id, t0)| started.get(id).map(|t| since(t0, *t)))
-        .collect();
-    let mut after_commit: Vec<u32> = committed
-        .iter()
-        .filter_map(|(id, t1)| started.get(id).map(|t| since(t1, *t)))
-        .collect();
-    let mut enqueue_call: Vec<u32> = sent
-        .iter()
-        .filter_map(|(id, t0)| committed.get(id).map(|t1| since(t0, *t1)))
-        .collect();
-    let mut to_ack: Vec<u32> = acked
-        .iter()
-        .filter_map(|(id, t)| sent.get(id).map(|t0| since(t0, *t)))
-        .collect();
+    let acked: HashMap<Uuid, Instant> =
+        std::mem::take(&mut *recorder.acked.lock().expect("recorder lock"))
+            .into_iter()
+            .collect();
+    let mut to_start = gaps_us(&sent, &started);
+    let mut after_commit = gaps_us(&committed, &started);
+    let mut enqueue_call = gaps_us(&sent, &committed);
+    let mut to_ack = gaps_us(&sent, &acked);
     if to_start.len() as u64 != events || to_ack.len() as u64 != events {
         bail!(
             "latency join incomplete: {} enqueued, {} starts and {} acks matched; \
@@ -622,6 +620,18 @@ async fn latency(
         load_ms,
         module_from_cache: from_cache,
     })
+}
+
+/// For each event in both maps, µs from its instant in `from` to its
+/// instant in `to` (0 if `to` came first).
+fn gaps_us(from: &HashMap<Uuid, Instant>, to: &HashMap<Uuid, Instant>) -> Vec<u32> {
+    from.iter()
+        .filter_map(|(id, t0)| to.get(id).map(|t| micros(t.saturating_duration_since(*t0))))
+        .collect()
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// The run must leave nothing behind: every event acked, none dead or
@@ -667,12 +677,6 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn print_text(r: &Report) {
-    let p = |x: &Percentiles| {
-        format!(
-            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            x.p50, x.p90, x.p99, x.max
-        )
-    };
     println!(
         "{:?} {:?}, handler {:?}: {} events, {}-byte payload, concurrency {}, batch {}",
         r.backend, r.mode, r.handler, r.events, r.payload_bytes, r.concurrency, r.batch_size
@@ -686,15 +690,15 @@ fn print_text(r: &Report) {
         r.events_per_sec, r.seconds
     );
     if let Some(s) = &r.start_latency_ms {
-        println!("enqueue → handler start: {}", p(s));
+        println!("enqueue → handler start: {s}");
     }
     if let Some(s) = &r.enqueue_call_ms {
-        println!("  of which the enqueue call (INSERT + COMMIT): {}", p(s));
+        println!("  of which the enqueue call (INSERT + COMMIT): {s}");
     }
     if let Some(s) = &r.start_after_commit_ms {
-        println!("committed → handler start: {}", p(s));
+        println!("committed → handler start: {s}");
     }
-    println!("{} → acked: {}", r.latency_from, p(&r.latency_ms));
+    println!("{} → acked: {}", r.latency_from, r.latency_ms);
     if let Some(rss) = r.peak_rss_mb {
         println!("peak RSS: {rss:.1} MiB");
     }

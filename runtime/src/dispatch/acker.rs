@@ -44,14 +44,20 @@ pub async fn run(
         // as for dozens, and at full speed acks arrive every few µs. Not
         // when a group's successor waits for this DELETE to become
         // claimable.
-        let linger = tokio::time::Instant::now() + LINGER;
+        // One timer per batch, not one per ack received.
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
         while batch.len() < MAX_BATCH && !grouped {
-            match tokio::time::timeout_at(linger, rx.recv()).await {
-                Ok(Some(a)) => {
-                    grouped |= a.grouped;
-                    batch.push(a.lease);
-                }
-                Ok(None) | Err(_) => break,
+            tokio::select! {
+                biased;
+                next = rx.recv() => match next {
+                    Some(a) => {
+                        grouped |= a.grouped;
+                        batch.push(a.lease);
+                    }
+                    None => break,
+                },
+                _ = &mut linger => break,
             }
         }
         while batch.len() < MAX_BATCH {

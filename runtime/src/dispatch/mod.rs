@@ -377,7 +377,7 @@ async fn worker_loop(
             Ok(false) => {}
             Err(panic) => {
                 cx.inflight.remove(&lease.id);
-                tracing::error!(event_id = %lease.id, panic = %panic_message(&*panic), "worker panicked; the event runs again after its lease expires");
+                tracing::error!(event_id = %lease.id, panic = %worker::panic_message(&*panic), "worker panicked; the event runs again after its lease expires");
             }
         }
         // A receive from a non-empty queue does not yield, so without this
@@ -386,14 +386,6 @@ async fn worker_loop(
         // handling.
         tokio::task::yield_now().await;
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Log a worker task that failed.

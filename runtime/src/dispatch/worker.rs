@@ -169,15 +169,21 @@ async fn invoke(
     };
     match outcome {
         Ok(r) => r,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(HandlerError::retry(format!("handler panicked: {msg}")))
-        }
+        Err(panic) => Err(HandlerError::retry(format!(
+            "handler panicked: {}",
+            panic_message(&*panic)
+        ))),
     }
+}
+
+/// The message a panic was raised with (`panic!("...")` carries a `&str`
+/// or a `String`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn round_ms(d: Duration) -> Duration {

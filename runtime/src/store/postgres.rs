@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
@@ -103,6 +103,42 @@ struct ClaimCursor {
     /// Bumped by every rewind: a claim that was already running when the
     /// rewind came must not set the cursor again from its result.
     rewinds: u64,
+}
+
+/// The claim, from the head of the claim index or after the cursor
+/// (`$6, $7`). Built once: the statement text is also sqlx's key for its
+/// prepared statement.
+static CLAIM_FROM_HEAD: LazyLock<String> = LazyLock::new(|| claim_sql(""));
+static CLAIM_AFTER_CURSOR: LazyLock<String> =
+    LazyLock::new(|| claim_sql("AND (e.available_at, e.seq) > ($6, $7)"));
+
+/// The group check sees an earlier live event whether it is pending,
+/// backing off or leased by someone else (row locks do not hide rows from
+/// a plain subquery), so a group never runs two events at once.
+fn claim_sql(range: &str) -> String {
+    format!(
+        "WITH ready AS (
+             SELECT e.id, e.available_at FROM outbox_events e
+             WHERE e.retry < e.max_retry
+               AND e.available_at <= now() {range}
+               AND (e.expires_at IS NULL OR e.expires_at > now())
+               AND e.name <> ALL($2::text[])
+               AND (e.group_id IS NULL OR NOT EXISTS (
+                   SELECT 1 FROM outbox_events p
+                   WHERE p.group_id = e.group_id AND p.seq < e.seq
+                     AND p.retry < p.max_retry))
+             ORDER BY e.available_at, e.seq
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED)
+         UPDATE outbox_events o
+         SET locked_by = $1, lock_token = $5,
+             locked_until = now() + $4 * interval '1 microsecond',
+             available_at = now() + $4 * interval '1 microsecond'
+         FROM ready WHERE o.id = ready.id
+         RETURNING {}",
+        // The event as it was due, not its new lease-end available_at.
+        prefixed("o", EVENT_COLUMNS).replace("o.available_at", "ready.available_at")
+    )
 }
 
 /// The longest a claim range goes without a scan from the head.
@@ -266,38 +302,12 @@ impl PgStore {
                 c.rewinds,
             )
         };
-        // The group check sees an earlier live event whether it is pending,
-        // backing off or leased by someone else (row locks do not hide rows
-        // from a plain subquery), so a group never runs two events at once.
-        let sql = format!(
-            "WITH ready AS (
-                 SELECT e.id, e.available_at FROM outbox_events e
-                 WHERE e.retry < e.max_retry
-                   AND e.available_at <= now() {}
-                   AND (e.expires_at IS NULL OR e.expires_at > now())
-                   AND e.name <> ALL($2::text[])
-                   AND (e.group_id IS NULL OR NOT EXISTS (
-                       SELECT 1 FROM outbox_events p
-                       WHERE p.group_id = e.group_id AND p.seq < e.seq
-                         AND p.retry < p.max_retry))
-                 ORDER BY e.available_at, e.seq
-                 LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
-             UPDATE outbox_events o
-             SET locked_by = $1, lock_token = $5,
-                 locked_until = now() + $4 * interval '1 microsecond',
-                 available_at = now() + $4 * interval '1 microsecond'
-             FROM ready WHERE o.id = ready.id
-             RETURNING {}",
-            if after.is_some() {
-                "AND (e.available_at, e.seq) > ($6, $7)"
-            } else {
-                ""
-            },
-            // The event as it was due, not its new lease-end available_at.
-            prefixed("o", EVENT_COLUMNS).replace("o.available_at", "ready.available_at")
-        );
-        let mut query = sqlx::query(&sql)
+        let sql = if after.is_some() {
+            &*CLAIM_AFTER_CURSOR
+        } else {
+            &*CLAIM_FROM_HEAD
+        };
+        let mut query = sqlx::query(sql)
             .bind(worker)
             .bind(skip_names)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
