@@ -9,6 +9,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+mod transient;
 mod value;
 
 use std::time::Duration;
