@@ -805,6 +805,250 @@ async fn shutdown_grace_cancels_and_releases(db: TestDb) {
     );
 }
 
+/// Inserts the payload's `k`; the table's CHECK refuses one value. A
+/// failed statement is the event's fault (`reject`); a transient database
+/// error is a retry.
+struct InsertK;
+
+#[async_trait::async_trait]
+impl Handler for InsertK {
+    async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+        let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
+        let k = v["k"].as_i64().unwrap();
+        let fail = |e: outrun::store::StoreError| {
+            if e.is_transient() {
+                HandlerError::retry(e.to_string())
+            } else {
+                HandlerError::reject(e.to_string())
+            }
+        };
+        let tx = fx.tx().await.map_err(fail)?;
+        tx.execute(
+            "INSERT INTO batch_rows (k) VALUES ($1)",
+            &[SqlValue::Int(k)],
+        )
+        .await
+        .map_err(fail)?;
+        if let Some(sleep) = v["sleep"].as_str() {
+            tx.query(sleep, &[]).await.map_err(fail)?;
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+/// Many events share a lane's transaction; one whose statement fails is
+/// rolled back alone, and every other event's row is there exactly once.
+async fn failing_statement_in_a_batch_fails_only_its_event(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE batch_rows (k INTEGER NOT NULL CHECK (k <> 13))")
+        .await;
+    let events: Vec<_> = (0..300)
+        .map(|k| NewEvent::new("insert", format!("{{\"k\":{k}}}")))
+        .collect();
+    let ids = store.enqueue_batch(&events, 5).await.unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("insert", InsertK),
+        RuntimeConfig {
+            concurrency: 16,
+            batch_size: 64,
+            ..fast()
+        },
+    );
+    wait_for("299 events done and one dead", || async {
+        let s = store.stats().await.unwrap();
+        s.pending + s.scheduled + s.running == 0 && s.dead == 1
+    })
+    .await;
+    run.stop().await;
+    let dead = store
+        .get(ids[13])
+        .await
+        .unwrap()
+        .expect("event 13 stays, dead");
+    assert!(dead.is_dead(), "{dead:?}");
+    assert!(
+        dead.last_error
+            .as_deref()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("check"),
+        "the dead event says why: {:?}",
+        dead.last_error
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM batch_rows").await, 299);
+    assert_eq!(
+        db.scalar("SELECT count(DISTINCT k) FROM batch_rows").await,
+        299
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM batch_rows WHERE k = 13")
+            .await,
+        0
+    );
+}
+
+/// Effects of a group's events commit before the next event of the group
+/// starts: each handler sees its predecessor's row.
+async fn group_successor_sees_its_predecessors_effects(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE chain (g TEXT NOT NULL, n INTEGER NOT NULL)")
+        .await;
+    struct Chain;
+    #[async_trait::async_trait]
+    impl Handler for Chain {
+        async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+            let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
+            let n = v["n"].as_i64().unwrap();
+            let g = ev.group_id.clone().unwrap();
+            let err = |e: outrun::store::StoreError| HandlerError::retry(e.to_string());
+            let tx = fx.tx().await.map_err(err)?;
+            let rows = tx
+                .query(
+                    "SELECT count(*) FROM chain WHERE g = $1",
+                    &[SqlValue::Text(g.clone())],
+                )
+                .await
+                .map_err(err)?;
+            if rows.rows[0][0] != SqlValue::Int(n) {
+                return Err(HandlerError::reject(format!(
+                    "event {n} of {g} saw {:?} earlier rows",
+                    rows.rows[0][0]
+                )));
+            }
+            tx.execute(
+                "INSERT INTO chain (g, n) VALUES ($1, $2)",
+                &[SqlValue::Text(g), SqlValue::Int(n)],
+            )
+            .await
+            .map_err(err)?;
+            Ok(Outcome::Done)
+        }
+    }
+    let mut events = Vec::new();
+    for n in 0..20 {
+        for g in 0..5 {
+            let mut ev = NewEvent::new("chain", format!("{{\"n\":{n}}}"));
+            ev.group_id = Some(format!("g{g}"));
+            events.push(ev);
+        }
+    }
+    store.enqueue_batch(&events, 1).await.unwrap();
+    let run = Running::start(&store, StaticRouter::new().with("chain", Chain), fast());
+    wait_for("100 grouped events drained", || async {
+        drained(&store).await
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(db.scalar("SELECT count(*) FROM chain").await, 100);
+}
+
+/// The database kills the connection a handler's statement runs on: the
+/// event runs again without spending a retry (it has only one), and its
+/// row is there exactly once in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backend_killed_during_a_statement_is_retried_not_dead() {
+    let db = TestDb::postgres().await;
+    let store = db.store().await;
+    db.exec("CREATE TABLE batch_rows (k INTEGER NOT NULL)")
+        .await;
+    let events: Vec<_> = (0..4)
+        .map(|k| {
+            let mut ev = NewEvent::new(
+                "insert",
+                format!("{{\"k\":{k},\"sleep\":\"SELECT pg_sleep(0.3)::text\"}}"),
+            );
+            ev.max_retry = Some(1);
+            ev
+        })
+        .collect();
+    store.enqueue_batch(&events, 1).await.unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("insert", InsertK),
+        RuntimeConfig {
+            concurrency: 4,
+            ..fast()
+        },
+    );
+    let killed = common::eventually(
+        "a handler's backend killed",
+        Duration::from_secs(20),
+        || async {
+            let n = db
+                .scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND query LIKE 'SELECT pg_sleep(0.3)%'",
+                )
+                .await;
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    wait_for("every event done", || async { drained(&store).await }).await;
+    run.stop().await;
+    assert!(killed > 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM batch_rows").await, 4);
+    assert_eq!(
+        db.scalar("SELECT count(DISTINCT k) FROM batch_rows").await,
+        4
+    );
+}
+
+/// Two handlers lock the same rows in opposite orders: PostgreSQL aborts
+/// one (deadlock detected), which runs again without spending its only
+/// retry; both finish, each update applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadlock_between_two_handlers_is_retried() {
+    let db = TestDb::postgres().await;
+    let store = db.store().await;
+    db.exec("CREATE TABLE locks (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+        .await;
+    db.exec("INSERT INTO locks VALUES (1, 0), (2, 0)").await;
+    struct LockPair;
+    #[async_trait::async_trait]
+    impl Handler for LockPair {
+        async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+            let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
+            let err = |e: outrun::store::StoreError| HandlerError::retry(e.to_string());
+            let tx = fx.tx().await.map_err(err)?;
+            for (i, key) in ["first", "second"].iter().enumerate() {
+                tx.execute(
+                    "UPDATE locks SET v = v + 1 WHERE id = $1",
+                    &[SqlValue::Int(v[key].as_i64().unwrap())],
+                )
+                .await
+                .map_err(err)?;
+                if i == 0 {
+                    tx.query("SELECT pg_sleep(0.3)::text", &[])
+                        .await
+                        .map_err(err)?;
+                }
+            }
+            Ok(Outcome::Done)
+        }
+    }
+    let mut a = NewEvent::new("pair", r#"{"first":1,"second":2}"#);
+    a.max_retry = Some(1);
+    let mut b = NewEvent::new("pair", r#"{"first":2,"second":1}"#);
+    b.max_retry = Some(1);
+    store.enqueue_batch(&[a, b], 1).await.unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("pair", LockPair),
+        RuntimeConfig {
+            concurrency: 2,
+            effect_lanes: 2,
+            ..fast()
+        },
+    );
+    wait_for("both done", || async { drained(&store).await }).await;
+    run.stop().await;
+    assert_eq!(db.scalar("SELECT sum(v) FROM locks").await, 4);
+    assert_eq!(db.scalar("SELECT count(*) FROM locks WHERE v = 2").await, 2);
+}
+
 on_both_backends!(
     delivers_and_deletes,
     retries_with_backoff_until_dead,
@@ -823,6 +1067,8 @@ on_both_backends!(
     wakes_up_without_polling,
     graceful_shutdown_leaves_no_lease,
     shutdown_grace_cancels_and_releases,
+    failing_statement_in_a_batch_fails_only_its_event,
+    group_successor_sees_its_predecessors_effects,
 );
 
 /// Two runtimes with their own pools drain one PostgreSQL database: every

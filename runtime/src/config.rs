@@ -110,6 +110,11 @@ pub struct RuntimeConfig {
     /// before their events are released. `OUTRUN_SHUTDOWN_GRACE`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Transactions that commit handlers' effects in groups, each on its
+    /// own connection (see the README's "Effects" section). 0: the runtime
+    /// picks (SQLite 1, its one writer; PostgreSQL up to 4).
+    /// `OUTRUN_EFFECT_LANES`.
+    pub effect_lanes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -126,6 +131,7 @@ impl Default for RuntimeConfig {
             dead_retention: Duration::from_secs(7 * 24 * 3600),
             cleanup_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            effect_lanes: 0,
         }
     }
 }
@@ -278,6 +284,7 @@ impl Config {
         over!("OUTRUN_DEAD_RETENTION", r.dead_retention, duration);
         over!("OUTRUN_CLEANUP_INTERVAL", r.cleanup_interval, duration);
         over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
+        over!("OUTRUN_EFFECT_LANES", r.effect_lanes, parse);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
         }

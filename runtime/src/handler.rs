@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::event::{Event, InvalidEvent, NewEvent};
+use crate::event::{Event, InvalidEvent, Lease, NewEvent};
 use crate::store::{AckTx, Store, StoreError};
 
 /// A handler's verdict on one event when it did not fail.
@@ -124,32 +124,92 @@ impl Router for StaticRouter {
     }
 }
 
+/// Where the dispatcher keeps the effects of events that succeed: lanes
+/// whose transactions it commits many events at a time (see
+/// `crate::store::lane`). Implemented by the dispatcher; a trait so this
+/// module does not reach into it.
+#[async_trait::async_trait]
+pub trait EffectsLanes: Send + Sync + 'static {
+    /// Let the event behind `lease` into a lane: its row is deleted there
+    /// (inside its own savepoint) and its statements run there. `Ok(None)`:
+    /// the lease was lost, the event must not run its effects.
+    async fn enter(&self, lease: Lease) -> Result<Option<AckTx>, StoreError>;
+}
+
+enum Source {
+    None,
+    /// A transaction of its own, committed by whoever holds the effects
+    /// (embedding, tests).
+    Store(Store),
+    /// A lane of the dispatcher.
+    Lanes(Arc<dyn EffectsLanes>, Lease),
+}
+
 /// The side effects of one attempt, committed with its ack or not at all.
 ///
 /// The transaction is opened lazily on the first `tx()` call so a handler
 /// that never touches SQL holds no connection (and on SQLite, no lock) while
 /// it runs; emitted events are buffered and inserted at ack time.
-#[derive(Default)]
 pub struct Effects {
-    store: Option<Store>,
+    source: Source,
     tx: Option<AckTx>,
     emitted: Vec<NewEvent>,
+    lease_lost: bool,
+    transient: bool,
+}
+
+impl Default for Effects {
+    fn default() -> Self {
+        Self {
+            source: Source::None,
+            tx: None,
+            emitted: Vec::new(),
+            lease_lost: false,
+            transient: false,
+        }
+    }
 }
 
 impl Effects {
+    /// Effects in a transaction of their own on `store`; the caller commits
+    /// them with [`AckTx::commit_ack`] (see [`Effects::into_parts`]).
     pub fn new(store: Store) -> Self {
         Self {
-            store: Some(store),
-            tx: None,
-            emitted: Vec::new(),
+            source: Source::Store(store),
+            ..Self::default()
+        }
+    }
+
+    /// Effects of the event behind `lease`, kept in the dispatcher's lanes.
+    pub fn in_lanes(lanes: Arc<dyn EffectsLanes>, lease: Lease) -> Self {
+        Self {
+            source: Source::Lanes(lanes, lease),
+            ..Self::default()
         }
     }
 
     /// The ack transaction, opened on first use.
     pub async fn tx(&mut self) -> Result<&mut AckTx, StoreError> {
+        if self.lease_lost {
+            return Err(StoreError::LeaseLost);
+        }
         if self.tx.is_none() {
-            let store = self.store.as_ref().ok_or(StoreError::NoStore)?;
-            self.tx = Some(store.begin().await?);
+            let opened = match &self.source {
+                Source::None => Err(StoreError::NoStore),
+                Source::Store(store) => store.begin().await.map(Some),
+                Source::Lanes(lanes, lease) => lanes.enter(*lease).await,
+            };
+            match opened {
+                Ok(Some(tx)) => self.tx = Some(tx),
+                Ok(None) => {
+                    self.lease_lost = true;
+                    return Err(StoreError::LeaseLost);
+                }
+                Err(e) => {
+                    self.transient |= e.is_transient();
+                    return Err(e);
+                }
+            }
         }
         Ok(self.tx.as_mut().expect("just opened"))
     }
@@ -164,6 +224,19 @@ impl Effects {
     /// True when the attempt wrote nothing: its ack can join a batch.
     pub fn is_empty(&self) -> bool {
         self.tx.is_none() && self.emitted.is_empty()
+    }
+
+    /// The lease was found lost when the effects began: another runtime
+    /// owns the event and this attempt's verdict must not be recorded.
+    pub fn lease_lost(&self) -> bool {
+        self.lease_lost
+    }
+
+    /// The attempt hit a transient database error (a dropped connection, a
+    /// deadlock, a serialization failure, a busy database): if it failed, it
+    /// was not the event's fault.
+    pub fn saw_transient(&self) -> bool {
+        self.transient || matches!(&self.tx, Some(AckTx::Lane(t)) if t.lane.saw_transient())
     }
 
     /// Take the transaction (if any) and the emitted events, for the ack.

@@ -18,6 +18,7 @@
 
 mod acker;
 mod backoff;
+mod committer;
 mod inflight;
 mod observer;
 mod worker;
@@ -143,14 +144,29 @@ impl Dispatcher {
                 }
             })
         });
+        let backoff = Backoff {
+            base: cfg.backoff_base,
+            max: cfg.backoff_max,
+            jitter: cfg.backoff_jitter,
+        };
+        let lanes = match cfg.effect_lanes {
+            0 => committer::default_lanes(&self.store, cfg.concurrency),
+            n => n,
+        };
+        let committer = Arc::new(committer::Committer::new(
+            self.store.clone(),
+            lanes,
+            inflight.clone(),
+            unblocked.clone(),
+            self.observer.clone(),
+            backoff,
+        ));
+        let lingerers = tokio::spawn(committer.clone().run_lingerers(extender_stop.clone()));
         let cx = Arc::new(worker::WorkerContext {
             store: self.store.clone(),
             router: self.router.clone(),
-            backoff: Backoff {
-                base: cfg.backoff_base,
-                max: cfg.backoff_max,
-                jitter: cfg.backoff_jitter,
-            },
+            backoff,
+            committer: committer.clone(),
             default_max_retry: cfg.max_retry,
             inflight: inflight.clone(),
             acks: ack_tx,
@@ -164,7 +180,7 @@ impl Dispatcher {
                 None
             }
         };
-        tracing::info!(worker = %self.worker_id, backend = ?self.store.backend(), concurrency = cfg.concurrency, batch_size = cfg.batch_size, "dispatch loop started");
+        tracing::info!(worker = %self.worker_id, backend = ?self.store.backend(), concurrency = cfg.concurrency, batch_size = cfg.batch_size, effect_lanes = lanes, "dispatch loop started");
 
         // Claimed events wait here for a worker. The claimer runs up to one
         // batch ahead of the workers and never waits for them, nor they for
@@ -320,6 +336,9 @@ impl Dispatcher {
             workers.abort_all();
             while workers.join_next().await.is_some() {}
         }
+        // Commit what the lanes hold (events still in them after the
+        // grace period were cancelled: their effects are undone).
+        committer.flush().await;
         // Flush pending acks: dropping the last sender ends the acker.
         drop(cx);
         if let Err(e) = acker.await {
@@ -327,6 +346,9 @@ impl Dispatcher {
         }
         extender_stop.cancel();
         let _ = extender.await;
+        let _ = lingerers.await;
+        // Anything a lingerer still had (it stopped mid-linger).
+        committer.flush().await;
         if let Some(checkpointer) = checkpointer {
             let _ = checkpointer.await;
         }

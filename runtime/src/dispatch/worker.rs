@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::{Claimed, Lease};
 use crate::handler::{Effects, HandlerError, Outcome, Route, Router};
-use crate::store::{Failure, Store};
+use crate::store::lane::Kept;
+use crate::store::{AckTx, Failure, Store};
 
 use super::backoff::Backoff;
 use super::inflight::Inflight;
@@ -26,6 +27,8 @@ pub struct WorkerContext {
     pub default_max_retry: i32,
     pub inflight: Inflight,
     pub acks: mpsc::UnboundedSender<super::acker::Ack>,
+    /// Where the effects of events that succeed wait for their commit.
+    pub committer: Arc<super::committer::Committer>,
     /// Cancelled at shutdown: events that have not started are released.
     pub stopping: CancellationToken,
     pub observer: Option<Arc<dyn super::DispatchObserver>>,
@@ -77,12 +80,17 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     if let Some(o) = &cx.observer {
         o.on_started(ev);
     }
-    let mut effects = Effects::new(cx.store.clone());
+    let mut effects = Effects::in_lanes(cx.committer.clone(), lease);
     let started = Instant::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
     metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
         .record(elapsed.as_secs_f64());
+
+    if effects.lease_lost() {
+        lease_lost(cx, lease, &route);
+        return false;
+    }
 
     match result {
         Ok(Outcome::Done) => {
@@ -98,10 +106,10 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 }
                 return false;
             }
-            return commit(cx, lease, &route, effects).await;
+            return commit(cx, lease, &route, effects, ev.group_id.is_some()).await;
         }
         Ok(Outcome::RetryAfter(delay)) => {
-            discard(effects).await;
+            discard(cx, effects).await;
             let at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             if ev.expires_at.is_some_and(|exp| at > exp) {
@@ -112,7 +120,17 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
             }
         }
         Err(err) => {
-            discard(effects).await;
+            let transient = effects.saw_transient();
+            discard(cx, effects).await;
+            if err.retryable && transient {
+                // The database failed the attempt (a dropped connection,
+                // a deadlock, a failover): not the event's fault, so no
+                // retry is spent and no hiccup can make it dead.
+                tracing::warn!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "a database error interrupted the event; it will run again without spending a retry");
+                metrics::counter!("outrun_events_interrupted_total", "handler" => route.handler_name.clone()).increment(1);
+                interrupted(cx, lease, err.message).await;
+                return false;
+            }
             let kind = if err.retryable {
                 "retryable"
             } else {
@@ -190,34 +208,53 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-/// Commit the handler's writes and emitted events with the ack; returns
-/// whether follow-up events were committed.
-async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effects) -> bool {
+/// Keep the handler's writes and emitted events in its lane, to commit
+/// with the delete of its event (see `committer.rs`). Returns false: the
+/// committer wakes the claimer once the commit makes anything claimable.
+async fn commit(
+    cx: &WorkerContext,
+    lease: Lease,
+    route: &Route,
+    effects: Effects,
+    grouped: bool,
+) -> bool {
     let (tx, emitted) = effects.into_parts();
-    let result = async {
-        let mut tx = match tx {
-            Some(tx) => tx,
-            None => cx.store.begin().await?,
-        };
-        tx.enqueue_all(&emitted, cx.default_max_retry).await?;
-        tx.commit_ack(lease).await
-    }
-    .await;
-    match result {
-        Ok(true) => {
-            cx.inflight.remove(&lease.id);
-            if let Some(o) = &cx.observer {
-                o.on_acked(&[lease.id]);
+    let mut tx = match tx {
+        Some(AckTx::Lane(tx)) => tx,
+        None => match cx.committer.enter_lane(lease).await {
+            Ok(Some(tx)) => tx,
+            Ok(None) => {
+                lease_lost(cx, lease, route);
+                return false;
             }
-            return !emitted.is_empty();
+            Err(e) => {
+                tracing::warn!(event_id = %lease.id, handler = %route.handler_name, error = %e, "could not start committing the handler's effects; the event will run again");
+                interrupted(
+                    cx,
+                    lease,
+                    format!("committing the handler's effects failed: {e}"),
+                )
+                .await;
+                return false;
+            }
+        },
+        Some(other) => {
+            // Only `Effects::new` makes these, and the dispatcher does not.
+            let _ = other.rollback().await;
+            tracing::error!(event_id = %lease.id, "effects outside a lane reached the dispatcher; the event will run again");
+            interrupted(cx, lease, "internal: effects outside a lane".into()).await;
+            return false;
         }
-        Ok(false) => {
-            tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "lease lost before the ack; the handler's writes were rolled back and another runtime owns the event");
-            cx.inflight.remove(&lease.id);
-        }
-        Err(e) => {
-            let error = format!("committing the handler's effects failed: {e}");
-            tracing::error!(event_id = %lease.id, handler = %route.handler_name, "{error}");
+    };
+    if !emitted.is_empty()
+        && let Err(e) = tx.lane.enqueue_all(&emitted, cx.default_max_retry).await
+    {
+        cx.committer.undo(tx).await;
+        let error = format!("enqueueing the handler's follow-up events failed: {e}");
+        tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "{error}");
+        if e.is_transient() {
+            interrupted(cx, lease, error).await;
+        } else {
             let retry_at = Utc::now()
                 + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
             settle(
@@ -231,16 +268,40 @@ async fn commit(cx: &WorkerContext, lease: Lease, route: &Route, effects: Effect
             )
             .await;
         }
+        return false;
     }
+    let kept = Kept {
+        lease,
+        grouped,
+        emitted: !emitted.is_empty(),
+    };
+    cx.committer.keep(tx, kept).await;
     false
 }
 
-async fn discard(effects: Effects) {
-    if let (Some(tx), _) = effects.into_parts()
-        && let Err(e) = tx.rollback().await
-    {
-        tracing::warn!(error = %e, "rolling back a failed attempt's transaction failed (the connection drops it anyway)");
+/// Undo a failed attempt's writes (its savepoint, or its own transaction).
+async fn discard(cx: &WorkerContext, effects: Effects) {
+    match effects.into_parts() {
+        (Some(AckTx::Lane(tx)), _) => cx.committer.undo(tx).await,
+        (Some(tx), _) => {
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(error = %e, "rolling back a failed attempt's transaction failed (the connection drops it anyway)");
+            }
+        }
+        (None, _) => {}
     }
+}
+
+fn lease_lost(cx: &WorkerContext, lease: Lease, route: &Route) {
+    tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "lease lost before the ack; the handler's writes were discarded and another runtime owns the event");
+    cx.inflight.remove(&lease.id);
+}
+
+/// Run the event again after a backoff without spending a retry.
+async fn interrupted(cx: &WorkerContext, lease: Lease, error: String) {
+    let retry_at = Utc::now()
+        + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
+    settle(cx, lease, Failure::Interrupted { error, retry_at }).await;
 }
 
 async fn expired(cx: &WorkerContext, lease: Lease, route: &Route, id: uuid::Uuid) {

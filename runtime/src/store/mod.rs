@@ -7,6 +7,7 @@
 //! loop and the acker never make a per-event round trip that a batch could
 //! replace.
 
+pub mod lane;
 pub mod postgres;
 pub mod sqlite;
 mod transient;
@@ -41,6 +42,12 @@ pub enum StoreError {
     NotDead(Uuid),
     #[error("no store attached to these effects")]
     NoStore,
+    #[error(
+        "the event's lease was lost (it ran longer than its lease and another runtime took it); its effects are discarded"
+    )]
+    LeaseLost,
+    #[error("no event is in this lane (its effects were already committed or undone)")]
+    NotInLane,
     #[error(
         "column {column:?} has type {type_name}, which the sql capability cannot return; \
          cast it in the query (for example `{column}::text`)"
@@ -112,6 +119,14 @@ pub enum Failure {
     /// Not a failure: release the lease and run again at `at`; `retry`
     /// unchanged. (`retry-after` from a handler.)
     Reschedule { at: DateTime<Utc> },
+    /// Not the event's fault: the database dropped the connection, a
+    /// deadlock or serialization failure aborted the attempt, or the
+    /// effects' commit failed. Run again at `retry_at` without spending a
+    /// retry; `last_error` records why.
+    Interrupted {
+        error: String,
+        retry_at: DateTime<Utc>,
+    },
 }
 
 /// Connection knobs. Defaults suit the CLI; the runtime sizes the pool from
@@ -276,6 +291,16 @@ impl Store {
         each!(self, s => s.begin().await)
     }
 
+    /// The statement that opens a lane's transaction (see [`lane`]),
+    /// followed by `; ` so the event's first statement can share its round
+    /// trip. SQLite takes the write lock up front (see `sqlite.rs`).
+    pub(crate) fn lane_begin(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "BEGIN IMMEDIATE; ",
+            Store::Postgres(_) => "BEGIN; ",
+        }
+    }
+
     /// Mark live, unleased events whose `expires_at` passed as dead with
     /// `last_error = 'expired'`; at most `limit` rows. Returns the count.
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {
@@ -380,6 +405,9 @@ impl std::fmt::Debug for Wakeups {
 pub enum AckTx {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// The event's savepoint in a lane the dispatcher commits in groups
+    /// (see [`lane`]); the event's row is already deleted in it.
+    Lane(lane::LaneTx),
 }
 
 impl AckTx {
@@ -388,6 +416,7 @@ impl AckTx {
         match self {
             AckTx::Sqlite(tx) => sqlite::query(tx, statement, params).await,
             AckTx::Postgres(tx) => postgres::query(tx, statement, params).await,
+            AckTx::Lane(tx) => tx.query(statement, params).await,
         }
     }
 
@@ -396,6 +425,7 @@ impl AckTx {
         match self {
             AckTx::Sqlite(tx) => sqlite::execute(tx, statement, params).await,
             AckTx::Postgres(tx) => postgres::execute(tx, statement, params).await,
+            AckTx::Lane(tx) => tx.execute(statement, params).await,
         }
     }
 
@@ -405,6 +435,11 @@ impl AckTx {
         events: &[NewEvent],
         default_max_retry: i32,
     ) -> Result<Vec<Uuid>> {
+        if let AckTx::Lane(tx) = self {
+            // The lane returns no ids: nobody reads them on this path.
+            tx.lane.enqueue_all(events, default_max_retry).await?;
+            return Ok(Vec::new());
+        }
         let mut ids = Vec::with_capacity(events.len());
         for ev in events {
             ids.push(match self {
@@ -414,6 +449,7 @@ impl AckTx {
                 AckTx::Postgres(tx) => {
                     postgres::enqueue_with_default(tx, ev, default_max_retry).await?
                 }
+                AckTx::Lane(_) => unreachable!("handled above"),
             });
         }
         Ok(ids)
@@ -426,6 +462,12 @@ impl AckTx {
         match self {
             AckTx::Sqlite(tx) => sqlite::commit_ack(tx, lease).await,
             AckTx::Postgres(tx) => postgres::commit_ack(tx, lease).await,
+            // The lane commits for many events at once; the dispatcher
+            // keeps the event in it instead (see `lane`).
+            AckTx::Lane(mut tx) => {
+                tx.lane.undo().await;
+                Err(StoreError::NotInLane)
+            }
         }
     }
 
@@ -433,6 +475,7 @@ impl AckTx {
         match self {
             AckTx::Sqlite(tx) => tx.rollback().await?,
             AckTx::Postgres(tx) => tx.rollback().await?,
+            AckTx::Lane(mut tx) => tx.lane.undo().await,
         }
         Ok(())
     }

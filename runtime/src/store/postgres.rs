@@ -19,8 +19,14 @@
 //! `synchronous_commit = off`: a server crash can forget the last moments
 //! of that bookkeeping, which only means those events are delivered again
 //! (at least once, never lost), and no commit waits for a WAL flush.
-//! Enqueues and a handler's effects (with its ack) commit on the main pool,
-//! durably, as the server is configured.
+//! Enqueues commit on the main pool, durably, as the server is configured.
+//! A handler's effects and its ack commit in lanes (see `lane.rs`), on
+//! dedicated sessions, also asynchronously: the delete and the effects are
+//! forgotten together or not at all, so a crash means a rerun.
+//!
+//! Rows of events in a lane are locked (deleted, uncommitted) until the
+//! lane commits; the lease extender skips locked rows (`SKIP LOCKED`)
+//! rather than queue behind a lane, which could otherwise deadlock with it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -76,6 +82,8 @@ pub struct PgStore {
     pool: sqlx::Pool<sqlx::Postgres>,
     /// Claims, acks, leases and verdicts; see the module docs.
     bookkeeping: sqlx::Pool<sqlx::Postgres>,
+    /// How lanes connect (see `lane.rs`).
+    lane_options: Arc<PgConnectOptions>,
     cursor: Arc<Mutex<ClaimCursor>>,
 }
 
@@ -164,10 +172,11 @@ impl PgStore {
         let bookkeeping = PgPoolOptions::new()
             .max_connections(BOOKKEEPING_CONNECTIONS)
             .acquire_timeout(opts.acquire_timeout)
-            .connect_lazy_with(options.options(BOOKKEEPING_SETTINGS));
+            .connect_lazy_with(options.clone().options(BOOKKEEPING_SETTINGS));
         Ok(Self {
             pool,
             bookkeeping,
+            lane_options: Arc::new(options.options(super::lane::lane_settings())),
             cursor: Arc::default(),
         })
     }
@@ -356,8 +365,10 @@ impl PgStore {
             "UPDATE outbox_events o
              SET locked_until = now() + $3 * interval '1 microsecond',
                  available_at = now() + $3 * interval '1 microsecond'
-             FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
-             WHERE o.id = l.id AND o.lock_token = l.token",
+             FROM (SELECT e.id FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+                   JOIN outbox_events e ON e.id = l.id AND e.lock_token = l.token
+                   FOR UPDATE OF e SKIP LOCKED) AS held
+             WHERE o.id = held.id",
         )
         .bind(ids)
         .bind(tokens)
@@ -422,6 +433,16 @@ impl PgStore {
             .bind(lease.id)
             .bind(lease.token)
             .bind(*at),
+            Failure::Interrupted { error, retry_at } => sqlx::query(
+                "UPDATE outbox_events
+                 SET last_error = $3, available_at = $4,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = $1 AND lock_token = $2",
+            )
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(error.as_str())
+            .bind(*retry_at),
         };
         Ok(query.execute(&self.bookkeeping).await?.rows_affected() == 1)
     }
@@ -450,6 +471,13 @@ impl PgStore {
 
     pub async fn begin(&self) -> Result<super::AckTx> {
         Ok(super::AckTx::Postgres(self.pool.begin().await?))
+    }
+
+    /// A dedicated session for a lane (see `lane.rs`): outside the pool, so
+    /// it is not pinged on every return and its lifetime is the lane's.
+    pub(super) async fn lane_connection(&self) -> Result<PgConnection> {
+        use sqlx::ConnectOptions as _;
+        Ok(self.lane_options.connect().await?)
     }
 
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {

@@ -392,6 +392,16 @@ impl SqliteStore {
             .bind(id)
             .bind(token)
             .bind(at.timestamp_millis()),
+            Failure::Interrupted { error, retry_at } => sqlx::query(
+                "UPDATE outbox_events
+                 SET last_error = ?3, available_at = ?4,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = ?1 AND lock_token = ?2",
+            )
+            .bind(id)
+            .bind(token)
+            .bind(error.as_str())
+            .bind(retry_at.timestamp_millis()),
         };
         Ok(query.execute(&self.bookkeeping).await?.rows_affected() == 1)
     }
@@ -421,6 +431,12 @@ impl SqliteStore {
         Ok(super::AckTx::Sqlite(
             self.pool.begin_with("BEGIN IMMEDIATE").await?,
         ))
+    }
+
+    /// The bookkeeping connection, lent to a lane for one transaction (see
+    /// `lane.rs`): the one writer serves claims, acks and effects in turn.
+    pub(super) async fn lane_connection(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>> {
+        Ok(self.bookkeeping.acquire().await?)
     }
 
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {

@@ -82,10 +82,14 @@ mod tests {
 
     #[test]
     fn classifies_codes() {
-        for c in ["08006", "08003", "40001", "40P01", "55P03", "57P01", "53300", "5", "6", "517", "262"] {
+        for c in [
+            "08006", "08003", "40001", "40P01", "55P03", "57P01", "53300", "5", "6", "517", "262",
+        ] {
             assert!(transient_code(c), "{c} should be transient");
         }
-        for c in ["42601", "23505", "22P02", "42804", "1", "19", "2067", "42P01"] {
+        for c in [
+            "42601", "23505", "22P02", "42804", "1", "19", "2067", "42P01",
+        ] {
             assert!(!transient_code(c), "{c} should not be transient");
         }
     }

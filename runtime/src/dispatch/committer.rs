@@ -1,0 +1,288 @@
+//! Group commit of effects: the lanes (see [`crate::store::lane`]) that
+//! carry the effects of events that succeed, and when each lane commits.
+//!
+//! A handler's first SQL statement (or, for a handler that only emits, its
+//! verdict) takes a free lane; the event enters it (its row is deleted in
+//! its own savepoint), its statements and emits run there, and on success
+//! it stays in the lane's open transaction while the worker moves on. A
+//! lane commits when it holds [`MAX_KEPT`] events, when an event of a group
+//! was kept (its successor waits for this commit to become claimable), or
+//! [`LINGER`] after its first kept event, whichever comes first. A failed
+//! event rolls back to its savepoint and leaves the others alone.
+//!
+//! So an event's effects wait at most `LINGER` for their commit, plus the
+//! rest of the attempt that holds the lane at that moment (a handler holds
+//! its lane from its first statement to its verdict: handlers that call
+//! slow services should call them before their SQL, which they usually
+//! do anyway).
+//!
+//! A commit that fails (the connection dropped, the server restarted)
+//! loses no event: every event that was in the transaction is rescheduled
+//! without spending a retry, or, if even that fails, runs again when its
+//! lease lapses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Lease;
+use crate::handler::EffectsLanes;
+use crate::store::lane::{Kept, Lane, LaneTx};
+use crate::store::{AckTx, Failure, Store, StoreError};
+
+use super::DispatchObserver;
+use super::backoff::Backoff;
+use super::inflight::Inflight;
+
+/// Most events in one lane transaction. PostgreSQL gives each event's
+/// savepoint that writes a subtransaction id; past 64 per transaction the
+/// server's subtransaction cache overflows and every other session's
+/// visibility checks get slower.
+pub const MAX_KEPT: usize = 60;
+
+/// How long a lane waits for company after its first kept event.
+pub const LINGER: Duration = Duration::from_millis(2);
+
+/// Lanes when the config leaves it to the runtime: SQLite has one writer;
+/// on PostgreSQL a few sessions keep the server's cores busy while each
+/// lane waits for its round trips.
+pub fn default_lanes(store: &Store, concurrency: usize) -> usize {
+    match store {
+        Store::Sqlite(_) => 1,
+        Store::Postgres(_) => concurrency.clamp(1, 4),
+    }
+}
+
+pub struct Committer {
+    store: Store,
+    lanes: Vec<Arc<Mutex<Lane>>>,
+    /// One permit per lane: waiting here is waiting for any free lane.
+    free: Arc<Semaphore>,
+    /// Wakes a lane's lingerer after its first kept event.
+    kicks: Vec<Arc<Notify>>,
+    inflight: Inflight,
+    /// Tells the claimer that a commit may have made work claimable.
+    unblocked: Arc<Notify>,
+    observer: Option<Arc<dyn DispatchObserver>>,
+    backoff: Backoff,
+}
+
+impl Committer {
+    pub fn new(
+        store: Store,
+        lanes: usize,
+        inflight: Inflight,
+        unblocked: Arc<Notify>,
+        observer: Option<Arc<dyn DispatchObserver>>,
+        backoff: Backoff,
+    ) -> Self {
+        let n = lanes.max(1);
+        Self {
+            lanes: (0..n)
+                .map(|_| Arc::new(Mutex::new(Lane::new(store.clone()))))
+                .collect(),
+            store,
+            free: Arc::new(Semaphore::new(n)),
+            kicks: (0..n).map(|_| Arc::new(Notify::new())).collect(),
+            inflight,
+            unblocked,
+            observer,
+            backoff,
+        }
+    }
+
+    /// Commit each lane [`LINGER`] after its first kept event, and recover
+    /// lanes whose holder was cancelled mid-event, until `stop`.
+    pub async fn run_lingerers(self: Arc<Self>, stop: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..self.lanes.len() {
+            let this = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = this.kicks[i].notified() => {}
+                    }
+                    tokio::time::sleep(LINGER).await;
+                    let mut lane = this.lanes[i].clone().lock_owned().await;
+                    this.recover(&mut lane).await;
+                    if lane.is_open() {
+                        this.commit(&mut lane).await;
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Take a free lane, waiting for one if all are busy.
+    async fn acquire(&self) -> LaneTx {
+        let permit = self
+            .free
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the lane semaphore is never closed");
+        // A permit means some lane has no event in it; a lingerer may be
+        // committing it for a moment.
+        let mut found = None;
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if let Ok(g) = lane.clone().try_lock_owned() {
+                found = Some((i, g));
+                break;
+            }
+        }
+        let (index, mut lane) = match found {
+            Some(f) => f,
+            None => {
+                let i = rand::random_range(..self.lanes.len());
+                (i, self.lanes[i].clone().lock_owned().await)
+            }
+        };
+        self.recover(&mut lane).await;
+        LaneTx {
+            lane,
+            index,
+            permit: Some(permit),
+            on_abandon: Some(self.kicks[index].clone()),
+        }
+    }
+
+    /// A holder that vanished mid-event (its task was aborted) left its
+    /// savepoint behind: undo it before anyone else uses the lane.
+    async fn recover(&self, lane: &mut OwnedMutexGuard<Lane>) {
+        if lane.in_event() {
+            lane.undo().await;
+            self.reschedule(lane.take_abandoned(), "the lane's transaction was lost")
+                .await;
+        }
+    }
+
+    /// Hand a lane back. A transaction that holds nothing is closed at
+    /// once (on SQLite it holds the one writer connection); one that holds
+    /// events commits after [`LINGER`].
+    async fn release(&self, mut tx: LaneTx) {
+        if tx.lane.is_open() {
+            if tx.lane.kept() == 0 {
+                self.commit(&mut tx.lane).await;
+            } else {
+                self.kicks[tx.index].notify_one();
+            }
+        }
+    }
+
+    /// The event in `tx` succeeded: keep its effects for the lane's next
+    /// commit (now, if the lane is full or a group waits for it).
+    pub async fn keep(&self, mut tx: LaneTx, kept: Kept) {
+        tx.lane.keep(kept);
+        if kept.grouped || tx.lane.kept() >= MAX_KEPT {
+            self.commit(&mut tx.lane).await;
+        }
+        self.release(tx).await;
+    }
+
+    /// The event in `tx` failed: undo its effects, keep the others'.
+    pub async fn undo(&self, mut tx: LaneTx) {
+        tx.lane.undo().await;
+        let lost = tx.lane.take_abandoned();
+        self.release(tx).await;
+        self.reschedule(lost, "the lane's transaction was lost")
+            .await;
+    }
+
+    /// A lane for an event that reached its verdict without one (a handler
+    /// that only emits). `Ok(None)`: the lease was lost.
+    pub async fn enter_lane(&self, lease: Lease) -> Result<Option<LaneTx>, StoreError> {
+        let mut tx = self.acquire().await;
+        let entered = tx.lane.enter(&lease).await;
+        match entered {
+            Ok(true) => Ok(Some(tx)),
+            Ok(false) => {
+                self.release(tx).await;
+                Ok(None)
+            }
+            Err(e) => {
+                let lost = tx.lane.take_abandoned();
+                self.release(tx).await;
+                self.reschedule(lost, "the lane's transaction was lost")
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn commit(&self, lane: &mut Lane) {
+        let (kept, result) = lane.commit().await;
+        if kept.is_empty() {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "closing an empty effects transaction failed");
+            }
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let ids: Vec<_> = kept.iter().map(|k| k.lease.id).collect();
+                self.inflight.remove_all(&ids);
+                metrics::counter!("outrun_acks_total").increment(ids.len() as u64);
+                metrics::histogram!("outrun_effects_commit_events").record(ids.len() as f64);
+                if let Some(o) = &self.observer {
+                    o.on_acked(&ids);
+                }
+                if kept.iter().any(|k| k.grouped || k.emitted) {
+                    self.unblocked.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, sqlstate = e.sqlstate().as_deref().unwrap_or(""), events = kept.len(), "committing handlers' effects failed; the events run again");
+                self.reschedule(
+                    kept,
+                    &format!("committing the handler's effects failed: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Events whose effects were lost with their transaction: run them
+    /// again soon, without spending a retry.
+    async fn reschedule(&self, events: Vec<Kept>, why: &str) {
+        if events.is_empty() {
+            return;
+        }
+        let retry_at = Utc::now()
+            + chrono::Duration::from_std(self.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
+        for k in events {
+            let failure = Failure::Interrupted {
+                error: why.to_string(),
+                retry_at,
+            };
+            if let Err(e) = self.store.fail(k.lease, &failure).await {
+                tracing::warn!(event_id = %k.lease.id, error = %e, "rescheduling an event whose effects were lost failed; it runs again when its lease lapses");
+            }
+            self.inflight.remove(&k.lease.id);
+        }
+    }
+
+    /// Commit whatever the lanes hold (shutdown), undoing events still in
+    /// them.
+    pub async fn flush(&self) {
+        for lane in &self.lanes {
+            let mut lane = lane.clone().lock_owned().await;
+            self.recover(&mut lane).await;
+            if lane.is_open() {
+                self.commit(&mut lane).await;
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EffectsLanes for Committer {
+    async fn enter(&self, lease: Lease) -> Result<Option<AckTx>, StoreError> {
+        Ok(self.enter_lane(lease).await?.map(AckTx::Lane))
+    }
+}
