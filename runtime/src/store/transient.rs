@@ -49,8 +49,10 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
 fn transient_code(code: &str) -> bool {
     // SQLite reports its numeric result code; the low byte is the primary
     // code: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (extended codes add bits above).
-    if let Ok(n) = code.parse::<u32>() {
-        return matches!(n & 0xff, 5 | 6);
+    // SQLSTATEs are always five characters (and may be all digits, like
+    // 40001); SQLite's codes are shorter numbers.
+    if code.len() != 5 {
+        return code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
     }
     matches!(
         code,
