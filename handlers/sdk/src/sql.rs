@@ -1,6 +1,17 @@
 //! Parameterised SQL on the application database, inside the transaction that
 //! acknowledges the event: a failed attempt leaves no writes. Placeholders are
 //! the backend's own (`$1` on PostgreSQL; `?` or `$1` on SQLite).
+//!
+//! On PostgreSQL each value is converted to the type the statement gives its
+//! placeholder (an `Int` into a `smallint` or `numeric` column, `Text` into a
+//! `uuid`, `jsonb` or `timestamptz` one, ...), whatever earlier calls passed.
+//!
+//! Errors: [`CapError::Invalid`] when the statement or a value is at fault
+//! (bad SQL, a constraint, `parameter $2: cannot bind text "abc" to a
+//! parameter of type integer`); `?` turns it into a rejection (the event is
+//! dead). [`CapError::Unavailable`] when the database is (connection lost,
+//! deadlock, serialization failure, lock timeout, SQLite busy); `?` turns it
+//! into a retryable error, and the event runs again after a backoff.
 
 use std::fmt;
 
@@ -398,7 +409,7 @@ fn type_error(column: &str, expected: &'static str, v: &Value) -> ColumnError {
     }
 }
 
-/// Run a statement that returns rows.
+/// Run a statement that returns rows. See the module docs for the errors.
 pub fn query(statement: &str, params: &[Value]) -> Result<Rows, CapError> {
     let params: Vec<wit::Value> = params.iter().cloned().map(Value::into_wit).collect();
     let rows = wit::query(statement, &params)?;
@@ -412,7 +423,8 @@ pub fn query(statement: &str, params: &[Value]) -> Result<Rows, CapError> {
     })
 }
 
-/// Run a statement; returns the number of rows it affected.
+/// Run a statement; returns the number of rows it affected. See the module
+/// docs for the errors.
 pub fn execute(statement: &str, params: &[Value]) -> Result<u64, CapError> {
     let params: Vec<wit::Value> = params.iter().cloned().map(Value::into_wit).collect();
     Ok(wit::execute(statement, &params)?)

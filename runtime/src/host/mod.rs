@@ -109,6 +109,11 @@ pub struct HostState {
     pub(crate) deadline: Instant,
     pub(crate) limits: MemoryLimiter,
     pub(crate) stderr: stderr::StderrTail,
+    /// Set by a transient `sql` failure: the ack transaction is lost (the
+    /// connection is gone, or PostgreSQL aborted it), so the attempt's later
+    /// `sql` calls fail the same way instead of as "transaction aborted",
+    /// which would read as the statement's fault.
+    pub(crate) sql_lost: Option<String>,
 }
 
 impl HostState {
@@ -144,6 +149,7 @@ impl HostState {
                 hit: false,
             },
             stderr,
+            sql_lost: None,
         }
     }
 }

@@ -9,11 +9,31 @@ use crate::store::{SqlRows, SqlValue, StoreError};
 
 impl HostState {
     fn sql_allowed(&self) -> Result<(), CapError> {
+        if let Some(lost) = &self.sql_lost {
+            return Err(CapError::Unavailable(lost.clone()));
+        }
         if self.caps.sql {
             Ok(())
         } else {
             Err(self.caps.deny(&self.event_id, "sql", "sql = true"))
         }
+    }
+
+    /// [`store_error`], and a warning for the transient ones (the handler
+    /// may swallow the error; the operator should still see it).
+    fn sql_error(&mut self, e: StoreError) -> CapError {
+        let cap = store_error(&e);
+        if let CapError::Unavailable(message) = &cap {
+            tracing::warn!(
+                event_id = %self.event_id,
+                sqlstate = e.sqlstate().as_deref().unwrap_or("none"),
+                "sql capability: transient database error, the event will be retried: {e}"
+            );
+            self.sql_lost = Some(format!(
+                "{message} (the transaction of this attempt is gone; return the error)"
+            ));
+        }
+        cap
     }
 }
 
@@ -21,16 +41,21 @@ impl Host for HostState {
     async fn query(&mut self, statement: String, params: Vec<Value>) -> Result<Rows, CapError> {
         self.sql_allowed()?;
         let params: Vec<SqlValue> = params.into_iter().map(to_store).collect();
-        let tx = self.effects.tx().await.map_err(store_error)?;
-        let rows = tx.query(&statement, &params).await.map_err(store_error)?;
-        Ok(to_wit(rows))
+        let rows = match self.effects.tx().await {
+            Ok(tx) => tx.query(&statement, &params).await,
+            Err(e) => Err(e),
+        };
+        rows.map(to_wit).map_err(|e| self.sql_error(e))
     }
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, CapError> {
         self.sql_allowed()?;
         let params: Vec<SqlValue> = params.into_iter().map(to_store).collect();
-        let tx = self.effects.tx().await.map_err(store_error)?;
-        tx.execute(&statement, &params).await.map_err(store_error)
+        let affected = match self.effects.tx().await {
+            Ok(tx) => tx.execute(&statement, &params).await,
+            Err(e) => Err(e),
+        };
+        affected.map_err(|e| self.sql_error(e))
     }
 }
 
@@ -68,20 +93,154 @@ fn to_wit(rows: SqlRows) -> Rows {
     }
 }
 
-/// Errors the statement caused (syntax, constraint, type) are `invalid`: a
-/// retry will not help. Connection and pool trouble is `unavailable`.
-fn store_error(e: StoreError) -> CapError {
+/// Transient errors (see `store::transient`: the connection was lost, a
+/// deadlock, a serialization failure, a lock timeout, `SQLITE_BUSY`) are
+/// `unavailable`, which the SDK turns into a retryable error. Errors the
+/// statement or its arguments caused (syntax, constraint, type, a parameter
+/// that does not convert) are `invalid`: a retry would fail the same way.
+/// Anything else is `unavailable`: not the statement's fault as far as we
+/// can tell, so the event gets its retries.
+fn store_error(e: &StoreError) -> CapError {
+    let code = e
+        .code_label()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    if e.is_transient() {
+        // The server's own words, without sqlx's "error returned from
+        // database" wrapping.
+        let what = match e {
+            StoreError::Db(sqlx::Error::Database(db)) => db.message().to_owned(),
+            other => other.to_string(),
+        };
+        return CapError::Unavailable(format!(
+            "database unavailable{code}: {what}; the event will be retried"
+        ));
+    }
     match e {
-        StoreError::Db(sqlx::Error::Database(db)) => CapError::Invalid(format!("SQL error: {db}")),
+        StoreError::Db(sqlx::Error::Database(db)) => {
+            CapError::Invalid(format!("SQL error{code}: {db}"))
+        }
         StoreError::Db(
-            e @ (sqlx::Error::ColumnDecode { .. }
+            sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::Decode(_)
             | sqlx::Error::TypeNotFound { .. }
             | sqlx::Error::ColumnNotFound(_)
             | sqlx::Error::ColumnIndexOutOfBounds { .. }
-            | sqlx::Error::Encode(_)),
+            | sqlx::Error::Encode(_)
+            | sqlx::Error::Protocol(_),
         ) => CapError::Invalid(format!("SQL error: {e}")),
-        StoreError::Invalid(e) => CapError::Invalid(e.to_string()),
+        StoreError::Param { .. }
+        | StoreError::ParamCount { .. }
+        | StoreError::UnsupportedColumn { .. }
+        | StoreError::Invalid(_) => CapError::Invalid(e.to_string()),
         other => CapError::Unavailable(format!("database unavailable: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind) -> StoreError {
+        StoreError::Db(sqlx::Error::Io(std::io::Error::new(kind, "gone")))
+    }
+
+    fn is_unavailable(e: &CapError) -> bool {
+        matches!(e, CapError::Unavailable(_))
+    }
+
+    fn is_invalid(e: &CapError) -> bool {
+        matches!(e, CapError::Invalid(_))
+    }
+
+    #[test]
+    fn lost_connections_and_pool_trouble_are_unavailable() {
+        for e in [
+            io(std::io::ErrorKind::UnexpectedEof),
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::BrokenPipe),
+            StoreError::Db(sqlx::Error::PoolTimedOut),
+            StoreError::Db(sqlx::Error::PoolClosed),
+            StoreError::NoStore,
+        ] {
+            let cap = store_error(&e);
+            assert!(is_unavailable(&cap), "{e} -> {cap:?}");
+        }
+    }
+
+    #[test]
+    fn statement_and_argument_errors_are_invalid() {
+        for e in [
+            StoreError::Param {
+                index: 2,
+                reason: "cannot bind text \"abc\" to a parameter of type integer".into(),
+            },
+            StoreError::ParamCount {
+                expected: 1,
+                given: 2,
+            },
+            StoreError::UnsupportedColumn {
+                column: "c".into(),
+                type_name: "INTERVAL".into(),
+            },
+            StoreError::Db(sqlx::Error::ColumnNotFound("x".into())),
+            StoreError::Db(sqlx::Error::Protocol(
+                "unsupported SQL parameter format: :name".into(),
+            )),
+        ] {
+            let cap = store_error(&e);
+            assert!(is_invalid(&cap), "{e} -> {cap:?}");
+        }
+        let cap = store_error(&StoreError::Param {
+            index: 2,
+            reason: "cannot bind".into(),
+        });
+        assert!(
+            matches!(&cap, CapError::Invalid(m) if m.starts_with("parameter $2: ")),
+            "{cap:?}"
+        );
+    }
+
+    /// Real SQLite errors: a syntax error is invalid, a busy database is
+    /// unavailable with its result code in the message.
+    #[tokio::test]
+    async fn sqlite_errors_by_result_code() {
+        use sqlx::{ConnectOptions, Connection};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::from_millis(10));
+        let mut a = opts.connect().await.unwrap();
+        let mut b = opts.connect().await.unwrap();
+        sqlx::query("CREATE TABLE t (k INTEGER)")
+            .execute(&mut a)
+            .await
+            .unwrap();
+
+        let syntax = sqlx::query("INSERT INTO")
+            .execute(&mut a)
+            .await
+            .unwrap_err();
+        let cap = store_error(&StoreError::Db(syntax));
+        assert!(is_invalid(&cap), "{cap:?}");
+
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut a)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut b)
+            .await
+            .unwrap_err();
+        let cap = store_error(&StoreError::Db(busy));
+        assert!(
+            matches!(&cap, CapError::Unavailable(m) if m.contains("SQLite result code 5")),
+            "{cap:?}"
+        );
+        sqlx::query("ROLLBACK").execute(&mut a).await.unwrap();
+        a.close().await.unwrap();
+        b.close().await.unwrap();
     }
 }

@@ -53,6 +53,14 @@ pub enum StoreError {
          cast it in the query (for example `{column}::text`)"
     )]
     UnsupportedColumn { column: String, type_name: String },
+    /// A `sql` capability parameter that does not convert to the type the
+    /// statement gives it.
+    #[error("parameter ${index}: {reason}")]
+    Param { index: usize, reason: String },
+    #[error(
+        "the statement has {expected} parameter(s) but {given} value(s) were given; pass one value per placeholder"
+    )]
+    ParamCount { expected: usize, given: usize },
     #[error("the store was closed; wake-ups end with it")]
     Closed,
     #[error("database error: {0}")]

@@ -35,19 +35,19 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use sqlx::encode::IsNull;
-use sqlx::error::BoxDynError;
 use sqlx::postgres::{
-    PgArgumentBuffer, PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow, PgTypeInfo,
-    types::Oid,
+    PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow, PgStatement, PgTypeInfo,
+    PgTypeKind,
 };
-use sqlx::{Column, Executor, PgConnection, Postgres, Row, TypeInfo, ValueRef};
+use sqlx::{Column, Either, Executor, PgConnection, Postgres, Row, Statement, TypeInfo, ValueRef};
 use uuid::Uuid;
 
 use super::{
     ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
+
+mod params;
 
 /// The LISTEN/NOTIFY channel the insert trigger and replays signal.
 pub const CHANNEL: &str = "outrun_events";
@@ -696,42 +696,83 @@ pub async fn enqueue_with_default(
 
 /// Run a row-returning statement for the `sql` capability.
 ///
-/// Parameters are typed by their [`SqlValue`] variant (int8, float8, text,
-/// bool, bytea); NULL is sent untyped so the server infers it from context.
-/// A text parameter compared with a non-text column needs a cast in the SQL
-/// (`WHERE id = $1::uuid`). Results: bool, int2/4/8, float4/8, text-like and
-/// bytea map to their variant; uuid, numeric, json/jsonb, date, time,
-/// timestamp and timestamptz (RFC 3339) come back as text; void as null;
-/// any other type is an error that names the column and suggests a cast.
+/// Each parameter is converted to the type PostgreSQL infers for its
+/// placeholder (see [`params`]); a placeholder whose type the statement does
+/// not determine needs a cast in the SQL (`$1::bigint`). Results: bool,
+/// int2/4/8, float4/8, text-like and bytea map to their variant; uuid,
+/// numeric, json/jsonb, date, time, timestamp, timestamptz (RFC 3339) and
+/// enums come back as text (domains as their base type); void as null; any
+/// other type is an error that names the column and suggests a cast.
 pub async fn query(
     conn: &mut PgConnection,
     statement: &str,
     params: &[SqlValue],
 ) -> Result<SqlRows> {
-    let rows = bind_all(sqlx::query(statement), params)
+    let (prepared, args) = prepare(conn, statement, params).await?;
+    let rows = bind_all(sqlx::query(statement), args)
         .fetch_all(&mut *conn)
         .await?;
-    let columns = match rows.first() {
-        Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
-        // No row to read the names from: describe the statement (no execution).
-        None => conn
-            .describe(statement)
-            .await?
-            .columns()
-            .iter()
-            .map(|c| c.name().to_string())
-            .collect(),
-    };
-    let rows = rows.iter().map(row_values).collect::<Result<_>>()?;
+    // From the statement, so an empty result still has its column names,
+    // and its column types are resolved (a row's own type of a custom column
+    // is only an OID unless the connection looked it up before).
+    let columns = prepared.columns();
+    let types: Vec<&PgTypeInfo> = columns.iter().map(|c| c.type_info()).collect();
+    let rows = rows
+        .iter()
+        .map(|row| row_values(row, &types))
+        .collect::<Result<_>>()?;
+    let columns = columns.iter().map(|c| c.name().to_string()).collect();
     Ok(SqlRows { columns, rows })
 }
 
 /// Run a statement for the `sql` capability; rows affected.
 pub async fn execute(conn: &mut PgConnection, statement: &str, params: &[SqlValue]) -> Result<u64> {
-    Ok(bind_all(sqlx::query(statement), params)
+    let (_, args) = prepare(conn, statement, params).await?;
+    Ok(bind_all(sqlx::query(statement), args)
         .execute(&mut *conn)
         .await?
         .rows_affected())
+}
+
+/// The statement, prepared with no type hints, and the parameters converted
+/// to the types the server inferred. sqlx caches the prepared statement per
+/// connection by its text, and `sqlx::query` of the same text then reuses
+/// it, so a cached statement costs no round trip here and one to run.
+async fn prepare<'q>(
+    conn: &mut PgConnection,
+    statement: &'q str,
+    values: &'q [SqlValue],
+) -> Result<(PgStatement<'q>, Vec<params::Param<'q>>)> {
+    let prepared = conn
+        .prepare_with(statement, &[])
+        .await
+        .map_err(undetermined_type)?;
+    let types = match prepared.parameters() {
+        Some(Either::Left(types)) => types,
+        _ => &[],
+    };
+    let args = params::convert(types, values)?;
+    Ok((prepared, args))
+}
+
+/// PostgreSQL's "could not determine data type of parameter $N", with the
+/// fix: the statement must say what the parameter is.
+fn undetermined_type(e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(db) = &e
+        && db.code().as_deref() == Some("42P18")
+        && let Some(index) = db
+            .message()
+            .rsplit_once('$')
+            .and_then(|(_, n)| n.parse::<usize>().ok())
+    {
+        return StoreError::Param {
+            index,
+            reason: format!(
+                "PostgreSQL cannot tell its type from the statement; cast it there (`${index}::bigint`, `${index}::text`, ...)"
+            ),
+        };
+    }
+    StoreError::Db(e)
 }
 
 /// Delete the handled event if its lease still holds and commit; otherwise
@@ -755,53 +796,39 @@ pub async fn commit_ack(
     }
 }
 
-/// A NULL parameter with no declared type (OID 0): PostgreSQL infers the
-/// type from where it is used, so `INSERT INTO t (n) VALUES ($1)` works for
-/// any column type. A typed NULL (say text) would fail against an int column.
-struct UntypedNull;
-
-impl sqlx::Type<Postgres> for UntypedNull {
-    fn type_info() -> PgTypeInfo {
-        PgTypeInfo::with_oid(Oid(0))
-    }
-}
-
-impl sqlx::Encode<'_, Postgres> for UntypedNull {
-    fn encode_by_ref(
-        &self,
-        _buf: &mut PgArgumentBuffer,
-    ) -> std::result::Result<IsNull, BoxDynError> {
-        Ok(IsNull::Yes)
-    }
-}
-
 fn bind_all<'q>(
     mut q: sqlx::query::Query<'q, Postgres, PgArguments>,
-    params: &'q [SqlValue],
+    params: Vec<params::Param<'q>>,
 ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
     for p in params {
-        q = match p {
-            SqlValue::Null => q.bind(UntypedNull),
-            SqlValue::Bool(b) => q.bind(*b),
-            SqlValue::Int(i) => q.bind(*i),
-            SqlValue::Float(f) => q.bind(*f),
-            SqlValue::Text(s) => q.bind(s.as_str()),
-            SqlValue::Blob(b) => q.bind(b.as_slice()),
-        };
+        q = q.bind(p);
     }
     q
 }
 
-fn row_values(row: &PgRow) -> Result<Vec<SqlValue>> {
-    (0..row.len()).map(|i| column_value(row, i)).collect()
+/// `types`: the statement's column types.
+fn row_values(row: &PgRow, types: &[&PgTypeInfo]) -> Result<Vec<SqlValue>> {
+    (0..row.len())
+        .map(|i| match types.get(i) {
+            Some(ty) => column_value(row, i, ty),
+            None => Err(StoreError::Db(sqlx::Error::ColumnIndexOutOfBounds {
+                index: i,
+                len: types.len(),
+            })),
+        })
+        .collect()
 }
 
-fn column_value(row: &PgRow, i: usize) -> Result<SqlValue> {
+fn column_value(row: &PgRow, i: usize, type_info: &PgTypeInfo) -> Result<SqlValue> {
     let raw = row.try_get_raw(i)?;
     if raw.is_null() {
         return Ok(SqlValue::Null);
     }
-    let type_name = raw.type_info().name().to_string();
+    // An enum's binary format is its label.
+    if matches!(type_info.kind(), PgTypeKind::Enum(_)) {
+        return Ok(SqlValue::Text(row.try_get_unchecked(i)?));
+    }
+    let type_name = type_info.name().to_string();
     let unsupported = || StoreError::UnsupportedColumn {
         column: row.columns()[i].name().to_string(),
         type_name: type_name.clone(),

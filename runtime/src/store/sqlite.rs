@@ -647,7 +647,12 @@ pub async fn enqueue_with_default(
 
 /// Run a row-returning statement for the `sql` capability. Values come back
 /// by their SQLite storage class (INTEGER, REAL, TEXT, BLOB, NULL), so a
-/// BOOLEAN column reads as an int. Parameters bind to `?`, `?N` or `$N`.
+/// BOOLEAN column reads as an int. Parameters bind to `?`, `?N` or `$N`, by
+/// their own kind (a boolean as an INTEGER 0/1): SQLite types values, not
+/// placeholders, so no earlier call can make a later one mismatch. The
+/// column's affinity then converts as SQLite always does (text `'42'` into
+/// an INTEGER column is stored as 42, `'abc'` stays text); only STRICT
+/// tables reject a kind. A placeholder without a value is NULL (sqlx).
 pub async fn query(
     conn: &mut SqliteConnection,
     statement: &str,

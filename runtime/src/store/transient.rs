@@ -8,6 +8,10 @@
 //! retried. Everything else (syntax, constraint violations, type errors) is
 //! the statement's own fault and is reported as such.
 
+use sqlx::error::DatabaseError;
+use sqlx::postgres::PgDatabaseError;
+use sqlx::sqlite::SqliteError;
+
 use super::StoreError;
 
 impl StoreError {
@@ -22,8 +26,29 @@ impl StoreError {
     /// The SQLSTATE (PostgreSQL) or extended result code (SQLite) of a
     /// database error, for logs.
     pub fn sqlstate(&self) -> Option<String> {
+        self.database_error()
+            .and_then(|db| db.code().map(|c| c.into_owned()))
+    }
+
+    /// [`StoreError::sqlstate`] as a message shows it: `SQLSTATE 40P01` or
+    /// `SQLite result code 517`.
+    pub fn code_label(&self) -> Option<String> {
+        let db = self.database_error()?;
+        let code = db.code()?;
+        Some(if db.try_downcast_ref::<SqliteError>().is_some() {
+            format!("SQLite result code {code}")
+        } else {
+            format!("SQLSTATE {code}")
+        })
+    }
+
+    fn database_error(&self) -> Option<&(dyn DatabaseError + 'static)> {
         match self {
-            StoreError::Db(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            StoreError::Db(sqlx::Error::Database(db))
+            | StoreError::Connect {
+                source: sqlx::Error::Database(db),
+                ..
+            } => Some(&**db),
             _ => None,
         }
     }
@@ -32,36 +57,42 @@ impl StoreError {
 /// See the module docs.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
+        // A closed or reset connection surfaces as an I/O error (sqlx reports
+        // EOF mid-message as `UnexpectedEof`).
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        // sqlx reports a connection closed mid-message as a protocol error.
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| transient_code(&c)),
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            // The two backends' codes overlap as strings ("40001" is a
+            // SQLSTATE, and would parse as a SQLite number), so ask which
+            // backend spoke.
+            if let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() {
+                transient_sqlstate(pg.code())
+            } else if let Some(lite) = db.try_downcast_ref::<SqliteError>() {
+                lite.code().is_some_and(|c| transient_sqlite_code(&c))
+            } else {
+                false
+            }
+        }
+        // Protocol errors are sqlx's own complaints, mostly about the
+        // statement (SQLite's "unsupported SQL parameter format", too many
+        // arguments); retrying would repeat them.
         _ => false,
     }
 }
 
-/// PostgreSQL SQLSTATEs and SQLite (extended) result codes that are
-/// transient.
-fn transient_code(code: &str) -> bool {
-    // SQLite reports its numeric result code; the low byte is the primary
-    // code: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (extended codes add bits above).
-    // SQLSTATEs are always five characters (and may be all digits, like
-    // 40001); SQLite's codes are shorter numbers.
-    if code.len() != 5 {
-        return code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
-    }
-    matches!(
-        code,
-        // Class 08: connection exception.
-        c if c.starts_with("08")
-    ) || matches!(
-        code,
-        "40001" // serialization_failure
+/// PostgreSQL SQLSTATEs that are transient.
+fn transient_sqlstate(code: &str) -> bool {
+    // Class 08, connection exception, except 08P01 (protocol_violation: a
+    // client bug that a retry repeats).
+    (code.starts_with("08") && code != "08P01")
+        || matches!(
+            code,
+            "40001" // serialization_failure
             | "40P01" // deadlock_detected
+            | "40003" // statement_completion_unknown
             | "55P03" // lock_not_available (lock_timeout, NOWAIT)
             | "57P01" // admin_shutdown (pg_terminate_backend, smart/fast shutdown)
             | "57P02" // crash_shutdown
@@ -73,26 +104,47 @@ fn transient_code(code: &str) -> bool {
             | "53300" // too_many_connections
             | "58000" // system_error
             | "58030" // io_error
+            | "25P03" // idle_in_transaction_session_timeout
             | "25P04" // transaction_timeout
-            | "40003" // statement_completion_unknown
-    )
+        )
+}
+
+/// SQLite extended result codes whose primary code (the low byte) is
+/// `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6): another connection holds the
+/// lock (the busy timeout ran out), or a snapshot went stale.
+fn transient_sqlite_code(code: &str) -> bool {
+    code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::transient_code;
+    use super::{transient_sqlite_code, transient_sqlstate};
 
     #[test]
-    fn classifies_codes() {
+    fn classifies_sqlstates() {
         for c in [
-            "08006", "08003", "40001", "40P01", "55P03", "57P01", "53300", "5", "6", "517", "262",
+            "08006", "08003", "08000", "40001", "40P01", "55P03", "57P01", "53300", "58030",
         ] {
-            assert!(transient_code(c), "{c} should be transient");
+            assert!(transient_sqlstate(c), "{c} should be transient");
         }
+        // Syntax, unique violation, bad input, datatype mismatch, unknown
+        // table, not-null, check, protocol violation, aborted transaction.
         for c in [
-            "42601", "23505", "22P02", "42804", "1", "19", "2067", "42P01",
+            "42601", "23505", "22P02", "42804", "42P01", "23502", "23514", "08P01", "25P02",
         ] {
-            assert!(!transient_code(c), "{c} should not be transient");
+            assert!(!transient_sqlstate(c), "{c} should not be transient");
+        }
+    }
+
+    #[test]
+    fn classifies_sqlite_codes() {
+        // BUSY, LOCKED, BUSY_SNAPSHOT, LOCKED_SHAREDCACHE, BUSY_TIMEOUT.
+        for c in ["5", "6", "517", "262", "773"] {
+            assert!(transient_sqlite_code(c), "{c} should be transient");
+        }
+        // ERROR, CONSTRAINT, CONSTRAINT_UNIQUE, CONSTRAINT_DATATYPE, MISMATCH.
+        for c in ["1", "19", "2067", "3091", "20"] {
+            assert!(!transient_sqlite_code(c), "{c} should not be transient");
         }
     }
 }
