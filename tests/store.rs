@@ -1384,7 +1384,9 @@ async fn migrate_is_idempotent(db: TestDb) {
 }
 
 /// Two runtimes starting at once on one PostgreSQL database both migrate;
-/// sqlx's advisory lock makes one wait for the other.
+/// outrun's advisory lock makes one wait for the other. The history is in
+/// outrun's own table; `_sqlx_migrations` is the application's and outrun
+/// does not create it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_concurrent_migrations_are_safe() {
     let db = TestDb::postgres().await;
@@ -1400,9 +1402,14 @@ async fn postgres_concurrent_migrations_are_safe() {
     .unwrap()
     .count() as i64;
     assert_eq!(
-        db.scalar("SELECT count(*) FROM _sqlx_migrations").await,
+        db.scalar("SELECT count(*) FROM outrun_migrations").await,
         embedded,
         "each migration applied once"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_tables WHERE tablename = '_sqlx_migrations'")
+            .await,
+        0
     );
     stores[0].enqueue(&ev("after"), 5).await.unwrap();
 }

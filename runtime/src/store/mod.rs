@@ -8,6 +8,7 @@
 //! replace.
 
 pub mod lane;
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 mod transient;
@@ -20,6 +21,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+pub use migrate::MigrationReport;
 pub use value::{SqlRows, SqlValue};
 
 /// Errors at the store boundary. Every variant names what failed and, where
@@ -34,8 +36,21 @@ pub enum StoreError {
     Connect { url: String, source: sqlx::Error },
     #[error("unsupported database URL {0}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "outrun migration {version} ({description}) was changed after it was applied: its checksum in \
+         outrun_migrations differs from this outrun's copy. An applied migration must never change: \
+         run the outrun release that applied it, or restore the migration as released"
+    )]
+    MigrationChanged { version: i64, description: String },
+    #[error(
+        "outrun migration {version} ({description}) failed and was rolled back: {source}; \
+         fix the cause and run `outrun migrate` again"
+    )]
+    MigrationFailed {
+        version: i64,
+        description: String,
+        source: sqlx::Error,
+    },
     #[error("no event with id {0}")]
     NotFound(Uuid),
     #[error("event {0} is not dead; only dead events can be replayed")]
@@ -198,9 +213,14 @@ impl Store {
         }
     }
 
-    /// Apply the embedded migrations of this backend (idempotent).
-    pub async fn migrate(&self) -> Result<()> {
-        each!(self, s => s.migrate().await)
+    /// Apply the embedded migrations of this backend (idempotent, safe to
+    /// run from several processes at once). outrun records them in its own
+    /// table, `outrun_migrations`; see [`migrate`].
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        match self {
+            Store::Sqlite(s) => migrate::sqlite(s.pool()).await,
+            Store::Postgres(s) => migrate::postgres(s.pool()).await,
+        }
     }
 
     /// Enqueue on a connection of the store's own pool, in its own

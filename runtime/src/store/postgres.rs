@@ -193,15 +193,6 @@ impl PgStore {
         &self.pool
     }
 
-    /// Safe to run from several instances at once: sqlx holds a session
-    /// advisory lock (keyed by database name) while it checks and applies.
-    pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// A listener on [`CHANNEL`]. It holds one connection of the pool for
     /// its whole life; size the pool with that in mind.
     pub(super) async fn listen(&self) -> Result<PgListener> {

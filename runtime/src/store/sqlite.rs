@@ -119,13 +119,6 @@ impl SqliteStore {
         &self.pool
     }
 
-    pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
         self.wake.subscribe()
     }
