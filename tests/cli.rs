@@ -146,6 +146,12 @@ async fn replay_and_purge(db: TestDb) {
         dead[0]["last_error"],
         "no handler for event 'nobody.handles.this'"
     );
+    assert!(dead[0]["dead_at"].is_string(), "{dead}");
+    assert_eq!(dead[0]["deferrals"], 0);
+    assert!(
+        ok(&outrun(&db, &["events", "list", "--dead"])).contains("died"),
+        "the human listing shows when it died"
+    );
 
     let unknown = uuid::Uuid::now_v7().to_string();
     let err = fails(&outrun(&db, &["events", "replay", &unknown]));
@@ -155,6 +161,7 @@ async fn replay_and_purge(db: TestDb) {
     ok(&outrun(&db, &["events", "replay", &id]));
     let ev = json(&outrun(&db, &["events", "show", &id, "--json"]));
     assert_eq!(ev["retry"], 0);
+    assert!(ev["dead_at"].is_null(), "replay clears dead_at: {ev}");
     assert_eq!(stats(&db)["pending"], 1);
 
     // Dead again, then purge: --older-than spares the fresh one.
@@ -194,6 +201,8 @@ on_both_backends!(
     bad_input_writes_nothing,
     replay_and_purge,
     admin_api_enqueues_and_reports,
+    cancel_one_or_by_name,
+    cancel_refuses_bad_input,
     migrate_after_the_applications_sqlx_migrations,
     application_migrates_after_outrun,
     upgrade_moves_outruns_rows_out_of_sqlx_migrations,
@@ -374,6 +383,70 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
     assert_eq!(
         (s["scheduled"].as_i64(), s["pending"].as_i64()),
         (Some(1), Some(0)),
+        "{s}"
+    );
+
+    // Cancel: one by id, then in bulk by name and group.
+    let (status, body) = http(port, "POST", &format!("/v1/events/{id}/cancel"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (c["cancelled"].as_bool(), c["running"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (_, body) = http(port, "GET", &format!("/v1/events/{id}"), None).await;
+    let ev: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (ev["dead"].as_bool(), ev["last_error"].as_str()),
+        (Some(true), Some("cancelled"))
+    );
+    assert!(ev["dead_at"].is_string() && ev["deferrals"] == 0, "{ev}");
+    let (status, body) = http(port, "POST", &format!("/v1/events/{id}/cancel"), None).await;
+    assert_eq!(status, 409, "already dead: {body}");
+    assert!(body.contains("already dead"), "{body}");
+    let (status, _) = http(
+        port,
+        "POST",
+        &format!("/v1/events/{}/cancel", uuid::Uuid::now_v7()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    for group in ["g", "h", "g"] {
+        let body = format!(r#"{{"name":"bulk","payload":{{}},"delay":"1h","group_id":"{group}"}}"#);
+        assert_eq!(http(port, "POST", "/v1/events", Some(&body)).await.0, 201);
+    }
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events/cancel",
+        Some(r#"{"name":"bulk","group_id":"g"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (c["cancelled"].as_i64(), c["busy"].as_i64()),
+        (Some(2), Some(0)),
+        "{c}"
+    );
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events/cancel",
+        Some(r#"{"group_id":"g"}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "the name is required: {body}");
+    let (status, body) = http(port, "POST", "/v1/events/cancel", Some(r#"{"name":""}"#)).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = http(port, "POST", "/v1/events/not-a-uuid/cancel", None).await;
+    assert_eq!(status, 400);
+    let (_, body) = http(port, "GET", "/v1/stats", None).await;
+    let s: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (s["scheduled"].as_i64(), s["dead"].as_i64()),
+        (Some(1), Some(3)),
         "{s}"
     );
 
@@ -654,4 +727,95 @@ async fn changed_migration_is_refused_by_name(db: TestDb) {
         "{err}"
     );
     assert!(err.contains("restore"), "says what to do: {err}");
+}
+
+// ---------------------------------------------------------------- cancel
+
+fn enqueue_id(db: &TestDb, args: &[&str]) -> String {
+    let mut all = vec!["enqueue"];
+    all.extend_from_slice(args);
+    ok(&outrun(db, &all)).trim().to_string()
+}
+
+async fn cancel_one_or_by_name(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let a = enqueue_id(&db, &["job", "--payload", "{}", "--group", "g1"]);
+    let b = enqueue_id(&db, &["job", "--payload", "{}", "--group", "g2"]);
+    let c = enqueue_id(&db, &["job", "--payload", "{}", "--group", "g1"]);
+    let other = enqueue_id(&db, &["other", "--payload", "{}", "--group", "g1"]);
+
+    let out = outrun(&db, &["events", "cancel", &a]);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("cancelled {a}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev = json(&outrun(&db, &["events", "show", &a, "--json"]));
+    assert_eq!(
+        (ev["dead"].as_bool(), ev["last_error"].as_str()),
+        (Some(true), Some("cancelled"))
+    );
+    assert!(ev["dead_at"].is_string(), "{ev}");
+
+    // Again: already dead, says so, changes nothing.
+    let err = fails(&outrun(&db, &["events", "cancel", &a]));
+    assert!(err.contains("already dead") && err.contains(&a), "{err}");
+
+    // Bulk by name and group: only c (a is dead already, b and other differ).
+    let out = outrun(
+        &db,
+        &[
+            "events", "cancel", "--name", "job", "--group", "g1", "--json",
+        ],
+    );
+    let counts = json(&out);
+    assert_eq!(
+        (counts["cancelled"].as_i64(), counts["running"].as_i64()),
+        (Some(1), Some(0))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled 1 events"));
+    let dead = |id: &str| json(&outrun(&db, &["events", "show", id, "--json"]))["dead"] == true;
+    assert!(dead(&c) && !dead(&b) && !dead(&other));
+    assert_eq!(stats(&db)["dead"], 2);
+
+    // By name alone.
+    let out = outrun(&db, &["events", "cancel", "--name", "job"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled 1 events"));
+    assert!(dead(&b) && !dead(&other));
+
+    // Replayable.
+    ok(&outrun(&db, &["events", "replay", &a]));
+    let ev = json(&outrun(&db, &["events", "show", &a, "--json"]));
+    assert_eq!(
+        (ev["dead"].as_bool(), ev["retry"].as_i64()),
+        (Some(false), Some(0))
+    );
+    assert!(ev["dead_at"].is_null());
+}
+
+async fn cancel_refuses_bad_input(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let id = enqueue_id(&db, &["job", "--payload", "{}"]);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let out = outrun(&db, &["events", "cancel", &unknown]);
+    let err = fails(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains(&unknown) && err.contains("no event"), "{err}");
+    for args in [
+        &["events", "cancel", "not-a-uuid"][..],
+        &["events", "cancel"],
+        &["events", "cancel", "--group", "g1"],
+        &["events", "cancel", &id, "--name", "job"],
+    ] {
+        let err = fails(&outrun(&db, args));
+        assert!(err.contains("--help"), "{args:?}: {err}");
+    }
+    let err = fails(&outrun(&db, &["events", "cancel", "--name", ""]));
+    assert!(err.contains("name is empty"), "{err}");
+    assert_eq!(
+        (stats(&db)["pending"].as_i64(), stats(&db)["dead"].as_i64()),
+        (Some(1), Some(0))
+    );
 }
