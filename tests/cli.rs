@@ -146,6 +146,12 @@ async fn replay_and_purge(db: TestDb) {
         dead[0]["last_error"],
         "no handler for event 'nobody.handles.this'"
     );
+    assert!(dead[0]["dead_at"].is_string(), "{dead}");
+    assert_eq!(dead[0]["deferrals"], 0);
+    assert!(
+        ok(&outrun(&db, &["events", "list", "--dead"])).contains("died"),
+        "the human listing shows when it died"
+    );
 
     let unknown = uuid::Uuid::now_v7().to_string();
     let err = fails(&outrun(&db, &["events", "replay", &unknown]));
@@ -155,6 +161,7 @@ async fn replay_and_purge(db: TestDb) {
     ok(&outrun(&db, &["events", "replay", &id]));
     let ev = json(&outrun(&db, &["events", "show", &id, "--json"]));
     assert_eq!(ev["retry"], 0);
+    assert!(ev["dead_at"].is_null(), "replay clears dead_at: {ev}");
     assert_eq!(stats(&db)["pending"], 1);
 
     // Dead again, then purge: --older-than spares the fresh one.
@@ -193,7 +200,14 @@ on_both_backends!(
     idempotency_key_returns_the_same_id,
     bad_input_writes_nothing,
     replay_and_purge,
-    admin_api_enqueues_and_reports
+    admin_api_enqueues_and_reports,
+    cancel_one_or_by_name,
+    cancel_refuses_bad_input,
+    migrate_after_the_applications_sqlx_migrations,
+    application_migrates_after_outrun,
+    upgrade_moves_outruns_rows_out_of_sqlx_migrations,
+    concurrent_migrate_processes_all_succeed,
+    changed_migration_is_refused_by_name,
 );
 
 #[test]
@@ -372,6 +386,70 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
         "{s}"
     );
 
+    // Cancel: one by id, then in bulk by name and group.
+    let (status, body) = http(port, "POST", &format!("/v1/events/{id}/cancel"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (c["cancelled"].as_bool(), c["running"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (_, body) = http(port, "GET", &format!("/v1/events/{id}"), None).await;
+    let ev: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (ev["dead"].as_bool(), ev["last_error"].as_str()),
+        (Some(true), Some("cancelled"))
+    );
+    assert!(ev["dead_at"].is_string() && ev["deferrals"] == 0, "{ev}");
+    let (status, body) = http(port, "POST", &format!("/v1/events/{id}/cancel"), None).await;
+    assert_eq!(status, 409, "already dead: {body}");
+    assert!(body.contains("already dead"), "{body}");
+    let (status, _) = http(
+        port,
+        "POST",
+        &format!("/v1/events/{}/cancel", uuid::Uuid::now_v7()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    for group in ["g", "h", "g"] {
+        let body = format!(r#"{{"name":"bulk","payload":{{}},"delay":"1h","group_id":"{group}"}}"#);
+        assert_eq!(http(port, "POST", "/v1/events", Some(&body)).await.0, 201);
+    }
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events/cancel",
+        Some(r#"{"name":"bulk","group_id":"g"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (c["cancelled"].as_i64(), c["busy"].as_i64()),
+        (Some(2), Some(0)),
+        "{c}"
+    );
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/events/cancel",
+        Some(r#"{"group_id":"g"}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "the name is required: {body}");
+    let (status, body) = http(port, "POST", "/v1/events/cancel", Some(r#"{"name":""}"#)).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = http(port, "POST", "/v1/events/not-a-uuid/cancel", None).await;
+    assert_eq!(status, 400);
+    let (_, body) = http(port, "GET", "/v1/stats", None).await;
+    let s: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (s["scheduled"].as_i64(), s["dead"].as_i64()),
+        (Some(1), Some(3)),
+        "{s}"
+    );
+
     // The gauges refresh on a timer; wait for the first refresh.
     wait_for("metrics exported", || async {
         let (status, body) = http(port, "GET", "/metrics", None).await;
@@ -379,4 +457,365 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
     })
     .await;
     terminate(&mut serve);
+}
+
+// ------------------------------------------------------------ migrations
+//
+// outrun shares the database with an application that runs its own sqlx
+// migrations; sqlx keeps every history in `_sqlx_migrations`, so outrun
+// keeps its own in `outrun_migrations`.
+
+/// Versions of the version-numbered files in `migrations/<backend>/`.
+fn outrun_versions(db: &TestDb) -> Vec<i64> {
+    let backend = if db.is_postgres() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(backend);
+    let mut v: Vec<i64> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.split('_').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A folder of sqlx migrations, as an application keeps one.
+fn app_migrations(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, sql) in files {
+        std::fs::write(dir.path().join(name), sql).unwrap();
+    }
+    dir
+}
+
+const APP_V1: (&str, &str) = (
+    "20240101000000_app_users.sql",
+    "CREATE TABLE app_users (id INTEGER PRIMARY KEY, name TEXT NOT NULL);",
+);
+const APP_V2: (&str, &str) = (
+    "20270101000000_app_orders.sql",
+    "CREATE TABLE app_orders (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL);",
+);
+
+/// Run the application's sqlx migrator (sqlx's own `Migrator`, its
+/// history in `_sqlx_migrations`) over `dir`.
+async fn app_migrate(
+    db: &TestDb,
+    dir: &std::path::Path,
+    ignore_missing: bool,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut m = sqlx::migrate::Migrator::new(dir).await?;
+    m.set_ignore_missing(ignore_missing);
+    match db {
+        TestDb::Sqlite { .. } => {
+            // The application may well be first: create the file.
+            let opts =
+                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(db.url())?
+                    .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(opts).await?;
+            let r = m.run(&pool).await;
+            pool.close().await;
+            r
+        }
+        TestDb::Postgres { .. } => {
+            let pool = sqlx::PgPool::connect(db.url()).await?;
+            let r = m.run(&pool).await;
+            pool.close().await;
+            r
+        }
+    }
+}
+
+async fn versions_in(db: &TestDb, table: &str) -> Vec<i64> {
+    let sql = format!("SELECT version FROM {table} ORDER BY version");
+    match db {
+        TestDb::Sqlite { url, .. } => {
+            let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+            let v = sqlx::query_scalar(&sql).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            v
+        }
+        TestDb::Postgres { url, .. } => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let v = sqlx::query_scalar(&sql).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            v
+        }
+    }
+}
+
+/// The application migrated first: outrun's migrate used to fail with
+/// "migration 20240101000000 was previously applied but is missing".
+async fn migrate_after_the_applications_sqlx_migrations(db: TestDb) {
+    let app = app_migrations(&[APP_V1]);
+    app_migrate(&db, app.path(), false).await.unwrap();
+    let app_row = db
+        .strings("SELECT description FROM _sqlx_migrations WHERE version = 20240101000000")
+        .await;
+
+    let out = outrun(&db, &["migrate"]);
+    ok(&out);
+    assert_eq!(
+        versions_in(&db, "outrun_migrations").await,
+        outrun_versions(&db)
+    );
+    assert_eq!(
+        versions_in(&db, "_sqlx_migrations").await,
+        vec![20240101000000],
+        "the application's history is untouched"
+    );
+    assert_eq!(
+        db.strings("SELECT description FROM _sqlx_migrations WHERE version = 20240101000000")
+            .await,
+        app_row
+    );
+    // Both keep working: the application's next migration, outrun again.
+    ok(&outrun(&db, &["migrate"]));
+    let app = app_migrations(&[APP_V1, APP_V2]);
+    app_migrate(&db, app.path(), false).await.unwrap();
+    ok(&outrun(&db, &["migrate"]));
+    assert_eq!(
+        versions_in(&db, "_sqlx_migrations").await,
+        vec![20240101000000, 20270101000000]
+    );
+    ok(&outrun(&db, &["enqueue", "x", "--payload", "{}"]));
+    db.exec("INSERT INTO app_orders (id, user_id) VALUES (1, 1)")
+        .await;
+}
+
+/// outrun migrated first: the application's own sqlx migrator must not
+/// find outrun's versions in its history.
+async fn application_migrates_after_outrun(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let app = app_migrations(&[APP_V1]);
+    app_migrate(&db, app.path(), false)
+        .await
+        .expect("the application's sqlx migrate runs beside outrun's");
+    assert_eq!(
+        versions_in(&db, "_sqlx_migrations").await,
+        vec![20240101000000]
+    );
+    app_migrate(&db, app.path(), false).await.unwrap();
+    ok(&outrun(&db, &["migrate"]));
+    assert_eq!(
+        versions_in(&db, "outrun_migrations").await,
+        outrun_versions(&db)
+    );
+}
+
+/// A database migrated by an earlier outrun has outrun's history in
+/// `_sqlx_migrations` (here beside an application's row, as an application
+/// that set `ignore_missing` would have had it): migrate moves exactly
+/// outrun's rows, keeps the application's and the events.
+async fn upgrade_moves_outruns_rows_out_of_sqlx_migrations(db: TestDb) {
+    // The earlier outrun: sqlx's migrator over the migrations outrun
+    // shipped while it kept its history in `_sqlx_migrations`.
+    let versions = outrun_versions(&db);
+    let old: Vec<i64> = versions
+        .iter()
+        .copied()
+        .filter(|v| *v < 20261201000000)
+        .collect();
+    let backend = if db.is_postgres() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(backend);
+    let old_dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let v: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if old.contains(&v) {
+            std::fs::copy(e.path(), old_dir.path().join(&name)).unwrap();
+        }
+    }
+    app_migrate(&db, old_dir.path(), false).await.unwrap();
+    let app = app_migrations(&[APP_V1]);
+    app_migrate(&db, app.path(), true).await.unwrap();
+    let mut both = old.clone();
+    both.push(20240101000000);
+    both.sort();
+    assert_eq!(versions_in(&db, "_sqlx_migrations").await, both);
+    let id = ok(&outrun(&db, &["enqueue", "kept", "--payload", "{}"]))
+        .trim()
+        .to_string();
+
+    let out = outrun(&db, &["migrate"]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("moved outrun's migration history") && err.contains(&old[0].to_string()),
+        "migrate says what it moved: {err}"
+    );
+    assert_eq!(
+        versions_in(&db, "_sqlx_migrations").await,
+        vec![20240101000000],
+        "exactly outrun's rows left _sqlx_migrations"
+    );
+    assert_eq!(versions_in(&db, "outrun_migrations").await, versions);
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM outrun_migrations WHERE applied_by LIKE 'an earlier outrun%'"
+        )
+        .await,
+        old.len() as i64
+    );
+    // The application's migrator no longer trips over outrun's versions.
+    app_migrate(&db, app.path(), false)
+        .await
+        .expect("the application's sqlx migrate runs after the upgrade");
+    let shown = json(&outrun(&db, &["events", "show", &id, "--json"]));
+    assert_eq!(shown["name"], "kept");
+    // Idempotent: nothing left to move.
+    let out = outrun(&db, &["migrate"]);
+    ok(&out);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("moved"));
+}
+
+/// Six processes migrating one database at once (on SQLite 3-4 of 6 used to
+/// fail with "table outbox_events already exists").
+async fn concurrent_migrate_processes_all_succeed(db: TestDb) {
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            common::outrun_command(&db)
+                .arg("migrate")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        ok(&c.wait_with_output().unwrap());
+    }
+    assert_eq!(
+        versions_in(&db, "outrun_migrations").await,
+        outrun_versions(&db)
+    );
+    ok(&outrun(&db, &["enqueue", "x", "--payload", "{}"]));
+    assert_eq!(stats(&db)["pending"], 1);
+}
+
+/// An applied migration whose SQL changed is refused, naming the version
+/// and what to do.
+async fn changed_migration_is_refused_by_name(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let first = outrun_versions(&db)[0];
+    let zero = if db.is_postgres() {
+        "'\\x00'::bytea"
+    } else {
+        "X'00'"
+    };
+    db.exec(&format!(
+        "UPDATE outrun_migrations SET checksum = {zero} WHERE version = {first}"
+    ))
+    .await;
+    let err = fails(&outrun(&db, &["migrate"]));
+    assert!(
+        err.contains(&first.to_string()) && err.contains("changed after it was applied"),
+        "{err}"
+    );
+    assert!(err.contains("restore"), "says what to do: {err}");
+}
+
+// ---------------------------------------------------------------- cancel
+
+fn enqueue_id(db: &TestDb, args: &[&str]) -> String {
+    let mut all = vec!["enqueue"];
+    all.extend_from_slice(args);
+    ok(&outrun(db, &all)).trim().to_string()
+}
+
+async fn cancel_one_or_by_name(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let a = enqueue_id(&db, &["job", "--payload", "{}", "--group", "g1"]);
+    let b = enqueue_id(&db, &["job", "--payload", "{}", "--group", "g2"]);
+    let c = enqueue_id(&db, &["job", "--payload", "{}", "--group", "g1"]);
+    let other = enqueue_id(&db, &["other", "--payload", "{}", "--group", "g1"]);
+
+    let out = outrun(&db, &["events", "cancel", &a]);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("cancelled {a}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev = json(&outrun(&db, &["events", "show", &a, "--json"]));
+    assert_eq!(
+        (ev["dead"].as_bool(), ev["last_error"].as_str()),
+        (Some(true), Some("cancelled"))
+    );
+    assert!(ev["dead_at"].is_string(), "{ev}");
+
+    // Again: already dead, says so, changes nothing.
+    let err = fails(&outrun(&db, &["events", "cancel", &a]));
+    assert!(err.contains("already dead") && err.contains(&a), "{err}");
+
+    // Bulk by name and group: only c (a is dead already, b and other differ).
+    let out = outrun(
+        &db,
+        &[
+            "events", "cancel", "--name", "job", "--group", "g1", "--json",
+        ],
+    );
+    let counts = json(&out);
+    assert_eq!(
+        (counts["cancelled"].as_i64(), counts["running"].as_i64()),
+        (Some(1), Some(0))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled 1 events"));
+    let dead = |id: &str| json(&outrun(&db, &["events", "show", id, "--json"]))["dead"] == true;
+    assert!(dead(&c) && !dead(&b) && !dead(&other));
+    assert_eq!(stats(&db)["dead"], 2);
+
+    // By name alone.
+    let out = outrun(&db, &["events", "cancel", "--name", "job"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled 1 events"));
+    assert!(dead(&b) && !dead(&other));
+
+    // Replayable.
+    ok(&outrun(&db, &["events", "replay", &a]));
+    let ev = json(&outrun(&db, &["events", "show", &a, "--json"]));
+    assert_eq!(
+        (ev["dead"].as_bool(), ev["retry"].as_i64()),
+        (Some(false), Some(0))
+    );
+    assert!(ev["dead_at"].is_null());
+}
+
+async fn cancel_refuses_bad_input(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let id = enqueue_id(&db, &["job", "--payload", "{}"]);
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let out = outrun(&db, &["events", "cancel", &unknown]);
+    let err = fails(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains(&unknown) && err.contains("no event"), "{err}");
+    for args in [
+        &["events", "cancel", "not-a-uuid"][..],
+        &["events", "cancel"],
+        &["events", "cancel", "--group", "g1"],
+        &["events", "cancel", &id, "--name", "job"],
+    ] {
+        let err = fails(&outrun(&db, args));
+        assert!(err.contains("--help"), "{args:?}: {err}");
+    }
+    let err = fails(&outrun(&db, &["events", "cancel", "--name", ""]));
+    assert!(err.contains("name is empty"), "{err}");
+    assert_eq!(
+        (stats(&db)["pending"].as_i64(), stats(&db)["dead"].as_i64()),
+        (Some(1), Some(0))
+    );
 }

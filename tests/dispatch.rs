@@ -1069,7 +1069,129 @@ on_both_backends!(
     shutdown_grace_cancels_and_releases,
     failing_statement_in_a_batch_fails_only_its_event,
     group_successor_sees_its_predecessors_effects,
+    cancelling_running_events_discards_their_attempts,
 );
+
+/// Waits at a gate, then does what its payload's `mode` says: write a
+/// ledger row (`sql`), emit a follow-up (`emit`) or nothing (`none`), and
+/// succeeds.
+#[derive(Clone)]
+struct Gated {
+    started: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Gated {
+    async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let _pass = self.gate.acquire().await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
+        let result = async {
+            match v["mode"].as_str() {
+                Some("sql") => {
+                    let tx = fx
+                        .tx()
+                        .await
+                        .map_err(|e| HandlerError::retry(e.to_string()))?;
+                    tx.execute(
+                        "INSERT INTO ledger (event_id) VALUES ($1)",
+                        &[SqlValue::Text(ev.id.to_string())],
+                    )
+                    .await
+                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                }
+                Some("emit") => fx
+                    .emit(NewEvent::new("followed", "{}"))
+                    .map_err(|e| HandlerError::reject(e.to_string()))?,
+                _ => {}
+            }
+            Ok(Outcome::Done)
+        }
+        .await;
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+}
+
+/// Events cancelled while their handlers run: each attempt then succeeds
+/// (or would have), and none of its effects lands: no ledger row, no
+/// follow-up event; the events stay dead 'cancelled' and replay runs them
+/// for real.
+async fn cancelling_running_events_discards_their_attempts(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE ledger (event_id TEXT PRIMARY KEY)")
+        .await;
+    let mut ids = Vec::new();
+    for mode in ["sql", "emit", "none"] {
+        let payload = format!("{{\"mode\":\"{mode}\"}}");
+        ids.push(
+            store
+                .enqueue(&NewEvent::new("gated", payload), 5)
+                .await
+                .unwrap(),
+        );
+    }
+    let gated = Gated {
+        started: Arc::default(),
+        finished: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+    };
+    let followed = Recorder::default();
+    let router = || {
+        StaticRouter::new()
+            .with("gated", gated.clone())
+            .with("followed", followed.clone())
+    };
+    let run = Running::start(&store, router(), fast());
+    wait_for("three handlers running", || async {
+        gated.started.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    let done = store.cancel_matching("gated", None).await.unwrap();
+    assert_eq!((done.cancelled, done.running, done.busy), (3, 3, 0));
+    gated.gate.add_permits(3);
+    wait_for("three handlers finished", || async {
+        gated.finished.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    run.stop().await;
+
+    for id in &ids {
+        let e = store.get(*id).await.unwrap().expect("still there");
+        assert!(e.is_dead(), "{e:?}");
+        assert_eq!(e.last_error.as_deref(), Some("cancelled"));
+        assert!(e.dead_at.is_some() && e.locked_by.is_none(), "{e:?}");
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM ledger").await,
+        0,
+        "the cancelled attempt's write was discarded"
+    );
+    let s = store.stats().await.unwrap();
+    assert_eq!(
+        (s.dead, s.pending + s.scheduled + s.running),
+        (3, 0),
+        "no follow-up event was committed: {s:?}"
+    );
+    assert!(followed.seen.lock().unwrap().is_empty());
+
+    // Replayed, they run for real.
+    assert_eq!(store.replay_all_dead().await.unwrap(), 3);
+    gated.gate.add_permits(100);
+    let run = Running::start(&store, router(), fast());
+    wait_for("replayed events handled", || async {
+        drained(&store).await
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        db.strings("SELECT event_id FROM ledger").await,
+        vec![ids[0].to_string()]
+    );
+    assert_eq!(followed.seen.lock().unwrap().len(), 1);
+}
 
 /// Two runtimes with their own pools drain one PostgreSQL database: every
 /// event is handled exactly once (no lease expires in this test, so

@@ -88,6 +88,13 @@ crate::on_both_backends!(
     bad_input_writes_nothing,
     wakeups_fire_on_enqueue_and_replay,
     migrate_is_idempotent,
+    every_death_records_dead_at,
+    retention_counts_from_dead_at,
+    cancel_pending_makes_it_dead_and_replayable,
+    cancel_by_name_and_group_hits_only_those,
+    cancel_of_a_running_event_fences_its_verdict,
+    verdicts_never_touch_a_row_marked_dead,
+    cancel_refuses_unknown_and_dead_events,
 );
 
 async fn enqueue_stores_every_option(db: TestDb) {
@@ -693,6 +700,8 @@ async fn reschedule_keeps_retry(db: TestDb) {
     );
     assert_eq!(e.available_at.timestamp_millis(), at.timestamp_millis());
     assert!(e.locked_by.is_none());
+    assert_eq!(e.deferrals, 2, "each reschedule is counted");
+    assert!(e.dead_at.is_none());
     assert!(
         store.claim("w1", 10, LONG, NONE).await.unwrap().is_empty(),
         "not before the new time"
@@ -1384,7 +1393,9 @@ async fn migrate_is_idempotent(db: TestDb) {
 }
 
 /// Two runtimes starting at once on one PostgreSQL database both migrate;
-/// sqlx's advisory lock makes one wait for the other.
+/// outrun's advisory lock makes one wait for the other. The history is in
+/// outrun's own table; `_sqlx_migrations` is the application's and outrun
+/// does not create it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_concurrent_migrations_are_safe() {
     let db = TestDb::postgres().await;
@@ -1400,9 +1411,14 @@ async fn postgres_concurrent_migrations_are_safe() {
     .unwrap()
     .count() as i64;
     assert_eq!(
-        db.scalar("SELECT count(*) FROM _sqlx_migrations").await,
+        db.scalar("SELECT count(*) FROM outrun_migrations").await,
         embedded,
         "each migration applied once"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_tables WHERE tablename = '_sqlx_migrations'")
+            .await,
+        0
     );
     stores[0].enqueue(&ev("after"), 5).await.unwrap();
 }
@@ -1508,4 +1524,374 @@ async fn sqlite_in_memory_store_works() {
     let id = store.enqueue(&ev("mem"), 5).await.unwrap();
     let c = claim_one(&store, LONG).await;
     assert_eq!(store.ack(&[c.lease()]).await.unwrap(), vec![id]);
+}
+
+/// Move a timestamp column of one row `secs` into the past.
+async fn age(db: &TestDb, id: Uuid, column: &str, secs: i64) {
+    let sql = if db.is_postgres() {
+        format!(
+            "UPDATE outbox_events SET {column} = {column} - interval '{secs} seconds' WHERE id = '{id}'"
+        )
+    } else {
+        format!(
+            "UPDATE outbox_events SET {column} = {column} - {} WHERE id = '{id}'",
+            secs * 1000
+        )
+    };
+    assert_eq!(db.exec(&sql).await, 1, "{sql}");
+}
+
+fn recent(t: Option<chrono::DateTime<Utc>>) -> bool {
+    t.is_some_and(|t| (Utc::now() - t).num_seconds().abs() < 30)
+}
+
+/// Every way into death sets `dead_at`; a failure that leaves the event
+/// live does not; replay clears it.
+async fn every_death_records_dead_at(db: TestDb) {
+    let store = db.store().await;
+    // Retries exhausted (max_retry 2: the first failure leaves it live).
+    let tired = store
+        .enqueue(&ev("tired").with_max_retry(2), 5)
+        .await
+        .unwrap();
+    let retry = || Failure::Retry {
+        error: "503".into(),
+        retry_at: past(),
+        max_retry: None,
+    };
+    let c = claim_one(&store, LONG).await;
+    assert!(store.fail(c.lease(), &retry()).await.unwrap());
+    assert_eq!(store.get(tired).await.unwrap().unwrap().dead_at, None);
+    let c = claim_one(&store, LONG).await;
+    assert!(store.fail(c.lease(), &retry()).await.unwrap());
+    let e = store.get(tired).await.unwrap().unwrap();
+    assert!(e.is_dead() && recent(e.dead_at), "{e:?}");
+
+    // Exhausted through the handler's max_retry override.
+    let over = store.enqueue(&ev("override"), 5).await.unwrap();
+    let c = claim_one(&store, LONG).await;
+    let f = Failure::Retry {
+        error: "503".into(),
+        retry_at: past(),
+        max_retry: Some(1),
+    };
+    assert!(store.fail(c.lease(), &f).await.unwrap());
+    let e = store.get(over).await.unwrap().unwrap();
+    assert!(e.is_dead() && recent(e.dead_at), "{e:?}");
+
+    // Rejected, and no handler (both Failure::Dead).
+    let rejected = store.enqueue(&ev("rejected"), 5).await.unwrap();
+    let c = claim_one(&store, LONG).await;
+    let f = Failure::Dead {
+        error: "no handler for event 'rejected'".into(),
+    };
+    assert!(store.fail(c.lease(), &f).await.unwrap());
+    assert!(recent(store.get(rejected).await.unwrap().unwrap().dead_at));
+
+    // Interrupted and rescheduled events stay live without a dead_at.
+    let live = store.enqueue(&ev("live"), 5).await.unwrap();
+    let c = claim_one(&store, LONG).await;
+    let f = Failure::Interrupted {
+        error: "connection reset".into(),
+        retry_at: past(),
+    };
+    assert!(store.fail(c.lease(), &f).await.unwrap());
+    let c = claim_one(&store, LONG).await;
+    assert!(
+        store
+            .fail(c.lease(), &Failure::Reschedule { at: future() })
+            .await
+            .unwrap()
+    );
+    let e = store.get(live).await.unwrap().unwrap();
+    assert!(
+        !e.is_dead() && e.dead_at.is_none() && e.deferrals == 1,
+        "{e:?}"
+    );
+
+    // Expired.
+    let expired = store
+        .enqueue(&ev("expired").with_expires_in(Duration::from_millis(1)), 5)
+        .await
+        .unwrap();
+    eventually("the expiry to pass", WAIT, || async {
+        (store.expire_due(10).await.unwrap() == 1).then_some(())
+    })
+    .await;
+    let e = store.get(expired).await.unwrap().unwrap();
+    assert!(e.is_dead() && recent(e.dead_at), "{e:?}");
+
+    // Replay clears it.
+    store.replay(tired).await.unwrap();
+    let e = store.get(tired).await.unwrap().unwrap();
+    assert!(!e.is_dead() && e.dead_at.is_none(), "{e:?}");
+    assert_eq!(store.replay_all_dead().await.unwrap(), 3);
+    assert!(
+        store
+            .list(&ListFilter::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.dead_at.is_none())
+    );
+}
+
+/// Retention counts from the moment an event died: one created long ago
+/// that dies now is kept, one that died 31 s ago is not; rows that died
+/// before `dead_at` existed count from `create_date`.
+async fn retention_counts_from_dead_at(db: TestDb) {
+    let store = db.store().await;
+    let kill = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let id = store.enqueue(&ev(name), 5).await.unwrap();
+            let c = claim_one(&store, LONG).await;
+            let f = Failure::Dead {
+                error: "rejected".into(),
+            };
+            assert!(store.fail(c.lease(), &f).await.unwrap());
+            id
+        }
+    };
+    let old_dies_now = store.enqueue(&ev("old"), 5).await.unwrap();
+    age(&db, old_dies_now, "create_date", 86_400).await;
+    let c = claim_one(&store, LONG).await;
+    assert_eq!(c.event.id, old_dies_now);
+    let f = Failure::Dead {
+        error: "rejected".into(),
+    };
+    assert!(store.fail(c.lease(), &f).await.unwrap());
+    let died_31s_ago = kill("gone").await;
+    age(&db, died_31s_ago, "dead_at", 31).await;
+    // Dead rows without dead_at, as before the migration (or by hand).
+    insert_dead(&db, "legacy_old").await;
+    insert_dead(&db, "legacy_young").await;
+    let legacy = |name: &str| {
+        let name = name.to_string();
+        let store = store.clone();
+        async move {
+            let dead = ListFilter {
+                dead: true,
+                name: Some(name),
+                limit: 0,
+            };
+            store.list(&dead).await.unwrap().pop().map(|e| e.id)
+        }
+    };
+    let legacy_old = legacy("legacy_old").await.unwrap();
+    age(&db, legacy_old, "create_date", 86_400).await;
+    let live = store
+        .enqueue(&ev("live").with_delay(Duration::from_secs(3600)), 5)
+        .await
+        .unwrap();
+    age(&db, live, "create_date", 86_400).await;
+
+    let deleted = outrun::maintenance::cleaner::run_once(&store, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    assert!(
+        store.get(old_dies_now).await.unwrap().is_some(),
+        "created a day ago but dead only now: kept"
+    );
+    assert!(store.get(died_31s_ago).await.unwrap().is_none());
+    assert!(
+        legacy("legacy_old").await.is_none(),
+        "no dead_at: create_date counts"
+    );
+    assert!(legacy("legacy_young").await.is_some());
+    assert!(store.get(live).await.unwrap().is_some(), "live events stay");
+
+    // `events purge --older-than` counts the same way.
+    let thirty_s_ago = Utc::now() - chrono::Duration::seconds(30);
+    assert_eq!(store.purge_dead(Some(thirty_s_ago)).await.unwrap(), 0);
+    age(&db, old_dies_now, "dead_at", 31).await;
+    assert_eq!(store.purge_dead(Some(thirty_s_ago)).await.unwrap(), 1);
+    assert!(store.get(old_dies_now).await.unwrap().is_none());
+
+    // Replay clears dead_at: dying again starts the retention afresh.
+    let again = kill("again").await;
+    age(&db, again, "dead_at", 31).await;
+    store.replay(again).await.unwrap();
+    assert_eq!(store.get(again).await.unwrap().unwrap().dead_at, None);
+    let c = claim_one(&store, LONG).await;
+    assert_eq!(c.event.id, again);
+    assert!(store.fail(c.lease(), &f).await.unwrap());
+    assert_eq!(
+        outrun::maintenance::cleaner::run_once(&store, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(store.get(again).await.unwrap().is_some());
+}
+
+async fn cancel_pending_makes_it_dead_and_replayable(db: TestDb) {
+    let store = db.store().await;
+    let id = store.enqueue(&ev("job").with_group("g"), 5).await.unwrap();
+    let next = store.enqueue(&ev("job").with_group("g"), 5).await.unwrap();
+    let done = store.cancel(id).await.unwrap();
+    assert_eq!((done.cancelled, done.running, done.busy), (1, 0, 0));
+    let e = store.get(id).await.unwrap().unwrap();
+    assert!(e.is_dead(), "{e:?}");
+    assert_eq!(e.last_error.as_deref(), Some("cancelled"));
+    assert!(recent(e.dead_at));
+    assert_eq!(store.stats().await.unwrap().dead, 1);
+    // A cancelled head no longer holds back its group.
+    let c = claim_one(&store, LONG).await;
+    assert_eq!(c.event.id, next);
+    store.release(&[c.lease()]).await.unwrap();
+    // Replayable like any dead event.
+    store.replay(id).await.unwrap();
+    let e = store.get(id).await.unwrap().unwrap();
+    assert!(!e.is_dead() && e.dead_at.is_none() && e.retry == 0, "{e:?}");
+}
+
+async fn cancel_by_name_and_group_hits_only_those(db: TestDb) {
+    let store = db.store().await;
+    let a1 = store.enqueue(&ev("job").with_group("a"), 5).await.unwrap();
+    let a2 = store.enqueue(&ev("job").with_group("a"), 5).await.unwrap();
+    let b = store.enqueue(&ev("job").with_group("b"), 5).await.unwrap();
+    let plain = store.enqueue(&ev("job"), 5).await.unwrap();
+    let other = store
+        .enqueue(&ev("other").with_group("a"), 5)
+        .await
+        .unwrap();
+    let done = store.cancel_matching("job", Some("a")).await.unwrap();
+    assert_eq!((done.cancelled, done.running, done.busy), (2, 0, 0));
+    let dead = |id| {
+        let store = store.clone();
+        async move { store.get(id).await.unwrap().unwrap().is_dead() }
+    };
+    assert!(dead(a1).await && dead(a2).await);
+    assert!(!dead(b).await && !dead(plain).await && !dead(other).await);
+    // Without a group: every live event of the name; dead ones are not
+    // counted again.
+    let done = store.cancel_matching("job", None).await.unwrap();
+    assert_eq!(done.cancelled, 2);
+    assert!(dead(b).await && dead(plain).await && !dead(other).await);
+    assert_eq!(
+        store.cancel_matching("job", None).await.unwrap(),
+        outrun::store::Cancelled::default()
+    );
+    assert_eq!(
+        store
+            .cancel_matching("nobody", None)
+            .await
+            .unwrap()
+            .cancelled,
+        0
+    );
+}
+
+/// A leased event is cancelled at once; whatever its attempt then reports
+/// (success, failure, deferral, an interruption) finds the lease gone and
+/// changes nothing, and its effects are rolled back.
+async fn cancel_of_a_running_event_fences_its_verdict(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE app_notes (id INTEGER)").await;
+    let id = store.enqueue(&ev("job"), 5).await.unwrap();
+    let c = claim_one(&store, LONG).await;
+    let done = store.cancel(id).await.unwrap();
+    assert_eq!((done.cancelled, done.running), (1, 1));
+    let e = store.get(id).await.unwrap().unwrap();
+    assert!(e.is_dead() && e.locked_by.is_none() && e.locked_until.is_none());
+    assert_eq!(store.stats().await.unwrap().running, 0);
+
+    assert!(store.ack(&[c.lease()]).await.unwrap().is_empty());
+    for f in [
+        Failure::Retry {
+            error: "503".into(),
+            retry_at: past(),
+            max_retry: None,
+        },
+        Failure::Dead {
+            error: "rejected".into(),
+        },
+        Failure::Reschedule { at: past() },
+        Failure::Interrupted {
+            error: "reset".into(),
+            retry_at: past(),
+        },
+    ] {
+        assert!(!store.fail(c.lease(), &f).await.unwrap(), "{f:?}");
+    }
+    let mut tx = store.begin().await.unwrap();
+    tx.execute(
+        "INSERT INTO app_notes (id) VALUES ($1)",
+        &[SqlValue::Int(1)],
+    )
+    .await
+    .unwrap();
+    assert!(!tx.commit_ack(c.lease()).await.unwrap());
+    assert_eq!(db.scalar("SELECT count(*) FROM app_notes").await, 0);
+    let e = store.get(id).await.unwrap().unwrap();
+    assert!(e.is_dead(), "{e:?}");
+    assert_eq!(
+        (e.last_error.as_deref(), e.deferrals),
+        (Some("cancelled"), 0)
+    );
+    assert!(store.claim("w2", 10, LONG, NONE).await.unwrap().is_empty());
+}
+
+/// The table is a public contract: an application may mark an event dead
+/// with plain SQL while it runs, lease and all. No verdict deletes it as
+/// handled or brings it back.
+async fn verdicts_never_touch_a_row_marked_dead(db: TestDb) {
+    let store = db.store().await;
+    let id = store.enqueue(&ev("job"), 5).await.unwrap();
+    let c = claim_one(&store, LONG).await;
+    db.exec("UPDATE outbox_events SET retry = max_retry, last_error = 'stopped by hand'")
+        .await;
+    assert!(store.ack(&[c.lease()]).await.unwrap().is_empty());
+    let f = Failure::Interrupted {
+        error: "reset".into(),
+        retry_at: past(),
+    };
+    assert!(!store.fail(c.lease(), &f).await.unwrap());
+    assert!(
+        !store
+            .fail(c.lease(), &Failure::Reschedule { at: past() })
+            .await
+            .unwrap()
+    );
+    let tx = store.begin().await.unwrap();
+    assert!(!tx.commit_ack(c.lease()).await.unwrap());
+    let e = store.get(id).await.unwrap().unwrap();
+    assert!(e.is_dead());
+    assert_eq!(e.last_error.as_deref(), Some("stopped by hand"));
+}
+
+async fn cancel_refuses_unknown_and_dead_events(db: TestDb) {
+    let store = db.store().await;
+    let unknown = Uuid::now_v7();
+    let err = store.cancel(unknown).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound(i) if i == unknown),
+        "{err}"
+    );
+    insert_dead(&db, "dead").await;
+    let dead = store
+        .list(&ListFilter {
+            dead: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()[0]
+        .id;
+    let err = store.cancel(dead).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::AlreadyDead { .. }), "{msg}");
+    assert!(
+        msg.contains("already dead") && msg.contains("boom"),
+        "{msg}"
+    );
+    let e = store.get(dead).await.unwrap().unwrap();
+    assert_eq!(
+        (e.last_error.as_deref(), e.dead_at),
+        (Some("boom"), None),
+        "nothing changed"
+    );
+    let err = store.cancel_matching("", None).await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
 }

@@ -82,6 +82,8 @@ fn event(name: &str, payload: serde_json::Value) -> Event {
         locked_until: None,
         last_error: None,
         idempotency_key: None,
+        dead_at: None,
+        deferrals: 0,
     }
 }
 

@@ -44,6 +44,8 @@ fn event(name: &str, payload: &str) -> Event {
         locked_until: Some(now),
         last_error: None,
         idempotency_key: None,
+        dead_at: None,
+        deferrals: 0,
     }
 }
 

@@ -152,6 +152,12 @@ pub struct Event {
     pub locked_until: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub idempotency_key: Option<String>,
+    /// When the event became dead (retries exhausted, rejected, no handler,
+    /// expired, cancelled); `None` while it is live, and for events that
+    /// died before outrun recorded it.
+    pub dead_at: Option<DateTime<Utc>>,
+    /// Times its handler answered `retry-after` (deferrals spend no retry).
+    pub deferrals: i32,
 }
 
 impl Event {

@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/healthz`, Prometheus `/metrics`, and a small
-//! JSON API to enqueue and inspect events (`/v1/events`, `/v1/stats`).
+//! JSON API to enqueue, inspect and cancel events (`/v1/events`,
+//! `/v1/stats`).
 //! The outbox gauges (pending, dead, oldest pending age) are refreshed here,
 //! on a timer, so scraping never runs a query.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -48,6 +49,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(list).post(enqueue))
         .route("/v1/events/{id}", get(show))
+        .route("/v1/events/{id}/cancel", post(cancel))
+        .route("/v1/events/cancel", post(cancel_matching))
         .route("/v1/handlers", get(handlers))
         .with_state(state)
 }
@@ -111,7 +114,9 @@ impl From<StoreError> for ApiError {
         let status = match &e {
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
-            StoreError::NotDead(_) => StatusCode::CONFLICT,
+            StoreError::NotDead(_) | StoreError::AlreadyDead { .. } | StoreError::CancelBusy(_) => {
+                StatusCode::CONFLICT
+            }
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
@@ -164,6 +169,44 @@ async fn show(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ev = st.store.get(id).await?.ok_or(StoreError::NotFound(id))?;
     Ok(Json(crate::cli::event_json(&ev)))
+}
+
+/// `POST /v1/events/{id}/cancel`: the event becomes dead with `last_error
+/// = 'cancelled'`; 404 if unknown, 409 if already dead (or its effects are
+/// being committed right now).
+async fn cancel(
+    State(st): State<AdminState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let done = st.store.cancel(id).await?;
+    metrics::counter!("outrun_events_dead_total", "reason" => "cancelled").increment(1);
+    Ok(Json(
+        json!({ "id": id, "cancelled": true, "running": done.running > 0 }),
+    ))
+}
+
+/// Body of `POST /v1/events/cancel`: which live events to cancel.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    name: String,
+    group_id: Option<String>,
+}
+
+/// `POST /v1/events/cancel`: cancel every live event with a name (and
+/// group); returns the counts.
+async fn cancel_matching(
+    State(st): State<AdminState>,
+    body: Result<Json<CancelBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<crate::store::Cancelled>, ApiError> {
+    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let done = st
+        .store
+        .cancel_matching(&b.name, b.group_id.as_deref())
+        .await?;
+    metrics::counter!("outrun_events_dead_total", "reason" => "cancelled")
+        .increment(done.cancelled);
+    Ok(Json(done))
 }
 
 /// Body of `POST /v1/events`: the payload is any JSON value.

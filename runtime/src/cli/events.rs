@@ -1,5 +1,5 @@
-//! `outrun events list|show|stats|replay|purge`: inspect and repair the
-//! outbox. Every listing has `--json` for scripts.
+//! `outrun events list|show|stats|replay|cancel|purge`: inspect and repair
+//! the outbox. Every listing has `--json` for scripts.
 
 use std::time::Duration;
 
@@ -47,12 +47,29 @@ pub enum Command {
         #[arg(long)]
         all_dead: bool,
     },
+    /// Cancel live events: each becomes dead with last_error 'cancelled'
+    /// (replay brings it back). A running event's attempt ends without
+    /// effects.
+    Cancel {
+        /// The event to cancel.
+        #[arg(required_unless_present = "name", conflicts_with = "name")]
+        id: Option<Uuid>,
+        /// Cancel every live event with this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// With --name: only the events of this group.
+        #[arg(long, requires = "name")]
+        group: Option<String>,
+        /// Print the counts as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete dead events.
     Purge {
         /// Required: only dead events are ever purged.
         #[arg(long, required = true)]
         dead: bool,
-        /// Only those created longer ago than this (e.g. 7d).
+        /// Only those that died longer ago than this (e.g. 7d).
         #[arg(long, value_parser = super::parse_duration)]
         older_than: Option<Duration>,
     },
@@ -118,6 +135,43 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
             let n = store.replay_all_dead().await?;
             eprintln!("replayed {n} dead events");
         }
+        Command::Cancel {
+            id,
+            name,
+            group,
+            json,
+        } => {
+            let done = match (id, name) {
+                (Some(id), _) => store.cancel(id).await?,
+                (None, Some(name)) => store.cancel_matching(&name, group.as_deref()).await?,
+                (None, None) => anyhow::bail!("give an event id or --name (see --help)"),
+            };
+            if json {
+                let mut v = serde_json::to_value(done)?;
+                if let Some(id) = id {
+                    v["id"] = json!(id);
+                }
+                println!("{v}");
+            }
+            match id {
+                Some(id) if done.running > 0 => {
+                    eprintln!("cancelled {id} (it was running: its attempt ends without effects)")
+                }
+                Some(id) => eprintln!("cancelled {id}"),
+                None if done.running > 0 => eprintln!(
+                    "cancelled {} events ({} were running: their attempts end without effects)",
+                    done.cancelled, done.running
+                ),
+                None => eprintln!("cancelled {} events", done.cancelled),
+            }
+            if done.busy > 0 {
+                eprintln!(
+                    "{} matching events were committing their handlers' effects and were not cancelled; \
+                     they are handled or failed within moments (run the command again for those that fail)",
+                    done.busy
+                );
+            }
+        }
         Command::Purge { older_than, .. } => {
             let before = older_than.map(|d| {
                 Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
@@ -149,23 +203,28 @@ pub fn event_json(ev: &Event) -> Value {
         "locked_until": ev.locked_until,
         "last_error": ev.last_error,
         "idempotency_key": ev.idempotency_key,
+        "dead_at": ev.dead_at,
+        "deferrals": ev.deferrals,
     })
 }
 
 fn print_table(events: &[Event]) {
+    const TIME: &str = "%Y-%m-%d %H:%M:%S";
     println!(
-        "{:<36}  {:<24}  {:<12}  {:>5}  {:<20}  last_error",
-        "id", "name", "group", "retry", "created"
+        "{:<36}  {:<24}  {:<12}  {:>5}  {:<19}  {:<19}  last_error",
+        "id", "name", "group", "retry", "created", "died"
     );
     for ev in events {
         println!(
-            "{:<36}  {:<24}  {:<12}  {:>2}/{:<2}  {:<20}  {}",
+            "{:<36}  {:<24}  {:<12}  {:>2}/{:<2}  {:<19}  {:<19}  {}",
             ev.id,
             ev.name,
             ev.group_id.as_deref().unwrap_or("-"),
             ev.retry,
             ev.max_retry,
-            ev.create_date.format("%Y-%m-%d %H:%M:%S"),
+            ev.create_date.format(TIME),
+            ev.dead_at
+                .map_or_else(|| "-".to_string(), |t| t.format(TIME).to_string()),
             ev.last_error.as_deref().unwrap_or("")
         );
     }

@@ -75,7 +75,7 @@ pub async fn run(
                 if acked.len() < batch.len() {
                     tracing::warn!(
                         lost = batch.len() - acked.len(),
-                        "events finished after their lease was lost; another runtime may run them again"
+                        "events finished after they were cancelled or their lease was lost (another runtime may run them again)"
                     );
                 }
                 metrics::counter!("outrun_acks_total").increment(acked.len() as u64);

@@ -116,6 +116,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 expired(cx, lease, &route, ev.id).await;
             } else {
                 tracing::debug!(event_id = %ev.id, handler = %route.handler_name, delay_ms = delay.as_millis() as u64, "handler asked to retry later");
+                metrics::counter!("outrun_events_deferred_total", "handler" => route.handler_name.clone()).increment(1);
                 settle(cx, lease, Failure::Reschedule { at }).await;
             }
         }
@@ -293,7 +294,7 @@ async fn discard(cx: &WorkerContext, effects: Effects) {
 }
 
 fn lease_lost(cx: &WorkerContext, lease: Lease, route: &Route) {
-    tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "lease lost before the ack; the handler's writes were discarded and another runtime owns the event");
+    tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "the event was cancelled, or its lease lost to another runtime, before the ack; the handler's writes were discarded");
     cx.inflight.remove(&lease.id);
 }
 
@@ -322,7 +323,7 @@ async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure) {
     match cx.store.fail(lease, &failure).await {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!(event_id = %lease.id, "lease lost before the failure could be recorded; another runtime owns the event")
+            tracing::warn!(event_id = %lease.id, "the event was cancelled, or its lease lost to another runtime, before its verdict could be recorded")
         }
         Err(e) => {
             tracing::error!(event_id = %lease.id, error = %e, "recording the failure failed; the event runs again after its lease expires")

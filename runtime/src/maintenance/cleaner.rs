@@ -1,6 +1,7 @@
-//! Deletes dead events older than the retention period (the seed's
-//! `retry >= max_retry and create_date <= :before`). Live events are never
-//! touched, however old.
+//! Deletes dead events whose retention has passed, counted from the moment
+//! each one died (`dead_at`; rows that died before outrun recorded it count
+//! from `create_date`, the seed's `retry >= max_retry and create_date <=
+//! :before`). Live events are never touched, however old.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use crate::store::{Store, StoreError};
 
 use super::BATCH;
 
-/// Delete dead events created more than `retention` ago; returns the count.
+/// Delete dead events that died more than `retention` ago; returns the count.
 pub async fn run_once(store: &Store, retention: Duration) -> Result<u64, StoreError> {
     let before =
         Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
@@ -19,6 +20,13 @@ pub async fn run_once(store: &Store, retention: Duration) -> Result<u64, StoreEr
     loop {
         let n = store.cleanup_dead(before, BATCH).await?;
         total += n;
+        if n > 0 {
+            tracing::info!(
+                deleted = n,
+                retention = %humantime::format_duration(retention),
+                "deleted dead events past their retention"
+            );
+        }
         if n < BATCH as u64 {
             break;
         }

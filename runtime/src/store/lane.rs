@@ -146,11 +146,11 @@ impl Lane {
         // (several statements, one round trip) instead of three.
         let sql = match &self.store {
             Store::Postgres(_) => format!(
-                "{begin}SAVEPOINT e{sp}; DELETE FROM outbox_events WHERE id = '{}' AND lock_token = '{}' RETURNING 1",
+                "{begin}SAVEPOINT e{sp}; DELETE FROM outbox_events WHERE id = '{}' AND lock_token = '{}' AND retry < max_retry RETURNING 1",
                 lease.id, lease.token
             ),
             Store::Sqlite(_) => format!(
-                "{begin}SAVEPOINT e{sp}; DELETE FROM outbox_events WHERE rowid = {} AND lock_token = '{}' RETURNING 1",
+                "{begin}SAVEPOINT e{sp}; DELETE FROM outbox_events WHERE rowid = {} AND lock_token = '{}' AND retry < max_retry RETURNING 1",
                 lease.seq, lease.token
             ),
         };

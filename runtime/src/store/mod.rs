@@ -8,6 +8,7 @@
 //! replace.
 
 pub mod lane;
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 mod transient;
@@ -20,6 +21,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+pub use migrate::MigrationReport;
 pub use value::{SqlRows, SqlValue};
 
 /// Errors at the store boundary. Every variant names what failed and, where
@@ -34,12 +36,38 @@ pub enum StoreError {
     Connect { url: String, source: sqlx::Error },
     #[error("unsupported database URL {0}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "outrun migration {version} ({description}) was changed after it was applied: its checksum in \
+         outrun_migrations differs from this outrun's copy. An applied migration must never change: \
+         run the outrun release that applied it, or restore the migration as released"
+    )]
+    MigrationChanged { version: i64, description: String },
+    #[error(
+        "outrun migration {version} ({description}) failed and was rolled back: {source}; \
+         fix the cause and run `outrun migrate` again"
+    )]
+    MigrationFailed {
+        version: i64,
+        description: String,
+        source: sqlx::Error,
+    },
     #[error("no event with id {0}")]
     NotFound(Uuid),
     #[error("event {0} is not dead; only dead events can be replayed")]
     NotDead(Uuid),
+    #[error(
+        "event {id} is already dead (last_error: {}); nothing to cancel (`outrun events replay {id}` runs it again)",
+        last_error.as_deref().unwrap_or("none")
+    )]
+    AlreadyDead {
+        id: Uuid,
+        last_error: Option<String>,
+    },
+    #[error(
+        "event {0} could not be cancelled: its handler's effects are being committed right now; \
+         it is handled or failed within moments (check with `outrun events show {0}`)"
+    )]
+    CancelBusy(Uuid),
     #[error("no store attached to these effects")]
     NoStore,
     #[error(
@@ -110,6 +138,33 @@ impl ListFilter {
             self.limit
         }
     }
+}
+
+/// Which live events [`Store::cancel`] and [`Store::cancel_matching`] act on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CancelTarget<'a> {
+    Id(Uuid),
+    Name {
+        name: &'a str,
+        group_id: Option<&'a str>,
+    },
+}
+
+/// `last_error` of a cancelled event.
+pub const CANCELLED: &str = "cancelled";
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Cancelled {
+    /// Events now dead with `last_error = 'cancelled'`.
+    pub cancelled: u64,
+    /// Of those, events that were running: the attempt in progress ends
+    /// without effects (its verdict finds the event dead).
+    pub running: u64,
+    /// Live events that matched but could not be cancelled because their
+    /// handler's effects were being committed at that moment (PostgreSQL;
+    /// they are handled or failed within moments).
+    pub busy: u64,
 }
 
 /// What a failed attempt does to the row.
@@ -206,9 +261,14 @@ impl Store {
         }
     }
 
-    /// Apply the embedded migrations of this backend (idempotent).
-    pub async fn migrate(&self) -> Result<()> {
-        each!(self, s => s.migrate().await)
+    /// Apply the embedded migrations of this backend (idempotent, safe to
+    /// run from several processes at once). outrun records them in its own
+    /// table, `outrun_migrations`; see [`migrate`].
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        match self {
+            Store::Sqlite(s) => migrate::sqlite(s.pool()).await,
+            Store::Postgres(s) => migrate::postgres(s.pool()).await,
+        }
     }
 
     /// Enqueue on a connection of the store's own pool, in its own
@@ -315,7 +375,8 @@ impl Store {
         each!(self, s => s.expire_due(limit).await)
     }
 
-    /// Delete dead events created before `before` (the seed's cleanup query),
+    /// Delete dead events that died before `before` (`dead_at`, or
+    /// `create_date` for rows that died before outrun recorded `dead_at`),
     /// at most `limit` rows. Never touches live events.
     pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
         each!(self, s => s.cleanup_dead(before, limit).await)
@@ -334,8 +395,8 @@ impl Store {
     }
 
     /// Make one dead event live again: `retry = 0`, `available_at = now`,
-    /// `last_error` kept for the record, expiry cleared. Errors if the id is
-    /// unknown or the event is not dead.
+    /// `last_error` kept for the record, expiry and `dead_at` cleared.
+    /// Errors if the id is unknown or the event is not dead.
     pub async fn replay(&self, id: Uuid) -> Result<()> {
         each!(self, s => s.replay(id).await)
     }
@@ -345,7 +406,40 @@ impl Store {
         each!(self, s => s.replay_all_dead().await)
     }
 
-    /// Delete dead events (created before `before`, if given).
+    /// Cancel one live event: it becomes dead at once with `last_error =
+    /// 'cancelled'` (and `dead_at`), so it can be inspected and replayed.
+    /// A running event's lease is taken away with it: whatever its attempt
+    /// then does (succeed, fail, defer) finds the event dead, and the
+    /// attempt's effects are discarded as for a lost lease.
+    ///
+    /// Errors: [`StoreError::NotFound`], [`StoreError::AlreadyDead`], and on
+    /// PostgreSQL [`StoreError::CancelBusy`] while the event's effects are
+    /// being committed (its row is locked by the commit).
+    pub async fn cancel(&self, id: Uuid) -> Result<Cancelled> {
+        let done = each!(self, s => s.cancel(CancelTarget::Id(id)).await)?;
+        if done.cancelled > 0 {
+            return Ok(done);
+        }
+        Err(match self.get(id).await? {
+            None => StoreError::NotFound(id),
+            Some(ev) if ev.is_dead() => StoreError::AlreadyDead {
+                id,
+                last_error: ev.last_error,
+            },
+            Some(_) => StoreError::CancelBusy(id),
+        })
+    }
+
+    /// Cancel every live event named `name` (and of group `group_id`, if
+    /// given), as [`Store::cancel`] does one.
+    pub async fn cancel_matching(&self, name: &str, group_id: Option<&str>) -> Result<Cancelled> {
+        crate::event::validate_name(name)?;
+        let target = CancelTarget::Name { name, group_id };
+        each!(self, s => s.cancel(target).await)
+    }
+
+    /// Delete dead events (that died before `before`, if given; see
+    /// [`Store::cleanup_dead`]).
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
         each!(self, s => s.purge_dead(before).await)
     }

@@ -43,7 +43,8 @@ use sqlx::{Column, Either, Executor, PgConnection, Postgres, Row, Statement, Typ
 use uuid::Uuid;
 
 use super::{
-    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
+    CancelTarget, Cancelled, ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats,
+    StoreError, redact_url,
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
@@ -53,7 +54,8 @@ mod params;
 pub const CHANNEL: &str = "outrun_events";
 
 const EVENT_COLUMNS: &str = "seq, id, name, payload, group_id, retry, max_retry, create_date, \
-     available_at, expires_at, locked_by, locked_until, last_error, idempotency_key";
+     available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, dead_at, \
+     deferrals";
 
 /// Connections of the bookkeeping pool: the claimer, the acker, the lease
 /// extender and a worker recording a failure each hold one briefly.
@@ -191,15 +193,6 @@ impl PgStore {
 
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
         &self.pool
-    }
-
-    /// Safe to run from several instances at once: sqlx holds a session
-    /// advisory lock (keyed by database name) while it checks and applies.
-    pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// A listener on [`CHANNEL`]. It holds one connection of the pool for
@@ -386,7 +379,7 @@ impl PgStore {
         Ok(sqlx::query_scalar(
             "DELETE FROM outbox_events o
              USING unnest($1::uuid[], $2::uuid[]) AS l(id, token)
-             WHERE o.id = l.id AND o.lock_token = l.token
+             WHERE o.id = l.id AND o.lock_token = l.token AND o.retry < o.max_retry
              RETURNING o.id",
         )
         .bind(ids)
@@ -396,6 +389,8 @@ impl PgStore {
     }
 
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
+        // `retry < max_retry`: an event cancelled (or marked dead by hand)
+        // while it ran stays dead whatever its attempt's verdict.
         let query = match failure {
             Failure::Retry {
                 error,
@@ -406,8 +401,9 @@ impl PgStore {
                 // max_retry override are applied to the values before this update.
                 "UPDATE outbox_events
                  SET max_retry = COALESCE($3, max_retry), retry = retry + 1, last_error = $4,
-                     available_at = $5, locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = $1 AND lock_token = $2",
+                     available_at = $5, locked_by = NULL, locked_until = NULL, lock_token = NULL,
+                     dead_at = CASE WHEN retry + 1 >= COALESCE($3, max_retry) THEN now() END
+                 WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
             )
             .bind(lease.id)
             .bind(lease.token)
@@ -418,17 +414,18 @@ impl PgStore {
             .bind(*retry_at),
             Failure::Dead { error } => sqlx::query(
                 "UPDATE outbox_events
-                 SET retry = max_retry, last_error = $3,
+                 SET retry = max_retry, last_error = $3, dead_at = now(),
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = $1 AND lock_token = $2",
+                 WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
             )
             .bind(lease.id)
             .bind(lease.token)
             .bind(error.as_str()),
             Failure::Reschedule { at } => sqlx::query(
                 "UPDATE outbox_events
-                 SET available_at = $3, locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = $1 AND lock_token = $2",
+                 SET available_at = $3, deferrals = deferrals + 1,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
             )
             .bind(lease.id)
             .bind(lease.token)
@@ -437,7 +434,7 @@ impl PgStore {
                 "UPDATE outbox_events
                  SET last_error = $3, available_at = $4,
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = $1 AND lock_token = $2",
+                 WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
             )
             .bind(lease.id)
             .bind(lease.token)
@@ -485,7 +482,7 @@ impl PgStore {
         // concurrent claim or replay is re-checked against its new version.
         let n = sqlx::query(
             "UPDATE outbox_events
-             SET retry = max_retry, last_error = 'expired',
+             SET retry = max_retry, last_error = 'expired', dead_at = now(),
                  locked_by = NULL, locked_until = NULL, lock_token = NULL
              WHERE id IN (
                  SELECT id FROM outbox_events
@@ -507,8 +504,8 @@ impl PgStore {
             "DELETE FROM outbox_events
              WHERE id IN (
                  SELECT id FROM outbox_events
-                 WHERE retry >= max_retry AND create_date <= $1
-                 ORDER BY create_date
+                 WHERE retry >= max_retry AND COALESCE(dead_at, create_date) <= $1
+                 ORDER BY COALESCE(dead_at, create_date)
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED)
                AND retry >= max_retry",
@@ -608,10 +605,67 @@ impl PgStore {
         Ok(n)
     }
 
+    /// See [`super::Store::cancel`]. Rows locked by someone else are
+    /// skipped, not waited for: a lane holds the row of an event whose
+    /// effects wait for their commit (a wait could last as long as the
+    /// handler runs, and a bulk cancel that waited on a lane while holding
+    /// rows that lane goes on to delete would deadlock with it). A claim or
+    /// lease extension locks rows only for a moment, so skipped rows are
+    /// tried again a few times before they count as busy.
+    pub(super) async fn cancel(&self, target: CancelTarget<'_>) -> Result<Cancelled> {
+        let cond = match target {
+            CancelTarget::Id(_) => "id = $1",
+            CancelTarget::Name { group_id: None, .. } => "name = $1",
+            CancelTarget::Name {
+                group_id: Some(_), ..
+            } => "name = $1 AND group_id = $2",
+        };
+        let cancel = format!(
+            "WITH target AS (
+                 SELECT id, (lock_token IS NOT NULL AND locked_until >= now()) AS running
+                 FROM outbox_events
+                 WHERE {cond} AND retry < max_retry
+                 FOR UPDATE SKIP LOCKED),
+             done AS (
+                 UPDATE outbox_events o
+                 SET retry = o.max_retry, last_error = '{}', dead_at = now(),
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 FROM target WHERE o.id = target.id
+                 RETURNING target.running)
+             SELECT count(*), count(*) FILTER (WHERE running) FROM done",
+            super::CANCELLED
+        );
+        let left = format!("SELECT count(*) FROM outbox_events WHERE {cond} AND retry < max_retry");
+        let mut done = Cancelled::default();
+        for pass in 0..CANCEL_PASSES {
+            if pass > 0 {
+                tokio::time::sleep(CANCEL_PAUSE).await;
+            }
+            let (n, running) = bind_target(sqlx::query_as::<_, (i64, i64)>(&cancel), target)
+                .fetch_one(&self.pool)
+                .await?;
+            done.cancelled += n as u64;
+            done.running += running as u64;
+            let (left,) = bind_target(sqlx::query_as::<_, (i64,)>(&left), target)
+                .fetch_one(&self.pool)
+                .await?;
+            done.busy = left as u64;
+            if done.busy == 0 {
+                break;
+            }
+        }
+        if done.cancelled > 0 {
+            // A cancelled head no longer holds back its group.
+            self.notify().await?;
+        }
+        Ok(done)
+    }
+
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
         let n = sqlx::query(
             "DELETE FROM outbox_events
-             WHERE retry >= max_retry AND ($1::timestamptz IS NULL OR create_date <= $1)",
+             WHERE retry >= max_retry
+               AND ($1::timestamptz IS NULL OR COALESCE(dead_at, create_date) <= $1)",
         )
         .bind(before)
         .execute(&self.pool)
@@ -630,9 +684,27 @@ impl PgStore {
     }
 }
 
+/// Bind the parameters of a [`CancelTarget`]'s condition.
+fn bind_target<'q, O>(
+    q: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+    target: CancelTarget<'q>,
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    match target {
+        CancelTarget::Id(id) => q.bind(id),
+        CancelTarget::Name { name, group_id } => match group_id {
+            None => q.bind(name),
+            Some(g) => q.bind(name).bind(g),
+        },
+    }
+}
+
+/// Tries and pause of a cancel whose rows are locked (see `PgStore::cancel`).
+const CANCEL_PASSES: usize = 5;
+const CANCEL_PAUSE: Duration = Duration::from_millis(100);
+
 /// Make dead rows live again. `last_error` stays for the record.
 const REPLAY: &str = "UPDATE outbox_events
-     SET retry = 0, available_at = now(), expires_at = NULL,
+     SET retry = 0, available_at = now(), expires_at = NULL, dead_at = NULL,
          locked_by = NULL, locked_until = NULL, lock_token = NULL";
 
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
@@ -781,12 +853,14 @@ pub async fn commit_ack(
     mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
     lease: Lease,
 ) -> Result<bool> {
-    let n = sqlx::query("DELETE FROM outbox_events WHERE id = $1 AND lock_token = $2")
-        .bind(lease.id)
-        .bind(lease.token)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let n = sqlx::query(
+        "DELETE FROM outbox_events WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
+    )
+    .bind(lease.id)
+    .bind(lease.token)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     if n == 1 {
         tx.commit().await?;
         Ok(true)
@@ -945,6 +1019,8 @@ fn event_from_row(row: &PgRow) -> Result<Event> {
         locked_until: row.try_get("locked_until")?,
         last_error: row.try_get("last_error")?,
         idempotency_key: row.try_get("idempotency_key")?,
+        dead_at: row.try_get("dead_at")?,
+        deferrals: row.try_get("deferrals")?,
     })
 }
 

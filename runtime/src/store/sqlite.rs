@@ -36,7 +36,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats, StoreError, redact_url,
+    CancelTarget, Cancelled, ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats,
+    StoreError, redact_url,
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
@@ -45,7 +46,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Columns of an [`Event`], plus the rowid for ordering a claimed batch.
 const EVENT_COLUMNS: &str = "rowid AS seq, id, name, payload, group_id, retry, max_retry, \
-     create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key";
+     create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, \
+     dead_at, deferrals";
 
 /// The single connection of the bookkeeping pool (see [`SqliteStore`]).
 const BOOKKEEPING_CONNECTIONS: u32 = 1;
@@ -117,13 +119,6 @@ impl SqliteStore {
 
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Sqlite> {
         &self.pool
-    }
-
-    pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&self.pool)
-            .await?;
-        Ok(())
     }
 
     pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -247,7 +242,7 @@ impl SqliteStore {
             "SELECT json_group_array(json_array(
                      e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
                      e.create_date, e.available_at, e.expires_at, e.last_error,
-                     e.idempotency_key))
+                     e.idempotency_key, e.deferrals))
              FROM (SELECT e.rowid AS rid FROM outbox_events e
                    WHERE e.retry < e.max_retry
                      AND e.available_at <= ?1
@@ -329,7 +324,11 @@ impl SqliteStore {
         // thread one by one, which cost more than the DELETE. All rows gone
         // (the usual case) means every lease was held; otherwise ask which
         // of them another runtime still holds.
-        let sql = format!("DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS})");
+        // `retry < max_retry`: an event cancelled while it ran is not
+        // deleted as handled.
+        let sql = format!(
+            "DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) AND retry < max_retry"
+        );
         let json = leases_json(leases);
         let deleted = sqlx::query(&sql)
             .bind(&json)
@@ -357,6 +356,8 @@ impl SqliteStore {
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
         let id = lease.id.to_string();
         let token = lease.token.to_string();
+        // `retry < max_retry`: an event cancelled (or marked dead by hand)
+        // while it ran stays dead whatever its attempt's verdict.
         let query = match failure {
             Failure::Retry {
                 error,
@@ -367,27 +368,31 @@ impl SqliteStore {
                 // max_retry override are applied to the values before this update.
                 "UPDATE outbox_events
                  SET max_retry = COALESCE(?3, max_retry), retry = retry + 1, last_error = ?4,
-                     available_at = ?5, locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2",
+                     available_at = ?5, locked_by = NULL, locked_until = NULL, lock_token = NULL,
+                     dead_at = CASE WHEN retry + 1 >= COALESCE(?3, max_retry) THEN ?6 END
+                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
             )
             .bind(id)
             .bind(token)
             .bind(max_retry.map(i64::from))
             .bind(error.as_str())
-            .bind(retry_at.timestamp_millis()),
+            .bind(retry_at.timestamp_millis())
+            .bind(now_ms()),
             Failure::Dead { error } => sqlx::query(
                 "UPDATE outbox_events
-                 SET retry = max_retry, last_error = ?3,
+                 SET retry = max_retry, last_error = ?3, dead_at = ?4,
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2",
+                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
             )
             .bind(id)
             .bind(token)
-            .bind(error.as_str()),
+            .bind(error.as_str())
+            .bind(now_ms()),
             Failure::Reschedule { at } => sqlx::query(
                 "UPDATE outbox_events
-                 SET available_at = ?3, locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2",
+                 SET available_at = ?3, deferrals = deferrals + 1,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
             )
             .bind(id)
             .bind(token)
@@ -396,7 +401,7 @@ impl SqliteStore {
                 "UPDATE outbox_events
                  SET last_error = ?3, available_at = ?4,
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2",
+                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
             )
             .bind(id)
             .bind(token)
@@ -442,7 +447,7 @@ impl SqliteStore {
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {
         let n = sqlx::query(
             "UPDATE outbox_events
-             SET retry = max_retry, last_error = 'expired',
+             SET retry = max_retry, last_error = 'expired', dead_at = ?1,
                  locked_by = NULL, locked_until = NULL, lock_token = NULL
              WHERE rowid IN (
                  SELECT rowid FROM outbox_events
@@ -463,8 +468,8 @@ impl SqliteStore {
             "DELETE FROM outbox_events
              WHERE rowid IN (
                  SELECT rowid FROM outbox_events
-                 WHERE retry >= max_retry AND create_date <= ?1
-                 ORDER BY create_date
+                 WHERE retry >= max_retry AND COALESCE(dead_at, create_date) <= ?1
+                 ORDER BY COALESCE(dead_at, create_date)
                  LIMIT ?2)",
         )
         .bind(before.timestamp_millis())
@@ -568,9 +573,53 @@ impl SqliteStore {
         Ok(n)
     }
 
+    /// See [`super::Store::cancel`]. Under the write lock, so nothing
+    /// changes between counting the running events and cancelling.
+    pub(super) async fn cancel(&self, target: CancelTarget<'_>) -> Result<Cancelled> {
+        let cond = match target {
+            CancelTarget::Id(_) => "id = ?2",
+            CancelTarget::Name { group_id: None, .. } => "name = ?2",
+            CancelTarget::Name {
+                group_id: Some(_), ..
+            } => "name = ?2 AND group_id = ?3",
+        };
+        let running = format!(
+            "SELECT count(*) FROM outbox_events
+             WHERE {cond} AND retry < max_retry AND lock_token IS NOT NULL AND locked_until >= ?1"
+        );
+        let cancel = format!(
+            "UPDATE outbox_events
+             SET retry = max_retry, last_error = '{}', dead_at = ?1,
+                 locked_by = NULL, locked_until = NULL, lock_token = NULL
+             WHERE {cond} AND retry < max_retry",
+            super::CANCELLED
+        );
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let running: i64 = bind_target(sqlx::query(&running), now, target)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        let n = bind_target(sqlx::query(&cancel), now, target)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        if n > 0 {
+            // A cancelled head no longer holds back its group.
+            self.wake();
+        }
+        Ok(Cancelled {
+            cancelled: n,
+            running: running as u64,
+            busy: 0,
+        })
+    }
+
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
         let n = sqlx::query(
-            "DELETE FROM outbox_events WHERE retry >= max_retry AND (?1 IS NULL OR create_date <= ?1)",
+            "DELETE FROM outbox_events
+             WHERE retry >= max_retry AND (?1 IS NULL OR COALESCE(dead_at, create_date) <= ?1)",
         )
         .bind(before.map(|t| t.timestamp_millis()))
         .execute(&self.pool)
@@ -585,9 +634,25 @@ impl SqliteStore {
 const LEASED_ROWIDS: &str = "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
      JOIN outbox_events e ON e.rowid = r.value AND e.lock_token = t.key";
 
+/// Bind now (`?1`) and the parameters of a [`CancelTarget`]'s condition.
+fn bind_target<'q>(
+    q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    now: i64,
+    target: CancelTarget<'q>,
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    let q = q.bind(now);
+    match target {
+        CancelTarget::Id(id) => q.bind(id.to_string()),
+        CancelTarget::Name { name, group_id } => match group_id {
+            None => q.bind(name),
+            Some(g) => q.bind(name).bind(g),
+        },
+    }
+}
+
 /// Make dead rows live again; `?1` is now. `last_error` stays for the record.
 const REPLAY: &str = "UPDATE outbox_events
-     SET retry = 0, available_at = ?1, expires_at = NULL,
+     SET retry = 0, available_at = ?1, expires_at = NULL, dead_at = NULL,
          locked_by = NULL, locked_until = NULL, lock_token = NULL";
 
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
@@ -694,12 +759,14 @@ pub async fn commit_ack(
     mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     lease: Lease,
 ) -> Result<bool> {
-    let n = sqlx::query("DELETE FROM outbox_events WHERE id = ?1 AND lock_token = ?2")
-        .bind(lease.id.to_string())
-        .bind(lease.token.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let n = sqlx::query(
+        "DELETE FROM outbox_events WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
+    )
+    .bind(lease.id.to_string())
+    .bind(lease.token.to_string())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     if n == 1 {
         tx.commit().await?;
         Ok(true)
@@ -753,7 +820,7 @@ fn row_values(row: &SqliteRow) -> Result<Vec<SqlValue>> {
 
 /// One claimed row as `claim` selects it: rowid, id, name, payload,
 /// group_id, retry, max_retry, create_date, available_at, expires_at,
-/// last_error, idempotency_key.
+/// last_error, idempotency_key, deferrals.
 #[derive(serde::Deserialize)]
 struct ClaimRow(
     i64,
@@ -768,6 +835,7 @@ struct ClaimRow(
     Option<i64>,
     Option<String>,
     Option<String>,
+    i64,
 );
 
 impl ClaimRow {
@@ -786,6 +854,9 @@ impl ClaimRow {
             locked_until: Some(ms_to_time(locked_until)?),
             last_error: self.10,
             idempotency_key: self.11,
+            // Claimed events are live.
+            dead_at: None,
+            deferrals: clamp_i32(self.12),
         })
     }
 }
@@ -811,6 +882,11 @@ fn event_from_row(row: &SqliteRow) -> Result<Event> {
             .transpose()?,
         last_error: row.try_get("last_error")?,
         idempotency_key: row.try_get("idempotency_key")?,
+        dead_at: row
+            .try_get::<Option<i64>, _>("dead_at")?
+            .map(ms_to_time)
+            .transpose()?,
+        deferrals: clamp_i32(row.try_get("deferrals")?),
     })
 }
 
