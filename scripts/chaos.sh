@@ -130,17 +130,27 @@ debug) BIN=$ROOT/target/debug/outrun BUILD=(cargo build -p outrun) ;;
 release) BIN=$ROOT/target/release/outrun BUILD=(cargo build --release -p outrun) ;;
 *) die "PROFILE must be debug or release, not '$PROFILE'" ;;
 esac
+# Only the probe guest is needed (scripts/build-guests.sh builds them all).
+GUEST_BUILD=(cargo build --quiet --profile guest --target wasm32-wasip2 -p probe)
 if [ -z "${CHAOS_SKIP_BUILD:-}" ]; then
-  say "building: ${BUILD[*]}; scripts/build-guests.sh"
+  if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "installing the wasm32-wasip2 target" >&2
+    rustup target add wasm32-wasip2
+  fi
+  say "building: ${BUILD[*]}; ${GUEST_BUILD[*]}"
   "${BUILD[@]}"
-  scripts/build-guests.sh
+  "${GUEST_BUILD[@]}"
 fi
-PROBE=$ROOT/target/guests/probe.wasm
+PROBE_BUILT=$ROOT/target/wasm32-wasip2/guest/probe.wasm
 [ -x "$BIN" ] || die "no binary at $BIN (unset CHAOS_SKIP_BUILD to build it)"
-[ -f "$PROBE" ] || die "no guest at $PROBE (unset CHAOS_SKIP_BUILD to build it)"
+[ -f "$PROBE_BUILT" ] || die "no guest at $PROBE_BUILT (unset CHAOS_SKIP_BUILD to build it)"
 
 # ----------------------------------------------------- work dir, cleanup ----
 WORK=$(mktemp -d /tmp/outrun-chaos.XXXXXX)
+# The runtimes watch their module for hot reload: give them a private copy,
+# so a build elsewhere in the tree cannot swap the handler mid-run.
+PROBE=$WORK/probe.wasm
+cp "$PROBE_BUILT" "$PROBE"
 RUN_ID="chaos_$$_$(date +%s)"
 DATABASES=()
 declare -A RT_PID=() RT_CONFIG=() RT_STARTS=() RT_EXITS=() RT_KILLS=()
