@@ -155,6 +155,9 @@ impl Committer {
     /// A holder that vanished mid-event (its task was aborted) left its
     /// savepoint behind: undo it before anyone else uses the lane.
     async fn recover(&self, lane: &mut OwnedMutexGuard<Lane>) {
+        if let Some(id) = lane.current_id() {
+            self.inflight.set_in_lane(&id, false);
+        }
         if lane.in_event() {
             lane.undo().await;
             self.reschedule(lane.take_abandoned(), "the lane's transaction was lost")
@@ -187,6 +190,9 @@ impl Committer {
 
     /// The event in `tx` failed: undo its effects, keep the others'.
     pub async fn undo(&self, mut tx: LaneTx) {
+        if let Some(id) = tx.lane.current_id() {
+            self.inflight.set_in_lane(&id, false);
+        }
         tx.lane.undo().await;
         let lost = tx.lane.take_abandoned();
         self.release(tx).await;
@@ -200,7 +206,10 @@ impl Committer {
         let mut tx = self.acquire().await;
         let entered = tx.lane.enter(&lease).await;
         match entered {
-            Ok(true) => Ok(Some(tx)),
+            Ok(true) => {
+                self.inflight.set_in_lane(&lease.id, true);
+                Ok(Some(tx))
+            }
             Ok(false) => {
                 self.release(tx).await;
                 Ok(None)

@@ -176,7 +176,7 @@ impl Dispatcher {
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(error = %e, poll_interval = ?cfg.poll_interval, "no wake-up channel; polling only");
+                tracing::warn!(error = %e, poll_interval = ?cfg.poll_interval, "no wake-up channel; polling until it can be opened");
                 None
             }
         };
@@ -236,6 +236,10 @@ impl Dispatcher {
         let mut claim_failures = 0u32;
         // After a failed claim: no new claim before this instant.
         let mut paused_until: Option<tokio::time::Instant> = None;
+        // After the wake-up channel failed: when to open it again.
+        let mut relisten_at: Option<tokio::time::Instant> = wakeups.is_none().then(|| {
+            tokio::time::Instant::now() + cfg.poll_interval.max(std::time::Duration::from_secs(1)) * 5
+        });
         while !stop.is_cancelled() {
             let free = run_ahead.saturating_sub(queue_tx.len() + claiming);
             if maybe_more
@@ -275,6 +279,23 @@ impl Dispatcher {
                         }
                     }
                 }
+                _ = sleep_until(relisten_at) => {
+                    relisten_at = None;
+                    match self.store.wakeups().await {
+                        Ok(w) => {
+                            tracing::info!("wake-up channel is back");
+                            wakeups = Some(w);
+                            // Wake-ups sent while it was down are gone.
+                            maybe_more = true;
+                            signals += 1;
+                        }
+                        Err(e) => {
+                            let retry_in = cfg.poll_interval.max(std::time::Duration::from_secs(1)) * 5;
+                            tracing::warn!(error = %e, ?retry_in, "wake-up channel still down; polling");
+                            relisten_at = Some(tokio::time::Instant::now() + retry_in);
+                        }
+                    }
+                }
                 _ = sleep_until(paused_until) => {
                     paused_until = None;
                     maybe_more = true;
@@ -284,8 +305,10 @@ impl Dispatcher {
                 _ = room.notified(), if maybe_more => {}
                 woke = next_wakeup(&mut wakeups) => {
                     if let Err(e) = woke {
-                        tracing::warn!(error = %e, "wake-up channel failed; polling only");
+                        let retry_in = cfg.poll_interval.max(std::time::Duration::from_secs(1)) * 5;
+                        tracing::warn!(error = %e, ?retry_in, "wake-up channel failed; polling until it is back");
                         wakeups = None;
+                        relisten_at = Some(tokio::time::Instant::now() + retry_in);
                     }
                     maybe_more = true;
                     signals += 1;

@@ -67,8 +67,9 @@ pub struct Lane {
     /// A transaction is open on `conn`.
     open: bool,
     next_savepoint: u64,
-    /// The savepoint of the event in the lane now, if any.
+    /// The savepoint of the event in the lane now, if any, and its id.
     current: Option<u64>,
+    current_id: Option<uuid::Uuid>,
     /// The event in the lane hit a transient database error.
     current_transient: bool,
     kept: Vec<Kept>,
@@ -82,9 +83,15 @@ impl Lane {
             open: false,
             next_savepoint: 0,
             current: None,
+            current_id: None,
             current_transient: false,
             kept: Vec::new(),
         }
+    }
+
+    /// The id of the event in the lane now.
+    pub fn current_id(&self) -> Option<uuid::Uuid> {
+        self.current.and(self.current_id)
     }
 
     /// A transaction is open (it may hold nothing yet).
@@ -121,6 +128,7 @@ impl Lane {
         match result {
             Ok(true) => {
                 self.current = Some(sp);
+                self.current_id = Some(lease.id);
                 self.current_transient = false;
                 Ok(true)
             }

@@ -195,10 +195,16 @@ impl PgStore {
         &self.pool
     }
 
-    /// A listener on [`CHANNEL`]. It holds one connection of the pool for
-    /// its whole life; size the pool with that in mind.
+    /// A listener on [`CHANNEL`], on a one-connection pool of its own: the
+    /// listener reconnects inside `try_recv`, which the claim loop may
+    /// cancel mid-`LISTEN`; a connection left listening must not return to
+    /// a pool that runs statements (its notifications then surface as
+    /// "unexpected message" errors in someone's transaction).
     pub(super) async fn listen(&self) -> Result<PgListener> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*self.lane_options).clone());
+        let mut listener = PgListener::connect_with(&own).await?;
         listener.listen(CHANNEL).await?;
         Ok(listener)
     }
