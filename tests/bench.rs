@@ -3,7 +3,8 @@
 //! enqueued, and reports every key of its JSON contract. No timing is
 //! asserted (the numbers depend on the machine); only that they are
 //! measured (positive, finite, ordered percentiles) and that the outbox is
-//! left empty. Bad input is refused with a one-line error and nothing written.
+//! left empty. Handlers with effects (sql, emit) are checked for one effect
+//! per event. Bad input is refused with a one-line error and nothing written.
 
 mod common;
 
@@ -162,10 +163,141 @@ async fn refuses_a_non_empty_outbox(db: TestDb) {
     assert!(store.get(id).await.expect("get").is_some());
 }
 
+/// Whether the sql handler's table exists (the bench must drop it).
+async fn bench_table_exists(db: &TestDb) -> bool {
+    let sql = if db.is_postgres() {
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'outrun_bench_rows'"
+    } else {
+        "SELECT count(*) FROM sqlite_master WHERE name = 'outrun_bench_rows'"
+    };
+    db.scalar(sql).await > 0
+}
+
+fn effects_drain(db: &TestDb, handler: &str) -> Value {
+    report(&outrun(
+        db,
+        &[
+            "bench",
+            "--events",
+            "200",
+            "--concurrency",
+            "8",
+            "--handler",
+            handler,
+            "--json",
+        ],
+    ))
+}
+
+/// One INSERT per event through the `sql` capability: the bench checks one
+/// row per event, reports the count, and drops its table.
+async fn sql_handler_writes_one_row_per_event(db: TestDb) {
+    let r = effects_drain(&db, "sql");
+    common_keys(&r, &db, "drain", 200);
+    assert_eq!(r["handler"], "sql", "{r}");
+    assert_eq!(r["sql_rows"], 200, "{r}");
+    assert!(r["follow_ups"].is_null(), "{r}");
+    assert!(!bench_table_exists(&db).await, "the bench table was left");
+    assert_eq!(outbox_total(&db).await, 0, "the bench left rows behind");
+}
+
+/// One emit per event: the follow-ups are not drained work, the bench
+/// counts one per original after the run and removes them.
+async fn emit_handler_emits_one_follow_up_per_event(db: TestDb) {
+    let r = effects_drain(&db, "emit");
+    common_keys(&r, &db, "drain", 200);
+    assert_eq!(r["handler"], "emit", "{r}");
+    assert_eq!(r["follow_ups"], 200, "{r}");
+    assert!(r["sql_rows"].is_null(), "{r}");
+    assert_eq!(outbox_total(&db).await, 0, "the follow-ups were left");
+}
+
+/// A table named like the bench's may be someone's data: refused before
+/// anything is enqueued, and left as it was.
+async fn refuses_an_existing_bench_table(db: TestDb) {
+    db.store().await;
+    db.exec("CREATE TABLE outrun_bench_rows (event_id TEXT PRIMARY KEY)")
+        .await;
+    db.exec("INSERT INTO outrun_bench_rows (event_id) VALUES ('mine')")
+        .await;
+    let err = common::fails(&outrun(
+        &db,
+        &["bench", "--events", "10", "--handler", "sql", "--json"],
+    ));
+    assert!(err.contains("outrun_bench_rows"), "{err}");
+    assert!(err.contains("fresh database"), "{err}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outrun_bench_rows").await,
+        1,
+        "the existing table was touched"
+    );
+    assert_eq!(outbox_total(&db).await, 0, "events were enqueued");
+}
+
+/// A run whose effects do not add up is not a measurement: a trigger makes
+/// the database lose each follow-up, or each row, behind the handler's
+/// back, and the bench fails in one line instead of printing a number.
+async fn lost_effects_fail_the_run(db: TestDb) {
+    db.store().await;
+    // (handler, trigger that loses its effect, what the error says). Each
+    // trigger exists only for its own run: SQLite resolves a trigger's
+    // tables whenever it fires, and the bench table exists only in a sql run.
+    let (emit_trigger, sql_trigger) = if db.is_postgres() {
+        db.exec(
+            "CREATE FUNCTION lose() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                 IF TG_OP = 'INSERT' THEN
+                     DELETE FROM outbox_events WHERE id = NEW.id;
+                 ELSE
+                     DELETE FROM outrun_bench_rows WHERE event_id = OLD.id::text;
+                 END IF;
+                 RETURN NULL; END $$",
+        )
+        .await;
+        (
+            "CREATE TRIGGER lose AFTER INSERT ON outbox_events FOR EACH ROW
+             WHEN (NEW.name = 'bench.followup') EXECUTE FUNCTION lose()",
+            "CREATE TRIGGER lose AFTER DELETE ON outbox_events FOR EACH ROW
+             WHEN (OLD.name = 'bench.sql') EXECUTE FUNCTION lose()",
+        )
+    } else {
+        (
+            "CREATE TRIGGER lose AFTER INSERT ON outbox_events WHEN NEW.name = 'bench.followup'
+             BEGIN DELETE FROM outbox_events WHERE rowid = NEW.rowid; END",
+            "CREATE TRIGGER lose AFTER DELETE ON outbox_events WHEN OLD.name = 'bench.sql'
+             BEGIN DELETE FROM outrun_bench_rows WHERE event_id = OLD.id; END",
+        )
+    };
+    let drop_trigger = if db.is_postgres() {
+        "DROP TRIGGER lose ON outbox_events"
+    } else {
+        "DROP TRIGGER lose"
+    };
+    for (handler, trigger, expect) in [
+        ("emit", emit_trigger, "left 0 bench.followup events"),
+        ("sql", sql_trigger, "left 0 rows"),
+    ] {
+        db.exec(trigger).await;
+        let err = common::fails(&outrun(
+            &db,
+            &["bench", "--events", "20", "--handler", handler, "--json"],
+        ));
+        db.exec(drop_trigger).await;
+        assert!(err.contains(expect), "{handler}: {err}");
+        assert!(err.contains("exactly one"), "{handler}: {err}");
+        // Cleaned up all the same, so the next run starts from scratch.
+        assert_eq!(outbox_total(&db).await, 0, "{handler}");
+        assert!(!bench_table_exists(&db).await, "{handler}");
+    }
+}
+
 on_both_backends!(
     drain_reports_all_keys,
     latency_reports_all_keys,
-    refuses_a_non_empty_outbox
+    refuses_a_non_empty_outbox,
+    sql_handler_writes_one_row_per_event,
+    emit_handler_emits_one_follow_up_per_event,
+    refuses_an_existing_bench_table,
+    lost_effects_fail_the_run
 );
 
 /// Hot reload through the real file watcher, no database involved.

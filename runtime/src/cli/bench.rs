@@ -13,6 +13,11 @@
 //!
 //! Progress is observed through the dispatcher's [`DispatchObserver`] hook,
 //! not by polling the table, so the measurement adds no queries.
+//!
+//! Handlers with effects (`--handler sql`, `--handler emit`) are checked
+//! after the run, outside the measured time: a run only counts if every
+//! event committed exactly its one effect (one row in [`SQL_TABLE`], one
+//! [`FOLLOW_UP`] event). The bench creates and removes what they write.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,11 +36,27 @@ use crate::dispatch::{DispatchObserver, Dispatcher};
 use crate::event::{Event, NewEvent};
 use crate::handler::Router;
 use crate::store::{Backend, ConnectOptions, Store, redact_url};
+use crate::wasm::spec::Allow;
 use crate::wasm::{HandlerSpec, HostServices, Registry};
 
 /// Enqueue batch size in drain mode: large enough that the per-transaction
 /// cost vanishes, small enough that memory stays flat at a million events.
 const ENQUEUE_BATCH: usize = 1000;
+
+/// The table the `bench.sql` handler inserts into (the guest's `SQL_TABLE`).
+const SQL_TABLE: &str = "outrun_bench_rows";
+
+/// Same columns and types on both backends; the primary key makes a second
+/// row for one event an error in the handler, not a silent duplicate.
+const CREATE_SQL_TABLE: &str = "CREATE TABLE outrun_bench_rows (
+    event_id TEXT PRIMARY KEY,
+    attempt BIGINT NOT NULL,
+    payload TEXT NOT NULL)";
+
+/// What the `bench.emit` handler emits (the guest's `FOLLOW_UP`). Nothing
+/// binds it and the guest delays it by an hour, so follow-ups stay in the
+/// outbox unhandled and are not counted as drained work.
+const FOLLOW_UP: &str = "bench.followup";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,6 +75,23 @@ pub enum HandlerKind {
     Noop,
     /// `bench.json`: parses the payload with serde_json.
     Json,
+    /// `bench.sql`: one INSERT through the `sql` capability, committed with
+    /// the ack.
+    Sql,
+    /// `bench.emit`: emits one follow-up event (delayed, never handled
+    /// during the run), committed with the ack.
+    Emit,
+}
+
+impl HandlerKind {
+    fn event_name(self) -> &'static str {
+        match self {
+            HandlerKind::Noop => "bench.noop",
+            HandlerKind::Json => "bench.json",
+            HandlerKind::Sql => "bench.sql",
+            HandlerKind::Emit => "bench.emit",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,6 +189,12 @@ pub struct Report {
     /// started before the commit acknowledgement reached the application
     /// (latency mode only): the delay the runtime adds.
     pub start_after_commit_ms: Option<Percentiles>,
+    /// Rows found in the bench table after the run, one per event (`sql`
+    /// handler only; the run fails otherwise).
+    pub sql_rows: Option<u64>,
+    /// Follow-up events found after the run, one per event (`emit` handler
+    /// only; the run fails otherwise).
+    pub follow_ups: Option<u64>,
     /// Peak resident set of this process (VmHWM), MiB.
     pub peak_rss_mb: Option<f64>,
     /// Loading the handler (compile or cache hit), ms; not in `seconds`.
@@ -177,10 +221,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         bail!("--events must be at least 1");
     }
     let payload = payload(args.handler, args.payload_bytes);
-    let name = match args.handler {
-        HandlerKind::Noop => "bench.noop",
-        HandlerKind::Json => "bench.json",
-    };
+    let name = args.handler.event_name();
     NewEvent::new(name, payload.clone())
         .validate()
         .context("the generated bench event")?;
@@ -229,16 +270,29 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     runtime.concurrency = args.concurrency;
     runtime.batch_size = args.batch_size;
 
-    let report = match args.mode {
-        Mode::Drain => drain(&args, &store, runtime, events, name, &payload).await?,
-        Mode::Reload => unreachable!("handled above"),
-        Mode::Latency => {
-            let app = Store::connect(url, &ConnectOptions::default())
-                .await
-                .with_context(|| format!("database {}", redact_url(url)))?;
-            latency(&args, &store, &app, runtime, events, name, &payload).await?
-        }
-    };
+    prepare(&store, args.handler).await?;
+    let measured = async {
+        let mut report = match args.mode {
+            Mode::Drain => drain(&args, &store, runtime, events, name, &payload).await?,
+            Mode::Reload => unreachable!("handled above"),
+            Mode::Latency => {
+                let app = Store::connect(url, &ConnectOptions::default())
+                    .await
+                    .with_context(|| format!("database {}", redact_url(url)))?;
+                latency(&args, &store, &app, runtime, events, name, &payload).await?
+            }
+        };
+        let checked = verify(&store, args.handler, events).await?;
+        report.sql_rows = checked.sql_rows;
+        report.follow_ups = checked.follow_ups;
+        anyhow::Ok(report)
+    }
+    .await;
+    // Also after a failed run: what the bench created must not outlive it
+    // (the events themselves stay, as evidence, in a failed run).
+    let cleaned = clean_up(&store, args.handler).await;
+    let report = measured?;
+    cleaned?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -291,7 +345,7 @@ async fn reload_rounds(
 ) -> anyhow::Result<Vec<u32>> {
     let module = dir.join("bench.wasm");
     std::fs::write(&module, original)?;
-    let spec = bench_spec(module.clone());
+    let spec = bench_spec(module.clone(), HandlerKind::Noop);
     let services = HostServices {
         cache_dir: Some(dir.join("cache")),
         max_instances: 4,
@@ -331,30 +385,47 @@ async fn reload_rounds(
 /// a `pad` string.
 fn payload(kind: HandlerKind, bytes: usize) -> String {
     let base = match kind {
-        HandlerKind::Noop => r#"{"id":1,"pad":""}"#.to_string(),
+        HandlerKind::Noop | HandlerKind::Sql | HandlerKind::Emit => {
+            r#"{"id":1,"pad":""}"#.to_string()
+        }
         HandlerKind::Json => r#"{"id":4711,"customer":"c-0042","amount_cents":12999,"items":[{"sku":"sku-1","qty":2},{"sku":"sku-2","qty":1}],"pad":""}"#.to_string(),
     };
     let pad = bytes.saturating_sub(base.len());
     base.replacen(r#""pad":"""#, &format!(r#""pad":"{}""#, "x".repeat(pad)), 1)
 }
 
-/// The bench guest bound to both of its events, with default limits and no
-/// capabilities.
-fn bench_spec(module: PathBuf) -> HandlerSpec {
+/// The bench guest bound to all of its events, with default limits and only
+/// the capability `kind` uses (as a deployment would grant it), so the noop
+/// and json runs measure a handler with none.
+fn bench_spec(module: PathBuf, kind: HandlerKind) -> HandlerSpec {
+    let mut allow = Allow::default();
+    match kind {
+        HandlerKind::Noop | HandlerKind::Json => {}
+        HandlerKind::Sql => allow.sql = true,
+        HandlerKind::Emit => allow.emit = vec![FOLLOW_UP.into()],
+    }
     HandlerSpec {
         name: "bench".into(),
-        events: vec!["bench.noop".into(), "bench.json".into()],
+        events: [
+            HandlerKind::Noop,
+            HandlerKind::Json,
+            HandlerKind::Sql,
+            HandlerKind::Emit,
+        ]
+        .iter()
+        .map(|k| k.event_name().into())
+        .collect(),
         module,
         max_retry: None,
         timeout: crate::wasm::spec::DEFAULT_TIMEOUT,
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
-        allow: Default::default(),
+        allow,
     }
 }
 
 async fn load_handler(args: &Args) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
-    let spec = bench_spec(args.module.clone());
+    let spec = bench_spec(args.module.clone(), args.handler);
     let services = HostServices {
         cache_dir: Some(
             args.cache_dir
@@ -458,10 +529,11 @@ impl DispatchObserver for Recorder {
     }
 }
 
-/// How long a run may take before it is declared stuck: generous (2,000
-/// events/s would be a very slow machine) so only a real stall trips it.
+/// How long a run may take before it is declared stuck: generous (500
+/// events/s is below the slowest handler, sql with one transaction per
+/// event, on a busy machine) so only a real stall trips it.
 fn run_deadline(events: u64) -> Duration {
-    Duration::from_secs(60 + events / 2_000)
+    Duration::from_secs(60 + events / 500)
 }
 
 async fn drain(
@@ -496,7 +568,6 @@ async fn drain(
     stop.cancel();
     run.await.context("dispatch task")??;
     waited?;
-    ensure_empty(store).await?;
 
     let mut service = std::mem::take(&mut *recorder.service_us.lock().expect("recorder lock"));
     Ok(Report {
@@ -517,6 +588,8 @@ async fn drain(
         start_latency_ms: None,
         enqueue_call_ms: None,
         start_after_commit_ms: None,
+        sql_rows: None,
+        follow_ups: None,
         peak_rss_mb: peak_rss_mb(),
         load_ms,
         module_from_cache: from_cache,
@@ -578,7 +651,6 @@ async fn latency(
     stop.cancel();
     run.await.context("dispatch task")??;
     waited?;
-    ensure_empty(store).await?;
 
     let started = std::mem::take(&mut *recorder.started.lock().expect("recorder lock"));
     let acked: HashMap<Uuid, Instant> =
@@ -616,6 +688,8 @@ async fn latency(
         start_latency_ms: Some(percentiles_us(&mut to_start)),
         enqueue_call_ms: Some(percentiles_us(&mut enqueue_call)),
         start_after_commit_ms: Some(percentiles_us(&mut after_commit)),
+        sql_rows: None,
+        follow_ups: None,
         peak_rss_mb: peak_rss_mb(),
         load_ms,
         module_from_cache: from_cache,
@@ -634,21 +708,137 @@ fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
-/// The run must leave nothing behind: every event acked, none dead or
-/// stuck in a lease.
-async fn ensure_empty(store: &Store) -> anyhow::Result<()> {
-    let s = store.stats().await?;
-    if s.pending + s.scheduled + s.running + s.dead > 0 {
-        bail!(
+/// Creates what the handler writes to, before anything is enqueued. A bench
+/// table that already exists is refused rather than dropped: it may not be
+/// the bench's.
+async fn prepare(store: &Store, kind: HandlerKind) -> anyhow::Result<()> {
+    if kind == HandlerKind::Sql {
+        execute(store, CREATE_SQL_TABLE).await.with_context(|| {
+            format!(
+                "creating the bench table {SQL_TABLE} (if an interrupted bench left it, drop it \
+                 or point --database at a fresh database)"
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes what [`prepare`] created and what the handler wrote outside the
+/// outbox's own lifecycle (follow-ups), so the database is left as found.
+async fn clean_up(store: &Store, kind: HandlerKind) -> anyhow::Result<()> {
+    match kind {
+        HandlerKind::Noop | HandlerKind::Json => {}
+        HandlerKind::Sql => {
+            execute(store, &format!("DROP TABLE {SQL_TABLE}"))
+                .await
+                .with_context(|| format!("dropping the bench table {SQL_TABLE}"))?;
+        }
+        HandlerKind::Emit => {
+            execute(
+                store,
+                &format!("DELETE FROM outbox_events WHERE name = '{FOLLOW_UP}'"),
+            )
+            .await
+            .context("deleting the follow-up events")?;
+        }
+    }
+    Ok(())
+}
+
+/// Effects found after a run, one per event.
+#[derive(Debug, Default, PartialEq)]
+struct Checked {
+    sql_rows: Option<u64>,
+    follow_ups: Option<u64>,
+}
+
+/// The run must leave nothing behind but its effects (every event acked,
+/// none dead or stuck in a lease), and exactly one effect per event: a
+/// handler that lost or doubled writes must not produce a number.
+async fn verify(store: &Store, kind: HandlerKind, events: u64) -> anyhow::Result<Checked> {
+    // `follow_ups`: scheduled events that are the emit handler's effects.
+    let left_behind = |s: &crate::store::Stats, follow_ups: u64| {
+        format!(
             "the bench left events behind (pending {}, scheduled {}, running {}, dead {}); \
              see `outrun events list --dead` for handler errors",
             s.pending,
-            s.scheduled,
+            s.scheduled - follow_ups as i64,
             s.running,
             s.dead
-        );
+        )
+    };
+    // Failed events first: they explain missing effects.
+    let s = store.stats().await?;
+    if s.pending + s.running + s.dead > 0 {
+        bail!(left_behind(&s, 0));
     }
-    Ok(())
+    let mut checked = Checked::default();
+    match kind {
+        HandlerKind::Noop | HandlerKind::Json => {}
+        HandlerKind::Sql => {
+            let (rows, distinct) = counts(
+                store,
+                &format!("SELECT count(*), count(DISTINCT event_id) FROM {SQL_TABLE}"),
+            )
+            .await
+            .with_context(|| format!("counting the rows of {SQL_TABLE}"))?;
+            if rows != events || distinct != events {
+                bail!(
+                    "the sql handler left {rows} rows for {distinct} distinct events in \
+                     {SQL_TABLE} after {events} events were acked; each ack must commit \
+                     exactly one row"
+                );
+            }
+            checked.sql_rows = Some(rows);
+        }
+        HandlerKind::Emit => {
+            let of = match store.backend() {
+                Backend::Postgres => "payload::json->>'of'",
+                Backend::Sqlite => "json_extract(payload, '$.of')",
+            };
+            let (rows, distinct) = counts(
+                store,
+                &format!(
+                    "SELECT count(*), count(DISTINCT {of}) FROM outbox_events \
+                     WHERE name = '{FOLLOW_UP}'"
+                ),
+            )
+            .await
+            .context("counting the follow-up events")?;
+            if rows != events || distinct != events {
+                bail!(
+                    "the emit handler left {rows} {FOLLOW_UP} events for {distinct} distinct \
+                     originals after {events} events were acked; each ack must commit \
+                     exactly one"
+                );
+            }
+            checked.follow_ups = Some(rows);
+        }
+    }
+    let follow_ups = checked.follow_ups.unwrap_or(0);
+    if s.scheduled.max(0) as u64 != follow_ups {
+        bail!(left_behind(&s, follow_ups));
+    }
+    Ok(checked)
+}
+
+/// One statement on the outbox's database, outside the runtime (setup and
+/// checks, never in the measured time).
+async fn execute(store: &Store, sql: &str) -> anyhow::Result<u64> {
+    let done = match store {
+        Store::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await?.rows_affected(),
+        Store::Postgres(s) => sqlx::query(sql).execute(s.pool()).await?.rows_affected(),
+    };
+    Ok(done)
+}
+
+/// A query returning one row of two counts.
+async fn counts(store: &Store, sql: &str) -> anyhow::Result<(u64, u64)> {
+    let (a, b): (i64, i64) = match store {
+        Store::Sqlite(s) => sqlx::query_as(sql).fetch_one(s.pool()).await?,
+        Store::Postgres(s) => sqlx::query_as(sql).fetch_one(s.pool()).await?,
+    };
+    Ok((a.max(0) as u64, b.max(0) as u64))
 }
 
 fn percentiles_us(us: &mut [u32]) -> Percentiles {
@@ -699,6 +889,12 @@ fn print_text(r: &Report) {
         println!("committed → handler start: {s}");
     }
     println!("{} → acked: {}", r.latency_from, r.latency_ms);
+    if let Some(n) = r.sql_rows {
+        println!("verified: {n} rows in {SQL_TABLE}, one per event");
+    }
+    if let Some(n) = r.follow_ups {
+        println!("verified: {n} {FOLLOW_UP} events, one per event");
+    }
     if let Some(rss) = r.peak_rss_mb {
         println!("peak RSS: {rss:.1} MiB");
     }
