@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The test command: builds the guest components, then runs every test of the
+# The test command: builds the guest components, runs every test of the
 # workspace against SQLite and the local PostgreSQL and Redis
-# (OUTRUN_TEST_POSTGRES_URL / OUTRUN_TEST_REDIS_URL point elsewhere).
+# (OUTRUN_TEST_POSTGRES_URL / OUTRUN_TEST_REDIS_URL point elsewhere), then
+# the short fault suite (scripts/chaos.sh: kill -9, a PostgreSQL restart, a
+# backend-termination storm). The fault suite restarts PostgreSQL, so it
+# runs alone, after the parallel tests; OUTRUN_SKIP_CHAOS=1 leaves it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-guests.sh
-exec cargo nextest run --workspace --no-fail-fast "$@"
+cargo nextest run --workspace --no-fail-fast "$@"
+if [ "${OUTRUN_SKIP_CHAOS:-0}" != 1 ]; then
+  CHAOS=short scripts/chaos.sh
+fi
