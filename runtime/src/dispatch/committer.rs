@@ -155,9 +155,6 @@ impl Committer {
     /// A holder that vanished mid-event (its task was aborted) left its
     /// savepoint behind: undo it before anyone else uses the lane.
     async fn recover(&self, lane: &mut OwnedMutexGuard<Lane>) {
-        if let Some(id) = lane.current_id() {
-            self.inflight.set_in_lane(&id, false);
-        }
         if lane.in_event() {
             lane.undo().await;
             self.reschedule(lane.take_abandoned(), "the lane's transaction was lost")
@@ -190,9 +187,6 @@ impl Committer {
 
     /// The event in `tx` failed: undo its effects, keep the others'.
     pub async fn undo(&self, mut tx: LaneTx) {
-        if let Some(id) = tx.lane.current_id() {
-            self.inflight.set_in_lane(&id, false);
-        }
         tx.lane.undo().await;
         let lost = tx.lane.take_abandoned();
         self.release(tx).await;
@@ -201,19 +195,11 @@ impl Committer {
     }
 
     /// A lane for an event that reached its verdict without one (a handler
-    /// that only emits). `Ok(None)`: the lease was lost.
-    pub async fn enter_lane(&self, lease: Lease) -> Result<Option<LaneTx>, StoreError> {
+    /// that only emits).
+    pub async fn enter_lane(&self, lease: Lease) -> Result<LaneTx, StoreError> {
         let mut tx = self.acquire().await;
-        let entered = tx.lane.enter(&lease).await;
-        match entered {
-            Ok(true) => {
-                self.inflight.set_in_lane(&lease.id, true);
-                Ok(Some(tx))
-            }
-            Ok(false) => {
-                self.release(tx).await;
-                Ok(None)
-            }
+        match tx.lane.enter(&lease).await {
+            Ok(()) => Ok(tx),
             Err(e) => {
                 let lost = tx.lane.take_abandoned();
                 self.release(tx).await;
@@ -244,6 +230,17 @@ impl Committer {
                 if kept.iter().any(|k| k.grouped || k.emitted) {
                     self.unblocked.notify_one();
                 }
+            }
+            Err(StoreError::LeaseLost) => {
+                tracing::warn!(
+                    events = kept.len(),
+                    "an event's lease was lost while its effects waited in a lane (a stall longer than the lease, or a cancel); the lane's transaction was rolled back and its other events run again"
+                );
+                self.reschedule(
+                    kept,
+                    "rolled back with a batch in which another event's lease was lost",
+                )
+                .await;
             }
             Err(e) => {
                 tracing::error!(error = %e, sqlstate = e.sqlstate().as_deref().unwrap_or(""), events = kept.len(), "committing handlers' effects failed; the events run again");
@@ -292,6 +289,6 @@ impl Committer {
 #[async_trait::async_trait]
 impl EffectsLanes for Committer {
     async fn enter(&self, lease: Lease) -> Result<Option<AckTx>, StoreError> {
-        Ok(self.enter_lane(lease).await?.map(AckTx::Lane))
+        Ok(Some(AckTx::Lane(self.enter_lane(lease).await?)))
     }
 }

@@ -16,27 +16,15 @@ use crate::store::Store;
 
 #[derive(Default, Clone)]
 pub struct Inflight {
-    leases: Arc<Mutex<HashMap<Uuid, Held>>>,
-}
-
-#[derive(Clone, Copy)]
-struct Held {
-    lease: Lease,
-    /// Its row is deleted in a lane's open transaction (see
-    /// `committer.rs`): the row lock holds it now, and the extender, which
-    /// skips locked rows, must not count it as lost.
-    in_lane: bool,
+    leases: Arc<Mutex<HashMap<Uuid, Lease>>>,
 }
 
 impl Inflight {
     pub fn insert(&self, lease: Lease) {
-        self.leases.lock().expect("inflight lock").insert(
-            lease.id,
-            Held {
-                lease,
-                in_lane: false,
-            },
-        );
+        self.leases
+            .lock()
+            .expect("inflight lock")
+            .insert(lease.id, lease);
     }
     pub fn remove(&self, id: &Uuid) {
         self.leases.lock().expect("inflight lock").remove(id);
@@ -47,38 +35,18 @@ impl Inflight {
             l.remove(id);
         }
     }
-    /// Mark whether the event's row is held by a lane's transaction.
-    pub fn set_in_lane(&self, id: &Uuid, in_lane: bool) {
-        if let Some(h) = self.leases.lock().expect("inflight lock").get_mut(id) {
-            h.in_lane = in_lane;
-        }
-    }
-    /// How many of `leases` are still held and need extending.
+    /// How many of `leases` are still held.
     pub fn count_of(&self, leases: &[Lease]) -> usize {
         let l = self.leases.lock().expect("inflight lock");
-        leases
-            .iter()
-            .filter(|x| l.get(&x.id).is_some_and(|h| !h.in_lane))
-            .count()
+        leases.iter().filter(|x| l.contains_key(&x.id)).count()
     }
 
-    /// Every lease held, for release at shutdown.
     pub fn snapshot(&self) -> Vec<Lease> {
         self.leases
             .lock()
             .expect("inflight lock")
             .values()
-            .map(|h| h.lease)
-            .collect()
-    }
-    /// The leases to extend: held, and not in a lane.
-    pub fn extendable(&self) -> Vec<Lease> {
-        self.leases
-            .lock()
-            .expect("inflight lock")
-            .values()
-            .filter(|h| !h.in_lane)
-            .map(|h| h.lease)
+            .copied()
             .collect()
     }
     pub fn len(&self) -> usize {
@@ -104,7 +72,7 @@ pub async fn extend_leases(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let held = inflight.extendable();
+        let held = inflight.snapshot();
         if held.is_empty() {
             continue;
         }

@@ -223,11 +223,7 @@ async fn commit(
     let mut tx = match tx {
         Some(AckTx::Lane(tx)) => tx,
         None => match cx.committer.enter_lane(lease).await {
-            Ok(Some(tx)) => tx,
-            Ok(None) => {
-                lease_lost(cx, lease, route);
-                return false;
-            }
+            Ok(tx) => tx,
             Err(e) => {
                 tracing::warn!(event_id = %lease.id, handler = %route.handler_name, error = %e, "could not start committing the handler's effects; the event will run again");
                 interrupted(

@@ -10,18 +10,22 @@
 //!
 //! ```text
 //! BEGIN
-//!   SAVEPOINT e1; DELETE event 1 (if its lease holds); handler 1's SQL; its emits
-//!   SAVEPOINT e2; DELETE event 2 ...; handler 2 fails → ROLLBACK TO SAVEPOINT e2
+//!   SAVEPOINT e1; handler 1's SQL; its emits
+//!   SAVEPOINT e2; handler 2's SQL ... handler 2 fails → ROLLBACK TO SAVEPOINT e2
 //!   SAVEPOINT e3; ...
+//!   DELETE events 1 and 3, fenced by their tokens   -- one statement
 //! COMMIT                      -- events 1 and 3 with all their effects
 //! ```
 //!
-//! The event's row is deleted first, when the event enters the lane: the
-//! delete checks the fencing token (a lost lease enters nothing) and from
-//! then on the row lock is the lease, so no other runtime can claim the
-//! event while its effects wait for the commit. A failed event rolls back to
-//! its savepoint, which also undoes its delete and releases the row. Only
-//! the event in the lane at the moment can be rolled back (savepoints nest),
+//! The kept events' rows are deleted in one statement just before the
+//! commit, checked against their fencing tokens: if any row is no longer
+//! ours (its lease lapsed and another runtime took it, or it was
+//! cancelled), the transaction rolls back whole and the other events run
+//! again, so an event we no longer own never commits effects. That is rare
+//! (a stall longer than the lease) and costs one rerun of a batch; the
+//! common case costs one round trip per event (its savepoint) and one
+//! statement per batch, instead of a delete planned per event. Only the
+//! event in the lane at the moment can be rolled back (savepoints nest),
 //! which is why a lane serves one event at a time.
 //!
 //! Which connection: on PostgreSQL a lane owns a dedicated session with
@@ -115,57 +119,37 @@ impl Lane {
         self.current_transient
     }
 
-    /// Let an event in: open the transaction if none is open, set the
-    /// event's savepoint and delete its row if `lease` still holds, in one
-    /// round trip. `Ok(false)`: the lease was lost; nothing of the event is
-    /// in the lane. On `Err` the event is not in the lane either; see
-    /// [`Lane::take_abandoned`].
-    pub async fn enter(&mut self, lease: &Lease) -> Result<bool> {
+    /// Let an event in: open the transaction if none is open and set the
+    /// event's savepoint, in one round trip. On `Err` the event is not in
+    /// the lane; see [`Lane::take_abandoned`].
+    pub async fn enter(&mut self, lease: &Lease) -> Result<()> {
         debug_assert!(self.current.is_none(), "one event at a time");
         self.next_savepoint += 1;
         let sp = self.next_savepoint;
-        let result = self.enter_inner(lease, sp).await;
+        let begin = if self.open {
+            ""
+        } else {
+            self.store.lane_begin()
+        };
+        let result = async {
+            let conn = self.connection().await?;
+            simple(conn, format!("{begin}SAVEPOINT e{sp}")).await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
         match result {
-            Ok(true) => {
+            Ok(()) => {
+                self.open = true;
                 self.current = Some(sp);
                 self.current_id = Some(lease.id);
                 self.current_transient = false;
-                Ok(true)
-            }
-            Ok(false) => {
-                // The savepoint exists but holds nothing; leave it.
-                Ok(false)
+                Ok(())
             }
             Err(e) => {
                 self.abandon();
                 Err(e)
             }
         }
-    }
-
-    async fn enter_inner(&mut self, lease: &Lease, sp: u64) -> Result<bool> {
-        let begin = if self.open {
-            ""
-        } else {
-            self.store.lane_begin()
-        };
-        // The id and token are UUIDs and the rowid an integer, printed by
-        // Rust: nothing user-controlled reaches this text. One simple query
-        // (several statements, one round trip) instead of three.
-        let sql = match &self.store {
-            Store::Postgres(_) => format!(
-                "{begin}SAVEPOINT e{sp}; DELETE FROM outbox_events WHERE id = '{}' AND lock_token = '{}' AND retry < max_retry RETURNING 1",
-                lease.id, lease.token
-            ),
-            Store::Sqlite(_) => format!(
-                "{begin}SAVEPOINT e{sp}; DELETE FROM outbox_events WHERE rowid = {} AND lock_token = '{}' AND retry < max_retry RETURNING 1",
-                lease.seq, lease.token
-            ),
-        };
-        let conn = self.connection().await?;
-        let rows = simple(conn, sql).await?;
-        self.open = true;
-        Ok(rows == 1)
     }
 
     /// The lane's connection, connecting (PostgreSQL) or borrowing the
@@ -259,23 +243,28 @@ impl Lane {
         }
     }
 
-    /// Commit the kept events. Returns them with the outcome; on `Err`
-    /// nothing of them was committed as far as anyone can tell (the
-    /// connection is dropped), and they must run again. (A commit whose
-    /// reply was lost may in fact have committed: their rows are then gone
-    /// and a retry finds nothing to do.)
+    /// Delete the kept events' rows, fenced by their tokens, and commit
+    /// everything. Returns the kept events with the outcome. On `Err`
+    /// nothing of them was committed as far as anyone can tell, and they
+    /// must run again (a commit whose reply was lost may in fact have
+    /// committed: their rows are then gone and a retry finds nothing to
+    /// do). [`StoreError::LeaseLost`]: a row was no longer ours (its lease
+    /// lapsed and another runtime took it, or it was cancelled), so the
+    /// whole transaction was rolled back rather than commit effects of an
+    /// event we no longer own; recording the others' retry is token-checked
+    /// and skips that one.
     pub async fn commit(&mut self) -> (Vec<Kept>, Result<()>) {
         debug_assert!(self.current.is_none(), "an event is still in the lane");
+        let kept = std::mem::take(&mut self.kept);
         if !self.open {
-            return (std::mem::take(&mut self.kept), Ok(()));
+            return (kept, Ok(()));
         }
         let r = match self.conn.as_mut() {
-            Some(c) => simple(c, "COMMIT".to_string()).await.map(|_| ()),
-            None => Ok(()),
+            Some(c) => finish(c, &kept).await,
+            None => Ok(true),
         };
-        let kept = std::mem::take(&mut self.kept);
         match r {
-            Ok(()) => {
+            Ok(committed) => {
                 self.open = false;
                 self.next_savepoint = 0;
                 // The SQLite connection goes back to the bookkeeping pool
@@ -283,7 +272,11 @@ impl Lane {
                 if matches!(self.conn, Some(LaneConn::Sqlite(_))) {
                     self.conn = None;
                 }
-                (kept, Ok(()))
+                if committed {
+                    (kept, Ok(()))
+                } else {
+                    (kept, Err(StoreError::LeaseLost))
+                }
             }
             Err(e) => {
                 self.abandon();
@@ -317,6 +310,66 @@ impl Lane {
             Some(LaneConn::Postgres(c)) => drop(c),
             None => {}
         }
+    }
+}
+
+/// Delete the kept events' rows if every one is still ours, then COMMIT;
+/// otherwise ROLLBACK. `Ok(false)`: rolled back, a lease was lost. One
+/// prepared statement for the whole batch: `id = ANY` walks the primary
+/// key whatever the planner's statistics say. Tokens are per claim, so
+/// `lock_token = ANY` is as strict a fence as pairing them: a row another
+/// runtime claimed since carries a token none of our claims issued.
+fn finish<'c>(
+    conn: &'c mut LaneConn,
+    kept: &'c [Kept],
+) -> BoxFuture<'c, Result<bool, sqlx::Error>> {
+    let (ids, tokens): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) =
+        kept.iter().map(|k| (k.lease.id, k.lease.token)).unzip();
+    match conn {
+        LaneConn::Postgres(c) => Box::pin(async move {
+            let deleted = if kept.is_empty() {
+                0
+            } else {
+                sqlx::Executor::execute(
+                    &mut *c,
+                    sqlx::query(
+                        "DELETE FROM outbox_events
+                         WHERE id = ANY($1) AND lock_token = ANY($2) AND retry < max_retry",
+                    )
+                    .bind(ids)
+                    .bind(tokens),
+                )
+                .await?
+                .rows_affected()
+            };
+            let ok = deleted == kept.len() as u64;
+            sqlx::Executor::execute(&mut *c, if ok { "COMMIT" } else { "ROLLBACK" }).await?;
+            Ok(ok)
+        }),
+        LaneConn::Sqlite(c) => Box::pin(async move {
+            let deleted = if kept.is_empty() {
+                0
+            } else {
+                let rowids: Vec<i64> = kept.iter().map(|k| k.lease.seq).collect();
+                let tokens: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+                sqlx::Executor::execute(
+                    &mut **c,
+                    sqlx::query(
+                        "DELETE FROM outbox_events
+                         WHERE rowid IN (SELECT value FROM json_each(?1))
+                           AND lock_token IN (SELECT value FROM json_each(?2))
+                           AND retry < max_retry",
+                    )
+                    .bind(serde_json::to_string(&rowids).expect("integers serialize"))
+                    .bind(serde_json::to_string(&tokens).expect("strings serialize")),
+                )
+                .await?
+                .rows_affected()
+            };
+            let ok = deleted == kept.len() as u64;
+            sqlx::Executor::execute(&mut **c, if ok { "COMMIT" } else { "ROLLBACK" }).await?;
+            Ok(ok)
+        }),
     }
 }
 

@@ -24,9 +24,9 @@
 //! dedicated sessions, also asynchronously: the delete and the effects are
 //! forgotten together or not at all, so a crash means a rerun.
 //!
-//! Rows of events in a lane are locked (deleted, uncommitted) until the
-//! lane commits; the lease extender skips locked rows (`SKIP LOCKED`)
-//! rather than queue behind a lane, which could otherwise deadlock with it.
+//! A lane deletes its events' rows just before it commits; the lease
+//! extender skips rows locked that way (`SKIP LOCKED`) rather than queue
+//! behind the commit.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
