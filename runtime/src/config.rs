@@ -106,8 +106,9 @@ pub struct RuntimeConfig {
     /// How often expiry and dead-event cleanup run. `OUTRUN_CLEANUP_INTERVAL`.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
-    /// On SIGINT/SIGTERM, how long running handlers may take to finish
-    /// before their events are released. `OUTRUN_SHUTDOWN_GRACE`.
+    /// On a stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT), how long running
+    /// handlers may take to finish before their events are released.
+    /// `OUTRUN_SHUTDOWN_GRACE`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Transactions that commit handlers' effects in groups, each on its

@@ -238,7 +238,8 @@ impl Dispatcher {
         let mut paused_until: Option<tokio::time::Instant> = None;
         // After the wake-up channel failed: when to open it again.
         let mut relisten_at: Option<tokio::time::Instant> = wakeups.is_none().then(|| {
-            tokio::time::Instant::now() + cfg.poll_interval.max(std::time::Duration::from_secs(1)) * 5
+            tokio::time::Instant::now()
+                + cfg.poll_interval.max(std::time::Duration::from_secs(1)) * 5
         });
         while !stop.is_cancelled() {
             let free = run_ahead.saturating_sub(queue_tx.len() + claiming);

@@ -382,6 +382,17 @@ impl Store {
         each!(self, s => s.cleanup_dead(before, limit).await)
     }
 
+    /// A trivial query on the outbox table, O(1) whatever its size: the
+    /// database answers and the table is there (readiness, `outrun_db_up`).
+    pub async fn ping(&self) -> Result<()> {
+        const PING: &str = "SELECT 1 FROM outbox_events WHERE 1 = 0";
+        match self {
+            Store::Sqlite(s) => sqlx::query(PING).execute(s.pool()).await.map(drop)?,
+            Store::Postgres(s) => sqlx::query(PING).execute(s.pool()).await.map(drop)?,
+        }
+        Ok(())
+    }
+
     pub async fn stats(&self) -> Result<Stats> {
         each!(self, s => s.stats().await)
     }
