@@ -340,13 +340,20 @@ impl Serve {
 }
 
 impl Serve {
-    /// Send `signal` (`HUP`, `INT`, `QUIT`, ...), wait for the exit and
-    /// return its status with the log.
-    pub fn signal(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send `signal` (`HUP`, `INT`, `QUIT`, ...) without waiting.
+    pub fn send(&self, signal: &str) {
         std::process::Command::new("kill")
             .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .unwrap();
+    }
+
+    /// Wait for the exit; its status and the log.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
         let status = self.child.wait().unwrap();
         (status, self.log())
     }
