@@ -56,9 +56,14 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         "Attempts interrupted by a database error (dropped connection, deadlock, busy), by handler; they run again without spending a retry.",
     ),
     (
+        "outrun_events_deferred_total",
+        Kind::Counter,
+        "Attempts that ended in retry-after (rescheduled without spending a retry), by handler.",
+    ),
+    (
         "outrun_events_dead_total",
         Kind::Counter,
-        "Events that became dead, by reason (no_handler, retries_exhausted, rejected, expired).",
+        "Events that became dead, by reason (no_handler, retries_exhausted, rejected, expired, cancelled).",
     ),
     (
         "outrun_acks_total",
