@@ -180,7 +180,8 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
-/// `/livez`, `/readyz` and `/healthz` answer 200 with JSON while serving.
+/// `/livez`, `/readyz` and `/healthz` answer 200 with JSON while serving;
+/// `/readyz` says 503 when the schema lags behind the binary.
 async fn probes_answer_while_serving(db: TestDb) {
     db.store().await;
     let dir = tempfile::tempdir().unwrap();
@@ -205,6 +206,22 @@ async fn probes_answer_while_serving(db: TestDb) {
             "{path}: {body}"
         );
     }
+    // A schema behind this binary's migrations (as after `--no-migrate`
+    // against an old database) is not ready, and says what to run.
+    db.exec(
+        "DELETE FROM outrun_migrations WHERE version = (SELECT max(version) FROM outrun_migrations)",
+    )
+    .await;
+    let (status, body) = http(admin, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    let reason = json(&body)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.starts_with("database not migrated") && reason.contains("run `outrun migrate`"),
+        "{body}"
+    );
     serve.stop();
 }
 

@@ -2,8 +2,9 @@
 //! state they and the metrics read: where `serve` is in its life, whether
 //! the database answered last time, and the outbox counts of the last poll.
 //!
-//! Both probes are O(1): `/livez` does no I/O at all, `/readyz` one trivial
-//! query (`SELECT 1 FROM outbox_events WHERE 1 = 0`) with a short timeout.
+//! Both probes are O(1): `/livez` does no I/O at all, `/readyz` one
+//! primary-key lookup (the newest applied migration, compared with this
+//! binary's) with a short timeout.
 //! Neither counts the table; the counts come from a poller (see
 //! [`super::exposition`]) and only feed the gauges and `/v1/stats`.
 
@@ -18,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AdminState;
-use crate::store::{Stats, Store};
+use crate::store::{Stats, Store, StoreError};
 
 /// How long `/readyz` (and the poller's liveness check of the database)
 /// waits for the database. Below the 1 s a Kubernetes probe waits by default.
@@ -94,6 +95,9 @@ impl Health {
     pub async fn check_db(&self, store: &Store) -> Result<(), String> {
         let result = match tokio::time::timeout(DB_PING_TIMEOUT, store.ping()).await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(e @ StoreError::MigrationsPending { .. })) => {
+                Err(format!("database not migrated: {e}"))
+            }
             Ok(Err(e)) => Err(format!("database unreachable: {e}")),
             Err(_) => Err(format!(
                 "database did not answer within {} ms",
@@ -112,9 +116,8 @@ pub async fn livez() -> Response {
 }
 
 /// Ready to work: handlers loaded, not shutting down, the database answers
-/// and has the outbox table (serve applied the migrations before this
-/// server started). 503 with `{"status": "not ready", "reason": ...}`
-/// otherwise.
+/// and has this binary's migrations applied. 503 with
+/// `{"status": "not ready", "reason": ...}` otherwise.
 pub async fn readyz(State(st): State<AdminState>) -> Response {
     let not_ready = |reason: String| {
         (
