@@ -314,10 +314,13 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("admin server up", || async {
+    // The admin server answers from before the dispatch loop runs; ready
+    // (200) once it does.
+    wait_for("admin server up and ready", || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
+            && http(port, "GET", "/healthz", None).await.0 == 200
     })
     .await;
     let (status, body) = http(port, "GET", "/healthz", None).await;

@@ -508,6 +508,7 @@ async fn kv_on_redis_is_confined_to_the_prefix() {
     let services = HostServices {
         kv: KvSettings {
             url: Some(common::redis_url()),
+            ..Default::default()
         },
         ..Default::default()
     };

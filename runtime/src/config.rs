@@ -106,8 +106,9 @@ pub struct RuntimeConfig {
     /// How often expiry and dead-event cleanup run. `OUTRUN_CLEANUP_INTERVAL`.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
-    /// On SIGINT/SIGTERM, how long running handlers may take to finish
-    /// before their events are released. `OUTRUN_SHUTDOWN_GRACE`.
+    /// On a stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT), how long running
+    /// handlers may take to finish before their events are released.
+    /// `OUTRUN_SHUTDOWN_GRACE`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Transactions that commit handlers' effects in groups, each on its
@@ -294,6 +295,7 @@ impl Config {
         if let Some(v) = env("OUTRUN_KV_URL") {
             self.kv.url = (!v.trim().is_empty()).then_some(v);
         }
+        over!("OUTRUN_KV_TIMEOUT", self.kv.timeout, duration);
         if let Some(v) = env("OUTRUN_LOG_FORMAT") {
             self.log.format = match v.trim() {
                 "text" => LogFormat::Text,
@@ -352,6 +354,12 @@ impl Config {
         }
         if r.cleanup_interval.is_zero() {
             return bad("runtime.cleanup_interval", "must be more than 0");
+        }
+        if self.kv.timeout.is_zero() {
+            return bad(
+                "kv.timeout",
+                "must be more than 0 (it bounds each Redis connection attempt and reply; the default is 1s)",
+            );
         }
         Ok(())
     }
@@ -417,6 +425,10 @@ mod tests {
             err.contains("poll_interval") || err.contains("soon"),
             "{err}"
         );
+        let err = load_text("[kv]\ntimeout = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kv.timeout"), "{err}");
         assert!(matches!(
             Config::load_with_env(Some(Path::new("/nonexistent/outrun.toml")), no_env),
             Err(ConfigError::Read { .. })
@@ -434,6 +446,7 @@ mod tests {
             "OUTRUN_DATABASE_URL" => Some("sqlite://x.db".to_string()),
             "OUTRUN_CACHE_DIR" => Some("/var/cache/outrun".to_string()),
             "OUTRUN_KV_URL" => Some("redis://127.0.0.1:6379".to_string()),
+            "OUTRUN_KV_TIMEOUT" => Some("250ms".to_string()),
             _ => None,
         };
         let c = Config::load_with_env(Some(&path), env).unwrap();
@@ -442,6 +455,7 @@ mod tests {
         assert_eq!(c.database_url, "sqlite://x.db");
         assert_eq!(c.cache_dir.as_deref(), Some(Path::new("/var/cache/outrun")));
         assert_eq!(c.kv.url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(c.kv.timeout, Duration::from_millis(250));
         assert_eq!(c.base_dir(), dir.path());
         let env = |k: &str| (k == "OUTRUN_BATCH_SIZE").then(|| "lots".to_string());
         let err = Config::load_with_env(Some(&path), env)

@@ -1,8 +1,12 @@
-//! The admin HTTP server: `/healthz`, Prometheus `/metrics`, and a small
-//! JSON API to enqueue, inspect and cancel events (`/v1/events`,
-//! `/v1/stats`).
-//! The outbox gauges (pending, dead, oldest pending age) are refreshed here,
-//! on a timer, so scraping never runs a query.
+//! The admin HTTP server: `/livez`, `/readyz` (and `/healthz`, its alias),
+//! Prometheus `/metrics`, and a small JSON API to enqueue, inspect and
+//! cancel events (`/v1/events`, `/v1/stats`). Probes and metrics never
+//! count the table: the outbox counts behind the gauges are refreshed by a
+//! poller ([`exposition::poll_outbox`]), so neither a probe nor a scrape runs
+//! more than a trivial query.
+
+pub mod exposition;
+pub mod health;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,30 +25,27 @@ use uuid::Uuid;
 
 use crate::event::NewEvent;
 use crate::store::{ListFilter, Store, StoreError};
+use crate::wasm::HandlerInfo;
+pub use health::{Health, Phase};
 
 #[derive(Clone)]
 pub struct AdminState {
     pub store: Store,
+    /// From [`exposition::install`].
     pub metrics: PrometheusHandle,
+    /// Where serve is, whether the database answers, the last counts.
+    pub health: Arc<Health>,
     pub default_max_retry: i32,
-    /// Extra JSON for `/v1/handlers` (the WASM registry's listing).
-    pub handlers: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-}
-
-/// Install the Prometheus recorder for this process (once).
-pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    let buckets = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ];
-    Ok(PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
-        .install_recorder()?)
+    /// The handlers serving now (empty until they are loaded).
+    pub handlers: Arc<dyn Fn() -> Vec<HandlerInfo> + Send + Sync>,
 }
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        // The name before /livez and /readyz existed; it means ready.
+        .route("/healthz", get(health::readyz))
         .route("/metrics", get(metrics_text))
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(list).post(enqueue))
@@ -55,7 +56,8 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serve until `stop`. Binding errors are returned before serving starts.
+/// Serve until `stop`, with the outbox poller behind the gauges. Binding
+/// errors are returned before serving starts.
 pub async fn serve(
     addr: &str,
     state: AdminState,
@@ -68,7 +70,11 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin.listen): {e}"))?;
     tracing::info!(%addr, "admin server listening");
-    let gauges = tokio::spawn(refresh_gauges(state.store.clone(), stop.clone()));
+    let poller = tokio::spawn(exposition::poll_outbox(
+        state.store.clone(),
+        state.health.clone(),
+        stop.clone(),
+    ));
     let app = router(state);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
@@ -77,28 +83,8 @@ pub async fn serve(
         {
             tracing::error!(error = %e, "admin server failed");
         }
-        gauges.abort();
+        poller.abort();
     }))
-}
-
-async fn refresh_gauges(store: Store, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match store.stats().await {
-            Ok(s) => {
-                metrics::gauge!("outrun_events_pending").set(s.pending as f64);
-                metrics::gauge!("outrun_events_scheduled").set(s.scheduled as f64);
-                metrics::gauge!("outrun_events_running").set(s.running as f64);
-                metrics::gauge!("outrun_events_dead").set(s.dead as f64);
-                metrics::gauge!("outrun_oldest_pending_age_seconds").set(s.oldest_pending_age_secs);
-            }
-            Err(e) => tracing::warn!(error = %e, "refreshing outbox gauges failed"),
-        }
-    }
 }
 
 struct ApiError(StatusCode, String);
@@ -123,19 +109,16 @@ impl From<StoreError> for ApiError {
     }
 }
 
-async fn healthz(State(st): State<AdminState>) -> Response {
-    match st.store.stats().await {
-        Ok(_) => (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "database unavailable", "error": e.to_string() })),
-        )
-            .into_response(),
-    }
-}
-
-async fn metrics_text(State(st): State<AdminState>) -> String {
-    st.metrics.render()
+async fn metrics_text(State(st): State<AdminState>) -> Response {
+    let body = exposition::render(&st.metrics, &st.health, &(st.handlers)());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn stats(State(st): State<AdminState>) -> Result<Json<crate::store::Stats>, ApiError> {
@@ -242,6 +225,6 @@ async fn enqueue(
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
 }
 
-async fn handlers(State(st): State<AdminState>) -> Json<serde_json::Value> {
+async fn handlers(State(st): State<AdminState>) -> Json<Vec<HandlerInfo>> {
     Json((st.handlers)())
 }

@@ -8,6 +8,7 @@ pub(crate) mod events;
 mod handlers;
 mod migrate;
 mod serve;
+mod signals;
 
 pub use events::event_json;
 
@@ -45,7 +46,8 @@ pub struct Cli {
 pub enum Command {
     /// Create or upgrade the outbox table.
     Migrate,
-    /// Run the dispatch loop and the handlers until SIGINT/SIGTERM.
+    /// Run the dispatch loop and the handlers until SIGINT, SIGTERM, SIGHUP
+    /// or SIGQUIT (each a graceful shutdown).
     Serve(serve::Args),
     /// Enqueue one event; prints its id.
     Enqueue(enqueue::Args),

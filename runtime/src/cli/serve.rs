@@ -1,11 +1,17 @@
-//! `outrun serve`: migrate, load the handlers, run the dispatch loop, the
-//! maintenance services and the admin server until SIGINT/SIGTERM.
+//! `outrun serve`: migrate, start the maintenance services and the admin
+//! server, load the handlers, run the dispatch loop until a stop signal
+//! (SIGINT, SIGTERM, SIGHUP, SIGQUIT; see [`super::signals`]), then shut
+//! down gracefully.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+
+use super::signals::StopSignals;
+use crate::admin::{Health, Phase};
 
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
@@ -24,9 +30,17 @@ pub struct Args {
 }
 
 pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
+    // Catch the stop signals from the start: one during start-up ends serve
+    // cleanly instead of killing it.
+    let mut signals = StopSignals::listen()?;
     if let Some(a) = args.admin {
         config.admin.listen = Some(a);
     }
+    // Before anything records a metric (handler loading does).
+    let metrics = match &config.admin.listen {
+        Some(_) => Some(crate::admin::exposition::install()?),
+        None => None,
+    };
     let r = &config.runtime;
     // Workers, the claimer, the acker, the lease extender and maintenance
     // each may hold a connection at once.
@@ -44,25 +58,43 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             .context("applying migrations (use --no-migrate to skip)")?;
     }
     let stop = CancellationToken::new();
-    let (router, registry, _watcher) = if config.handler.is_empty() {
+    let health = Arc::new(Health::default());
+    // Filled once the handlers are loaded; the admin server (up while they
+    // compile, answering /livez) reads it.
+    let loaded: Arc<OnceLock<Arc<Registry>>> = Arc::default();
+    let services = start_services(&config, &store, metrics, &health, &loaded, stop.clone()).await?;
+    let (router, _watcher) = if config.handler.is_empty() {
         tracing::warn!(
             "no [[handler]] in the config: every event will be dead with 'no handler for event'"
         );
-        (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None, None)
+        (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None)
     } else {
-        let registry = load_registry(&config).await?;
+        let registry = tokio::select! {
+            r = load_registry(&config) => r?,
+            name = signals.recv() => {
+                tracing::info!(signal = name, "{name} received while loading handlers; nothing was claimed; outrun stopped");
+                stop.cancel();
+                for s in services {
+                    let _ = s.await;
+                }
+                return Ok(());
+            }
+        };
         // Dropping the watcher stops hot reload, so it lives as long as serve.
         let watcher = registry.watch()?;
-        (
-            registry.clone() as Arc<dyn Router>,
-            Some(registry),
-            Some(watcher),
-        )
+        let _ = loaded.set(registry.clone());
+        (registry as Arc<dyn Router>, Some(watcher))
     };
-    let services = start_services(&config, &store, registry, stop.clone()).await?;
     let dispatcher = Dispatcher::new(store.clone(), router, config.runtime.clone());
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
-    let summary = dispatcher.run(shutdown_signal()).await?;
+    health.set_phase(Phase::Serving);
+    let stopping = health.clone();
+    let summary = dispatcher
+        .run(async move {
+            signals.first().await;
+            stopping.set_phase(Phase::Stopping);
+        })
+        .await?;
     stop.cancel();
     for s in services {
         let _ = s.await;
@@ -101,7 +133,9 @@ pub(crate) async fn load_registry(config: &Config) -> anyhow::Result<Arc<Registr
 async fn start_services(
     config: &Config,
     store: &Store,
-    registry: Option<Arc<Registry>>,
+    metrics: Option<PrometheusHandle>,
+    health: &Arc<Health>,
+    loaded: &Arc<OnceLock<Arc<Registry>>>,
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let r = &config.runtime;
@@ -118,39 +152,16 @@ async fn start_services(
             stop.clone(),
         )),
     ];
-    if let Some(addr) = &config.admin.listen {
+    if let (Some(addr), Some(metrics)) = (&config.admin.listen, metrics) {
+        let loaded = loaded.clone();
         let state = crate::admin::AdminState {
             store: store.clone(),
-            metrics: crate::admin::install_metrics()?,
+            metrics,
+            health: health.clone(),
             default_max_retry: r.max_retry,
-            handlers: Arc::new(move || match &registry {
-                Some(r) => serde_json::to_value(r.handlers()).unwrap_or_default(),
-                None => serde_json::json!([]),
-            }),
+            handlers: Arc::new(move || loaded.get().map(|r| r.handlers()).unwrap_or_default()),
         };
         tasks.push(crate::admin::serve(addr, state, stop).await?);
     }
     Ok(tasks)
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
 }

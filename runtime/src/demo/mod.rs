@@ -181,7 +181,7 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         specs,
         &tmp.path,
         HostServices {
-            kv: KvSettings { url: None },
+            kv: KvSettings::default(),
             default_max_retry: config.max_retry,
             cache_dir: Some(cache_dir.clone()),
             max_instances: 32,

@@ -1,16 +1,18 @@
 //! `outrun:handler/kv`: a key-value store with TTLs and sets, confined to the
 //! handler's key prefix (`allow.kv`). The guest passes unprefixed keys.
 //!
-//! Backends: Redis (one `ConnectionManager` per runtime, shared by every
-//! handler) when `[kv] url` is set, else [`MemoryKv`], an embedded store that
-//! lives in this process only: it is not shared between runtime instances
-//! and is lost on restart. Use Redis for anything that must survive.
+//! Backends: Redis ([`RedisKv`], one connection shared by every handler)
+//! when `[kv] url` is set, else [`MemoryKv`], an embedded store that lives
+//! in this process only: it is not shared between runtime instances and is
+//! lost on restart. Use Redis for anything that must survive.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::bindings::outrun::handler::kv::Host;
 use super::{CapError, HostState};
@@ -19,7 +21,7 @@ use crate::wasm::{KvSettings, WasmError};
 /// The kv backend of one runtime. Cheap to clone.
 #[derive(Clone)]
 pub enum KvStore {
-    Redis(redis::aio::ConnectionManager),
+    Redis(RedisKv),
     Memory(Arc<MemoryKv>),
 }
 
@@ -35,22 +37,93 @@ impl std::fmt::Debug for KvStore {
 impl KvStore {
     /// Connect to Redis when `settings.url` is set, else an embedded store.
     pub async fn connect(settings: &KvSettings) -> Result<KvStore, WasmError> {
-        let Some(url) = &settings.url else {
-            return Ok(KvStore::memory());
-        };
-        let fail = |e: redis::RedisError| WasmError::KvConnect {
-            url: crate::store::redact_url(url),
-            reason: e.to_string(),
-        };
-        let client = redis::Client::open(url.as_str()).map_err(fail)?;
-        let manager = redis::aio::ConnectionManager::new(client)
-            .await
-            .map_err(fail)?;
-        Ok(KvStore::Redis(manager))
+        match &settings.url {
+            Some(url) => Ok(KvStore::Redis(
+                RedisKv::connect(url, settings.timeout).await?,
+            )),
+            None => Ok(KvStore::memory()),
+        }
     }
 
     pub fn memory() -> KvStore {
         KvStore::Memory(Arc::new(MemoryKv::default()))
+    }
+}
+
+/// Redis behind the kv capability: one multiplexed connection shared by
+/// every handler, replaced when it breaks.
+///
+/// Built so that a Redis outage costs the events that touch kv a retry and
+/// nothing else. `redis`'s `ConnectionManager` by default retries a broken
+/// connection six times with delays that grow by a factor of 100 up to a
+/// minute each (several minutes in all), and every command waits for that
+/// reconnect: a four-second outage used to hang every kv call until the
+/// handler's timeout, long after Redis was back, with every worker held.
+/// Here a reconnect is one attempt bounded by `timeout`; when it fails, the
+/// calls waiting for it fail too (`unavailable`, so their events are
+/// retried after a backoff) and the next call starts a new attempt, so the
+/// connection comes back with the first call after Redis does. Each reply
+/// is bounded by `timeout` as well, and each call as a whole by twice it
+/// (one connection attempt plus one reply), whatever the client does inside.
+#[derive(Clone)]
+pub struct RedisKv {
+    conn: ConnectionManager,
+    /// Bounds each connection attempt and each reply.
+    timeout: Duration,
+    /// Redacted, for error messages.
+    url: Arc<str>,
+}
+
+impl RedisKv {
+    /// Connect once (an unreachable Redis fails start-up with the URL);
+    /// later reconnects happen by themselves, see the type's docs.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<RedisKv, WasmError> {
+        let redacted = crate::store::redact_url(url);
+        let fail = |e: redis::RedisError| WasmError::KvConnect {
+            url: redacted.clone(),
+            reason: e.to_string(),
+        };
+        let client = redis::Client::open(url).map_err(fail)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            // One attempt per reconnect: calls must not wait out a backoff
+            // schedule while Redis is down; the next call tries again.
+            .set_number_of_retries(0);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(fail)?;
+        Ok(RedisKv {
+            conn,
+            timeout,
+            url: redacted.into(),
+        })
+    }
+
+    /// Run one command (or pipeline) on the shared connection, bounded by
+    /// twice the timeout; errors mapped for the guest.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, CapError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let limit = self.timeout.saturating_mul(2);
+        match tokio::time::timeout(limit, f(self.conn.clone())).await {
+            Ok(result) => result.map_err(|e| self.error(e)),
+            Err(_) => Err(CapError::Unavailable(format!(
+                "kv (Redis at {}) did not answer within {}; the event will be retried",
+                self.url,
+                humantime::format_duration(limit)
+            ))),
+        }
+    }
+
+    fn error(&self, e: redis::RedisError) -> CapError {
+        if e.kind() == redis::ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
+            CapError::Invalid(format!("kv: {e}"))
+        } else {
+            CapError::Unavailable(format!("kv (Redis at {}) unavailable: {e}", self.url))
+        }
     }
 }
 
@@ -214,14 +287,6 @@ impl MemoryKv {
     }
 }
 
-fn redis_error(e: redis::RedisError) -> CapError {
-    if e.kind() == redis::ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
-        CapError::Invalid(format!("kv: {e}"))
-    } else {
-        CapError::Unavailable(format!("kv (Redis) unavailable: {e}"))
-    }
-}
-
 fn ttl_ms(ms: u64) -> Result<i64, CapError> {
     if ms == 0 {
         return Err(CapError::Invalid(
@@ -246,67 +311,76 @@ impl HostState {
 impl Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, CapError> {
         let key = self.kv_key(&key)?;
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => m.get(&key),
-            KvStore::Redis(c) => c.get(&key).await.map_err(redis_error),
+            KvStore::Redis(r) => r.call(|mut c| async move { c.get(&key).await }).await,
         }
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl: Option<u64>) -> Result<(), CapError> {
         let key = self.kv_key(&key)?;
         let ttl = ttl.map(ttl_ms).transpose()?;
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => {
                 m.set(&key, value, ttl.map(|t| Duration::from_millis(t as u64)));
                 Ok(())
             }
-            KvStore::Redis(c) => {
+            KvStore::Redis(r) => {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(&key).arg(value);
                 if let Some(t) = ttl {
                     cmd.arg("PX").arg(t);
                 }
-                cmd.query_async::<()>(c).await.map_err(redis_error)
+                r.call(|mut c| async move { cmd.query_async::<()>(&mut c).await })
+                    .await
             }
         }
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, CapError> {
         let key = self.kv_key(&key)?;
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => Ok(m.delete(&key)),
-            KvStore::Redis(c) => c
-                .del::<_, i64>(&key)
+            KvStore::Redis(r) => r
+                .call(|mut c| async move { c.del::<_, i64>(&key).await })
                 .await
-                .map(|n| n > 0)
-                .map_err(redis_error),
+                .map(|n| n > 0),
         }
     }
 
     async fn exists(&mut self, key: String) -> Result<bool, CapError> {
         let key = self.kv_key(&key)?;
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => Ok(m.exists(&key)),
-            KvStore::Redis(c) => c.exists::<_, bool>(&key).await.map_err(redis_error),
+            KvStore::Redis(r) => {
+                r.call(|mut c| async move { c.exists::<_, bool>(&key).await })
+                    .await
+            }
         }
     }
 
     async fn expire(&mut self, key: String, ttl: Option<u64>) -> Result<bool, CapError> {
         let key = self.kv_key(&key)?;
         let ttl = ttl.map(ttl_ms).transpose()?;
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => Ok(m.expire(&key, ttl.map(|t| Duration::from_millis(t as u64)))),
-            KvStore::Redis(c) => match ttl {
-                Some(t) => c.pexpire::<_, bool>(&key, t).await.map_err(redis_error),
+            KvStore::Redis(r) => match ttl {
+                Some(t) => {
+                    r.call(|mut c| async move { c.pexpire::<_, bool>(&key, t).await })
+                        .await
+                }
                 // PERSIST says 0 both for "no key" and "had no TTL"; the
                 // contract is "false only if no such key".
                 None => {
-                    let (exists, _): (bool, i64) = redis::pipe()
-                        .exists(&key)
-                        .persist(&key)
-                        .query_async(c)
-                        .await
-                        .map_err(redis_error)?;
+                    let (exists, _): (bool, i64) = r
+                        .call(|mut c| async move {
+                            redis::pipe()
+                                .exists(&key)
+                                .persist(&key)
+                                .query_async(&mut c)
+                                .await
+                        })
+                        .await?;
                     Ok(exists)
                 }
             },
@@ -318,12 +392,12 @@ impl Host for HostState {
         if members.is_empty() {
             return Ok(0);
         }
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => m.set_add(&key, members),
-            KvStore::Redis(c) => c
-                .sadd::<_, _, u32>(&key, members)
-                .await
-                .map_err(redis_error),
+            KvStore::Redis(r) => {
+                r.call(|mut c| async move { c.sadd::<_, _, u32>(&key, members).await })
+                    .await
+            }
         }
     }
 
@@ -332,23 +406,23 @@ impl Host for HostState {
         if members.is_empty() {
             return Ok(0);
         }
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => m.set_remove(&key, members),
-            KvStore::Redis(c) => c
-                .srem::<_, _, u32>(&key, members)
-                .await
-                .map_err(redis_error),
+            KvStore::Redis(r) => {
+                r.call(|mut c| async move { c.srem::<_, _, u32>(&key, members).await })
+                    .await
+            }
         }
     }
 
     async fn set_members(&mut self, key: String) -> Result<Vec<String>, CapError> {
         let key = self.kv_key(&key)?;
-        match &mut self.caps.kv.clone() {
+        match &self.caps.kv {
             KvStore::Memory(m) => m.set_members(&key),
-            KvStore::Redis(c) => c
-                .smembers::<_, Vec<String>>(&key)
-                .await
-                .map_err(redis_error),
+            KvStore::Redis(r) => {
+                r.call(|mut c| async move { c.smembers::<_, Vec<String>>(&key).await })
+                    .await
+            }
         }
     }
 }

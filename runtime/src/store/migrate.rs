@@ -70,6 +70,12 @@ pub struct MigrationReport {
     pub unknown: Vec<i64>,
 }
 
+/// The newest migration version in `m`: what a database must have applied
+/// for this binary (readiness, [`super::Store::ping`]).
+pub(super) fn newest(m: &'static Migrator) -> i64 {
+    embedded(m).last().map_or(0, |m| m.version)
+}
+
 fn embedded(m: &'static Migrator) -> Vec<&'static Migration> {
     let mut v: Vec<_> = m
         .iter()

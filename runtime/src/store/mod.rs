@@ -51,6 +51,11 @@ pub enum StoreError {
         description: String,
         source: sqlx::Error,
     },
+    #[error(
+        "the database's outrun schema is at migration {applied} but this outrun needs {needed}: \
+         run `outrun migrate` (serve migrates at start unless --no-migrate)"
+    )]
+    MigrationsPending { applied: i64, needed: i64 },
     #[error("no event with id {0}")]
     NotFound(Uuid),
     #[error("event {0} is not dead; only dead events can be replayed")]
@@ -380,6 +385,33 @@ impl Store {
     /// at most `limit` rows. Never touches live events.
     pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
         each!(self, s => s.cleanup_dead(before, limit).await)
+    }
+
+    /// Readiness, in one primary-key lookup whatever the outbox's size: the
+    /// database answers and has every migration this binary knows applied
+    /// (`/readyz`, `outrun_db_up`). [`StoreError::MigrationsPending`] when
+    /// it lags behind.
+    pub async fn ping(&self) -> Result<()> {
+        const NEWEST: &str = "SELECT max(version) FROM outrun_migrations";
+        let (applied, needed) = match self {
+            Store::Sqlite(s) => (
+                sqlx::query_scalar::<_, Option<i64>>(NEWEST)
+                    .fetch_one(s.pool())
+                    .await?,
+                migrate::newest(&migrate::SQLITE),
+            ),
+            Store::Postgres(s) => (
+                sqlx::query_scalar::<_, Option<i64>>(NEWEST)
+                    .fetch_one(s.pool())
+                    .await?,
+                migrate::newest(&migrate::POSTGRES),
+            ),
+        };
+        let applied = applied.unwrap_or(0);
+        if applied < needed {
+            return Err(StoreError::MigrationsPending { applied, needed });
+        }
+        Ok(())
     }
 
     pub async fn stats(&self) -> Result<Stats> {

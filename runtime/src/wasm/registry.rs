@@ -233,7 +233,6 @@ impl Registry {
                 module.display(),
                 started.elapsed().as_millis()
             );
-            version_metric(&spec.name, None, &version.short);
             let permits = spec.concurrency.map(|n| Arc::new(Semaphore::new(n)));
             slots.push(Slot {
                 spec,
@@ -336,15 +335,6 @@ fn deep_recursion(err: &wasmtime::Error) -> Option<String> {
             |n| format!("`{:#}`", rustc_demangle::demangle(n)),
         ))
     })?
-}
-
-/// `outrun_handler_version{handler, version} = 1` for the serving version
-/// (and 0 for the one it replaced), so dashboards can show what runs where.
-pub(crate) fn version_metric(handler: &str, old: Option<&str>, new: &str) {
-    if let Some(old) = old {
-        metrics::gauge!("outrun_handler_version", "handler" => handler.to_string(), "version" => old.to_string()).set(0.0);
-    }
-    metrics::gauge!("outrun_handler_version", "handler" => handler.to_string(), "version" => new.to_string()).set(1.0);
 }
 
 /// Resolve the module's directory (so paths match what the file watcher

@@ -16,7 +16,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::WasmError;
-use super::registry::{Registry, compile_version, version_metric};
+use super::registry::{Registry, compile_version};
 
 /// Quiet time after the last change to a file before it is loaded: writers
 /// emit several events per save (create, modify ×N, close).
@@ -90,7 +90,6 @@ impl Registry {
         let elapsed = started.elapsed();
         let name = slot.spec.name.clone();
         tracing::info!(handler = %name, version = %new, "handler {name} reloaded: {} -> {new} in {} ms", old.short, elapsed.as_millis());
-        version_metric(&name, Some(&old.short), &new);
         metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
         metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
             .set(elapsed.as_secs_f64());

@@ -72,14 +72,37 @@ pub struct Allow {
     pub config: BTreeMap<String, String>,
 }
 
+/// How long one Redis connection attempt, and one command's reply, may take
+/// when `[kv] timeout` is not set.
+pub const DEFAULT_KV_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// `[kv]`: where the `kv` capability keeps its data.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvSettings {
     /// `redis://host:port/db`. Absent: an embedded in-memory store, which is
     /// per process and lost on restart.
     #[serde(default)]
     pub url: Option<String>,
+    /// Redis only: the longest one connection attempt and one command's
+    /// reply may take. A kv call on a dead or reconnecting connection fails
+    /// with `unavailable` within twice this, well inside a handler's
+    /// timeout, instead of holding its worker. `OUTRUN_KV_TIMEOUT`.
+    #[serde(default = "default_kv_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for KvSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            timeout: DEFAULT_KV_TIMEOUT,
+        }
+    }
+}
+
+fn default_kv_timeout() -> Duration {
+    DEFAULT_KV_TIMEOUT
 }
 
 /// A size in bytes, written in config as "64MiB", "16 MiB", "512KiB", "1GiB",
