@@ -270,7 +270,12 @@ async fn commit(
     let kept = Kept {
         lease,
         grouped,
-        emitted: !emitted.is_empty(),
+        // Only follow-ups due now are worth waking the claimer for (a
+        // claim per commit costs the bookkeeping connection, on SQLite the
+        // only one); delayed ones are found by the poll.
+        emitted: emitted
+            .iter()
+            .any(|e| e.delay.is_none_or(|d| d.is_zero())),
     };
     cx.committer.keep(tx, kept).await;
     false
