@@ -33,6 +33,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         handlers_dir: args.handlers,
         deadline: args.timeout,
         keep: args.keep,
+        cache_dir: config.artifact_cache_dir(),
     };
     let run = demo::run(&opts, journal).await?;
     print!("{}", run.report);
