@@ -208,6 +208,12 @@ on_both_backends!(
     upgrade_moves_outruns_rows_out_of_sqlx_migrations,
     concurrent_migrate_processes_all_succeed,
     changed_migration_is_refused_by_name,
+    enqueue_large_payload_from_file_and_stdin,
+    enqueue_ndjson_batch,
+    enqueue_refuses_events_that_cannot_run,
+    list_shows_state_and_run_at_dead_newest_first,
+    stats_by_name,
+    serve_logs_in_json,
 );
 
 #[test]
@@ -821,4 +827,853 @@ async fn cancel_refuses_bad_input(db: TestDb) {
         (stats(&db)["pending"].as_i64(), stats(&db)["dead"].as_i64()),
         (Some(1), Some(0))
     );
+}
+
+// ------------------------------------------------- large and batch enqueue
+
+/// `outrun ARGS` against `db` with `input` on stdin.
+fn outrun_stdin(db: &TestDb, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = common::outrun_command(db)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outrun");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+fn live_and_dead(db: &TestDb) -> i64 {
+    let s = stats(db);
+    ["pending", "scheduled", "running", "dead"]
+        .iter()
+        .map(|k| s[k].as_i64().unwrap())
+        .sum()
+}
+
+async fn enqueue_large_payload_from_file_and_stdin(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    // 600 KiB: well over what a command line takes (~128 KiB per argument).
+    let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(600 * 1024));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payload.json");
+    std::fs::write(&file, format!("{big}\n")).unwrap();
+    let id = ok(&outrun(
+        &db,
+        &[
+            "enqueue",
+            "big.file",
+            "--payload-file",
+            file.to_str().unwrap(),
+        ],
+    ))
+    .trim()
+    .to_string();
+    let ev = json(&outrun(&db, &["events", "show", &id, "--json"]));
+    assert_eq!(
+        ev["payload"]["blob"].as_str().map(str::len),
+        Some(600 * 1024),
+        "the whole payload, without the file's trailing newline"
+    );
+    let out = outrun_stdin(
+        &db,
+        &["enqueue", "big.stdin", "--payload", "-", "--json"],
+        big.as_bytes(),
+    );
+    let id = json(&out)["id"].as_str().unwrap().to_string();
+    let ev = json(&outrun(&db, &["events", "show", &id, "--json"]));
+    assert_eq!(ev["name"], "big.stdin");
+    assert_eq!(
+        ev["payload"]["blob"].as_str().map(str::len),
+        Some(600 * 1024)
+    );
+
+    // Over the limit: the error names it, nothing is written.
+    let huge = format!("{{\"blob\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    std::fs::write(&file, &huge).unwrap();
+    let err = fails(&outrun(
+        &db,
+        &["enqueue", "huge", "--payload-file", file.to_str().unwrap()],
+    ));
+    assert!(err.contains("1048576"), "{err}");
+    let err = fails(&outrun_stdin(
+        &db,
+        &["enqueue", "huge", "--payload", "-"],
+        huge.as_bytes(),
+    ));
+    assert!(err.contains("1048576"), "{err}");
+    let missing = dir.path().join("missing.json");
+    let err = fails(&outrun(
+        &db,
+        &["enqueue", "x", "--payload-file", missing.to_str().unwrap()],
+    ));
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert_eq!(live_and_dead(&db), 2);
+}
+
+async fn enqueue_ndjson_batch(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"name":"order.created","payload":{"order_id": 1, "items": [1, 2]},"group_id":"order:1"}"#,
+            "\n\n",
+            r#"{"name":"order.created","payload":"text","delay":"1h","expires_in":"2h","max_retry":3,"idempotency_key":"k-2"}"#,
+            "\n",
+            r#"{"name":"report","payload":[1,2,3]}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = outrun(
+        &db,
+        &["enqueue", "--ndjson", file.to_str().unwrap(), "--json"],
+    );
+    let v = json(&out);
+    assert_eq!(v["enqueued"], 3, "{v}");
+    let ids: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let first = json(&outrun(&db, &["events", "show", &ids[0], "--json"]));
+    assert_eq!(first["group_id"], "order:1");
+    assert_eq!(first["payload"]["items"][1], 2);
+    let second = json(&outrun(&db, &["events", "show", &ids[1], "--json"]));
+    assert_eq!(
+        (
+            second["payload"].as_str(),
+            second["max_retry"].as_i64(),
+            second["idempotency_key"].as_str(),
+            second["state"].as_str()
+        ),
+        (Some("text"), Some(3), Some("k-2"), Some("scheduled"))
+    );
+    assert!(second["expires_at"].is_string());
+    let s = stats(&db);
+    assert_eq!(
+        (s["pending"].as_i64(), s["scheduled"].as_i64()),
+        (Some(2), Some(1))
+    );
+
+    // From stdin, ids one per line.
+    let out = outrun_stdin(
+        &db,
+        &["enqueue", "--ndjson", "-"],
+        b"{\"name\":\"a\",\"payload\":{}}\n{\"name\":\"b\",\"payload\":null}\n",
+    );
+    let text = ok(&out);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    for line in text.lines() {
+        uuid::Uuid::parse_str(line).expect("one id per line");
+    }
+    assert_eq!(live_and_dead(&db), 5);
+
+    // A bad line anywhere: an error naming it, and nothing of the batch.
+    for (lines, needle) in [
+        (
+            "{\"name\":\"a\",\"payload\":{}}\n{\"name\":\"a\",\"payload\":{}}\n{\"name\":\"a\"}\n",
+            "line 3",
+        ),
+        (
+            "{\"name\":\"a\",\"payload\":{}}\n{\"name\":\"a\",\"payload\":{},\"delay\":\"3s\",\"expires_in\":\"1s\"}\n",
+            "line 2",
+        ),
+        ("{\"name\":\"\",\"payload\":{}}\n", "line 1"),
+        ("{\"name\":\"a\",\"payload\":{}} trailing\n", "line 1"),
+        ("{\"name\":\"a\",\"payload\":{},\"priority\":1}\n", "line 1"),
+    ] {
+        std::fs::write(&file, lines).unwrap();
+        let err = fails(&outrun(
+            &db,
+            &["enqueue", "--ndjson", file.to_str().unwrap()],
+        ));
+        assert!(
+            err.contains(needle) && err.contains("events.ndjson"),
+            "{needle}: {err}"
+        );
+    }
+    let err = fails(&outrun(
+        &db,
+        &["enqueue", "--ndjson", "/nonexistent/e.ndjson"],
+    ));
+    assert!(err.contains("/nonexistent/e.ndjson"), "{err}");
+    assert_eq!(live_and_dead(&db), 5, "nothing of a bad batch is written");
+    // A name and --ndjson do not mix.
+    fails(&outrun(
+        &db,
+        &["enqueue", "x", "--ndjson", file.to_str().unwrap()],
+    ));
+}
+
+// ----------------------------------------------------- events that cannot run
+
+async fn enqueue_refuses_events_that_cannot_run(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let err = fails(&outrun(
+        &db,
+        &[
+            "enqueue",
+            "x",
+            "--payload",
+            "{}",
+            "--expires-in",
+            "1s",
+            "--delay",
+            "3s",
+        ],
+    ));
+    assert!(
+        err.contains("could never run") && err.contains("delay"),
+        "{err}"
+    );
+    let err = fails(&outrun(
+        &db,
+        &[
+            "enqueue",
+            "x",
+            "--payload",
+            "{}",
+            "--delay",
+            "100000000000d",
+        ],
+    ));
+    assert!(err.contains("100 years"), "{err}");
+    assert!(
+        !err.contains("out of range") && !err.contains("database"),
+        "{err}"
+    );
+    // The same check on every entry point: a batch line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("e.ndjson");
+    std::fs::write(
+        &file,
+        "{\"name\":\"x\",\"payload\":{},\"expires_in\":\"100000000000d\"}\n",
+    )
+    .unwrap();
+    let err = fails(&outrun(
+        &db,
+        &["enqueue", "--ndjson", file.to_str().unwrap()],
+    ));
+    assert!(err.contains("line 1") && err.contains("100 years"), "{err}");
+    let err = fails(&outrun(
+        &db,
+        &["events", "purge", "--dead", "--older-than", "100000000000d"],
+    ));
+    assert!(err.contains("100 years"), "{err}");
+    assert_eq!(live_and_dead(&db), 0);
+    // Listing still works (a far-future row once broke it).
+    ok(&outrun(&db, &["events", "list"]));
+}
+
+// ------------------------------------------------------ list and stats
+
+async fn list_shows_state_and_run_at_dead_newest_first(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    enqueue_id(&db, &["ready", "--payload", "{}"]);
+    enqueue_id(&db, &["later", "--payload", "{}", "--delay", "1h"]);
+    let text = ok(&outrun(&db, &["events", "list"]));
+    let header = text.lines().next().unwrap();
+    assert!(
+        header.contains("state") && header.contains("run at"),
+        "{text}"
+    );
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {text}"))
+            .to_string()
+    };
+    assert!(row("ready").contains("pending"), "{text}");
+    assert!(row("later").contains("scheduled"), "{text}");
+    let rows = json(&outrun(&db, &["events", "list", "--json"]));
+    assert_eq!(rows[0]["state"], "pending");
+    assert_eq!(rows[1]["state"], "scheduled");
+
+    // Dead: newest dead first, whatever the order they were created in.
+    let a = enqueue_id(&db, &["job", "--payload", "{}"]);
+    let b = enqueue_id(&db, &["job", "--payload", "{}"]);
+    let c = enqueue_id(&db, &["job", "--payload", "{}"]);
+    for id in [&b, &c, &a] {
+        ok(&outrun(&db, &["events", "cancel", id]));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let dead = json(&outrun(&db, &["events", "list", "--dead", "--json"]));
+    let order: Vec<&str> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, [a.as_str(), c.as_str(), b.as_str()], "{dead}");
+    assert_eq!(dead[0]["state"], "dead");
+    let text = ok(&outrun(&db, &["events", "list", "--dead", "--limit", "1"]));
+    assert!(text.lines().next().unwrap().contains("died"), "{text}");
+    assert!(text.contains(&a) && !text.contains(&c), "{text}");
+}
+
+async fn stats_by_name(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    enqueue_id(&db, &["alpha", "--payload", "{}"]);
+    let doomed = enqueue_id(&db, &["alpha", "--payload", "{}"]);
+    enqueue_id(&db, &["beta", "--payload", "{}", "--delay", "1h"]);
+    ok(&outrun(&db, &["events", "cancel", &doomed]));
+    let v = json(&outrun(&db, &["events", "stats", "--by-name", "--json"]));
+    assert_eq!(
+        (v["pending"].as_i64(), v["dead"].as_i64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    let by = v["by_name"].as_array().expect("by_name array");
+    assert_eq!(by.len(), 2, "{v}");
+    assert_eq!(
+        (
+            by[0]["name"].as_str(),
+            by[0]["pending"].as_i64(),
+            by[0]["scheduled"].as_i64(),
+            by[0]["dead"].as_i64()
+        ),
+        (Some("alpha"), Some(1), Some(0), Some(1))
+    );
+    assert_eq!(
+        (
+            by[1]["name"].as_str(),
+            by[1]["pending"].as_i64(),
+            by[1]["scheduled"].as_i64(),
+            by[1]["dead"].as_i64()
+        ),
+        (Some("beta"), Some(0), Some(1), Some(0))
+    );
+    let text = ok(&outrun(&db, &["events", "stats", "--by-name"]));
+    let alpha = text.lines().find(|l| l.starts_with("alpha")).expect(&text);
+    assert_eq!(
+        alpha.split_whitespace().take(5).collect::<Vec<_>>(),
+        ["alpha", "1", "0", "0", "1"],
+        "{text}"
+    );
+    // Without --by-name, the JSON is as before.
+    assert!(stats(&db).get("by_name").is_none());
+}
+
+// --------------------------------------------- wrong directory, no database
+
+/// `outrun ARGS` in `cwd` with no database or config from the environment.
+fn outrun_in(cwd: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outrun"));
+    c.current_dir(cwd)
+        .args(args)
+        .env_remove("OUTRUN_DATABASE_URL")
+        .env_remove("OUTRUN_CONFIG")
+        .env_remove("OUTRUN_LOG_FORMAT");
+    c
+}
+
+#[test]
+fn commands_outside_the_database_directory_create_nothing() {
+    let cwd = tempfile::tempdir().unwrap();
+    let id = uuid::Uuid::now_v7().to_string();
+    for args in [
+        &["events", "list"][..],
+        &["events", "stats"],
+        &["events", "stats", "--by-name", "--json"],
+        &["events", "show", &id],
+        &["events", "replay", "--all-dead"],
+        &["events", "purge", "--dead"],
+        &["enqueue", "x", "--payload", "{}"],
+    ] {
+        let out = outrun_in(cwd.path(), args).output().unwrap();
+        let err = fails(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let expected = cwd.path().canonicalize().unwrap().join("outrun.db");
+        assert!(
+            err.contains(&expected.display().to_string())
+                || err.contains(&cwd.path().join("outrun.db").display().to_string()),
+            "{args:?} names the file it tried: {err}"
+        );
+        assert!(
+            err.contains("--database") && err.contains("OUTRUN_DATABASE_URL"),
+            "{args:?} says how to choose: {err}"
+        );
+        assert!(err.contains("the default"), "{args:?}: {err}");
+        let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+        assert!(left.is_empty(), "{args:?} created {left:?}");
+    }
+    // An explicit URL to a missing file: the same, without "the default".
+    let url = format!("sqlite://{}?mode=rwc", cwd.path().join("app.db").display());
+    let err = fails(
+        &outrun_in(cwd.path(), &["events", "stats", "--database", &url])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("app.db") && !err.contains("the default"),
+        "{err}"
+    );
+    assert!(std::fs::read_dir(cwd.path()).unwrap().next().is_none());
+    // migrate creates it.
+    ok(&outrun_in(cwd.path(), &["migrate"]).output().unwrap());
+    assert!(cwd.path().join("outrun.db").exists());
+    ok(&outrun_in(cwd.path(), &["events", "stats"])
+        .output()
+        .unwrap());
+}
+
+// ------------------------------------------------- artifact cache location
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn handler_commands_write_nothing_beside_the_config() {
+    let root = tempfile::tempdir().unwrap();
+    let conf = root.path().join("conf");
+    let cwd = root.path().join("cwd");
+    let xdg = root.path().join("xdg");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::copy(common::guest("probe"), conf.join("probe.wasm")).unwrap();
+    let config = conf.join("outrun.toml");
+    std::fs::write(
+        &config,
+        "[[handler]]\nname = \"probe\"\nmodule = \"probe.wasm\"\nevents = [\"probe.echo\"]\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], xdg: &std::path::Path| {
+        outrun_in(&cwd, args)
+            .env_remove("OUTRUN_CACHE_DIR")
+            .env("XDG_CACHE_HOME", xdg)
+            .env("HOME", root.path().join("home"))
+            .output()
+            .unwrap()
+    };
+    let config_arg = config.to_str().unwrap();
+    let out = run(
+        &["handlers", "list", "--config", config_arg, "--json"],
+        &xdg,
+    );
+    let list: Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(list[0]["name"], "probe");
+    assert_eq!(files_in(&conf), ["outrun.toml", "probe.wasm"]);
+    assert!(files_in(&cwd).is_empty(), "no database either");
+    let cached = files_in(&xdg.join("outrun"));
+    assert!(
+        cached.iter().any(|f| f.ends_with(".cwasm")),
+        "the artifact is in $XDG_CACHE_HOME/outrun: {cached:?}"
+    );
+    ok(&run(
+        &[
+            "handlers",
+            "check",
+            conf.join("probe.wasm").to_str().unwrap(),
+        ],
+        &xdg,
+    ));
+    assert_eq!(files_in(&conf), ["outrun.toml", "probe.wasm"]);
+
+    // A cache that cannot be written (its parent is a file): a warning, once.
+    let blocker = root.path().join("not-a-dir");
+    std::fs::write(&blocker, "").unwrap();
+    let out = run(
+        &["handlers", "list", "--config", config_arg],
+        &blocker.join("sub"),
+    );
+    let listing = ok(&out);
+    assert!(listing.contains("probe"), "{listing}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("cannot write compiled artifacts").count(),
+        1,
+        "one warning: {err}"
+    );
+    assert_eq!(files_in(&conf), ["outrun.toml", "probe.wasm"]);
+
+    // cache_dir in the config still chooses (relative to the config file).
+    std::fs::write(
+        &config,
+        "cache_dir = \"../artifacts\"\n[[handler]]\nname = \"probe\"\nmodule = \"probe.wasm\"\nevents = [\"probe.echo\"]\n",
+    )
+    .unwrap();
+    ok(&run(&["handlers", "list", "--config", config_arg], &xdg));
+    assert!(
+        files_in(&root.path().join("artifacts"))
+            .iter()
+            .any(|f| f.ends_with(".cwasm"))
+    );
+}
+
+// ------------------------------------------------------------ broken pipe
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, Read};
+    let db = TestDb::sqlite();
+    ok(&outrun(&db, &["migrate"]));
+    let lines: String = (0..3000)
+        .map(|i| format!("{{\"name\":\"bulk.{i}\",\"payload\":{{\"i\":{i}}}}}\n"))
+        .collect();
+    ok(&outrun_stdin(
+        &db,
+        &["enqueue", "--ndjson", "-"],
+        lines.as_bytes(),
+    ));
+    for args in [
+        &["events", "list", "--limit", "3000"][..],
+        &["events", "list", "--limit", "3000", "--json"],
+    ] {
+        let mut child = common::outrun_command(&db)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -c 100`: read a little, then close the pipe.
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 100];
+        stdout.read_exact(&mut first).unwrap();
+        drop(stdout);
+        let mut err = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .for_each(|l| err.push_str(&l.unwrap()));
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {status}; stderr: {err}");
+        assert!(err.is_empty(), "{args:?}: nothing on stderr, got {err}");
+    }
+}
+
+// ------------------------------------------------------- error messages
+
+#[test]
+fn error_chains_name_each_cause_once() {
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["events", "stats", "--config", "/nonexistent/outrun.toml"])
+        .output()
+        .unwrap();
+    let err = fails(&out);
+    assert!(err.contains("/nonexistent/outrun.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+
+    // An SQLite file without the outbox table.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.db");
+    std::fs::write(&file, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["events", "stats", "--database"])
+        .arg(format!("sqlite://{}", file.display()))
+        .output()
+        .unwrap();
+    let err = fails(&out);
+    assert!(err.contains("run `outrun migrate` first"), "{err}");
+    assert_eq!(err.matches("no such table").count(), 1, "{err}");
+}
+
+#[test]
+fn refused_connection_fails_at_once_with_the_cause() {
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args([
+            "events",
+            "stats",
+            "--database",
+            "postgres://app:s3cret@127.0.0.1:1/app",
+        ])
+        .env_remove("OUTRUN_LOG_FORMAT")
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let err = fails(&out);
+    assert!(
+        elapsed < std::time::Duration::from_secs(2),
+        "took {elapsed:?}: {err}"
+    );
+    assert!(err.to_lowercase().contains("connection refused"), "{err}");
+    assert!(
+        !err.contains("pool timed out") && !err.contains("s3cret"),
+        "{err}"
+    );
+    assert_eq!(err.matches("127.0.0.1:1").count(), 1, "the URL once: {err}");
+}
+
+#[test]
+fn json_logs_make_the_fatal_error_a_json_line() {
+    let check = |out: Output, needle: &str| {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let line: Value = serde_json::from_str(err.trim_end())
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {err}"));
+        assert_eq!(line["level"], "ERROR", "{line}");
+        assert!(line["timestamp"].is_string(), "{line}");
+        let message = line["message"].as_str().unwrap();
+        assert!(message.to_lowercase().contains(needle), "{line}");
+    };
+    check(
+        Command::new(env!("CARGO_BIN_EXE_outrun"))
+            .args(["events", "stats", "--log-format", "json", "--database"])
+            .arg("postgres://127.0.0.1:1/app")
+            .output()
+            .unwrap(),
+        "connection refused",
+    );
+    // Before the config is read: the format comes from the environment.
+    check(
+        Command::new(env!("CARGO_BIN_EXE_outrun"))
+            .args(["events", "stats", "--config", "/nonexistent/outrun.toml"])
+            .env("OUTRUN_LOG_FORMAT", "json")
+            .output()
+            .unwrap(),
+        "/nonexistent/outrun.toml",
+    );
+}
+
+/// JSON log lines of serve: the handler's events as one string, a line when
+/// claiming works again after an outage, and `running` counting handlers.
+async fn serve_logs_in_json(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(common::guest("probe"), dir.path().join("probe.wasm")).unwrap();
+    let config = dir.path().join("outrun.toml");
+    std::fs::write(
+        &config,
+        "[log]\nformat = \"json\"\n[runtime]\nconcurrency = 4\n\n[[handler]]\nname = \"probe\"\nmodule = \"probe.wasm\"\nevents = [\"probe.echo\", \"probe.trap\"]\n",
+    )
+    .unwrap();
+    let serve = common::Serve::ready(&db, &config).await;
+    let lines = |log: &str, message: &str| -> Vec<Value> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(message)))
+            .collect()
+    };
+    let loaded = lines(&serve.log(), "handler loaded");
+    assert_eq!(loaded.len(), 1, "{}", serve.log());
+    assert_eq!(
+        loaded[0]["events"], "probe.echo,probe.trap",
+        "{}",
+        loaded[0]
+    );
+
+    // An outage of the outbox table: claims fail, then work again.
+    db.exec("ALTER TABLE outbox_events RENAME TO outbox_events_away")
+        .await;
+    wait_for("a failed claim", || async {
+        !lines(&serve.log(), "claiming events failed").is_empty()
+    })
+    .await;
+    db.exec("ALTER TABLE outbox_events_away RENAME TO outbox_events")
+        .await;
+    wait_for("claims working again", || async {
+        !lines(&serve.log(), "claiming events works again").is_empty()
+    })
+    .await;
+    let back = lines(&serve.log(), "claiming events works again");
+    assert_eq!(back.len(), 1, "one line per recovery: {back:?}");
+    assert!(back[0]["failures"].as_i64() >= Some(1), "{}", back[0]);
+
+    let log = serve.stop();
+    let down = lines(&log, "shutting down");
+    assert_eq!(down.len(), 1, "{log}");
+    assert_eq!(
+        down[0]["running"], 0,
+        "no handler was running (4 worker slots): {}",
+        down[0]
+    );
+}
+
+// ---------------------------------------------------- help and completions
+
+#[test]
+fn help_explains_every_option_with_examples_and_completions_exist() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Every option and argument has a line of help after it.
+    for cmd in [
+        &["events", "list", "--help"][..],
+        &["events", "stats", "--help"],
+        &["events", "show", "--help"],
+        &["events", "replay", "--help"],
+        &["events", "cancel", "--help"],
+        &["events", "purge", "--help"],
+        &["handlers", "list", "--help"],
+        &["handlers", "check", "--help"],
+        &["enqueue", "--help"],
+        &["migrate", "--help"],
+    ] {
+        let text = help(cmd);
+        assert!(text.contains("Examples:"), "{cmd:?}:\n{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            let indent = line.len() - t.len();
+            let is_item = (2..=6).contains(&indent)
+                && (t.starts_with("--")
+                    || t.starts_with('<')
+                    || t.starts_with('[')
+                    || t.starts_with("-c"));
+            if is_item && !t.starts_with("-h") {
+                // Help on the same line after the name, or on the next.
+                let own = t.split_once("  ").map(|(_, h)| h.trim());
+                let next = lines.get(i + 1).map_or("", |l| l.trim());
+                assert!(
+                    own.is_some_and(|h| !h.is_empty())
+                        || (!next.is_empty() && !next.starts_with('-') && !next.starts_with('<')),
+                    "{cmd:?}: no help for `{t}`:\n{text}"
+                );
+            }
+        }
+    }
+    assert!(help(&["--help"]).contains("Examples:"));
+    assert!(help(&["events", "list", "--help"]).contains("Most events to list"));
+    assert!(help(&["events", "show", "--help"]).contains("UUID"));
+
+    let bash = help(&["completions", "bash"]);
+    assert!(
+        bash.contains("_outrun") && bash.contains("enqueue"),
+        "{bash}"
+    );
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        assert!(help(&["completions", shell]).contains("outrun"), "{shell}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+// ------------------------------------------------------------ admin limits
+
+/// A raw `POST /v1/events` with the given headers; (status, body). The
+/// response is read while the body is still being sent: a server refusing
+/// a large body answers before reading it all, then closes.
+async fn http_raw(port: u16, head: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rx, mut tx) = s.into_split();
+    let mut req = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{head}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let writer = tokio::spawn(async move {
+        let _ = tx.write_all(&req).await;
+        tx
+    });
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // Until the head and its Content-Length of body are in.
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if rest.len() >= len {
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                writer.abort();
+                return (status, rest.to_string());
+            }
+        }
+        match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    panic!("incomplete response: {:?}", String::from_utf8_lossy(&raw));
+}
+
+#[tokio::test]
+async fn admin_api_refuses_oversized_and_non_json_bodies() {
+    let db = TestDb::sqlite();
+    ok(&outrun(&db, &["migrate"]));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    /// Killed if the test fails before it stops it.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut serve = Child(
+        Command::new(env!("CARGO_BIN_EXE_outrun"))
+            .args(["serve", "--admin", &format!("127.0.0.1:{port}")])
+            .env("OUTRUN_DATABASE_URL", db.url())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("admin server up", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let json_type = "Content-Type: application/json\r\n";
+    let event = |payload_len: usize| {
+        format!(
+            "{{\"name\":\"x\",\"payload\":\"{}\",\"delay\":\"1h\"}}",
+            "x".repeat(payload_len)
+        )
+        .into_bytes()
+    };
+    // Payload just over the limit (body under the body limit).
+    let (status, body) = http_raw(port, json_type, &event(1024 * 1024 + 10)).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("1048576"), "{body}");
+    // A body far over the limit.
+    let (status, body) = http_raw(port, json_type, &event(3 * 1024 * 1024)).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("1048576"), "{body}");
+    // No or another content type.
+    let (status, body) = http_raw(port, "", &event(10)).await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("application/json"), "{body}");
+    let (status, _) = http_raw(port, "Content-Type: text/plain\r\n", &event(10)).await;
+    assert_eq!(status, 415);
+    // Under the limit: fine.
+    let (status, body) = http_raw(port, json_type, &event(1000 * 1024)).await;
+    assert_eq!(status, 201, "{body}");
+    terminate(&mut serve.0);
+    assert_eq!(live_and_dead(&db), 1);
 }

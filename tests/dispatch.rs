@@ -360,10 +360,25 @@ async fn expired_event_is_dead_not_run(db: TestDb) {
     let store = db.store().await;
     let rec = Recorder::default();
     // Available only after it has expired: it can never start in time.
-    let ev = NewEvent::new("late", "{}")
-        .with_delay(Duration::from_millis(300))
-        .with_expires_in(Duration::from_millis(100));
-    let id = store.enqueue(&ev, 5).await.unwrap();
+    // Enqueueing refuses such an event, so insert it as plain SQL could.
+    let id = uuid::Uuid::now_v7();
+    if db.is_postgres() {
+        db.exec(&format!(
+            "INSERT INTO outbox_events (id, name, payload, available_at, expires_at)
+             VALUES ('{id}', 'late', '{{}}', now() + interval '300 milliseconds',
+                     now() + interval '100 milliseconds')"
+        ))
+        .await;
+    } else {
+        let now = chrono::Utc::now().timestamp_millis();
+        db.exec(&format!(
+            "INSERT INTO outbox_events (id, create_date, name, payload, available_at, expires_at)
+             VALUES ('{id}', {now}, 'late', '{{}}', {}, {})",
+            now + 300,
+            now + 100
+        ))
+        .await;
+    }
     let run = Running::start(
         &store,
         StaticRouter::new().with("late", rec.clone()),

@@ -48,8 +48,11 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     /// Where compiled handler artifacts are cached, so a restart with
-    /// unchanged modules does not recompile. Default: `.outrun-cache` next
-    /// to the config file. `OUTRUN_CACHE_DIR`.
+    /// unchanged modules does not recompile. Default: the user's cache
+    /// directory, `$XDG_CACHE_HOME/outrun` or `~/.cache/outrun` (nothing is
+    /// written beside the config, which may be on a read-only mount). A
+    /// relative path resolves against the config file's directory.
+    /// `OUTRUN_CACHE_DIR`.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
     /// `[kv]`: the key-value store behind the `kv` capability.
@@ -220,6 +223,16 @@ impl Config {
                 },
             }
         })
+    }
+
+    /// The artifact cache to use: `cache_dir` (relative to the config
+    /// file's directory) or the user's cache directory; `None` when there
+    /// is neither (no `HOME`): handlers then compile at every start.
+    pub fn artifact_cache_dir(&self) -> Option<PathBuf> {
+        match &self.cache_dir {
+            Some(d) => Some(crate::wasm::resolve(&self.base_dir(), d)),
+            None => crate::wasm::cache::user_cache_dir(),
+        }
     }
 
     /// Directory that relative paths in the file resolve against.

@@ -17,6 +17,10 @@ pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Largest `max_retry`: the column is a SMALLINT on PostgreSQL.
 pub const MAX_RETRY_LIMIT: i32 = i16::MAX as i32;
 
+/// Longest delay or expiry an event may be given: 100 years (of 365 days).
+/// Anything longer is a typo, and would overflow the timestamp columns.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Why an event could not be enqueued. Nothing is written in any of these cases.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum InvalidEvent {
@@ -34,6 +38,28 @@ pub enum InvalidEvent {
     MaxRetry(i64),
     #[error("idempotency key is empty; omit it or give a non-empty key")]
     EmptyKey,
+    #[error(
+        "{what} {} is longer than the limit of 100 years; give a shorter duration",
+        human(.duration)
+    )]
+    DurationTooLong {
+        what: &'static str,
+        duration: Duration,
+    },
+    #[error(
+        "the event would expire (expires_in {}) before it may run (delay {}), so it could never run; \
+         make expires_in longer than the delay",
+        human(.expires_in),
+        human(.delay)
+    )]
+    ExpiresBeforeRun {
+        delay: Duration,
+        expires_in: Duration,
+    },
+}
+
+fn human(d: &Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(*d)
 }
 
 /// An event to enqueue. Build with [`NewEvent::new`] and the `with_*` methods.
@@ -119,6 +145,21 @@ impl NewEvent {
         }
         if self.idempotency_key.as_deref() == Some("") {
             return Err(InvalidEvent::EmptyKey);
+        }
+        for (what, d) in [("delay", self.delay), ("expires_in", self.expires_in)] {
+            if let Some(duration) = d
+                && duration > MAX_DURATION
+            {
+                return Err(InvalidEvent::DurationTooLong { what, duration });
+            }
+        }
+        // Not startable before now + delay, dead at now + expires_in: an
+        // expiry at or before the start means the event can never run.
+        if let Some(expires_in) = self.expires_in {
+            let delay = self.delay.unwrap_or_default();
+            if expires_in <= delay {
+                return Err(InvalidEvent::ExpiresBeforeRun { delay, expires_in });
+            }
         }
         Ok(())
     }
@@ -255,5 +296,57 @@ mod tests {
                 .validate(),
             Err(InvalidEvent::GroupTooLong(101))
         ));
+    }
+
+    #[test]
+    fn rejects_events_that_cannot_run_and_absurd_durations() {
+        let s = Duration::from_secs;
+        let ev = NewEvent::new("a", "{}")
+            .with_delay(s(3))
+            .with_expires_in(s(1));
+        let err = ev.validate().unwrap_err();
+        assert_eq!(
+            err,
+            InvalidEvent::ExpiresBeforeRun {
+                delay: s(3),
+                expires_in: s(1)
+            }
+        );
+        assert!(err.to_string().contains("could never run"), "{err}");
+        assert!(
+            NewEvent::new("a", "{}")
+                .with_delay(s(3))
+                .with_expires_in(s(3))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            NewEvent::new("a", "{}")
+                .with_expires_in(Duration::ZERO)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            NewEvent::new("a", "{}")
+                .with_delay(s(3))
+                .with_expires_in(s(4))
+                .validate()
+                .is_ok()
+        );
+        let err = NewEvent::new("a", "{}")
+            .with_delay(s(100_000_000_000 * 86_400))
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(err, InvalidEvent::DurationTooLong { what: "delay", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("100 years"), "{err}");
+        assert!(
+            NewEvent::new("a", "{}")
+                .with_expires_in(MAX_DURATION)
+                .validate()
+                .is_ok()
+        );
     }
 }

@@ -207,11 +207,28 @@ struct EnqueueBody {
     idempotency_key: Option<String>,
 }
 
+/// `POST /v1/events`: 201 with the id; 413 for a body or payload over the
+/// limit, 415 without `Content-Type: application/json`, 400 for a body
+/// that is not an event, 422 for an event that is not valid.
 async fn enqueue(
     State(st): State<AdminState>,
     body: Result<Json<EnqueueBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let Json(b) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    use axum::extract::rejection::JsonRejection;
+    let Json(b) = body.map_err(|e| match e {
+        JsonRejection::MissingJsonContentType(_) => ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the event as JSON with the header `Content-Type: application/json`".into(),
+        ),
+        e if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is too large: an event's payload is limited to {} bytes (1 MiB)",
+                crate::event::MAX_PAYLOAD_BYTES
+            ),
+        ),
+        e => ApiError(StatusCode::BAD_REQUEST, e.body_text()),
+    })?;
     let event = NewEvent {
         name: b.name,
         payload: b.payload.to_string(),
@@ -221,6 +238,9 @@ async fn enqueue(
         max_retry: b.max_retry,
         idempotency_key: b.idempotency_key,
     };
+    if let Err(e @ crate::event::InvalidEvent::PayloadTooLarge(_)) = event.validate() {
+        return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()));
+    }
     let id = st.store.enqueue(&event, st.default_max_retry).await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
 }

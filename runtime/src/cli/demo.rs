@@ -33,9 +33,10 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         handlers_dir: args.handlers,
         deadline: args.timeout,
         keep: args.keep,
+        cache_dir: config.artifact_cache_dir(),
     };
     let run = demo::run(&opts, journal).await?;
-    print!("{}", run.report);
+    super::write_stdout_bytes(run.report.as_bytes())?;
     if run.mismatches.is_empty() {
         Ok(())
     } else {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -14,33 +14,62 @@ use crate::store::{ListFilter, Store};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Counts by state: pending, scheduled, running, dead.
+    /// Counts by state: pending (ready now), scheduled (delay or backoff),
+    /// running (leased), dead; and the age of the oldest pending event.
+    #[command(after_help = "\
+Examples:
+  outrun events stats
+  outrun events stats --by-name            one row per event name
+  outrun events stats --json               {\"pending\":1,\"scheduled\":0,...}")]
     Stats {
+        /// Also count per event name (with --json: a `by_name` array).
+        #[arg(long)]
+        by_name: bool,
+        /// Print one JSON object on stdout instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Live events (or dead ones with --dead), oldest first.
+    /// Live events, oldest first, with their state and when they run; or
+    /// dead ones with --dead, newest dead first, with when they died.
+    #[command(after_help = "\
+Examples:
+  outrun events list                       live events, oldest first
+  outrun events list --dead --limit 10     the ten most recent dead letters
+  outrun events list --name order.created --json")]
     List {
-        /// Only dead events (retry >= max_retry).
+        /// Only dead events (retry >= max_retry), newest dead first.
         #[arg(long)]
         dead: bool,
         /// Only events with this name.
         #[arg(long)]
         name: Option<String>,
+        /// Most events to list.
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// Print a JSON array of events on stdout instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// One event, all columns.
+    #[command(after_help = "\
+Examples:
+  outrun events show 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10
+  outrun events show 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10 --json | jq .last_error")]
     Show {
+        /// The event's id (a UUID, as `enqueue` and `events list` print it).
         id: Uuid,
+        /// Print the event as one line of JSON instead of indented.
         #[arg(long)]
         json: bool,
     },
     /// Make dead events live again with retry = 0.
+    #[command(after_help = "\
+Examples:
+  outrun events replay 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10
+  outrun events replay --all-dead")]
     Replay {
-        /// The event to replay.
+        /// The event to replay: its id (a UUID, as `events list --dead`
+        /// prints it).
         #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
         id: Option<Uuid>,
         /// Replay every dead event.
@@ -50,8 +79,12 @@ pub enum Command {
     /// Cancel live events: each becomes dead with last_error 'cancelled'
     /// (replay brings it back). A running event's attempt ends without
     /// effects.
+    #[command(after_help = "\
+Examples:
+  outrun events cancel 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10
+  outrun events cancel --name order.created --group order:42")]
     Cancel {
-        /// The event to cancel.
+        /// The event to cancel: its id (a UUID, as `events list` prints it).
         #[arg(required_unless_present = "name", conflicts_with = "name")]
         id: Option<Uuid>,
         /// Cancel every live event with this name.
@@ -65,6 +98,10 @@ pub enum Command {
         json: bool,
     },
     /// Delete dead events.
+    #[command(after_help = "\
+Examples:
+  outrun events purge --dead                   every dead event
+  outrun events purge --dead --older-than 7d   those dead for more than 7 days")]
     Purge {
         /// Required: only dead events are ever purged.
         #[arg(long, required = true)]
@@ -82,21 +119,58 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
 
 async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Stats { json } => {
+        Command::Stats { by_name, json } => {
             let s = store.stats().await?;
-            if json {
-                println!("{}", serde_json::to_string(&s)?);
+            let names = if by_name {
+                Some(store.stats_by_name().await?)
             } else {
-                println!(
+                None
+            };
+            let age = |secs: f64| humantime::format_duration(Duration::from_secs(secs as u64));
+            if json {
+                #[derive(serde::Serialize)]
+                struct WithNames<'a> {
+                    #[serde(flatten)]
+                    stats: &'a crate::store::Stats,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    by_name: Option<&'a [crate::store::NameStats]>,
+                }
+                let v = WithNames {
+                    stats: &s,
+                    by_name: names.as_deref(),
+                };
+                outln!("{}", serde_json::to_string(&v)?);
+            } else {
+                outln!(
                     "pending {}  scheduled {}  running {}  dead {}  oldest pending {}",
                     s.pending,
                     s.scheduled,
                     s.running,
                     s.dead,
-                    humantime::format_duration(Duration::from_secs(
-                        s.oldest_pending_age_secs as u64
-                    ))
+                    age(s.oldest_pending_age_secs)
                 );
+                if let Some(names) = &names {
+                    outln!();
+                    outln!(
+                        "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  oldest pending",
+                        "name",
+                        "pending",
+                        "scheduled",
+                        "running",
+                        "dead"
+                    );
+                    for n in names {
+                        outln!(
+                            "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
+                            n.name,
+                            n.pending,
+                            n.scheduled,
+                            n.running,
+                            n.dead,
+                            age(n.oldest_pending_age_secs)
+                        );
+                    }
+                }
             }
         }
         Command::List {
@@ -111,9 +185,9 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
             let events = store.list(&ListFilter { dead, name, limit }).await?;
             if json {
                 let rows: Vec<Value> = events.iter().map(event_json).collect();
-                println!("{}", serde_json::to_string(&rows)?);
+                outln!("{}", serde_json::to_string(&rows)?);
             } else {
-                print_table(&events);
+                print_table(&events, dead)?;
             }
         }
         Command::Show { id, json } => {
@@ -122,9 +196,9 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
                 .await?
                 .with_context(|| format!("no event with id {id}"))?;
             if json {
-                println!("{}", serde_json::to_string(&event_json(&ev))?);
+                outln!("{}", serde_json::to_string(&event_json(&ev))?);
             } else {
-                println!("{}", serde_json::to_string_pretty(&event_json(&ev))?);
+                outln!("{}", serde_json::to_string_pretty(&event_json(&ev))?);
             }
         }
         Command::Replay { id: Some(id), .. } => {
@@ -151,7 +225,7 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
                 if let Some(id) = id {
                     v["id"] = json!(id);
                 }
-                println!("{v}");
+                outln!("{v}");
             }
             match id {
                 Some(id) if done.running > 0 => {
@@ -183,6 +257,21 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `pending` (ready now), `scheduled` (waiting for `available_at`),
+/// `running` (leased) or `dead`, as [`crate::store::Stats`] counts them,
+/// judged by this host's clock.
+pub fn event_state(ev: &Event, now: DateTime<Utc>) -> &'static str {
+    if ev.is_dead() {
+        "dead"
+    } else if ev.locked_until.is_some_and(|t| t >= now) {
+        "running"
+    } else if ev.available_at > now {
+        "scheduled"
+    } else {
+        "pending"
+    }
+}
+
 /// An event as JSON, with the payload embedded as JSON when it parses (it
 /// should; rows inserted by hand may not) and as a string otherwise.
 pub fn event_json(ev: &Event) -> Value {
@@ -193,6 +282,7 @@ pub fn event_json(ev: &Event) -> Value {
         "name": ev.name,
         "payload": payload,
         "group_id": ev.group_id,
+        "state": event_state(ev, Utc::now()),
         "retry": ev.retry,
         "max_retry": ev.max_retry,
         "dead": ev.is_dead(),
@@ -208,26 +298,44 @@ pub fn event_json(ev: &Event) -> Value {
     })
 }
 
-fn print_table(events: &[Event]) {
+/// The human listing. Live events show when they run (`available_at`:
+/// in the past for a pending event, the end of the lease for a running
+/// one), dead events when they died.
+fn print_table(events: &[Event], dead: bool) -> anyhow::Result<()> {
     const TIME: &str = "%Y-%m-%d %H:%M:%S";
-    println!(
-        "{:<36}  {:<24}  {:<12}  {:>5}  {:<19}  {:<19}  last_error",
-        "id", "name", "group", "retry", "created", "died"
+    let time = |t: Option<DateTime<Utc>>| {
+        t.map_or_else(|| "-".to_string(), |t| t.format(TIME).to_string())
+    };
+    outln!(
+        "{:<36}  {:<24}  {:<12}  {:<9}  {:>5}  {:<19}  {:<19}  last_error",
+        "id",
+        "name",
+        "group",
+        "state",
+        "retry",
+        if dead { "died" } else { "run at" },
+        "created"
     );
+    let now = Utc::now();
     for ev in events {
-        println!(
-            "{:<36}  {:<24}  {:<12}  {:>2}/{:<2}  {:<19}  {:<19}  {}",
+        outln!(
+            "{:<36}  {:<24}  {:<12}  {:<9}  {:>2}/{:<2}  {:<19}  {:<19}  {}",
             ev.id,
             ev.name,
             ev.group_id.as_deref().unwrap_or("-"),
+            event_state(ev, now),
             ev.retry,
             ev.max_retry,
+            time(if dead {
+                ev.dead_at
+            } else {
+                Some(ev.available_at)
+            }),
             ev.create_date.format(TIME),
-            ev.dead_at
-                .map_or_else(|| "-".to_string(), |t| t.format(TIME).to_string()),
             ev.last_error.as_deref().unwrap_or("")
         );
     }
+    Ok(())
 }
 
 /// A missing table is the usual first-run mistake: say how to fix it.

@@ -10,15 +10,27 @@ pub enum Command {
     /// Load every [[handler]] of the config (compiling or reading the
     /// artifact cache) and list name, module, content hash, load time and
     /// bound events. A running server lists its live versions at
-    /// GET /v1/handlers.
+    /// GET /v1/handlers. Compiled artifacts are cached in the user's cache
+    /// directory (see `cache_dir`); nothing is written beside the config.
+    #[command(after_help = "\
+Examples:
+  outrun handlers list --config outrun.toml
+  outrun handlers list --config outrun.toml --json | jq '.[].hash'")]
     List {
+        /// Print a JSON array of handlers on stdout instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Check that FILE is a component implementing the `handler` world with
     /// imports outrun provides. Exit 0 if so; otherwise the error names the
-    /// missing or mismatched export or import.
-    Check { file: PathBuf },
+    /// missing or mismatched export or import. Writes nothing.
+    #[command(after_help = "\
+Examples:
+  outrun handlers check target/wasm32-wasip2/release/my_handler.wasm")]
+    Check {
+        /// The component file (.wasm) to check.
+        file: PathBuf,
+    },
 }
 
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
@@ -32,14 +44,17 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             let registry = super::serve::load_registry(config).await?;
             let handlers = registry.handlers();
             if json {
-                println!("{}", serde_json::to_string(&handlers)?);
+                outln!("{}", serde_json::to_string(&handlers)?);
             } else {
-                println!(
+                outln!(
                     "{:<20}  {:<12}  {:<20}  {:<40}  module",
-                    "name", "version", "loaded at", "events"
+                    "name",
+                    "version",
+                    "loaded at",
+                    "events"
                 );
                 for h in handlers {
-                    println!(
+                    outln!(
                         "{:<20}  {:<12}  {:<20}  {:<40}  {}",
                         h.name,
                         &h.hash[..12],
@@ -55,14 +70,14 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             // Compiling takes tens of milliseconds of CPU: off the runtime.
             let info =
                 tokio::task::spawn_blocking(move || crate::wasm::check_file(&path)).await??;
-            println!(
+            outln!(
                 "ok: {} implements outrun:handler/handler@0.1.0 (version {}, {} bytes)",
                 info.path.display(),
                 &info.hash[..12],
                 info.size
             );
             for i in &info.imports {
-                println!("  imports {i}");
+                outln!("  imports {i}");
             }
         }
     }

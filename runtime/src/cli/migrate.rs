@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::store::migrate::{SQLX_TABLE, TABLE};
 
 pub async fn run(config: &Config) -> anyhow::Result<()> {
-    let store = super::connect(config).await?;
+    let store = super::connect_creating(config).await?;
     let report = store.migrate().await?;
     if !report.moved.is_empty() {
         eprintln!(

@@ -124,7 +124,7 @@ pub(crate) async fn load_registry(config: &Config) -> anyhow::Result<Arc<Registr
     };
     let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
     for h in registry.handlers() {
-        tracing::info!(handler = %h.name, module = %h.module.display(), version = &h.hash[..12], events = ?h.events, "handler loaded");
+        tracing::info!(handler = %h.name, module = %h.module.display(), version = &h.hash[..12], events = %h.events.join(","), "handler loaded");
     }
     Ok(registry)
 }

@@ -73,6 +73,10 @@ pub struct Options {
     pub deadline: Duration,
     /// Keep the temporary directory (database file) instead of deleting it.
     pub keep: bool,
+    /// Compiled-artifact cache; `None` caches nothing. Never beside the
+    /// modules (they may be on a read-only mount): the CLI passes the
+    /// config's `cache_dir` or the user's cache directory.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// A finished demo: the report, and whether everything was as expected.
@@ -173,17 +177,15 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
     let stand_ins = StandIns::start().await.map_err(DemoError::StandIns)?;
     let specs = scenario::handler_specs(&handlers_dir, &stand_ins.urls);
     let loading = Instant::now();
-    // The cache sits next to the modules (as `.outrun-cache` sits next to a
-    // config file): a debug build compiles for seconds, a cached load takes
-    // milliseconds.
-    let cache_dir = handlers_dir.join(".outrun-cache");
+    // A debug build compiles for seconds, a cached load takes milliseconds.
+    let cache_dir = opts.cache_dir.clone();
     let registry = Registry::load(
         specs,
         &tmp.path,
         HostServices {
             kv: KvSettings::default(),
             default_max_retry: config.max_retry,
-            cache_dir: Some(cache_dir.clone()),
+            cache_dir: cache_dir.clone(),
             max_instances: 32,
         },
     )
@@ -208,10 +210,13 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         ));
     }
     header.push_str(&format!(
-        "handlers from {} (loaded in {:.1} s; compiled artifacts cached in {}):\n",
+        "handlers from {} (loaded in {:.1} s; {}):\n",
         handlers_dir.display(),
         loading.elapsed().as_secs_f64(),
-        cache_dir.display()
+        match &cache_dir {
+            Some(d) => format!("compiled artifacts cached in {}", d.display()),
+            None => "no artifact cache: set OUTRUN_CACHE_DIR to keep compiled handlers".into(),
+        }
     ));
     for h in registry.handlers() {
         header.push_str(&format!(

@@ -26,6 +26,7 @@ mod worker;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt;
 use futures::StreamExt;
@@ -195,6 +196,8 @@ impl Dispatcher {
         let refill = (run_ahead / 2).max(1);
         let room = Arc::new(tokio::sync::Notify::new());
         let mut workers: JoinSet<()> = JoinSet::new();
+        // Workers running a handler right now (the others wait for work).
+        let busy = Arc::new(AtomicUsize::new(0));
         for _ in 0..cfg.concurrency.max(1) {
             workers.spawn(worker_loop(
                 cx.clone(),
@@ -202,6 +205,7 @@ impl Dispatcher {
                 unblocked.clone(),
                 room.clone(),
                 run_ahead - refill,
+                busy.clone(),
             ));
         }
         drop(queue_rx);
@@ -259,6 +263,9 @@ impl Dispatcher {
                     claiming -= want;
                     match result {
                         Ok(batch) => {
+                            if claim_failures > 0 {
+                                tracing::info!(failures = claim_failures, "claiming events works again: the database is reachable");
+                            }
                             claim_failures = 0;
                             maybe_more = batch.len() == want || issued_at != signals;
                             summary.claimed += batch.len() as u64;
@@ -343,7 +350,7 @@ impl Dispatcher {
         // with the other leftovers below.
         let queued = queue_tx.len();
         drop(queue_tx);
-        let running = workers.len();
+        let running = busy.load(Ordering::Relaxed);
         tracing::info!(running, queued, grace = ?cfg.shutdown_grace, "shutting down: no new claims; waiting for running handlers");
         let drained = tokio::time::timeout(cfg.shutdown_grace, async {
             while let Some(done) = workers.join_next().await {
@@ -399,6 +406,7 @@ async fn worker_loop(
     unblocked: Arc<tokio::sync::Notify>,
     room: Arc<tokio::sync::Notify>,
     low_water: usize,
+    busy: Arc<AtomicUsize>,
 ) {
     loop {
         let claimed = tokio::select! {
@@ -413,12 +421,14 @@ async fn worker_loop(
             room.notify_one();
         }
         let lease = claimed.lease();
+        busy.fetch_add(1, Ordering::Relaxed);
         // A bug in the verdict path must not cost the runtime a worker:
         // forget the lease (the event runs again once it expires) and go on.
-        match AssertUnwindSafe(worker::run(cx.clone(), claimed))
+        let done = AssertUnwindSafe(worker::run(cx.clone(), claimed))
             .catch_unwind()
-            .await
-        {
+            .await;
+        busy.fetch_sub(1, Ordering::Relaxed);
+        match done {
             Ok(true) => unblocked.notify_one(),
             Ok(false) => {}
             Err(panic) => {

@@ -36,6 +36,16 @@ pub enum StoreError {
     Connect { url: String, source: sqlx::Error },
     #[error("unsupported database URL {0}: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
+    /// [`OpenMode::create`] was off and the SQLite file does not exist.
+    #[error(
+        "no database file at {} ({url}); choose the database with --database URL or OUTRUN_DATABASE_URL, \
+         or run `outrun migrate` first to create it",
+        path.display()
+    )]
+    NoDatabase {
+        path: std::path::PathBuf,
+        url: String,
+    },
     #[error(
         "outrun migration {version} ({description}) was changed after it was applied: its checksum in \
          outrun_migrations differs from this outrun's copy. An applied migration must never change: \
@@ -121,8 +131,21 @@ pub struct Stats {
     pub oldest_pending_age_secs: f64,
 }
 
-/// Filter for [`Store::list`]. Results are oldest first (by `create_date`,
-/// then insertion order).
+/// [`Stats`] of the events of one name (see [`Store::stats_by_name`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NameStats {
+    pub name: String,
+    pub pending: i64,
+    pub scheduled: i64,
+    pub running: i64,
+    pub dead: i64,
+    /// Age in seconds of its oldest live, ready event (0 when none).
+    pub oldest_pending_age_secs: f64,
+}
+
+/// Filter for [`Store::list`]. Live events come oldest first (by
+/// `create_date`, then insertion order); dead ones newest dead first (by
+/// `dead_at`, or `create_date` for rows without one).
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     /// Only dead events (otherwise only live ones).
@@ -214,6 +237,36 @@ impl Default for ConnectOptions {
     }
 }
 
+/// How [`Store::open`] treats a database that is missing or not answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenMode {
+    /// Create a missing SQLite file (otherwise [`StoreError::NoDatabase`]).
+    pub create: bool,
+    /// Keep trying a PostgreSQL server that refuses connections (it may be
+    /// starting) until the acquire timeout; otherwise one attempt, bounded
+    /// by the acquire timeout, whose error is the real cause.
+    pub wait_for_server: bool,
+}
+
+impl OpenMode {
+    /// [`Store::connect`]'s: create the file, wait for a starting server.
+    pub const SERVE: OpenMode = OpenMode {
+        create: true,
+        wait_for_server: true,
+    };
+    /// For commands that act on an existing outbox: no file created, one
+    /// quick attempt at the server.
+    pub const EXISTING: OpenMode = OpenMode {
+        create: false,
+        wait_for_server: false,
+    };
+    /// For `outrun migrate`: create the file, one quick attempt.
+    pub const CREATE: OpenMode = OpenMode {
+        create: true,
+        wait_for_server: false,
+    };
+}
+
 /// The outbox table on one backend. Cheap to clone (pools are `Arc`s).
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -245,14 +298,24 @@ impl Store {
     /// Connect by URL scheme: `sqlite:` or `postgres:`/`postgresql:`. Does
     /// not migrate. A connection failure is reported with the password
     /// redacted.
+    ///
+    /// A missing SQLite file is created, and a PostgreSQL server that
+    /// refuses connections is tried again until `opts.acquire_timeout`
+    /// ([`OpenMode::SERVE`]); see [`Store::open`] for other choices.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Store> {
+        Self::open(url, opts, OpenMode::SERVE).await
+    }
+
+    /// [`Store::connect`], with `mode` choosing whether a missing SQLite
+    /// file is created and whether a refusing server is waited for.
+    pub async fn open(url: &str, opts: &ConnectOptions, mode: OpenMode) -> Result<Store> {
         if url.starts_with("sqlite:") {
             Ok(Store::Sqlite(
-                sqlite::SqliteStore::connect(url, opts).await?,
+                sqlite::SqliteStore::open(url, opts, mode).await?,
             ))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Ok(Store::Postgres(
-                postgres::PgStore::connect(url, opts).await?,
+                postgres::PgStore::open(url, opts, mode).await?,
             ))
         } else {
             Err(StoreError::UnsupportedUrl(redact_url(url)))
@@ -424,6 +487,11 @@ impl Store {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         each!(self, s => s.get(id).await)
+    }
+
+    /// [`Stats`] per event name, by name, in one `GROUP BY` statement.
+    pub async fn stats_by_name(&self) -> Result<Vec<NameStats>> {
+        each!(self, s => s.stats_by_name().await)
     }
 
     /// Make one dead event live again: `retry = 0`, `available_at = now`,

@@ -43,8 +43,8 @@ use sqlx::{Column, Either, Executor, PgConnection, Postgres, Row, Statement, Typ
 use uuid::Uuid;
 
 use super::{
-    CancelTarget, Cancelled, ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats,
-    StoreError, redact_url,
+    CancelTarget, Cancelled, ConnectOptions, Failure, ListFilter, NameStats, OpenMode, Result,
+    SqlRows, SqlValue, Stats, StoreError, redact_url,
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
@@ -151,24 +151,78 @@ fn claim_sql(range: &str) -> String {
     )
 }
 
+/// One connection made directly, then closed: its error is the real cause
+/// (`Connection refused`, a wrong password, an unknown database), at once.
+/// With `wait`, a refused connection or a server that is starting up
+/// (57P03) is tried again until `timeout`, and the last cause is returned.
+/// Every attempt is bounded by what is left of `timeout`.
+async fn first_connect(
+    options: &PgConnectOptions,
+    timeout: Duration,
+    wait: bool,
+) -> std::result::Result<(), sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let attempt = <PgConnection as sqlx::Connection>::connect_with(options);
+        match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                let starting = match &e {
+                    sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+                    sqlx::Error::Database(db) => db.code().as_deref() == Some("57P03"),
+                    _ => false,
+                };
+                if !(wait && starting && tokio::time::Instant::now() + pause < deadline) {
+                    return Err(e);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(_) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {}", humantime::format_duration(timeout)),
+                )));
+            }
+        }
+    }
+}
+
 /// The longest a claim range goes without a scan from the head.
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
 impl PgStore {
     /// Connect eagerly, so a wrong URL or a server that is down is reported
-    /// here rather than at the first claim.
+    /// here rather than at the first claim. A server that refuses
+    /// connections (it may be starting) is tried again until the acquire
+    /// timeout.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
+        Self::open(url, opts, OpenMode::SERVE).await
+    }
+
+    /// As [`PgStore::connect`]; without `mode.wait_for_server` a refused
+    /// connection is an error at once.
+    pub async fn open(url: &str, opts: &ConnectOptions, mode: OpenMode) -> Result<Self> {
         let connect_err = |source| StoreError::Connect {
             url: redact_url(url),
             source,
         };
         let options = PgConnectOptions::from_str(url).map_err(connect_err)?;
+        first_connect(&options, opts.acquire_timeout, mode.wait_for_server)
+            .await
+            .map_err(connect_err)?;
+        // Lazy: the server just answered. (An eager pool would retry a
+        // refused connection until its acquire timeout and then report
+        // only "pool timed out", without the cause.)
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)
-            .connect_with(options.clone())
-            .await
-            .map_err(connect_err)?;
+            .connect_lazy_with(options.clone());
         // Lazy: the URL was just proven good, and commands that never claim
         // (enqueue, events list) open no second connection.
         let bookkeeping = PgPoolOptions::new()
@@ -548,18 +602,54 @@ impl PgStore {
         })
     }
 
+    pub async fn stats_by_name(&self) -> Result<Vec<NameStats>> {
+        let rows = sqlx::query(
+            "SELECT name,
+                 count(*) FILTER (WHERE retry < max_retry AND available_at <= now()
+                                  AND (locked_until IS NULL OR locked_until < now())) AS pending,
+                 count(*) FILTER (WHERE retry < max_retry AND available_at > now()
+                                  AND (locked_until IS NULL OR locked_until < now())) AS scheduled,
+                 count(*) FILTER (WHERE retry < max_retry AND locked_until >= now()) AS running,
+                 count(*) FILTER (WHERE retry >= max_retry) AS dead,
+                 COALESCE(EXTRACT(EPOCH FROM now() - min(available_at) FILTER (
+                     WHERE retry < max_retry AND available_at <= now()
+                       AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest
+             FROM outbox_events
+             GROUP BY name
+             ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(NameStats {
+                    name: row.try_get("name")?,
+                    pending: row.try_get("pending")?,
+                    scheduled: row.try_get("scheduled")?,
+                    running: row.try_get("running")?,
+                    dead: row.try_get("dead")?,
+                    oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
+                })
+            })
+            .collect()
+    }
+
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
         // Two literal conditions rather than `(retry >= max_retry) = $1` so the
-        // planner can use the partial indexes.
-        let state = if filter.dead {
-            "retry >= max_retry"
+        // planner can use the partial indexes. Dead events newest dead
+        // first (the dead index is on this expression).
+        let (state, order) = if filter.dead {
+            (
+                "retry >= max_retry",
+                "COALESCE(dead_at, create_date) DESC, seq DESC",
+            )
         } else {
-            "retry < max_retry"
+            ("retry < max_retry", "create_date, seq")
         };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM outbox_events
              WHERE {state} AND ($1::text IS NULL OR name = $1)
-             ORDER BY create_date, seq
+             ORDER BY {order}
              LIMIT $2"
         );
         let rows = sqlx::query(&sql)

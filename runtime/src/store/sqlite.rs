@@ -36,8 +36,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
-    CancelTarget, Cancelled, ConnectOptions, Failure, ListFilter, Result, SqlRows, SqlValue, Stats,
-    StoreError, redact_url,
+    CancelTarget, Cancelled, ConnectOptions, Failure, ListFilter, NameStats, OpenMode, Result,
+    SqlRows, SqlValue, Stats, StoreError, redact_url,
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
@@ -73,17 +73,30 @@ impl SqliteStore {
     /// in-memory URL gets a single, never-recycled connection, because each
     /// SQLite connection to `:memory:` is a separate, empty database.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
+        Self::open(url, opts, OpenMode::SERVE).await
+    }
+
+    /// As [`SqliteStore::connect`]; without `mode.create` a missing file is
+    /// [`StoreError::NoDatabase`] (whatever `mode=` the URL says) and
+    /// nothing is created.
+    pub async fn open(url: &str, opts: &ConnectOptions, mode: OpenMode) -> Result<Self> {
         let connect_err = |source| StoreError::Connect {
             url: redact_url(url),
             source,
         };
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let options = SqliteConnectOptions::from_str(url)
             .map_err(connect_err)?
-            .create_if_missing(true)
+            .create_if_missing(mode.create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT);
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !mode.create && !in_memory && !options.get_filename().exists() {
+            return Err(StoreError::NoDatabase {
+                path: options.get_filename().to_path_buf(),
+                url: redact_url(url),
+            });
+        }
         let mut pool = SqlitePoolOptions::new().acquire_timeout(opts.acquire_timeout);
         pool = if in_memory {
             pool.max_connections(1)
@@ -507,18 +520,58 @@ impl SqliteStore {
         })
     }
 
+    pub async fn stats_by_name(&self) -> Result<Vec<NameStats>> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT name,
+                 COALESCE(SUM(retry < max_retry AND available_at <= ?1
+                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS pending,
+                 COALESCE(SUM(retry < max_retry AND available_at > ?1
+                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS scheduled,
+                 COALESCE(SUM(retry < max_retry AND locked_until >= ?1), 0) AS running,
+                 COALESCE(SUM(retry >= max_retry), 0) AS dead,
+                 MIN(CASE WHEN retry < max_retry AND available_at <= ?1
+                               AND (locked_until IS NULL OR locked_until < ?1)
+                          THEN available_at END) AS oldest
+             FROM outbox_events
+             GROUP BY name
+             ORDER BY name",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let oldest: Option<i64> = row.try_get("oldest")?;
+                Ok(NameStats {
+                    name: row.try_get("name")?,
+                    pending: row.try_get("pending")?,
+                    scheduled: row.try_get("scheduled")?,
+                    running: row.try_get("running")?,
+                    dead: row.try_get("dead")?,
+                    oldest_pending_age_secs: oldest
+                        .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+                })
+            })
+            .collect()
+    }
+
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
         // Two literal conditions rather than `(retry >= max_retry) = ?` so the
-        // planner can use the partial indexes.
-        let state = if filter.dead {
-            "retry >= max_retry"
+        // planner can use the partial indexes. Dead events newest dead
+        // first (the dead index is on this expression).
+        let (state, order) = if filter.dead {
+            (
+                "retry >= max_retry",
+                "COALESCE(dead_at, create_date) DESC, rowid DESC",
+            )
         } else {
-            "retry < max_retry"
+            ("retry < max_retry", "create_date, rowid")
         };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM outbox_events
              WHERE {state} AND (?1 IS NULL OR name = ?1)
-             ORDER BY create_date, rowid
+             ORDER BY {order}
              LIMIT ?2"
         );
         let rows = sqlx::query(&sql)

@@ -9,6 +9,8 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -16,8 +18,26 @@ use wasmtime::component::Component;
 /// Where compiled components go; see the module docs.
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
-    dir: PathBuf,
+    /// `None`: no cache (no user cache directory could be found).
+    dir: Option<PathBuf>,
     compat: String,
+    /// A cache that cannot be written is said once, not per component.
+    warned: Arc<AtomicBool>,
+}
+
+/// The user's cache directory for outrun: `$XDG_CACHE_HOME/outrun`, else
+/// `$HOME/.cache/outrun`; `None` when neither is set (absolute). Never a
+/// shared directory such as /tmp: cached artifacts become executable code,
+/// so only this user may be able to write them.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    absolute("XDG_CACHE_HOME")
+        .or_else(|| absolute("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("outrun"))
 }
 
 /// How a component was obtained, for the load log line.
@@ -28,7 +48,8 @@ pub enum Source {
 }
 
 impl ArtifactCache {
-    pub fn new(engine: &Engine, dir: PathBuf) -> Self {
+    /// A cache in `dir`; `None` caches nothing.
+    pub fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
         // DefaultHasher is deterministic for a given build of the binary,
         // which is all that matters: another build has another engine hash.
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -37,16 +58,16 @@ impl ArtifactCache {
         Self {
             dir,
             compat: format!("{:016x}", h.finish()),
+            warned: Arc::default(),
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
-    fn artifact(&self, hash: &blake3::Hash) -> PathBuf {
-        self.dir
-            .join(format!("{}-{}.cwasm", hash.to_hex(), self.compat))
+    fn artifact(&self, dir: &Path, hash: &blake3::Hash) -> PathBuf {
+        dir.join(format!("{}-{}.cwasm", hash.to_hex(), self.compat))
     }
 
     /// The component for `bytes` (whose blake3 is `hash`): from the cache
@@ -58,7 +79,10 @@ impl ArtifactCache {
         bytes: &[u8],
         hash: &blake3::Hash,
     ) -> wasmtime::Result<(Component, Source)> {
-        let path = self.artifact(hash);
+        let Some(dir) = &self.dir else {
+            return Ok((Component::new(engine, bytes)?, Source::Compiled));
+        };
+        let path = self.artifact(dir, hash);
         // Read into memory rather than `deserialize_file`: that one mmaps the
         // file, and anyone truncating or rewriting a cached artifact in
         // place (a cleanup script, a full disk) would then crash the runtime
@@ -78,28 +102,31 @@ impl ArtifactCache {
             }
         }
         let component = Component::new(engine, bytes)?;
-        if let Err(e) = self.store(&component, &path) {
+        if let Err(e) = store(dir, &component, &path)
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
-                "cannot write compiled artifact to {}: {e:#}; the next start will compile again",
-                path.display()
+                "cannot write compiled artifacts to {}: {e}; handlers still load, but compile again \
+                 at every start (set cache_dir or OUTRUN_CACHE_DIR to a writable directory)",
+                dir.display()
             );
         }
         Ok((component, Source::Compiled))
     }
+}
 
-    fn store(&self, component: &Component, path: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let bytes = component.serialize()?;
-        let tmp = self.dir.join(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::write(&tmp, &bytes)?;
-        if let Err(e) = std::fs::rename(&tmp, path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-        Ok(())
+fn store(dir: &Path, component: &Component, path: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize()?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&tmp, &bytes)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
     }
+    Ok(())
 }

@@ -49,8 +49,8 @@ pub struct HostServices {
     pub kv: KvSettings,
     /// `max_retry` for events a handler emits without one.
     pub default_max_retry: i32,
-    /// Compiled-artifact cache; `None` = `.outrun-cache` in the config
-    /// file's directory.
+    /// Compiled-artifact cache; `None` = the user's cache directory
+    /// ([`super::cache::user_cache_dir`]), never beside the config.
     pub cache_dir: Option<PathBuf>,
     /// Component instances alive at once: set it to at least the runtime's
     /// concurrency (one instance per in-flight event). Default 128. Each
@@ -205,7 +205,7 @@ impl Registry {
             services
                 .cache_dir
                 .clone()
-                .unwrap_or_else(|| base_dir.join(".outrun-cache")),
+                .or_else(super::cache::user_cache_dir),
         );
         let kv = KvStore::connect(&services.kv).await?;
 
