@@ -1489,7 +1489,7 @@ async fn serve_logs_in_json(db: TestDb) {
     assert!(back[0]["failures"].as_i64() >= Some(1), "{}", back[0]);
 
     let log = serve.stop();
-    let down = lines(&log, "shutting down");
+    let down = lines(&log, "shutting down: no new claims");
     assert_eq!(down.len(), 1, "{log}");
     assert_eq!(
         down[0]["running"], 0,

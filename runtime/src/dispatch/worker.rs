@@ -273,9 +273,7 @@ async fn commit(
         // Only follow-ups due now are worth waking the claimer for (a
         // claim per commit costs the bookkeeping connection, on SQLite the
         // only one); delayed ones are found by the poll.
-        emitted: emitted
-            .iter()
-            .any(|e| e.delay.is_none_or(|d| d.is_zero())),
+        emitted: emitted.iter().any(|e| e.delay.is_none_or(|d| d.is_zero())),
     };
     cx.committer.keep(tx, kept).await;
     false
