@@ -113,16 +113,22 @@ impl Settings {
 }
 
 /// Requeue options: same group, the configured delay, and whatever is left
-/// of the original expiry so requeues stop when the work is stale.
-fn requeue_options(ev: &Event, delay: Duration) -> EmitOptions {
+/// of the original expiry so requeues stop when the work is stale. None when
+/// what is left is no longer than the delay: the requeued event would
+/// expire before it could run (and outrun refuses such an event), so the
+/// work is as good as expired now.
+fn requeue_options(ev: &Event, delay: Duration) -> Option<EmitOptions> {
     let mut options = EmitOptions::new().delay(delay);
     if let Some(group) = &ev.group_id {
         options = options.group_id(group.clone());
     }
     if let Some(left) = ev.time_left() {
+        if left <= delay {
+            return None;
+        }
         options = options.expires_in(left);
     }
-    options
+    Some(options)
 }
 
 fn handle(ev: Event) -> Result<Outcome, HandlerError> {
@@ -149,8 +155,15 @@ fn handle(ev: Event) -> Result<Outcome, HandlerError> {
             "{in_progress} issuing checks are NEW (threshold {}); requeueing application {} in {:?}",
             settings.threshold, check.application_id, settings.delay
         ));
+        let Some(options) = requeue_options(&ev, settings.delay) else {
+            log::info(format!(
+                "{EVENT} {} (application {}) would expire before its requeue could run; skipped",
+                ev.id, check.application_id
+            ));
+            return Ok(Outcome::Done);
+        };
         // The payload goes back verbatim: fields this version ignores survive.
-        emit::emit_raw(EVENT, &ev.payload, &requeue_options(&ev, settings.delay))
+        emit::emit_raw(EVENT, &ev.payload, &options)
             .map_err(|e| HandlerError::from(e).context("requeueing"))?;
         return Ok(Outcome::Done);
     }
@@ -244,18 +257,28 @@ mod tests {
         let o = requeue_options(&ev, Duration::from_millis(1000));
         assert_eq!(
             o,
-            EmitOptions::new()
-                .delay(Duration::from_millis(1000))
-                .group_id("application:a-1")
+            Some(
+                EmitOptions::new()
+                    .delay(Duration::from_millis(1000))
+                    .group_id("application:a-1")
+            )
         );
         ev.group_id = None;
         ev.expires_at_ms = Some(u64::MAX);
         let o = requeue_options(&ev, Duration::ZERO);
         assert_ne!(
             o,
-            EmitOptions::new().delay(Duration::ZERO),
+            Some(EmitOptions::new().delay(Duration::ZERO)),
             "expiry carried over"
         );
+    }
+
+    #[test]
+    fn no_requeue_that_would_expire_before_it_runs() {
+        let mut ev = event(EVENT, "{}");
+        // Expired long ago relative to any clock: nothing is left.
+        ev.expires_at_ms = Some(1);
+        assert_eq!(requeue_options(&ev, Duration::from_millis(1000)), None);
     }
 
     #[test]
