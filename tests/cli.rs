@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{TestDb, fails, ok, outrun, wait_for};
+use common::{TestDb, fails, http, ok, outrun, wait_for};
 use serde_json::Value;
 
 fn json(out: &Output) -> Value {
@@ -276,34 +276,6 @@ fn commands_before_migrate_say_how_to_fix_it() {
         );
     }
     assert!(run(&["enqueue", "x", "--payload", "{}"]).status.success());
-}
-
-/// One HTTP/1.1 request over a fresh connection; returns (status, body).
-async fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    // axum sends these bodies with a Content-Length, not chunked.
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 async fn admin_api_enqueues_and_reports(db: TestDb) {
