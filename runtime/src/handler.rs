@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::event::{Event, InvalidEvent, Lease, NewEvent};
+use crate::event::{Event, InvalidEvent, NewEvent};
 use crate::store::{AckTx, Store, StoreError};
 
 /// A handler's verdict on one event when it did not fail.
@@ -130,10 +130,10 @@ impl Router for StaticRouter {
 /// module does not reach into it.
 #[async_trait::async_trait]
 pub trait EffectsLanes: Send + Sync + 'static {
-    /// Let the event behind `lease` into a lane: its row is deleted there
-    /// (inside its own savepoint) and its statements run there. `Ok(None)`:
-    /// the lease was lost, the event must not run its effects.
-    async fn enter(&self, lease: Lease) -> Result<Option<AckTx>, StoreError>;
+    /// A lane for the attempt's effects: its statements run there, inside a
+    /// savepoint of its own (the lane fences the event's lease when it
+    /// commits).
+    async fn enter(&self) -> Result<AckTx, StoreError>;
 }
 
 enum Source {
@@ -142,7 +142,7 @@ enum Source {
     /// (embedding, tests).
     Store(Store),
     /// A lane of the dispatcher.
-    Lanes(Arc<dyn EffectsLanes>, Lease),
+    Lanes(Arc<dyn EffectsLanes>),
 }
 
 /// The side effects of one attempt, committed with its ack or not at all.
@@ -154,7 +154,6 @@ pub struct Effects {
     source: Source,
     tx: Option<AckTx>,
     emitted: Vec<NewEvent>,
-    lease_lost: bool,
     transient: bool,
 }
 
@@ -164,7 +163,6 @@ impl Default for Effects {
             source: Source::None,
             tx: None,
             emitted: Vec::new(),
-            lease_lost: false,
             transient: false,
         }
     }
@@ -180,31 +178,24 @@ impl Effects {
         }
     }
 
-    /// Effects of the event behind `lease`, kept in the dispatcher's lanes.
-    pub fn in_lanes(lanes: Arc<dyn EffectsLanes>, lease: Lease) -> Self {
+    /// Effects kept in the dispatcher's lanes.
+    pub fn in_lanes(lanes: Arc<dyn EffectsLanes>) -> Self {
         Self {
-            source: Source::Lanes(lanes, lease),
+            source: Source::Lanes(lanes),
             ..Self::default()
         }
     }
 
     /// The ack transaction, opened on first use.
     pub async fn tx(&mut self) -> Result<&mut AckTx, StoreError> {
-        if self.lease_lost {
-            return Err(StoreError::LeaseLost);
-        }
         if self.tx.is_none() {
             let opened = match &self.source {
                 Source::None => Err(StoreError::NoStore),
-                Source::Store(store) => store.begin().await.map(Some),
-                Source::Lanes(lanes, lease) => lanes.enter(*lease).await,
+                Source::Store(store) => store.begin().await,
+                Source::Lanes(lanes) => lanes.enter().await,
             };
             match opened {
-                Ok(Some(tx)) => self.tx = Some(tx),
-                Ok(None) => {
-                    self.lease_lost = true;
-                    return Err(StoreError::LeaseLost);
-                }
+                Ok(tx) => self.tx = Some(tx),
                 Err(e) => {
                     self.transient |= e.is_transient();
                     return Err(e);
@@ -224,12 +215,6 @@ impl Effects {
     /// True when the attempt wrote nothing: its ack can join a batch.
     pub fn is_empty(&self) -> bool {
         self.tx.is_none() && self.emitted.is_empty()
-    }
-
-    /// The lease was found lost when the effects began: another runtime
-    /// owns the event and this attempt's verdict must not be recorded.
-    pub fn lease_lost(&self) -> bool {
-        self.lease_lost
     }
 
     /// The attempt hit a transient database error (a dropped connection, a

@@ -2,9 +2,10 @@
 //! carry the effects of events that succeed, and when each lane commits.
 //!
 //! A handler's first SQL statement (or, for a handler that only emits, its
-//! verdict) takes a free lane; the event enters it (its row is deleted in
-//! its own savepoint), its statements and emits run there, and on success
-//! it stays in the lane's open transaction while the worker moves on. A
+//! verdict) takes a free lane; the event gets a savepoint there, its
+//! statements and emits run there, and on success it stays in the lane's
+//! open transaction while the worker moves on (its row is deleted, fenced
+//! by its token, with the others' just before the commit). A
 //! lane commits when it holds [`MAX_KEPT`] events, when an event of a group
 //! was kept (its successor waits for this commit to become claimable), or
 //! [`LINGER`] after its first kept event, whichever comes first. A failed
@@ -28,7 +29,6 @@ use chrono::Utc;
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Lease;
 use crate::handler::EffectsLanes;
 use crate::store::lane::{Kept, Lane, LaneTx};
 use crate::store::{AckTx, Failure, Store, StoreError};
@@ -196,9 +196,9 @@ impl Committer {
 
     /// A lane for an event that reached its verdict without one (a handler
     /// that only emits).
-    pub async fn enter_lane(&self, lease: Lease) -> Result<LaneTx, StoreError> {
+    pub async fn enter_lane(&self) -> Result<LaneTx, StoreError> {
         let mut tx = self.acquire().await;
-        match tx.lane.enter(&lease).await {
+        match tx.lane.enter().await {
             Ok(()) => Ok(tx),
             Err(e) => {
                 let lost = tx.lane.take_abandoned();
@@ -288,7 +288,7 @@ impl Committer {
 
 #[async_trait::async_trait]
 impl EffectsLanes for Committer {
-    async fn enter(&self, lease: Lease) -> Result<Option<AckTx>, StoreError> {
-        Ok(Some(AckTx::Lane(self.enter_lane(lease).await?)))
+    async fn enter(&self) -> Result<AckTx, StoreError> {
+        Ok(AckTx::Lane(self.enter_lane().await?))
     }
 }

@@ -80,17 +80,12 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     if let Some(o) = &cx.observer {
         o.on_started(ev);
     }
-    let mut effects = Effects::in_lanes(cx.committer.clone(), lease);
+    let mut effects = Effects::in_lanes(cx.committer.clone());
     let started = Instant::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
     metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
         .record(elapsed.as_secs_f64());
-
-    if effects.lease_lost() {
-        lease_lost(cx, lease, &route);
-        return false;
-    }
 
     match result {
         Ok(Outcome::Done) => {
@@ -222,7 +217,7 @@ async fn commit(
     let (tx, emitted) = effects.into_parts();
     let mut tx = match tx {
         Some(AckTx::Lane(tx)) => tx,
-        None => match cx.committer.enter_lane(lease).await {
+        None => match cx.committer.enter_lane().await {
             Ok(tx) => tx,
             Err(e) => {
                 tracing::warn!(event_id = %lease.id, handler = %route.handler_name, error = %e, "could not start committing the handler's effects; the event will run again");
@@ -290,11 +285,6 @@ async fn discard(cx: &WorkerContext, effects: Effects) {
         }
         (None, _) => {}
     }
-}
-
-fn lease_lost(cx: &WorkerContext, lease: Lease, route: &Route) {
-    tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "the event was cancelled, or its lease lost to another runtime, before the ack; the handler's writes were discarded");
-    cx.inflight.remove(&lease.id);
 }
 
 /// Run the event again after a backoff without spending a retry.

@@ -71,9 +71,8 @@ pub struct Lane {
     /// A transaction is open on `conn`.
     open: bool,
     next_savepoint: u64,
-    /// The savepoint of the event in the lane now, if any, and its id.
+    /// The savepoint of the event in the lane now, if any.
     current: Option<u64>,
-    current_id: Option<uuid::Uuid>,
     /// The event in the lane hit a transient database error.
     current_transient: bool,
     kept: Vec<Kept>,
@@ -87,15 +86,9 @@ impl Lane {
             open: false,
             next_savepoint: 0,
             current: None,
-            current_id: None,
             current_transient: false,
             kept: Vec::new(),
         }
-    }
-
-    /// The id of the event in the lane now.
-    pub fn current_id(&self) -> Option<uuid::Uuid> {
-        self.current.and(self.current_id)
     }
 
     /// A transaction is open (it may hold nothing yet).
@@ -122,7 +115,7 @@ impl Lane {
     /// Let an event in: open the transaction if none is open and set the
     /// event's savepoint, in one round trip. On `Err` the event is not in
     /// the lane; see [`Lane::take_abandoned`].
-    pub async fn enter(&mut self, lease: &Lease) -> Result<()> {
+    pub async fn enter(&mut self) -> Result<()> {
         debug_assert!(self.current.is_none(), "one event at a time");
         self.next_savepoint += 1;
         let sp = self.next_savepoint;
@@ -141,7 +134,6 @@ impl Lane {
             Ok(()) => {
                 self.open = true;
                 self.current = Some(sp);
-                self.current_id = Some(lease.id);
                 self.current_transient = false;
                 Ok(())
             }

@@ -608,7 +608,7 @@ pub enum AckTx {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
     /// The event's savepoint in a lane the dispatcher commits in groups
-    /// (see [`lane`]); the event's row is already deleted in it.
+    /// (see [`lane`]); its row is deleted with the others' at the commit.
     Lane(lane::LaneTx),
 }
 
