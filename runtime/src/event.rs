@@ -62,6 +62,37 @@ fn human(d: &Duration) -> humantime::FormattedDuration {
     humantime::format_duration(*d)
 }
 
+/// An event to enqueue as it arrives over the wire (`POST /v1/events`, a
+/// line of `outrun enqueue --ndjson`): the payload is any JSON value, kept
+/// byte for byte; durations are humantime strings (`"5s"`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventRequest {
+    pub name: String,
+    pub payload: Box<serde_json::value::RawValue>,
+    pub group_id: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub expires_in: Option<Duration>,
+    pub max_retry: Option<i32>,
+    pub idempotency_key: Option<String>,
+}
+
+impl From<EventRequest> for NewEvent {
+    fn from(r: EventRequest) -> Self {
+        NewEvent {
+            name: r.name,
+            payload: r.payload.get().to_string(),
+            group_id: r.group_id,
+            delay: r.delay,
+            expires_in: r.expires_in,
+            max_retry: r.max_retry,
+            idempotency_key: r.idempotency_key,
+        }
+    }
+}
+
 /// An event to enqueue. Build with [`NewEvent::new`] and the `with_*` methods.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewEvent {

@@ -10,7 +10,6 @@ pub mod health;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -192,27 +191,12 @@ async fn cancel_matching(
     Ok(Json(done))
 }
 
-/// Body of `POST /v1/events`: the payload is any JSON value.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EnqueueBody {
-    name: String,
-    payload: serde_json::Value,
-    group_id: Option<String>,
-    #[serde(default, with = "humantime_serde")]
-    delay: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    expires_in: Option<Duration>,
-    max_retry: Option<i32>,
-    idempotency_key: Option<String>,
-}
-
 /// `POST /v1/events`: 201 with the id; 413 for a body or payload over the
 /// limit, 415 without `Content-Type: application/json`, 400 for a body
 /// that is not an event, 422 for an event that is not valid.
 async fn enqueue(
     State(st): State<AdminState>,
-    body: Result<Json<EnqueueBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<crate::event::EventRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     use axum::extract::rejection::JsonRejection;
     let Json(b) = body.map_err(|e| match e {
@@ -229,15 +213,7 @@ async fn enqueue(
         ),
         e => ApiError(StatusCode::BAD_REQUEST, e.body_text()),
     })?;
-    let event = NewEvent {
-        name: b.name,
-        payload: b.payload.to_string(),
-        group_id: b.group_id,
-        delay: b.delay,
-        expires_in: b.expires_in,
-        max_retry: b.max_retry,
-        idempotency_key: b.idempotency_key,
-    };
+    let event = NewEvent::from(b);
     if let Err(e @ crate::event::InvalidEvent::PayloadTooLarge(_)) = event.validate() {
         return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()));
     }

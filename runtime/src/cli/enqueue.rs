@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::Config;
@@ -69,21 +68,6 @@ pub struct Args {
     /// {"enqueued": N, "ids": [...]}.
     #[arg(long)]
     pub json: bool,
-}
-
-/// One line of `--ndjson`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line {
-    name: String,
-    payload: Box<serde_json::value::RawValue>,
-    group_id: Option<String>,
-    #[serde(default, with = "humantime_serde")]
-    delay: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    expires_in: Option<Duration>,
-    max_retry: Option<i32>,
-    idempotency_key: Option<String>,
 }
 
 pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
@@ -161,7 +145,7 @@ async fn run_batch(config: &Config, path: &Path, as_json: bool) -> anyhow::Resul
 
 /// One NDJSON line as a checked event; the error says what is wrong with it.
 fn parse_line(line: &str) -> Result<NewEvent, String> {
-    let l: Line = serde_json::from_str(line).map_err(|e| {
+    let l: crate::event::EventRequest = serde_json::from_str(line).map_err(|e| {
         // serde_json ends with "at line 1 column N": the line is ours.
         let text = e.to_string();
         match text.rsplit_once(" at line ") {
@@ -169,15 +153,7 @@ fn parse_line(line: &str) -> Result<NewEvent, String> {
             None => text,
         }
     })?;
-    let event = NewEvent {
-        name: l.name,
-        payload: l.payload.get().to_string(),
-        group_id: l.group_id,
-        delay: l.delay,
-        expires_in: l.expires_in,
-        max_retry: l.max_retry,
-        idempotency_key: l.idempotency_key,
-    };
+    let event = NewEvent::from(l);
     event.validate().map_err(|e| e.to_string())?;
     Ok(event)
 }

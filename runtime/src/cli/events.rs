@@ -163,11 +163,11 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
                         outln!(
                             "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
                             n.name,
-                            n.pending,
-                            n.scheduled,
-                            n.running,
-                            n.dead,
-                            age(n.oldest_pending_age_secs)
+                            n.stats.pending,
+                            n.stats.scheduled,
+                            n.stats.running,
+                            n.stats.dead,
+                            age(n.stats.oldest_pending_age_secs)
                         );
                     }
                 }

@@ -54,7 +54,8 @@ pub struct Kept {
     pub lease: Lease,
     /// Its group's next event becomes claimable once this commits.
     pub grouped: bool,
-    /// It emitted follow-up events, which become claimable once this commits.
+    /// It emitted follow-up events that are due now; they become claimable
+    /// once this commits, so the claimer is woken.
     pub emitted: bool,
 }
 

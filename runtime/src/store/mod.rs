@@ -135,12 +135,8 @@ pub struct Stats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NameStats {
     pub name: String,
-    pub pending: i64,
-    pub scheduled: i64,
-    pub running: i64,
-    pub dead: i64,
-    /// Age in seconds of its oldest live, ready event (0 when none).
-    pub oldest_pending_age_secs: f64,
+    #[serde(flatten)]
+    pub stats: Stats,
 }
 
 /// Filter for [`Store::list`]. Live events come oldest first (by

@@ -578,57 +578,23 @@ impl PgStore {
     }
 
     pub async fn stats(&self) -> Result<Stats> {
-        let row = sqlx::query(
-            "SELECT
-                 count(*) FILTER (WHERE retry < max_retry AND available_at <= now()
-                                  AND (locked_until IS NULL OR locked_until < now())) AS pending,
-                 count(*) FILTER (WHERE retry < max_retry AND available_at > now()
-                                  AND (locked_until IS NULL OR locked_until < now())) AS scheduled,
-                 count(*) FILTER (WHERE retry < max_retry AND locked_until >= now()) AS running,
-                 count(*) FILTER (WHERE retry >= max_retry) AS dead,
-                 COALESCE(EXTRACT(EPOCH FROM now() - min(available_at) FILTER (
-                     WHERE retry < max_retry AND available_at <= now()
-                       AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest
-             FROM outbox_events",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Stats {
-            pending: row.try_get("pending")?,
-            scheduled: row.try_get("scheduled")?,
-            running: row.try_get("running")?,
-            dead: row.try_get("dead")?,
-            oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
-        })
+        let row = sqlx::query(&format!("SELECT {STATS_COLUMNS} FROM outbox_events"))
+            .fetch_one(&self.pool)
+            .await?;
+        stats_from_row(&row)
     }
 
     pub async fn stats_by_name(&self) -> Result<Vec<NameStats>> {
-        let rows = sqlx::query(
-            "SELECT name,
-                 count(*) FILTER (WHERE retry < max_retry AND available_at <= now()
-                                  AND (locked_until IS NULL OR locked_until < now())) AS pending,
-                 count(*) FILTER (WHERE retry < max_retry AND available_at > now()
-                                  AND (locked_until IS NULL OR locked_until < now())) AS scheduled,
-                 count(*) FILTER (WHERE retry < max_retry AND locked_until >= now()) AS running,
-                 count(*) FILTER (WHERE retry >= max_retry) AS dead,
-                 COALESCE(EXTRACT(EPOCH FROM now() - min(available_at) FILTER (
-                     WHERE retry < max_retry AND available_at <= now()
-                       AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest
-             FROM outbox_events
-             GROUP BY name
-             ORDER BY name",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT name, {STATS_COLUMNS} FROM outbox_events GROUP BY name ORDER BY name"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|row| {
                 Ok(NameStats {
                     name: row.try_get("name")?,
-                    pending: row.try_get("pending")?,
-                    scheduled: row.try_get("scheduled")?,
-                    running: row.try_get("running")?,
-                    dead: row.try_get("dead")?,
-                    oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
+                    stats: stats_from_row(row)?,
                 })
             })
             .collect()
@@ -797,6 +763,28 @@ fn bind_target<'q, O>(
 /// Tries and pause of a cancel whose rows are locked (see `PgStore::cancel`).
 const CANCEL_PASSES: usize = 5;
 const CANCEL_PAUSE: Duration = Duration::from_millis(100);
+
+/// The counts of [`Stats`], read by [`stats_from_row`].
+const STATS_COLUMNS: &str = "
+    count(*) FILTER (WHERE retry < max_retry AND available_at <= now()
+                     AND (locked_until IS NULL OR locked_until < now())) AS pending,
+    count(*) FILTER (WHERE retry < max_retry AND available_at > now()
+                     AND (locked_until IS NULL OR locked_until < now())) AS scheduled,
+    count(*) FILTER (WHERE retry < max_retry AND locked_until >= now()) AS running,
+    count(*) FILTER (WHERE retry >= max_retry) AS dead,
+    COALESCE(EXTRACT(EPOCH FROM now() - min(available_at) FILTER (
+        WHERE retry < max_retry AND available_at <= now()
+          AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest";
+
+fn stats_from_row(row: &PgRow) -> Result<Stats> {
+    Ok(Stats {
+        pending: row.try_get("pending")?,
+        scheduled: row.try_get("scheduled")?,
+        running: row.try_get("running")?,
+        dead: row.try_get("dead")?,
+        oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
+    })
+}
 
 /// Make dead rows live again. `last_error` stays for the record.
 const REPLAY: &str = "UPDATE outbox_events

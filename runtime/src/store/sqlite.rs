@@ -494,63 +494,26 @@ impl SqliteStore {
 
     pub async fn stats(&self) -> Result<Stats> {
         let now = now_ms();
-        let row = sqlx::query(
-            "SELECT
-                 COALESCE(SUM(retry < max_retry AND available_at <= ?1
-                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS pending,
-                 COALESCE(SUM(retry < max_retry AND available_at > ?1
-                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS scheduled,
-                 COALESCE(SUM(retry < max_retry AND locked_until >= ?1), 0) AS running,
-                 COALESCE(SUM(retry >= max_retry), 0) AS dead,
-                 MIN(CASE WHEN retry < max_retry AND available_at <= ?1
-                               AND (locked_until IS NULL OR locked_until < ?1)
-                          THEN available_at END) AS oldest
-             FROM outbox_events",
-        )
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
-        let oldest: Option<i64> = row.try_get("oldest")?;
-        Ok(Stats {
-            pending: row.try_get("pending")?,
-            scheduled: row.try_get("scheduled")?,
-            running: row.try_get("running")?,
-            dead: row.try_get("dead")?,
-            oldest_pending_age_secs: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
-        })
+        let row = sqlx::query(&format!("SELECT {STATS_COLUMNS} FROM outbox_events"))
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        stats_from_row(&row, now)
     }
 
     pub async fn stats_by_name(&self) -> Result<Vec<NameStats>> {
         let now = now_ms();
-        let rows = sqlx::query(
-            "SELECT name,
-                 COALESCE(SUM(retry < max_retry AND available_at <= ?1
-                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS pending,
-                 COALESCE(SUM(retry < max_retry AND available_at > ?1
-                              AND (locked_until IS NULL OR locked_until < ?1)), 0) AS scheduled,
-                 COALESCE(SUM(retry < max_retry AND locked_until >= ?1), 0) AS running,
-                 COALESCE(SUM(retry >= max_retry), 0) AS dead,
-                 MIN(CASE WHEN retry < max_retry AND available_at <= ?1
-                               AND (locked_until IS NULL OR locked_until < ?1)
-                          THEN available_at END) AS oldest
-             FROM outbox_events
-             GROUP BY name
-             ORDER BY name",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT name, {STATS_COLUMNS} FROM outbox_events GROUP BY name ORDER BY name"
+        ))
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|row| {
-                let oldest: Option<i64> = row.try_get("oldest")?;
                 Ok(NameStats {
                     name: row.try_get("name")?,
-                    pending: row.try_get("pending")?,
-                    scheduled: row.try_get("scheduled")?,
-                    running: row.try_get("running")?,
-                    dead: row.try_get("dead")?,
-                    oldest_pending_age_secs: oldest
-                        .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+                    stats: stats_from_row(row, now)?,
                 })
             })
             .collect()
@@ -684,6 +647,29 @@ impl SqliteStore {
 /// Rowids of the rows whose lease `?1` (see [`leases_json`]) still holds.
 /// Found by rowid and checked by token: a rowid SQLite reused for another
 /// row never carries this claim's token.
+/// The counts of [`Stats`] (`?1` = now, ms), read by [`stats_from_row`].
+const STATS_COLUMNS: &str = "
+    COALESCE(SUM(retry < max_retry AND available_at <= ?1
+                 AND (locked_until IS NULL OR locked_until < ?1)), 0) AS pending,
+    COALESCE(SUM(retry < max_retry AND available_at > ?1
+                 AND (locked_until IS NULL OR locked_until < ?1)), 0) AS scheduled,
+    COALESCE(SUM(retry < max_retry AND locked_until >= ?1), 0) AS running,
+    COALESCE(SUM(retry >= max_retry), 0) AS dead,
+    MIN(CASE WHEN retry < max_retry AND available_at <= ?1
+                  AND (locked_until IS NULL OR locked_until < ?1)
+             THEN available_at END) AS oldest";
+
+fn stats_from_row(row: &SqliteRow, now: i64) -> Result<Stats> {
+    let oldest: Option<i64> = row.try_get("oldest")?;
+    Ok(Stats {
+        pending: row.try_get("pending")?,
+        scheduled: row.try_get("scheduled")?,
+        running: row.try_get("running")?,
+        dead: row.try_get("dead")?,
+        oldest_pending_age_secs: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+    })
+}
+
 const LEASED_ROWIDS: &str = "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
      JOIN outbox_events e ON e.rowid = r.value AND e.lock_token = t.key";
 
