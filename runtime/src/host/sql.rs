@@ -110,6 +110,7 @@ fn store_error(e: &StoreError) -> CapError {
         // database" wrapping.
         let what = match e {
             StoreError::Db(sqlx::Error::Database(db)) => db.message().to_owned(),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, Some(m))) => format!("{m} ({f})"),
             other => other.to_string(),
         };
         return CapError::Unavailable(format!(
@@ -120,6 +121,14 @@ fn store_error(e: &StoreError) -> CapError {
         StoreError::Db(sqlx::Error::Database(db)) => {
             CapError::Invalid(format!("SQL error{code}: {db}"))
         }
+        // SQLite's verdict on the statement (syntax, constraint, ...) or
+        // rusqlite's on its arguments (a value that does not convert, a
+        // string of several statements): the statement's fault either way.
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, m)) => CapError::Invalid(format!(
+            "SQL error{code}: {}",
+            m.as_deref().map_or_else(|| f.to_string(), str::to_owned)
+        )),
+        StoreError::Sqlite(e) => CapError::Invalid(format!("SQL error: {e}")),
         StoreError::Db(
             sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::Decode(_)

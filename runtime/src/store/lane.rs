@@ -41,8 +41,7 @@
 //! by halves.
 
 use futures::future::BoxFuture;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, Sqlite};
+use sqlx::PgConnection;
 
 use super::{AckTx, Result, SqlRows, SqlValue, Store, StoreError};
 use crate::event::{Lease, NewEvent};
@@ -61,7 +60,8 @@ pub struct Kept {
 
 enum LaneConn {
     Postgres(PgConnection),
-    Sqlite(PoolConnection<Sqlite>),
+    /// The SQLite writer, held for the life of each transaction.
+    Sqlite(super::sqlite::WriterGuard),
 }
 
 /// See the module docs. Not `Clone`: the dispatcher keeps each lane behind
@@ -151,7 +151,7 @@ impl Lane {
         if self.conn.is_none() {
             self.conn = Some(match &self.store {
                 Store::Postgres(s) => LaneConn::Postgres(s.lane_connection().await?),
-                Store::Sqlite(s) => LaneConn::Sqlite(s.lane_connection().await?),
+                Store::Sqlite(s) => LaneConn::Sqlite(s.lane_connection().await),
             });
         }
         Ok(self.conn.as_mut().expect("just connected"))
@@ -175,7 +175,7 @@ impl Lane {
     pub async fn query(&mut self, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
         let r = match self.conn_for_event()? {
             LaneConn::Postgres(c) => super::postgres::query(c, statement, params).await,
-            LaneConn::Sqlite(c) => super::sqlite::query(c, statement, params).await,
+            LaneConn::Sqlite(c) => super::sqlite::query(c, statement, params),
         };
         r.map_err(|e| self.note(e))
     }
@@ -184,7 +184,7 @@ impl Lane {
     pub async fn execute(&mut self, statement: &str, params: &[SqlValue]) -> Result<u64> {
         let r = match self.conn_for_event()? {
             LaneConn::Postgres(c) => super::postgres::execute(c, statement, params).await,
-            LaneConn::Sqlite(c) => super::sqlite::execute(c, statement, params).await,
+            LaneConn::Sqlite(c) => super::sqlite::execute(c, statement, params),
         };
         r.map_err(|e| self.note(e))
     }
@@ -195,10 +195,12 @@ impl Lane {
         for ev in events {
             let r = match self.conn_for_event()? {
                 LaneConn::Postgres(c) => {
-                    super::postgres::enqueue_with_default(c, ev, default_max_retry).await
+                    super::postgres::enqueue_with_default(c, ev, default_max_retry)
+                        .await
+                        .map(|_| ())
                 }
                 LaneConn::Sqlite(c) => {
-                    super::sqlite::enqueue_with_default(c, ev, default_max_retry).await
+                    super::sqlite::enqueue_in(c, ev, default_max_retry).map(|_| ())
                 }
             };
             if let Err(e) = r {
@@ -225,9 +227,7 @@ impl Lane {
             return;
         };
         let r = match self.conn.as_mut() {
-            Some(c) => simple(c, format!("ROLLBACK TO SAVEPOINT e{sp}"))
-                .await
-                .map(|_| ()),
+            Some(c) => simple(c, format!("ROLLBACK TO SAVEPOINT e{sp}")).await,
             None => Ok(()),
         };
         if let Err(e) = r {
@@ -260,8 +260,8 @@ impl Lane {
             Ok(committed) => {
                 self.open = false;
                 self.next_savepoint = 0;
-                // The SQLite connection goes back to the bookkeeping pool
-                // between transactions; claims and acks wait for it.
+                // The SQLite writer is free between transactions; claims
+                // and acks wait for it.
                 if matches!(self.conn, Some(LaneConn::Sqlite(_))) {
                     self.conn = None;
                 }
@@ -273,7 +273,7 @@ impl Lane {
             }
             Err(e) => {
                 self.abandon();
-                (kept, Err(e.into()))
+                (kept, Err(e))
             }
         }
     }
@@ -297,9 +297,9 @@ impl Lane {
         self.current = None;
         self.next_savepoint = 0;
         match self.conn.take() {
-            // A broken connection must not go back to the pool with a
-            // transaction half open.
-            Some(LaneConn::Sqlite(c)) => drop(c.detach()),
+            // The writer is the only one: it stays, without the
+            // transaction.
+            Some(LaneConn::Sqlite(c)) => super::sqlite::rollback_writer(&c),
             Some(LaneConn::Postgres(c)) => drop(c),
             None => {}
         }
@@ -312,14 +312,11 @@ impl Lane {
 /// key whatever the planner's statistics say. Tokens are per claim, so
 /// `lock_token = ANY` is as strict a fence as pairing them: a row another
 /// runtime claimed since carries a token none of our claims issued.
-fn finish<'c>(
-    conn: &'c mut LaneConn,
-    kept: &'c [Kept],
-) -> BoxFuture<'c, Result<bool, sqlx::Error>> {
-    let (ids, tokens): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) =
-        kept.iter().map(|k| (k.lease.id, k.lease.token)).unzip();
+fn finish<'c>(conn: &'c mut LaneConn, kept: &'c [Kept]) -> BoxFuture<'c, Result<bool>> {
     match conn {
         LaneConn::Postgres(c) => Box::pin(async move {
+            let (ids, tokens): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) =
+                kept.iter().map(|k| (k.lease.id, k.lease.token)).unzip();
             let deleted = if kept.is_empty() {
                 0
             } else {
@@ -339,49 +336,55 @@ fn finish<'c>(
             sqlx::Executor::execute(&mut *c, if ok { "COMMIT" } else { "ROLLBACK" }).await?;
             Ok(ok)
         }),
-        LaneConn::Sqlite(c) => Box::pin(async move {
-            let deleted = if kept.is_empty() {
-                0
-            } else {
-                let rowids: Vec<i64> = kept.iter().map(|k| k.lease.seq).collect();
-                let tokens: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-                sqlx::Executor::execute(
-                    &mut **c,
-                    sqlx::query(
+        LaneConn::Sqlite(c) => {
+            let r = (|| {
+                let deleted = if kept.is_empty() {
+                    0
+                } else {
+                    let rowids: Vec<i64> = kept.iter().map(|k| k.lease.seq).collect();
+                    let tokens: Vec<String> =
+                        kept.iter().map(|k| k.lease.token.to_string()).collect();
+                    c.prepare_cached(
                         "DELETE FROM outbox_events
                          WHERE rowid IN (SELECT value FROM json_each(?1))
                            AND lock_token IN (SELECT value FROM json_each(?2))
                            AND retry < max_retry",
-                    )
-                    .bind(serde_json::to_string(&rowids).expect("integers serialize"))
-                    .bind(serde_json::to_string(&tokens).expect("strings serialize")),
-                )
-                .await?
-                .rows_affected()
-            };
-            let ok = deleted == kept.len() as u64;
-            sqlx::Executor::execute(&mut **c, if ok { "COMMIT" } else { "ROLLBACK" }).await?;
-            Ok(ok)
-        }),
+                    )?
+                    .execute([
+                        serde_json::to_string(&rowids).expect("integers serialize"),
+                        serde_json::to_string(&tokens).expect("strings serialize"),
+                    ])?
+                };
+                let ok = deleted == kept.len();
+                c.execute_batch(if ok { "COMMIT" } else { "ROLLBACK" })?;
+                Ok(ok)
+            })();
+            Box::pin(std::future::ready(r))
+        }
     }
 }
 
-/// Run `sql` (one or more statements, no parameters) as a simple query;
-/// the number of rows they returned. Boxed with concrete lifetimes: sqlx's
-/// executor futures are otherwise not provably `Send` inside the
-/// dispatcher's `async_trait` and spawned tasks.
-fn simple(conn: &mut LaneConn, sql: String) -> BoxFuture<'_, Result<usize, sqlx::Error>> {
+/// Run `sql` (one or more statements, no parameters). Boxed with concrete
+/// lifetimes: sqlx's executor futures are otherwise not provably `Send`
+/// inside the dispatcher's `async_trait` and spawned tasks.
+fn simple(conn: &mut LaneConn, sql: String) -> BoxFuture<'_, Result<()>> {
     match conn {
         LaneConn::Postgres(c) => Box::pin(async move {
-            Ok(sqlx::Executor::fetch_all(&mut *c, sqlx::raw_sql(&sql))
-                .await?
-                .len())
+            sqlx::Executor::fetch_all(&mut *c, sqlx::raw_sql(&sql)).await?;
+            Ok(())
         }),
-        LaneConn::Sqlite(c) => Box::pin(async move {
-            Ok(sqlx::Executor::fetch_all(&mut **c, sqlx::raw_sql(&sql))
-                .await?
-                .len())
-        }),
+        LaneConn::Sqlite(c) => Box::pin(std::future::ready(
+            c.execute_batch(&sql).map_err(StoreError::from),
+        )),
+    }
+}
+
+impl Drop for Lane {
+    /// The SQLite writer outlives the lane: leave no transaction on it.
+    fn drop(&mut self) {
+        if let Some(LaneConn::Sqlite(c)) = &self.conn {
+            super::sqlite::rollback_writer(c);
+        }
     }
 }
 

@@ -108,6 +108,9 @@ pub enum StoreError {
     Closed,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// From the SQLite writer (see `sqlite/writer.rs`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -601,7 +604,8 @@ impl std::fmt::Debug for Wakeups {
 /// A transaction that carries a handler's SQL and emitted events and, on
 /// commit, deletes the event it handled: all of it happens, or none of it.
 pub enum AckTx {
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    /// A transaction on the SQLite writer.
+    Sqlite(sqlite::WriterTx),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
     /// The event's savepoint in a lane the dispatcher commits in groups
     /// (see [`lane`]); its row is deleted with the others' at the commit.
@@ -612,7 +616,7 @@ impl AckTx {
     /// Run a statement that returns rows (the `sql` capability).
     pub async fn query(&mut self, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
         match self {
-            AckTx::Sqlite(tx) => sqlite::query(tx, statement, params).await,
+            AckTx::Sqlite(tx) => sqlite::query(tx.conn(), statement, params),
             AckTx::Postgres(tx) => postgres::query(tx, statement, params).await,
             AckTx::Lane(tx) => tx.query(statement, params).await,
         }
@@ -621,7 +625,7 @@ impl AckTx {
     /// Run a statement; rows affected.
     pub async fn execute(&mut self, statement: &str, params: &[SqlValue]) -> Result<u64> {
         match self {
-            AckTx::Sqlite(tx) => sqlite::execute(tx, statement, params).await,
+            AckTx::Sqlite(tx) => sqlite::execute(tx.conn(), statement, params),
             AckTx::Postgres(tx) => postgres::execute(tx, statement, params).await,
             AckTx::Lane(tx) => tx.execute(statement, params).await,
         }
@@ -641,9 +645,7 @@ impl AckTx {
         let mut ids = Vec::with_capacity(events.len());
         for ev in events {
             ids.push(match self {
-                AckTx::Sqlite(tx) => {
-                    sqlite::enqueue_with_default(tx, ev, default_max_retry).await?
-                }
+                AckTx::Sqlite(tx) => sqlite::enqueue_in(tx.conn(), ev, default_max_retry)?,
                 AckTx::Postgres(tx) => {
                     postgres::enqueue_with_default(tx, ev, default_max_retry).await?
                 }
@@ -658,7 +660,7 @@ impl AckTx {
     /// return false.
     pub async fn commit_ack(self, lease: Lease) -> Result<bool> {
         match self {
-            AckTx::Sqlite(tx) => sqlite::commit_ack(tx, lease).await,
+            AckTx::Sqlite(tx) => sqlite::commit_ack(tx, lease),
             AckTx::Postgres(tx) => postgres::commit_ack(tx, lease).await,
             // The lane commits for many events at once; the dispatcher
             // keeps the event in it instead (see `lane`).
@@ -671,7 +673,7 @@ impl AckTx {
 
     pub async fn rollback(self) -> Result<()> {
         match self {
-            AckTx::Sqlite(tx) => tx.rollback().await?,
+            AckTx::Sqlite(tx) => tx.rollback()?,
             AckTx::Postgres(tx) => tx.rollback().await?,
             AckTx::Lane(mut tx) => tx.lane.undo().await,
         }

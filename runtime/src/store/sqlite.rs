@@ -5,17 +5,19 @@
 //! insertion order is the rowid. Time comes from the Rust clock, because
 //! SQLite has no server clock and every writer of one file is on one host.
 //!
-//! SQLite has a single writer. Every write here is one autocommit statement
-//! or a `BEGIN IMMEDIATE` transaction, which takes the write lock up front:
-//! a deferred transaction that reads first and writes later fails at once
-//! with `SQLITE_BUSY` (no busy wait) whenever another connection committed in
-//! between, which under a busy claim loop would be most of the time. The
-//! busy timeout (30 s) makes writers queue instead of failing.
+//! SQLite has a single writer, and the runtime's writes go through one
+//! connection, [`writer`] (rusqlite, called in the task that needs it): the
+//! claims, acks and failures, and every handler's effects transaction. The
+//! other connections (a sqlx pool) serve enqueues, admin reads and the
+//! application. Every write transaction is `BEGIN IMMEDIATE`, which takes
+//! the write lock up front: a deferred transaction that reads first and
+//! writes later fails at once with `SQLITE_BUSY` (no busy wait) whenever
+//! another connection committed in between. The busy timeout (30 s) makes
+//! writers queue instead of failing.
 //!
 //! Batches (of leases, claimed rowids, enqueued rows) travel as one JSON
 //! document bound to a single parameter and unpacked with `json_each`, so
-//! each batch operation is one statement: every statement is a round trip
-//! to sqlx's connection thread, which costs more than SQLite's own work.
+//! each batch operation is one statement.
 //!
 //! As on PostgreSQL, a claim moves `available_at` to the end of the lease,
 //! so leased rows leave the head of the claim index and a lapsed lease makes
@@ -31,7 +33,7 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Column, Executor, Row, Sqlite, SqliteConnection, TypeInfo, ValueRef};
+use sqlx::{Row, Sqlite, SqliteConnection};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -41,6 +43,9 @@ use super::{
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
+mod writer;
+pub use writer::{Writer, WriterConn, WriterGuard, WriterTx, rollback as rollback_writer};
+
 /// Writers wait this long for the write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,20 +54,21 @@ const EVENT_COLUMNS: &str = "rowid AS seq, id, name, payload, group_id, retry, m
      create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, \
      dead_at, deferrals";
 
-/// The single connection of the bookkeeping pool (see [`SqliteStore`]).
-const BOOKKEEPING_CONNECTIONS: u32 = 1;
-
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Enqueues, admin reads and the application's transactions.
     pool: sqlx::Pool<sqlx::Sqlite>,
     /// The runtime's own writes (claim, extend, ack, fail, release, expiry,
-    /// cleanup) on one connection: SQLite has one writer at a time anyway,
-    /// and a connection whose page cache another connection's commit did
-    /// not just invalidate reads its B-tree pages from memory instead of
-    /// the file (measured: re-reading pages through `read()` after every
-    /// other connection's commit was a large share of the claim loop).
-    /// Enqueues, handler transactions and admin reads use `pool`.
-    bookkeeping: sqlx::Pool<sqlx::Sqlite>,
+    /// cleanup) and the handlers' effects, on one connection: SQLite has one
+    /// writer at a time anyway, a connection whose page cache no other
+    /// connection's commit just invalidated reads its B-tree pages from
+    /// memory instead of the file, and a call costs no hand-off to another
+    /// thread (see [`writer`]).
+    writer: Writer,
+    /// An in-memory store is a file in a temporary directory (one file, so
+    /// the pool and the writer see the same database), removed with the
+    /// last clone of the store.
+    _scratch: Option<Arc<tempfile::TempDir>>,
     /// Bumped by this store's enqueues, replays and releases; see
     /// [`super::Store::wakeups`].
     wake: Arc<watch::Sender<u64>>,
@@ -70,8 +76,9 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Open (creating if missing) the database file in WAL mode. An
-    /// in-memory URL gets a single, never-recycled connection, because each
-    /// SQLite connection to `:memory:` is a separate, empty database.
+    /// in-memory URL (`sqlite::memory:`) gets a new database in a temporary
+    /// directory, gone when the store is: each SQLite connection to
+    /// `:memory:` would be a separate, empty database.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self> {
         Self::open(url, opts, OpenMode::SERVE).await
     }
@@ -85,47 +92,49 @@ impl SqliteStore {
             source,
         };
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(connect_err)?
-            .create_if_missing(mode.create)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT);
-        if !mode.create && !in_memory && !options.get_filename().exists() {
+        let scratch = if in_memory {
+            Some(Arc::new(tempfile::tempdir().map_err(|e| {
+                connect_err(sqlx::Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("creating a temporary directory for the in-memory database: {e}"),
+                )))
+            })?))
+        } else {
+            None
+        };
+        let options = match &scratch {
+            Some(dir) => SqliteConnectOptions::new()
+                .filename(dir.path().join("outrun.db"))
+                .create_if_missing(true),
+            None => SqliteConnectOptions::from_str(url)
+                .map_err(connect_err)?
+                .create_if_missing(mode.create),
+        }
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(BUSY_TIMEOUT);
+        if !mode.create && scratch.is_none() && !options.get_filename().exists() {
             return Err(StoreError::NoDatabase {
                 path: options.get_filename().to_path_buf(),
                 url: redact_url(url),
             });
         }
-        let mut pool = SqlitePoolOptions::new().acquire_timeout(opts.acquire_timeout);
-        pool = if in_memory {
-            pool.max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
-        } else {
-            pool.max_connections(opts.max_connections.max(1))
-        };
-        let pool = pool
+        let pool = SqlitePoolOptions::new()
+            .acquire_timeout(opts.acquire_timeout)
+            .max_connections(opts.max_connections.max(1))
             .connect_with(options.clone())
             .await
             .map_err(connect_err)?;
-        // An in-memory database exists only on its one connection.
-        let bookkeeping = if in_memory {
-            pool.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .acquire_timeout(opts.acquire_timeout)
-                .max_connections(BOOKKEEPING_CONNECTIONS)
-                // No checkpoint inline on the claim/ack path (copying the
-                // WAL into the database and syncing it stalled the one
-                // connection everything waits on); the dispatcher runs
-                // [`SqliteStore::checkpoint`] in the background instead.
-                .connect_lazy_with(options.pragma("wal_autocheckpoint", "0"))
-        };
+        // The pool's first connection created the file and set WAL mode.
+        let writer = Writer::open(options.get_filename(), BUSY_TIMEOUT).map_err(|e| {
+            connect_err(sqlx::Error::Io(std::io::Error::other(format!(
+                "opening the writer connection: {e}"
+            ))))
+        })?;
         Ok(Self {
             pool,
-            bookkeeping,
+            writer,
+            _scratch: scratch,
             wake: Arc::new(watch::Sender::new(0)),
         })
     }
@@ -245,73 +254,83 @@ impl SqliteStore {
         let now = now_ms();
         let locked_until = now.saturating_add(duration_ms(lease));
         let token = Uuid::new_v4();
-        // Select the batch as ONE row (a JSON array of rows), then lease it,
-        // under one write lock. sqlx moves every result row from its
-        // connection thread to the caller as a separate message (and
-        // wake-up); an `UPDATE ... RETURNING` of a few hundred rows spent
-        // more time on that hand-off than in SQLite.
-        let mut tx = self.bookkeeping.begin_with("BEGIN IMMEDIATE").await?;
-        let batch: Option<String> = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(
-                     e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
-                     e.create_date, e.available_at, e.expires_at, e.last_error,
-                     e.idempotency_key, e.deferrals))
-             FROM (SELECT e.rowid AS rid FROM outbox_events e
-                   WHERE e.retry < e.max_retry
-                     AND e.available_at <= ?1
-                     AND (e.expires_at IS NULL OR e.expires_at > ?1)
-                     AND (e.locked_until IS NULL OR e.locked_until < ?1)
-                     AND e.name NOT IN (SELECT value FROM json_each(?2))
-                     AND (e.group_id IS NULL OR NOT EXISTS (
-                         SELECT 1 FROM outbox_events p
-                         WHERE p.group_id = e.group_id AND p.rowid < e.rowid
-                           AND p.retry < p.max_retry))
-                   ORDER BY e.available_at, e.rowid
-                   LIMIT ?3) AS picked
-             JOIN outbox_events e ON e.rowid = picked.rid",
-        )
-        .bind(now)
-        .bind(serde_json::to_string(skip_names).expect("strings serialise"))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_one(&mut *tx)
-        .await?;
-        let rows: Vec<ClaimRow> =
-            serde_json::from_str(batch.as_deref().unwrap_or("[]")).map_err(|e| {
-                StoreError::Db(sqlx::Error::Decode(
-                    format!("claimed rows did not decode ({e}); is outbox_events as migrated?")
-                        .into(),
-                ))
-            })?;
-        if rows.is_empty() {
-            tx.rollback().await?;
-            return Ok(Vec::new());
-        }
-        let rowids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        sqlx::query(
-            "UPDATE outbox_events
+        let skip = serde_json::to_string(skip_names).expect("strings serialise");
+        let worker_name = worker.to_string();
+        let rows = self
+            .writer
+            .run_tx(move |conn| {
+                let mut rows: Vec<(i64, ClaimRow)> = Vec::new();
+                {
+                    let mut select = conn.prepare_cached(
+                        "SELECT e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
+                        e.create_date, e.available_at, e.expires_at, e.last_error,
+                        e.idempotency_key, e.deferrals
+                 FROM outbox_events e
+                 WHERE e.retry < e.max_retry
+                   AND e.available_at <= ?1
+                   AND (e.expires_at IS NULL OR e.expires_at > ?1)
+                   AND (e.locked_until IS NULL OR e.locked_until < ?1)
+                   AND e.name NOT IN (SELECT value FROM json_each(?2))
+                   AND (e.group_id IS NULL OR NOT EXISTS (
+                       SELECT 1 FROM outbox_events p
+                       WHERE p.group_id = e.group_id AND p.rowid < e.rowid
+                         AND p.retry < p.max_retry))
+                 ORDER BY e.available_at, e.rowid
+                 LIMIT ?3",
+                    )?;
+                    let mut found = select.query(rusqlite::params![
+                        now,
+                        skip,
+                        i64::try_from(limit).unwrap_or(i64::MAX),
+                    ])?;
+                    while let Some(r) = found.next()? {
+                        rows.push((
+                            r.get(0)?,
+                            ClaimRow {
+                                id: r.get(1)?,
+                                name: r.get(2)?,
+                                payload: r.get(3)?,
+                                group_id: r.get(4)?,
+                                retry: r.get(5)?,
+                                max_retry: r.get(6)?,
+                                create_date: r.get(7)?,
+                                available_at: r.get(8)?,
+                                expires_at: r.get(9)?,
+                                last_error: r.get(10)?,
+                                idempotency_key: r.get(11)?,
+                                deferrals: r.get(12)?,
+                            },
+                        ));
+                    }
+                }
+                if rows.is_empty() {
+                    return Ok(rows);
+                }
+                let rowids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+                conn.prepare_cached(
+                    "UPDATE outbox_events
              SET locked_by = ?1, locked_until = ?2, lock_token = ?3, available_at = ?2
              WHERE rowid IN (SELECT value FROM json_each(?4))",
-        )
-        .bind(worker)
-        .bind(locked_until)
-        .bind(token.to_string())
-        .bind(serde_json::to_string(&rowids).expect("integers serialise"))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        // json_group_array keeps no order; hand the batch out oldest first.
-        let mut claimed = rows
-            .into_iter()
-            .map(|r| {
-                let seq = r.0;
-                Ok((r.into_event(worker, locked_until)?, seq))
+                )?
+                .execute(rusqlite::params![
+                    worker_name,
+                    locked_until,
+                    token.to_string(),
+                    serde_json::to_string(&rowids).expect("integers serialise"),
+                ])?;
+                Ok(rows)
             })
-            .collect::<Result<Vec<_>>>()?;
-        claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
-        Ok(claimed
-            .into_iter()
-            .map(|(event, seq)| Claimed { event, token, seq })
-            .collect())
+            .await?;
+        // Selected in claim order (available_at, rowid).
+        rows.into_iter()
+            .map(|(seq, r)| {
+                Ok(Claimed {
+                    event: r.into_event(worker, locked_until)?,
+                    token,
+                    seq,
+                })
+            })
+            .collect()
     }
 
     pub async fn extend(&self, leases: &[Lease], lease: Duration) -> Result<u64> {
@@ -321,44 +340,52 @@ impl SqliteStore {
         let sql = format!(
             "UPDATE outbox_events SET locked_until = ?2, available_at = ?2 WHERE rowid IN ({LEASED_ROWIDS})"
         );
-        let done = sqlx::query(&sql)
-            .bind(leases_json(leases))
-            .bind(now_ms().saturating_add(duration_ms(lease)))
-            .execute(&self.bookkeeping)
+        let json = leases_json(leases);
+        let until = now_ms().saturating_add(duration_ms(lease));
+        let n = self
+            .writer
+            .run(move |conn| {
+                Ok(conn
+                    .prepare_cached(&sql)?
+                    .execute(rusqlite::params![json, until])?)
+            })
             .await?;
-        Ok(done.rows_affected())
+        Ok(n as u64)
     }
 
     pub async fn ack(&self, leases: &[Lease]) -> Result<Vec<Uuid>> {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        // No RETURNING: sqlx hands every returned row across its worker
-        // thread one by one, which cost more than the DELETE. All rows gone
-        // (the usual case) means every lease was held; otherwise ask which
-        // of them another runtime still holds.
+        // All rows gone (the usual case) means every lease was held;
+        // otherwise ask which of them another runtime still holds.
         // `retry < max_retry`: an event cancelled while it ran is not
         // deleted as handled.
         let sql = format!(
             "DELETE FROM outbox_events WHERE rowid IN ({LEASED_ROWIDS}) AND retry < max_retry"
         );
         let json = leases_json(leases);
-        let deleted = sqlx::query(&sql)
-            .bind(&json)
-            .execute(&self.bookkeeping)
-            .await?
-            .rows_affected();
-        if deleted == leases.len() as u64 {
+        let all = leases.len();
+        let kept = self
+            .writer
+            .run(move |conn| {
+                let deleted = conn.prepare_cached(&sql)?.execute([&json])?;
+                if deleted == all {
+                    return Ok(None);
+                }
+                let mut still = conn.prepare_cached(
+                    "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
+                     JOIN outbox_events e ON e.rowid = r.value",
+                )?;
+                let kept = still
+                    .query_map([&json], |r| r.get::<_, i64>(0))?
+                    .collect::<rusqlite::Result<std::collections::HashSet<i64>>>()?;
+                Ok(Some(kept))
+            })
+            .await?;
+        let Some(kept) = kept else {
             return Ok(leases.iter().map(|l| l.id).collect());
-        }
-        let kept: Vec<i64> = sqlx::query_scalar(
-            "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
-             JOIN outbox_events e ON e.rowid = r.value",
-        )
-        .bind(&json)
-        .fetch_all(&self.bookkeeping)
-        .await?;
-        let kept: std::collections::HashSet<i64> = kept.into_iter().collect();
+        };
         Ok(leases
             .iter()
             .filter(|l| !kept.contains(&l.seq))
@@ -369,59 +396,63 @@ impl SqliteStore {
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
         let id = lease.id.to_string();
         let token = lease.token.to_string();
+        let conn = self.writer.lock().await;
         // `retry < max_retry`: an event cancelled (or marked dead by hand)
         // while it ran stays dead whatever its attempt's verdict.
-        let query = match failure {
+        let n = match failure {
             Failure::Retry {
                 error,
                 retry_at,
                 max_retry,
-            } => sqlx::query(
-                // SET expressions see the old row, so `retry + 1` and the
-                // max_retry override are applied to the values before this update.
-                "UPDATE outbox_events
-                 SET max_retry = COALESCE(?3, max_retry), retry = retry + 1, last_error = ?4,
-                     available_at = ?5, locked_by = NULL, locked_until = NULL, lock_token = NULL,
-                     dead_at = CASE WHEN retry + 1 >= COALESCE(?3, max_retry) THEN ?6 END
-                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
-            )
-            .bind(id)
-            .bind(token)
-            .bind(max_retry.map(i64::from))
-            .bind(error.as_str())
-            .bind(retry_at.timestamp_millis())
-            .bind(now_ms()),
-            Failure::Dead { error } => sqlx::query(
-                "UPDATE outbox_events
-                 SET retry = max_retry, last_error = ?3, dead_at = ?4,
-                     locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
-            )
-            .bind(id)
-            .bind(token)
-            .bind(error.as_str())
-            .bind(now_ms()),
-            Failure::Reschedule { at } => sqlx::query(
-                "UPDATE outbox_events
-                 SET available_at = ?3, deferrals = deferrals + 1,
-                     locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
-            )
-            .bind(id)
-            .bind(token)
-            .bind(at.timestamp_millis()),
-            Failure::Interrupted { error, retry_at } => sqlx::query(
-                "UPDATE outbox_events
-                 SET last_error = ?3, available_at = ?4,
-                     locked_by = NULL, locked_until = NULL, lock_token = NULL
-                 WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
-            )
-            .bind(id)
-            .bind(token)
-            .bind(error.as_str())
-            .bind(retry_at.timestamp_millis()),
+            } => conn
+                .prepare_cached(
+                    // SET expressions see the old row, so `retry + 1` and the
+                    // max_retry override are applied to the values before this update.
+                    "UPDATE outbox_events
+                     SET max_retry = COALESCE(?3, max_retry), retry = retry + 1, last_error = ?4,
+                         available_at = ?5, locked_by = NULL, locked_until = NULL, lock_token = NULL,
+                         dead_at = CASE WHEN retry + 1 >= COALESCE(?3, max_retry) THEN ?6 END
+                     WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
+                )?
+                .execute(rusqlite::params![
+                    id,
+                    token,
+                    max_retry.map(i64::from),
+                    error,
+                    retry_at.timestamp_millis(),
+                    now_ms(),
+                ])?,
+            Failure::Dead { error } => conn
+                .prepare_cached(
+                    "UPDATE outbox_events
+                     SET retry = max_retry, last_error = ?3, dead_at = ?4,
+                         locked_by = NULL, locked_until = NULL, lock_token = NULL
+                     WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
+                )?
+                .execute(rusqlite::params![id, token, error, now_ms()])?,
+            Failure::Reschedule { at } => conn
+                .prepare_cached(
+                    "UPDATE outbox_events
+                     SET available_at = ?3, deferrals = deferrals + 1,
+                         locked_by = NULL, locked_until = NULL, lock_token = NULL
+                     WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
+                )?
+                .execute(rusqlite::params![id, token, at.timestamp_millis()])?,
+            Failure::Interrupted { error, retry_at } => conn
+                .prepare_cached(
+                    "UPDATE outbox_events
+                     SET last_error = ?3, available_at = ?4,
+                         locked_by = NULL, locked_until = NULL, lock_token = NULL
+                     WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
+                )?
+                .execute(rusqlite::params![
+                    id,
+                    token,
+                    error,
+                    retry_at.timestamp_millis()
+                ])?,
         };
-        Ok(query.execute(&self.bookkeeping).await?.rows_affected() == 1)
+        Ok(n == 1)
     }
 
     pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
@@ -433,63 +464,74 @@ impl SqliteStore {
              SET locked_by = NULL, locked_until = NULL, lock_token = NULL, available_at = ?2
              WHERE rowid IN ({LEASED_ROWIDS})"
         );
-        let n = sqlx::query(&sql)
-            .bind(leases_json(leases))
-            .bind(now_ms())
-            .execute(&self.bookkeeping)
-            .await?
-            .rows_affected();
+        let json = leases_json(leases);
+        let now = now_ms();
+        let n = self
+            .writer
+            .run(move |conn| {
+                Ok(conn
+                    .prepare_cached(&sql)?
+                    .execute(rusqlite::params![json, now])?)
+            })
+            .await?;
         if n > 0 {
             self.wake();
         }
-        Ok(n)
+        Ok(n as u64)
     }
 
+    /// A transaction on the writer for a handler's effects, committed by
+    /// [`commit_ack`].
     pub async fn begin(&self) -> Result<super::AckTx> {
-        Ok(super::AckTx::Sqlite(
-            self.pool.begin_with("BEGIN IMMEDIATE").await?,
-        ))
+        Ok(super::AckTx::Sqlite(WriterTx::begin(&self.writer).await?))
     }
 
-    /// The bookkeeping connection, lent to a lane for one transaction (see
-    /// `lane.rs`): the one writer serves claims, acks and effects in turn.
-    pub(super) async fn lane_connection(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>> {
-        Ok(self.bookkeeping.acquire().await?)
+    /// The writer, lent to a lane for one transaction (see `lane.rs`): the
+    /// one writer serves claims, acks and effects in turn.
+    pub(super) async fn lane_connection(&self) -> WriterGuard {
+        self.writer.lock().await
     }
 
     pub async fn expire_due(&self, limit: i64) -> Result<u64> {
-        let n = sqlx::query(
-            "UPDATE outbox_events
-             SET retry = max_retry, last_error = 'expired', dead_at = ?1,
-                 locked_by = NULL, locked_until = NULL, lock_token = NULL
-             WHERE rowid IN (
-                 SELECT rowid FROM outbox_events
-                 WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND retry < max_retry
-                   AND (locked_until IS NULL OR locked_until < ?1)
-                 ORDER BY expires_at
-                 LIMIT ?2)",
-        )
-        .bind(now_ms())
-        .bind(limit.max(0))
-        .execute(&self.bookkeeping)
-        .await?;
-        Ok(n.rows_affected())
+        let n = self
+            .writer
+            .run(move |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "UPDATE outbox_events
+                 SET retry = max_retry, last_error = 'expired', dead_at = ?1,
+                     locked_by = NULL, locked_until = NULL, lock_token = NULL
+                 WHERE rowid IN (
+                     SELECT rowid FROM outbox_events
+                     WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND retry < max_retry
+                       AND (locked_until IS NULL OR locked_until < ?1)
+                     ORDER BY expires_at
+                     LIMIT ?2)",
+                    )?
+                    .execute(rusqlite::params![now_ms(), limit.max(0)])?)
+            })
+            .await?;
+        Ok(n as u64)
     }
 
     pub async fn cleanup_dead(&self, before: DateTime<Utc>, limit: i64) -> Result<u64> {
-        let n = sqlx::query(
-            "DELETE FROM outbox_events
-             WHERE rowid IN (
-                 SELECT rowid FROM outbox_events
-                 WHERE retry >= max_retry AND COALESCE(dead_at, create_date) <= ?1
-                 ORDER BY COALESCE(dead_at, create_date)
-                 LIMIT ?2)",
-        )
-        .bind(before.timestamp_millis())
-        .bind(limit.max(0))
-        .execute(&self.bookkeeping)
-        .await?;
-        Ok(n.rows_affected())
+        let before = before.timestamp_millis();
+        let n = self
+            .writer
+            .run(move |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "DELETE FROM outbox_events
+                 WHERE rowid IN (
+                     SELECT rowid FROM outbox_events
+                     WHERE retry >= max_retry AND COALESCE(dead_at, create_date) <= ?1
+                     ORDER BY COALESCE(dead_at, create_date)
+                     LIMIT ?2)",
+                    )?
+                    .execute(rusqlite::params![before, limit.max(0)])?)
+            })
+            .await?;
+        Ok(n as u64)
     }
 
     pub async fn stats(&self) -> Result<Stats> {
@@ -700,6 +742,24 @@ pub async fn enqueue(conn: &mut SqliteConnection, event: &NewEvent) -> Result<Uu
     enqueue_with_default(conn, event, super::DEFAULT_MAX_RETRY).await
 }
 
+/// Insert one event unless its idempotency key is taken; `?1`..`?9` as in
+/// [`enqueue_with_default`]. Returns the id when it inserted.
+const ENQUEUE: &str = "INSERT INTO outbox_events
+         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+     ON CONFLICT (idempotency_key) DO NOTHING
+     RETURNING id";
+
+/// The event that holds idempotency key `?1`.
+const KEY_HOLDER: &str = "SELECT id FROM outbox_events WHERE idempotency_key = ?1";
+
+fn key_kept_conflicting(event: &NewEvent) -> StoreError {
+    StoreError::Db(sqlx::Error::Protocol(format!(
+        "idempotency key {:?} kept conflicting but its event could not be read; retry the enqueue",
+        event.idempotency_key
+    )))
+}
+
 /// [`enqueue`] with the runtime's default `max_retry` for events that set none.
 pub async fn enqueue_with_default(
     conn: &mut SqliteConnection,
@@ -713,189 +773,116 @@ pub async fn enqueue_with_default(
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
         let id = Uuid::now_v7();
-        let inserted: Option<String> = sqlx::query_scalar(
-            "INSERT INTO outbox_events
-                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id",
-        )
-        .bind(id.to_string())
-        .bind(now)
-        .bind(&event.name)
-        .bind(&event.payload)
-        .bind(event.group_id.as_deref())
-        .bind(i64::from(max_retry))
-        .bind(now.saturating_add(event.delay.map_or(0, duration_ms)))
-        .bind(event.expires_in.map(|ttl| now.saturating_add(duration_ms(ttl))))
-        .bind(event.idempotency_key.as_deref())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let inserted: Option<String> = sqlx::query_scalar(ENQUEUE)
+            .bind(id.to_string())
+            .bind(now)
+            .bind(&event.name)
+            .bind(&event.payload)
+            .bind(event.group_id.as_deref())
+            .bind(i64::from(max_retry))
+            .bind(now.saturating_add(event.delay.map_or(0, duration_ms)))
+            .bind(
+                event
+                    .expires_in
+                    .map(|ttl| now.saturating_add(duration_ms(ttl))),
+            )
+            .bind(event.idempotency_key.as_deref())
+            .fetch_optional(&mut *conn)
+            .await?;
         if inserted.is_some() {
             return Ok(id);
         }
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT id FROM outbox_events WHERE idempotency_key = ?1")
-                .bind(event.idempotency_key.as_deref())
-                .fetch_optional(&mut *conn)
-                .await?;
+        let existing: Option<String> = sqlx::query_scalar(KEY_HOLDER)
+            .bind(event.idempotency_key.as_deref())
+            .fetch_optional(&mut *conn)
+            .await?;
         if let Some(existing) = existing {
             return parse_id(&existing);
         }
     }
-    Err(StoreError::Db(sqlx::Error::Protocol(format!(
-        "idempotency key {:?} kept conflicting but its event could not be read; retry the enqueue",
-        event.idempotency_key
-    ))))
+    Err(key_kept_conflicting(event))
 }
 
-/// Run a row-returning statement for the `sql` capability. Values come back
-/// by their SQLite storage class (INTEGER, REAL, TEXT, BLOB, NULL), so a
-/// BOOLEAN column reads as an int. Parameters bind to `?`, `?N` or `$N`, by
-/// their own kind (a boolean as an INTEGER 0/1): SQLite types values, not
-/// placeholders, so no earlier call can make a later one mismatch. The
-/// column's affinity then converts as SQLite always does (text `'42'` into
-/// an INTEGER column is stored as 42, `'abc'` stays text); only STRICT
-/// tables reject a kind. A placeholder without a value is NULL (sqlx).
-pub async fn query(
-    conn: &mut SqliteConnection,
-    statement: &str,
-    params: &[SqlValue],
-) -> Result<SqlRows> {
-    let rows = bind_all(sqlx::query(statement), params)
-        .fetch_all(&mut *conn)
-        .await?;
-    let columns = match rows.first() {
-        Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
-        // No row to read the names from: ask SQLite to describe the statement.
-        None => conn
-            .describe(statement)
-            .await?
-            .columns()
-            .iter()
-            .map(|c| c.name().to_string())
-            .collect(),
-    };
-    let rows = rows.iter().map(row_values).collect::<Result<_>>()?;
-    Ok(SqlRows { columns, rows })
+/// Run a row-returning statement for the `sql` capability, in the writer's
+/// open transaction. Values come back by their SQLite storage class
+/// (INTEGER, REAL, TEXT, BLOB, NULL), so a BOOLEAN column reads as an int.
+/// Parameters bind to `?`, `?N` or `$N`, by their own kind (a boolean as an
+/// INTEGER 0/1): SQLite types values, not placeholders, so no earlier call
+/// can make a later one mismatch. The column's affinity then converts as
+/// SQLite always does (text `'42'` into an INTEGER column is stored as 42,
+/// `'abc'` stays text); only STRICT tables reject a kind. A placeholder
+/// without a value is NULL.
+pub fn query(conn: &WriterConn, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
+    writer::query(conn, statement, params)
 }
 
 /// Run a statement for the `sql` capability; rows affected.
-pub async fn execute(
-    conn: &mut SqliteConnection,
-    statement: &str,
-    params: &[SqlValue],
-) -> Result<u64> {
-    Ok(bind_all(sqlx::query(statement), params)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected())
+pub fn execute(conn: &WriterConn, statement: &str, params: &[SqlValue]) -> Result<u64> {
+    writer::execute(conn, statement, params)
+}
+
+/// Insert a follow-up event in the writer's open transaction.
+pub fn enqueue_in(
+    conn: &rusqlite::Connection,
+    event: &NewEvent,
+    default_max_retry: i32,
+) -> Result<Uuid> {
+    writer::enqueue(conn, event, default_max_retry)
 }
 
 /// Delete the handled event if its lease still holds and commit; otherwise
 /// roll back everything the handler did.
-pub async fn commit_ack(
-    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
-    lease: Lease,
-) -> Result<bool> {
-    let n = sqlx::query(
-        "DELETE FROM outbox_events WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
-    )
-    .bind(lease.id.to_string())
-    .bind(lease.token.to_string())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+pub fn commit_ack(tx: WriterTx, lease: Lease) -> Result<bool> {
+    let n = tx
+        .conn()
+        .prepare_cached(
+            "DELETE FROM outbox_events WHERE id = ?1 AND lock_token = ?2 AND retry < max_retry",
+        )?
+        .execute([lease.id.to_string(), lease.token.to_string()])?;
     if n == 1 {
-        tx.commit().await?;
+        tx.commit()?;
         Ok(true)
     } else {
-        tx.rollback().await?;
+        tx.rollback()?;
         Ok(false)
     }
 }
 
-fn bind_all<'q>(
-    mut q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
-    params: &'q [SqlValue],
-) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
-    for p in params {
-        q = match p {
-            SqlValue::Null => q.bind(None::<i64>),
-            SqlValue::Bool(b) => q.bind(*b),
-            SqlValue::Int(i) => q.bind(*i),
-            SqlValue::Float(f) => q.bind(*f),
-            SqlValue::Text(s) => q.bind(s.as_str()),
-            SqlValue::Blob(b) => q.bind(b.as_slice()),
-        };
-    }
-    q
+/// One claimed row as `claim` selects it.
+struct ClaimRow {
+    id: String,
+    name: String,
+    payload: String,
+    group_id: Option<String>,
+    retry: i64,
+    max_retry: i64,
+    create_date: i64,
+    available_at: i64,
+    expires_at: Option<i64>,
+    last_error: Option<String>,
+    idempotency_key: Option<String>,
+    deferrals: i64,
 }
-
-fn row_values(row: &SqliteRow) -> Result<Vec<SqlValue>> {
-    (0..row.len())
-        .map(|i| {
-            let raw = row.try_get_raw(i)?;
-            if raw.is_null() {
-                return Ok(SqlValue::Null);
-            }
-            // The value's own storage class, not the declared column type.
-            let class = raw.type_info().name().to_string();
-            Ok(match class.as_str() {
-                "INTEGER" => SqlValue::Int(row.try_get_unchecked(i)?),
-                "REAL" => SqlValue::Float(row.try_get_unchecked(i)?),
-                "TEXT" => SqlValue::Text(row.try_get_unchecked(i)?),
-                "BLOB" => SqlValue::Blob(row.try_get_unchecked(i)?),
-                _ => {
-                    return Err(StoreError::UnsupportedColumn {
-                        column: row.columns()[i].name().to_string(),
-                        type_name: class,
-                    });
-                }
-            })
-        })
-        .collect()
-}
-
-/// One claimed row as `claim` selects it: rowid, id, name, payload,
-/// group_id, retry, max_retry, create_date, available_at, expires_at,
-/// last_error, idempotency_key, deferrals.
-#[derive(serde::Deserialize)]
-struct ClaimRow(
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    i64,
-);
 
 impl ClaimRow {
     fn into_event(self, worker: &str, locked_until: i64) -> Result<Event> {
         Ok(Event {
-            id: parse_id(&self.1)?,
-            name: self.2,
-            payload: self.3,
-            group_id: self.4,
-            retry: clamp_i32(self.5),
-            max_retry: clamp_i32(self.6),
-            create_date: ms_to_time(self.7)?,
-            available_at: ms_to_time(self.8)?,
-            expires_at: self.9.map(ms_to_time).transpose()?,
+            id: parse_id(&self.id)?,
+            name: self.name,
+            payload: self.payload,
+            group_id: self.group_id,
+            retry: clamp_i32(self.retry),
+            max_retry: clamp_i32(self.max_retry),
+            create_date: ms_to_time(self.create_date)?,
+            available_at: ms_to_time(self.available_at)?,
+            expires_at: self.expires_at.map(ms_to_time).transpose()?,
             locked_by: Some(worker.to_string()),
             locked_until: Some(ms_to_time(locked_until)?),
-            last_error: self.10,
-            idempotency_key: self.11,
+            last_error: self.last_error,
+            idempotency_key: self.idempotency_key,
             // Claimed events are live.
             dead_at: None,
-            deferrals: clamp_i32(self.12),
+            deferrals: clamp_i32(self.deferrals),
         })
     }
 }

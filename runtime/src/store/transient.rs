@@ -19,6 +19,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Db(e) | StoreError::Connect { source: e, .. } => is_transient(e),
+            StoreError::Sqlite(e) => sqlite_result_code(e).is_some_and(transient_sqlite_result),
             _ => false,
         }
     }
@@ -26,6 +27,9 @@ impl StoreError {
     /// The SQLSTATE (PostgreSQL) or extended result code (SQLite) of a
     /// database error, for logs.
     pub fn sqlstate(&self) -> Option<String> {
+        if let StoreError::Sqlite(e) = self {
+            return sqlite_result_code(e).map(|c| c.to_string());
+        }
         self.database_error()
             .and_then(|db| db.code().map(|c| c.into_owned()))
     }
@@ -33,6 +37,9 @@ impl StoreError {
     /// [`StoreError::sqlstate`] as a message shows it: `SQLSTATE 40P01` or
     /// `SQLite result code 517`.
     pub fn code_label(&self) -> Option<String> {
+        if let StoreError::Sqlite(e) = self {
+            return sqlite_result_code(e).map(|c| format!("SQLite result code {c}"));
+        }
         let db = self.database_error()?;
         let code = db.code()?;
         Some(if db.try_downcast_ref::<SqliteError>().is_some() {
@@ -109,11 +116,24 @@ fn transient_sqlstate(code: &str) -> bool {
         )
 }
 
+/// The extended result code of an error SQLite itself reported (not one
+/// of rusqlite's own, such as a parameter it could not convert).
+pub(crate) fn sqlite_result_code(e: &rusqlite::Error) -> Option<i32> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.extended_code),
+        _ => None,
+    }
+}
+
+fn transient_sqlite_result(code: i32) -> bool {
+    matches!(code & 0xff, 5 | 6)
+}
+
 /// SQLite extended result codes whose primary code (the low byte) is
 /// `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6): another connection holds the
 /// lock (the busy timeout ran out), or a snapshot went stale.
 fn transient_sqlite_code(code: &str) -> bool {
-    code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+    code.parse::<i32>().is_ok_and(transient_sqlite_result)
 }
 
 #[cfg(test)]
