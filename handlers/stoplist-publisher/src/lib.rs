@@ -363,8 +363,8 @@ mod tests {
             group_id: Some("unit:u".into()),
             attempt: 1,
             max_attempts: 5,
-            created_at: 0,
-            expires_at: None,
+            created_at_ms: 0,
+            expires_at_ms: None,
         }
     }
 

@@ -194,7 +194,7 @@ pub enum PublishSetupError {
 
 enum Backend {
     Kafka(kafka::KafkaBackend),
-    Nats(nats::NatsBackend),
+    Nats(Box<nats::NatsBackend>),
 }
 
 /// The broker client of one runtime, shared by every handler and relay:
@@ -237,7 +237,9 @@ impl Publisher {
         let backend = if let Some(k) = &settings.kafka {
             Backend::Kafka(kafka::KafkaBackend::new(k, settings.timeout)?)
         } else if let Some(n) = &settings.nats {
-            Backend::Nats(nats::NatsBackend::connect(n, settings.timeout).await?)
+            Backend::Nats(Box::new(
+                nats::NatsBackend::connect(n, settings.timeout).await?,
+            ))
         } else {
             return Ok(None);
         };
