@@ -416,7 +416,9 @@ async fn published_messages_arrive_with_key_headers_and_body() {
     let config = probe_config(dir.path(), &kafka_section(&broker, "10s"), &[&topic]);
     let serve = Serve::ready(&db, &config).await;
 
-    // One call per message, then one batch: same key → same partition, in order.
+    // One call per message, then one batch (the same group, so the second
+    // event starts after the first is done): same key → same partition, in
+    // order.
     let single = enqueue(
         &store,
         NewEvent::new(
@@ -426,7 +428,8 @@ async fn published_messages_arrive_with_key_headers_and_body() {
                 probe_message(&topic, "m-2", None, json!({"n": 2})),
             ]})
             .to_string(),
-        ),
+        )
+        .with_group("g"),
     )
     .await;
     let batch = enqueue(
@@ -435,7 +438,8 @@ async fn published_messages_arrive_with_key_headers_and_body() {
             "probe.publish",
             json!({"batch": true, "messages": (3..=12).map(|n| probe_message(&topic, &format!("m-{n}"), Some("unit-1:p-1"), json!({"n": n}))).collect::<Vec<_>>()})
                 .to_string(),
-        ),
+        )
+        .with_group("g"),
     )
     .await;
     wait_gone(&store, &serve, single).await;
@@ -1158,4 +1162,59 @@ async fn stoplist_duplicates_after_kill_9_carry_the_same_event_id() {
         records.len() - n
     );
     restarted.stop();
+}
+
+// ---------------------------------------------------------------------------
+// outrun bench --handler publish
+
+/// The bench drains events that each publish one message, and measures the
+/// producer alone against the same broker; every message lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_publish_reports_the_handler_and_the_producer_alone() {
+    let broker = Broker::any();
+    let topic = broker.topic(1).await;
+    let db = TestDb::sqlite();
+    let events = 300u64;
+    let out = common::outrun_command(&db)
+        .args([
+            "bench",
+            "--handler",
+            "publish",
+            "--json",
+            "--concurrency",
+            "8",
+        ])
+        .args(["--events", &events.to_string(), "--topic", &topic])
+        .env("OUTRUN_BENCH_MODULE", guest("bench"))
+        .env("OUTRUN_KAFKA_BROKERS", &broker.addr)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(&common::ok(&out)).unwrap();
+    assert_eq!(report["handler"], "publish");
+    assert_eq!(report["publish_backend"], "kafka");
+    for key in [
+        "events_per_sec",
+        "producer_per_sec",
+        "producer_batch_per_sec",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    // The handler's messages plus the baseline's two rounds.
+    let records = broker.read_all(&topic, 1).await;
+    let handled = records
+        .iter()
+        .filter(|r| !r.id().starts_with("baseline-"))
+        .count();
+    assert_eq!(handled as u64, events, "one message per event");
+    assert_eq!(records.len() as u64, events * 3);
+    // Without a broker the bench says what to configure.
+    let err = common::fails(
+        &common::outrun_command(&TestDb::sqlite())
+            .args(["bench", "--handler", "publish", "--events", "10"])
+            .env("OUTRUN_BENCH_MODULE", guest("bench"))
+            .env_remove("OUTRUN_KAFKA_BROKERS")
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("OUTRUN_KAFKA_BROKERS"), "{err}");
 }
