@@ -138,8 +138,9 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// `--handler publish`: the topic [default: a fresh `outrun-bench-*`
-    /// per run]. The broker is the config's `[publish]` (or
-    /// `OUTRUN_KAFKA_BROKERS` / `OUTRUN_NATS_URL`).
+    /// per run, for brokers that create topics on first produce]. The
+    /// broker is the config's `[publish]` (or `OUTRUN_KAFKA_BROKERS` /
+    /// `OUTRUN_NATS_URL`).
     #[arg(long)]
     pub topic: Option<String>,
 }
