@@ -30,6 +30,12 @@
 //! event and only then runs the deletes: the outbox row and the deletion
 //! commit together, and the handler never needs rows that are gone.
 //!
+//! The products of an ingredient or oven stop are read from the menu tables
+//! when the event is handled, normally moments after the monolith's commit;
+//! a menu change in between is not reflected. A producer that wants the
+//! exact set it wrote to `stoppedproduct` can send `stoplist.stop` once per
+//! product instead (same `StopId`).
+//!
 //! ## What is published
 //! One message per product (duplicates in the input collapse), to topic
 //! `topic` (config), key `<UnitId>:<ProductId>` (all events of one product
