@@ -1098,7 +1098,12 @@ async fn ai_check_hot_reload_while_events_flow(db: TestDb) {
 /// examples/outrun.toml loads: every handler compiles and binds its events.
 #[test]
 fn example_config_loads() {
-    for name in ["ai_check_requeue", "family_sharing", "package_deletion"] {
+    for name in [
+        "ai_check_requeue",
+        "family_sharing",
+        "package_deletion",
+        "stoplist_publisher",
+    ] {
         guest(name);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -1120,7 +1125,12 @@ fn example_config_loads() {
     names.sort();
     assert_eq!(
         names,
-        ["ai-check-requeue", "family-sharing", "package-deletion"]
+        [
+            "ai-check-requeue",
+            "family-sharing",
+            "package-deletion",
+            "stoplist-publisher"
+        ]
     );
 }
 

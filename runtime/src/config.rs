@@ -62,6 +62,14 @@ pub struct Config {
     /// with its limits and capabilities.
     #[serde(default)]
     pub handler: Vec<crate::wasm::HandlerSpec>,
+    /// `[publish]`: the broker behind the `publish` capability and the
+    /// relays.
+    #[serde(default)]
+    pub publish: crate::publish::PublishSettings,
+    /// `[[relay]]` entries: event names published as they are to a topic,
+    /// without a handler.
+    #[serde(default)]
+    pub relay: Vec<crate::publish::relay::RelaySpec>,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -173,6 +181,8 @@ impl Default for Config {
             cache_dir: None,
             kv: Default::default(),
             handler: Vec::new(),
+            publish: Default::default(),
+            relay: Vec::new(),
             source: None,
         }
     }
@@ -309,6 +319,21 @@ impl Config {
             self.kv.url = (!v.trim().is_empty()).then_some(v);
         }
         over!("OUTRUN_KV_TIMEOUT", self.kv.timeout, duration);
+        over!("OUTRUN_PUBLISH_TIMEOUT", self.publish.timeout, duration);
+        if let Some(v) = env("OUTRUN_KAFKA_BROKERS") {
+            match &mut self.publish.kafka {
+                Some(k) => k.brokers = v,
+                None => {
+                    self.publish.kafka = Some(crate::publish::KafkaSettings {
+                        brokers: v,
+                        properties: Default::default(),
+                    })
+                }
+            }
+        }
+        if let Some(v) = env("OUTRUN_NATS_URL") {
+            self.publish.nats = Some(crate::publish::NatsSettings { url: v });
+        }
         if let Some(v) = env("OUTRUN_LOG_FORMAT") {
             self.log.format = match v.trim() {
                 "text" => LogFormat::Text,
@@ -367,6 +392,24 @@ impl Config {
         }
         if r.cleanup_interval.is_zero() {
             return bad("runtime.cleanup_interval", "must be more than 0");
+        }
+        if let Err((key, message)) = self.publish.check() {
+            return bad(key, &message);
+        }
+        if !self.relay.is_empty() && !self.publish.configured() {
+            return bad(
+                "relay",
+                "needs a broker: add [publish.kafka] brokers or [publish.nats] url",
+            );
+        }
+        for relay in &self.relay {
+            if let Err(message) = relay.check() {
+                return Err(ConfigError::Invalid {
+                    origin: self.origin(),
+                    key: "relay",
+                    message,
+                });
+            }
         }
         if self.kv.timeout.is_zero() {
             return bad(
@@ -446,6 +489,31 @@ mod tests {
             Config::load_with_env(Some(Path::new("/nonexistent/outrun.toml")), no_env),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn publish_and_relay_sections() {
+        let c = load_text(
+            "[publish]\ntimeout = \"3s\"\n[publish.kafka]\nbrokers = \"127.0.0.1:9092\"\n\
+             [[relay]]\nevents = [\"order.created\"]\ntopic = \"orders\"\nkey = \"/id\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.publish.timeout, Duration::from_secs(3));
+        assert_eq!(c.relay.len(), 1);
+        let err = load_text("[[relay]]\nevents = [\"a\"]\ntopic = \"t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("relay") && err.contains("[publish.kafka]"),
+            "{err}"
+        );
+        let err = load_text("[publish.kafka]\nbrokers = \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("publish.kafka.brokers"), "{err}");
+        let env = |k: &str| (k == "OUTRUN_KAFKA_BROKERS").then(|| "b:9092".to_string());
+        let c = Config::load_with_env(None, env).unwrap();
+        assert_eq!(c.publish.kafka.unwrap().brokers, "b:9092");
     }
 
     #[test]

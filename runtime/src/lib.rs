@@ -6,8 +6,9 @@
 //! [`handler::Router`] picks the handler ([`wasm`] for components) → the
 //! handler runs with its capabilities ([`host`]) → the ack commits the
 //! handler's effects and deletes the event. [`maintenance`] runs the
-//! background duties (expiry, dead-event cleanup); [`admin`] serves metrics
-//! and the HTTP API; [`cli`] is the `outrun` binary.
+//! background duties (expiry, dead-event cleanup); [`publish`] talks to the
+//! message broker (the `publish` capability and `[[relay]]`); [`admin`]
+//! serves metrics and the HTTP API; [`cli`] is the `outrun` binary.
 
 pub mod admin;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod event;
 pub mod handler;
 pub mod host;
 pub mod maintenance;
+pub mod publish;
 pub mod store;
 pub mod wasm;
 

@@ -9,6 +9,7 @@
 //! | `bench.json` | parses the payload into [`Order`] with serde_json, reads a field, `Done` |
 //! | `bench.sql` | one `INSERT` into [`SQL_TABLE`] through the `sql` capability, `Done` |
 //! | `bench.emit` | emits one [`FOLLOW_UP`] event through the `emit` capability, `Done` |
+//! | `bench.publish` | publishes the payload as one message (id and key: the event id) to the topic of config key `topic`, waits for the broker's ack, `Done` |
 //!
 //! Any other name is rejected, so a misrouted benchmark shows up as dead
 //! events instead of a suspiciously fast run.
@@ -17,7 +18,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use outrun_sdk::emit::{EmitOptions, emit_raw};
-use outrun_sdk::{Event, HandlerError, Outcome, sql};
+use outrun_sdk::publish::{Message, publish};
+use outrun_sdk::{Event, HandlerError, Outcome, config, sql};
 use serde::Deserialize;
 
 /// The table `bench.sql` writes to. `outrun bench --handler sql` creates it
@@ -81,8 +83,15 @@ fn handle(ev: Event) -> Result<Outcome, HandlerError> {
             )?;
             Ok(Outcome::Done)
         }
+        "bench.publish" => {
+            let topic = config::require("topic")?;
+            let message =
+                Message::new(topic, ev.id.as_str(), ev.payload.as_str()).key(ev.id.as_str());
+            publish(&message)?;
+            Ok(Outcome::Done)
+        }
         other => Err(HandlerError::reject(format!(
-            "the bench guest handles bench.noop, bench.json, bench.sql and bench.emit, not {other:?}"
+            "the bench guest handles bench.noop, bench.json, bench.sql, bench.emit and bench.publish, not {other:?}"
         ))),
     }
 }

@@ -10,6 +10,7 @@
 //! | `probe.sql` | `{"execute":[{"sql","params"?}]?,"query"?:{"sql","params"?,"expect_rows"?},"fail_after"?}` | runs the statements, then the query, compares rows |
 //! | `probe.kv` | `{"ops":[{"op","key",…,"expect"?}]}` | runs kv ops in order, rejects on the first `expect` mismatch |
 //! | `probe.http` | `{"method"?,"url","headers"?,"body"?,"timeout_ms"?,"expect_status"?,"expect_body"?}` | one request |
+//! | `probe.publish` | `{"messages":[{"topic","id","key"?,"headers"?,"body"}],"batch"?,"fail_until_attempt"?}` | publishes each message (`body`: JSON, sent as its text; `id`: the `message-id`), one call each or one `publish_all` with `batch`; then a retryable error while the event's attempt is below `fail_until_attempt` (a commit failing after the publish) |
 //! | `probe.config` | `{"key","expect"}` | compares `config::get(key)` with `expect` (string or null) |
 //! | `probe.fail` | `{"message","retryable"}` | returns that error |
 //! | `probe.retry-after` | `{"ms"}` | `RetryAfter(ms)` |
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use outrun_sdk::emit::{self, EmitOptions};
 use outrun_sdk::http::{Method, Request};
+use outrun_sdk::publish::{self, Message};
 use outrun_sdk::sql::{self, Value};
 use outrun_sdk::{Event, HandlerError, Outcome, config, kv, log};
 use serde::Deserialize;
@@ -59,6 +61,7 @@ fn handle(ev: Event) -> Result<Outcome, HandlerError> {
         "probe.kv" => run_kv(ev.json()?),
         "probe.http" => run_http(ev.json()?),
         "probe.config" => check_config(ev.json()?),
+        "probe.publish" => publish_messages(&ev, ev.json()?),
         "probe.fail" => fail(ev.json()?),
         "probe.retry-after" => {
             let p: Millis = ev.json()?;
@@ -147,6 +150,60 @@ fn emit_event(p: EmitParams) -> Result<Outcome, HandlerError> {
         return Err(HandlerError::retry(format!(
             "probe.emit: failing after emitting `{}`, as asked",
             p.name
+        )));
+    }
+    Ok(Outcome::Done)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishParams {
+    messages: Vec<PublishMessage>,
+    #[serde(default)]
+    batch: bool,
+    #[serde(default)]
+    fail_until_attempt: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishMessage {
+    topic: String,
+    id: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    body: Json,
+}
+
+fn publish_messages(ev: &Event, p: PublishParams) -> Result<Outcome, HandlerError> {
+    let messages: Vec<Message> = p
+        .messages
+        .into_iter()
+        .map(|m| {
+            let mut msg = Message::new(m.topic, m.id, m.body.to_string());
+            if let Some(k) = m.key {
+                msg = msg.key(k);
+            }
+            for (k, v) in m.headers {
+                msg = msg.header(k, v);
+            }
+            msg
+        })
+        .collect();
+    if p.batch {
+        publish::publish_all(&messages)?;
+    } else {
+        for m in &messages {
+            publish::publish(m)?;
+        }
+    }
+    if ev.attempt < p.fail_until_attempt {
+        return Err(HandlerError::retry(format!(
+            "probe.publish: failing after publishing {} message(s) on attempt {}, as asked",
+            messages.len(),
+            ev.attempt
         )));
     }
     Ok(Outcome::Done)

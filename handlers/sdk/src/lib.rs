@@ -13,8 +13,9 @@
 //! outrun_sdk::export_handler!(handle);
 //! ```
 //!
-//! One module per capability (`emit`, `sql`, `kv`, `http`, `log`, `config`),
-//! each a thin typed layer over the generated imports. A capability the
+//! One module per capability (`emit`, `sql`, `kv`, `publish`, `http`, `log`,
+//! `config`), each a thin typed layer over the generated imports; `id` makes
+//! the deterministic message ids publishing needs. A capability the
 //! handler's config does not grant fails with [`CapError::Denied`]; `?` turns
 //! capability errors into a [`HandlerError`] with the right retry semantics.
 //!
@@ -26,8 +27,10 @@ pub mod config;
 pub mod emit;
 mod event;
 pub mod http;
+pub mod id;
 pub mod kv;
 pub mod log;
+pub mod publish;
 pub mod sql;
 
 pub use event::Event;

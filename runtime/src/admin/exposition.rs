@@ -100,6 +100,26 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         Kind::Gauge,
         "Time the handler's last successful hot reload took, from file change to serving.",
     ),
+    (
+        "outrun_published_total",
+        Kind::Counter,
+        "Messages the broker acknowledged, by handler (or relay:<topic>) and backend (kafka, nats).",
+    ),
+    (
+        "outrun_publish_errors_total",
+        Kind::Counter,
+        "Publish calls that failed, by handler, backend and kind (denied: topic not granted; invalid: the message is at fault; unavailable: the broker refused or did not answer in time).",
+    ),
+    (
+        "outrun_publish_duplicates_total",
+        Kind::Counter,
+        "Published messages the broker recognised as duplicates of an earlier message id and stored once (NATS JetStream), by handler and backend.",
+    ),
+    (
+        "outrun_publish_duration_seconds",
+        Kind::Histogram,
+        "Time from handing one publish call's messages to the broker client until the broker acknowledged all of them, by backend.",
+    ),
 ];
 
 /// The state gauges [`render`] writes at scrape time: name, HELP.

@@ -81,6 +81,9 @@ pub enum HandlerKind {
     /// `bench.emit`: emits one follow-up event (delayed, never handled
     /// during the run), committed with the ack.
     Emit,
+    /// `bench.publish`: publishes one message to the `[publish]` broker and
+    /// waits for its acknowledgement before the ack.
+    Publish,
 }
 
 impl HandlerKind {
@@ -90,6 +93,7 @@ impl HandlerKind {
             HandlerKind::Json => "bench.json",
             HandlerKind::Sql => "bench.sql",
             HandlerKind::Emit => "bench.emit",
+            HandlerKind::Publish => "bench.publish",
         }
     }
 }
@@ -133,6 +137,19 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `--handler publish`: the topic [default: a fresh `outrun-bench-*`
+    /// per run, for brokers that create topics on first produce]. The
+    /// broker is the config's `[publish]` (or `OUTRUN_KAFKA_BROKERS` /
+    /// `OUTRUN_NATS_URL`).
+    #[arg(long)]
+    pub topic: Option<String>,
+}
+
+/// Where `--handler publish` publishes.
+#[derive(Clone)]
+struct PublishTarget {
+    publisher: crate::publish::Publisher,
+    topic: String,
 }
 
 /// Percentiles in milliseconds.
@@ -195,6 +212,15 @@ pub struct Report {
     /// Follow-up events found after the run, one per event (`emit` handler
     /// only; the run fails otherwise).
     pub follow_ups: Option<u64>,
+    /// `publish` handler only: the broker (`kafka`, `nats`).
+    pub publish_backend: Option<&'static str>,
+    /// `publish` handler only: the producer alone against the same broker,
+    /// `events` messages like the handler's, `concurrency` publish calls
+    /// of one message at a time (what the handlers do, without outrun).
+    pub producer_per_sec: Option<f64>,
+    /// `publish` handler only: the same messages in calls of 1000 (the
+    /// producer's ceiling).
+    pub producer_batch_per_sec: Option<f64>,
     /// Peak resident set of this process (VmHWM), MiB.
     pub peak_rss_mb: Option<f64>,
     /// Loading the handler (compile or cache hit), ms; not in `seconds`.
@@ -270,21 +296,49 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     runtime.concurrency = args.concurrency;
     runtime.batch_size = args.batch_size;
 
+    let target = match args.handler {
+        HandlerKind::Publish => {
+            let publisher = crate::publish::Publisher::connect(&config.publish)
+                .await?
+                .context(
+                    "--handler publish needs a broker: set [publish.kafka] brokers (or [publish.nats] url)                      in --config, or OUTRUN_KAFKA_BROKERS",
+                )?;
+            let topic = args
+                .topic
+                .clone()
+                .unwrap_or_else(|| format!("outrun-bench-{}", Uuid::new_v4().simple()));
+            Some(PublishTarget { publisher, topic })
+        }
+        _ => None,
+    };
+    let baseline = match &target {
+        Some(t) => Some(producer_baseline(t, events, args.concurrency, &payload).await?),
+        None => None,
+    };
+
     prepare(&store, args.handler).await?;
     let measured = async {
         let mut report = match args.mode {
-            Mode::Drain => drain(&args, &store, runtime, events, name, &payload).await?,
+            Mode::Drain => drain(&args, &target, &store, runtime, events, name, &payload).await?,
             Mode::Reload => unreachable!("handled above"),
             Mode::Latency => {
                 let app = Store::connect(url, &ConnectOptions::default())
                     .await
                     .with_context(|| format!("database {}", redact_url(url)))?;
-                latency(&args, &store, &app, runtime, events, name, &payload).await?
+                latency(
+                    &args, &target, &store, &app, runtime, events, name, &payload,
+                )
+                .await?
             }
         };
         let checked = verify(&store, args.handler, events).await?;
         report.sql_rows = checked.sql_rows;
         report.follow_ups = checked.follow_ups;
+        if let (Some(t), Some((single, batch))) = (&target, baseline) {
+            report.publish_backend = Some(t.publisher.backend_name());
+            report.producer_per_sec = Some(single);
+            report.producer_batch_per_sec = Some(batch);
+        }
         anyhow::Ok(report)
     }
     .await;
@@ -345,7 +399,7 @@ async fn reload_rounds(
 ) -> anyhow::Result<Vec<u32>> {
     let module = dir.join("bench.wasm");
     std::fs::write(&module, original)?;
-    let spec = bench_spec(module.clone(), HandlerKind::Noop);
+    let spec = bench_spec(module.clone(), HandlerKind::Noop, None);
     let services = HostServices {
         cache_dir: Some(dir.join("cache")),
         max_instances: 4,
@@ -385,7 +439,7 @@ async fn reload_rounds(
 /// a `pad` string.
 fn payload(kind: HandlerKind, bytes: usize) -> String {
     let base = match kind {
-        HandlerKind::Noop | HandlerKind::Sql | HandlerKind::Emit => {
+        HandlerKind::Noop | HandlerKind::Sql | HandlerKind::Emit | HandlerKind::Publish => {
             r#"{"id":1,"pad":""}"#.to_string()
         }
         HandlerKind::Json => r#"{"id":4711,"customer":"c-0042","amount_cents":12999,"items":[{"sku":"sku-1","qty":2},{"sku":"sku-2","qty":1}],"pad":""}"#.to_string(),
@@ -397,12 +451,17 @@ fn payload(kind: HandlerKind, bytes: usize) -> String {
 /// The bench guest bound to all of its events, with default limits and only
 /// the capability `kind` uses (as a deployment would grant it), so the noop
 /// and json runs measure a handler with none.
-fn bench_spec(module: PathBuf, kind: HandlerKind) -> HandlerSpec {
+fn bench_spec(module: PathBuf, kind: HandlerKind, topic: Option<&str>) -> HandlerSpec {
     let mut allow = Allow::default();
     match kind {
         HandlerKind::Noop | HandlerKind::Json => {}
         HandlerKind::Sql => allow.sql = true,
         HandlerKind::Emit => allow.emit = vec![FOLLOW_UP.into()],
+        HandlerKind::Publish => {
+            let topic = topic.unwrap_or_default().to_string();
+            allow.publish = vec![topic.clone()];
+            allow.config.insert("topic".into(), topic);
+        }
     }
     HandlerSpec {
         name: "bench".into(),
@@ -411,6 +470,7 @@ fn bench_spec(module: PathBuf, kind: HandlerKind) -> HandlerSpec {
             HandlerKind::Json,
             HandlerKind::Sql,
             HandlerKind::Emit,
+            HandlerKind::Publish,
         ]
         .iter()
         .map(|k| k.event_name().into())
@@ -424,8 +484,15 @@ fn bench_spec(module: PathBuf, kind: HandlerKind) -> HandlerSpec {
     }
 }
 
-async fn load_handler(args: &Args) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
-    let spec = bench_spec(args.module.clone(), args.handler);
+async fn load_handler(
+    args: &Args,
+    target: &Option<PublishTarget>,
+) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
+    let spec = bench_spec(
+        args.module.clone(),
+        args.handler,
+        target.as_ref().map(|t| t.topic.as_str()),
+    );
     let services = HostServices {
         cache_dir: Some(
             args.cache_dir
@@ -433,6 +500,7 @@ async fn load_handler(args: &Args) -> anyhow::Result<(Arc<Registry>, f64, bool)>
                 .unwrap_or_else(|| std::env::temp_dir().join("outrun-bench-cache")),
         ),
         max_instances: u32::try_from(args.concurrency).unwrap_or(u32::MAX),
+        publisher: target.as_ref().map(|t| t.publisher.clone()),
         ..HostServices::default()
     };
     let started = Instant::now();
@@ -538,6 +606,7 @@ fn run_deadline(events: u64) -> Duration {
 
 async fn drain(
     args: &Args,
+    target: &Option<PublishTarget>,
     store: &Store,
     runtime: RuntimeConfig,
     events: u64,
@@ -555,7 +624,7 @@ async fn drain(
     }
     let enqueue_seconds = enqueue_started.elapsed().as_secs_f64();
 
-    let (registry, load_ms, from_cache) = load_handler(args).await?;
+    let (registry, load_ms, from_cache) = load_handler(args, target).await?;
     let recorder = Arc::new(Recorder::new(events, false));
     let router: Arc<dyn Router> = registry.clone();
     let dispatcher =
@@ -590,14 +659,19 @@ async fn drain(
         start_after_commit_ms: None,
         sql_rows: None,
         follow_ups: None,
+        publish_backend: None,
+        producer_per_sec: None,
+        producer_batch_per_sec: None,
         peak_rss_mb: peak_rss_mb(),
         load_ms,
         module_from_cache: from_cache,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn latency(
     args: &Args,
+    target: &Option<PublishTarget>,
     store: &Store,
     app: &Store,
     runtime: RuntimeConfig,
@@ -606,7 +680,7 @@ async fn latency(
     payload: &str,
 ) -> anyhow::Result<Report> {
     let max_retry = runtime.max_retry;
-    let (registry, load_ms, from_cache) = load_handler(args).await?;
+    let (registry, load_ms, from_cache) = load_handler(args, target).await?;
     let recorder = Arc::new(Recorder::new(events, true));
     let router: Arc<dyn Router> = registry.clone();
     let dispatcher =
@@ -690,6 +764,9 @@ async fn latency(
         start_after_commit_ms: Some(percentiles_us(&mut after_commit)),
         sql_rows: None,
         follow_ups: None,
+        publish_backend: None,
+        producer_per_sec: None,
+        producer_batch_per_sec: None,
         peak_rss_mb: peak_rss_mb(),
         load_ms,
         module_from_cache: from_cache,
@@ -727,7 +804,7 @@ async fn prepare(store: &Store, kind: HandlerKind) -> anyhow::Result<()> {
 /// outbox's own lifecycle (follow-ups), so the database is left as found.
 async fn clean_up(store: &Store, kind: HandlerKind) -> anyhow::Result<()> {
     match kind {
-        HandlerKind::Noop | HandlerKind::Json => {}
+        HandlerKind::Noop | HandlerKind::Json | HandlerKind::Publish => {}
         HandlerKind::Sql => {
             execute(store, &format!("DROP TABLE {SQL_TABLE}"))
                 .await
@@ -774,7 +851,8 @@ async fn verify(store: &Store, kind: HandlerKind, events: u64) -> anyhow::Result
     }
     let mut checked = Checked::default();
     match kind {
-        HandlerKind::Noop | HandlerKind::Json => {}
+        // Every event acked means every message acknowledged by the broker.
+        HandlerKind::Noop | HandlerKind::Json | HandlerKind::Publish => {}
         HandlerKind::Sql => {
             let (rows, distinct) = counts(
                 store,
@@ -820,6 +898,69 @@ async fn verify(store: &Store, kind: HandlerKind, events: u64) -> anyhow::Result
         bail!(left_behind(&s, follow_ups));
     }
     Ok(checked)
+}
+
+/// The producer alone against the bench's broker and topic: `events`
+/// messages like the handler's, first as `concurrency` concurrent calls of
+/// one message each, then in calls of 1000. Messages per second of each.
+async fn producer_baseline(
+    target: &PublishTarget,
+    events: u64,
+    concurrency: usize,
+    payload: &str,
+) -> anyhow::Result<(f64, f64)> {
+    use crate::publish::{MESSAGE_ID_HEADER, Message};
+    fn message(topic: &str, payload: &str, i: u64) -> Message {
+        Message {
+            topic: topic.to_string(),
+            key: Some(format!("baseline-{i}")),
+            headers: vec![(MESSAGE_ID_HEADER.into(), format!("baseline-{i}"))],
+            body: payload.as_bytes().to_vec(),
+        }
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (next, target, payload) = (next.clone(), target.clone(), payload.to_string());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= events {
+                    return anyhow::Ok(());
+                }
+                target
+                    .publisher
+                    .publish(
+                        "bench-baseline",
+                        vec![message(&target.topic, &payload, i)],
+                        None,
+                    )
+                    .await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("baseline task")?
+            .context("the producer baseline")?;
+    }
+    let single = events as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut i = 0;
+    while i < events {
+        let n = (events - i).min(1000);
+        let batch = (i..i + n)
+            .map(|i| message(&target.topic, payload, i))
+            .collect();
+        target
+            .publisher
+            .publish("bench-baseline", batch, None)
+            .await
+            .context("the producer baseline")?;
+        i += n;
+    }
+    let batch = events as f64 / started.elapsed().as_secs_f64();
+    Ok((single, batch))
 }
 
 /// One statement on the outbox's database, outside the runtime (setup and
@@ -894,6 +1035,16 @@ fn print_text(r: &Report) {
     }
     if let Some(n) = r.follow_ups {
         println!("verified: {n} {FOLLOW_UP} events, one per event");
+    }
+    if let (Some(b), Some(single), Some(batch)) = (
+        r.publish_backend,
+        r.producer_per_sec,
+        r.producer_batch_per_sec,
+    ) {
+        println!(
+            "the {b} producer alone, same broker: {single:.0} msg/s in {} concurrent one-message calls, {batch:.0} msg/s in calls of 1000",
+            r.concurrency
+        );
     }
     if let Some(rss) = r.peak_rss_mb {
         println!("peak RSS: {rss:.1} MiB");

@@ -41,7 +41,9 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
                     "no [[handler]] entries to list; pass the config file with --config FILE"
                 );
             }
-            let registry = super::serve::load_registry(config).await?;
+            // Neither backend waits for its broker: listing works without one.
+            let publisher = crate::publish::Publisher::connect(&config.publish).await?;
+            let registry = super::serve::load_registry(config, publisher).await?;
             let handlers = registry.handlers();
             if json {
                 outln!("{}", serde_json::to_string(&handlers)?);

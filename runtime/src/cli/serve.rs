@@ -63,14 +63,26 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     // compile, answering /livez) reads it.
     let loaded: Arc<OnceLock<Arc<Registry>>> = Arc::default();
     let services = start_services(&config, &store, metrics, &health, &loaded, stop.clone()).await?;
-    let (router, _watcher) = if config.handler.is_empty() {
+    // One broker client for every handler and relay; it does not wait for
+    // the broker (a broker that is down costs retries, not the start).
+    let publisher = crate::publish::Publisher::connect(&config.publish).await?;
+    if let Some(p) = &publisher {
+        tracing::info!(
+            backend = p.backend_name(),
+            "publishing to {} (acknowledged before each ack commits)",
+            p.backend_name()
+        );
+    }
+    let (router, _watcher) = if config.handler.is_empty() && !config.relay.is_empty() {
+        (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None)
+    } else if config.handler.is_empty() {
         tracing::warn!(
             "no [[handler]] in the config: every event will be dead with 'no handler for event'"
         );
         (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None)
     } else {
         let registry = tokio::select! {
-            r = load_registry(&config) => r?,
+            r = load_registry(&config, publisher.clone()) => r?,
             name = signals.recv() => {
                 tracing::info!(signal = name, "{name} received while loading handlers; nothing was claimed; outrun stopped");
                 stop.cancel();
@@ -85,6 +97,17 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         let _ = loaded.set(registry.clone());
         (registry as Arc<dyn Router>, Some(watcher))
     };
+    let router = match &publisher {
+        Some(p) if !config.relay.is_empty() => {
+            let relays = crate::publish::relay::RelayRouter::new(router, &config.relay, p)
+                .map_err(anyhow::Error::msg)?;
+            for r in &config.relay {
+                tracing::info!(relay = %r.name(), events = %r.events.join(","), "relay loaded: events published as they are to topic {}", r.topic);
+            }
+            Arc::new(relays) as Arc<dyn Router>
+        }
+        _ => router,
+    };
     let dispatcher = Dispatcher::new(store.clone(), router, config.runtime.clone());
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
     health.set_phase(Phase::Serving);
@@ -95,6 +118,11 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             stopping.set_phase(Phase::Stopping);
         })
         .await?;
+    if let Some(p) = &publisher {
+        // Every acknowledged publish is delivered already; this sends what
+        // calls that gave up waiting left queued in the client.
+        p.flush(Duration::from_secs(5)).await;
+    }
     stop.cancel();
     for s in services {
         let _ = s.await;
@@ -108,7 +136,10 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
 }
 
 /// Compile (or load from the artifact cache) every configured handler.
-pub(crate) async fn load_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+pub(crate) async fn load_registry(
+    config: &Config,
+    publisher: Option<crate::publish::Publisher>,
+) -> anyhow::Result<Arc<Registry>> {
     let services = HostServices {
         kv: config.kv.clone(),
         default_max_retry: config.runtime.max_retry,
@@ -121,6 +152,7 @@ pub(crate) async fn load_registry(config: &Config) -> anyhow::Result<Arc<Registr
         max_instances: (config.runtime.concurrency as u32)
             .saturating_mul(2)
             .max(16),
+        publisher,
     };
     let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
     for h in registry.handlers() {

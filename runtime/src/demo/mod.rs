@@ -187,6 +187,7 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
             default_max_retry: config.max_retry,
             cache_dir: cache_dir.clone(),
             max_instances: 32,
+            publisher: None,
         },
     )
     .await?;

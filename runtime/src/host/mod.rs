@@ -1,5 +1,5 @@
 //! The capabilities a handler component imports, one file per capability
-//! (emit, sql, kv, http, log, config), and [`HostState`], the per-event store
+//! (emit, sql, kv, publish, http, log, config), and [`HostState`], the per-event store
 //! data they all work on. Every capability is deny-by-default: the grants
 //! come from the handler's `[handler.allow]` section ([`Capabilities`]), and a
 //! denied call is answered with `cap-error::denied` plus a warn log; it never
@@ -10,6 +10,7 @@ pub mod emit;
 pub mod http;
 pub mod kv;
 pub mod log;
+pub mod publish;
 pub mod sql;
 pub mod stderr;
 
@@ -62,10 +63,19 @@ pub struct Capabilities {
     pub config: WasiConfigVariables,
     pub kv: KvStore,
     pub default_max_retry: i32,
+    /// Topics the handler may publish to (exact, or a prefix ending in `*`).
+    pub publish: Vec<String>,
+    /// The runtime's broker client; `None` when `[publish]` configures none.
+    pub publisher: Option<crate::publish::Publisher>,
 }
 
 impl Capabilities {
-    pub fn new(spec: &HandlerSpec, kv: KvStore, default_max_retry: i32) -> Self {
+    pub fn new(
+        spec: &HandlerSpec,
+        kv: KvStore,
+        default_max_retry: i32,
+        publisher: Option<crate::publish::Publisher>,
+    ) -> Self {
         Self {
             handler: Arc::from(spec.name.as_str()),
             emit: spec.allow.emit.iter().cloned().collect(),
@@ -80,6 +90,8 @@ impl Capabilities {
                 .collect(),
             kv,
             default_max_retry,
+            publish: spec.allow.publish.clone(),
+            publisher,
         }
     }
 
@@ -210,7 +222,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 
 /// Every import outrun provides, added once per engine: WASI p2 (empty
 /// context), wasi:http outgoing, wasi:config, wasi:logging and outrun's own
-/// emit/sql/kv. Built once; per event only a `Store` is created.
+/// emit/sql/kv/publish. Built once; per event only a `Store` is created.
 pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -233,6 +245,10 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
         |s| s,
     )?;
     bindings::outrun::handler::kv::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    )?;
+    bindings::outrun::handler::publish::add_to_linker::<HostState, HasSelf<HostState>>(
         &mut linker,
         |s| s,
     )?;

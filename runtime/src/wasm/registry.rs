@@ -56,6 +56,9 @@ pub struct HostServices {
     /// concurrency (one instance per in-flight event). Default 128. Each
     /// slot reserves address space (not memory) for its linear memories.
     pub max_instances: u32,
+    /// The broker client behind `publish` (`[publish]`); a handler granted
+    /// `publish` needs one.
+    pub publisher: Option<crate::publish::Publisher>,
 }
 
 impl Default for HostServices {
@@ -65,6 +68,7 @@ impl Default for HostServices {
             default_max_retry: DEFAULT_MAX_RETRY,
             cache_dir: None,
             max_instances: 256,
+            publisher: None,
         }
     }
 }
@@ -161,6 +165,14 @@ impl Registry {
                     ByteSize(MAX_MEMORY)
                 )));
             }
+            if !spec.allow.publish.is_empty() && services.publisher.is_none() {
+                return Err(bad(
+                    "is granted publish, but no broker is configured: add [publish.kafka] brokers or [publish.nats] url to the config".into(),
+                ));
+            }
+            if let Some(t) = spec.allow.publish.iter().find(|t| t.trim().is_empty()) {
+                return Err(bad(format!("publish topic {t:?} is empty")));
+            }
             if spec.timeout.is_zero() {
                 return Err(WasmError::BadSpec {
                     handler: spec.name.clone(),
@@ -215,6 +227,7 @@ impl Registry {
                 &spec,
                 kv.clone(),
                 services.default_max_retry,
+                services.publisher.clone(),
             ));
             let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
                 path: module.clone(),
@@ -407,7 +420,7 @@ pub(crate) fn prepare(
     }
     .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
     let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
-        invalid(format!("does not fit outrun's `handler` world (outrun:handler@0.1.0): {e:#}; handlers may import only wasi:cli/io/clocks/random, wasi:http/outgoing-handler, wasi:config/store, wasi:logging and outrun:handler/{{emit,sql,kv}}"))
+        invalid(format!("does not fit outrun's `handler` world (outrun:handler@0.1.0): {e:#}; handlers may import only wasi:cli/io/clocks/random, wasi:http/outgoing-handler, wasi:config/store, wasi:logging and outrun:handler/{{emit,sql,kv,publish}}"))
     })?;
     let pre = HandlerPre::new(instance_pre).map_err(|e| {
         invalid(format!("does not export `handle: func(event) -> result<outcome, handler-error>` of world outrun:handler/handler@0.1.0: {e:#}"))

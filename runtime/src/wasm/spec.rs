@@ -67,6 +67,10 @@ pub struct Allow {
     /// Parameterised SQL inside the ack transaction.
     #[serde(default)]
     pub sql: bool,
+    /// Topics (Kafka) or subjects (NATS) the handler may publish to: exact
+    /// names, or a prefix ending in `*`. Needs a `[publish]` backend.
+    #[serde(default)]
+    pub publish: Vec<String>,
     /// Values exposed through `wasi:config/store`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
