@@ -56,6 +56,9 @@ pub enum InvalidEvent {
         delay: Duration,
         expires_in: Duration,
     },
+    /// The payload breaks the event's contract (see [`crate::schema`]).
+    #[error(transparent)]
+    Schema(#[from] crate::schema::Violation),
 }
 
 fn human(d: &Duration) -> humantime::FormattedDuration {

@@ -41,7 +41,7 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
                     "no [[handler]] entries to list; pass the config file with --config FILE"
                 );
             }
-            let registry = super::serve::load_registry(config).await?;
+            let registry = super::serve::load_registry(config, None).await?;
             let handlers = registry.handlers();
             if json {
                 outln!("{}", serde_json::to_string(&handlers)?);

@@ -62,10 +62,17 @@ pub struct Capabilities {
     pub config: WasiConfigVariables,
     pub kv: KvStore,
     pub default_max_retry: i32,
+    /// Emitted events are checked against these before they are buffered.
+    pub schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
 impl Capabilities {
-    pub fn new(spec: &HandlerSpec, kv: KvStore, default_max_retry: i32) -> Self {
+    pub fn new(
+        spec: &HandlerSpec,
+        kv: KvStore,
+        default_max_retry: i32,
+        schemas: Option<Arc<crate::schema::Schemas>>,
+    ) -> Self {
         Self {
             handler: Arc::from(spec.name.as_str()),
             emit: spec.allow.emit.iter().cloned().collect(),
@@ -80,6 +87,7 @@ impl Capabilities {
                 .collect(),
             kv,
             default_max_retry,
+            schemas,
         }
     }
 

@@ -56,6 +56,8 @@ pub struct HostServices {
     /// concurrency (one instance per in-flight event). Default 128. Each
     /// slot reserves address space (not memory) for its linear memories.
     pub max_instances: u32,
+    /// `[schemas]`: what handlers' `emit` is checked against.
+    pub schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
 impl Default for HostServices {
@@ -65,6 +67,7 @@ impl Default for HostServices {
             default_max_retry: DEFAULT_MAX_RETRY,
             cache_dir: None,
             max_instances: 256,
+            schemas: None,
         }
     }
 }
@@ -215,6 +218,7 @@ impl Registry {
                 &spec,
                 kv.clone(),
                 services.default_max_retry,
+                services.schemas.clone(),
             ));
             let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
                 path: module.clone(),
