@@ -44,7 +44,12 @@ fn text(b: &[u8]) -> String {
 /// probe component (a valid handler with other behaviour).
 fn guests_copy(swap: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for m in ["ai_check_requeue", "family_sharing", "package_deletion"] {
+    for m in [
+        "ai_check_requeue",
+        "family_sharing",
+        "package_deletion",
+        "bonus_accrual",
+    ] {
         let from = if swap == Some(m) {
             common::guest("probe")
         } else {
@@ -81,6 +86,15 @@ fn demo_runs_the_story_and_checks_itself() {
         "DELETE /packages/pkg-d2 -> 503",
         "DELETE /packages/pkg-t1 -> 404",
         "package-deletion:draft:u-8:packages = {pkg-o1}",
+        // bonus-accrual: the schema refused a bad TaskSolved at enqueue;
+        // task-1 waited for its manager, then was accrued once (delivered
+        // twice); task-2 came as v1 with its rating.
+        "enqueue refused by its schema: event TaskSolved.v0",
+        "manager m-anna is not known; trying again",
+        "retried automatically",
+        "GET /v1/tasks/task-1/rating -> 200",
+        "TaskSolved.v0  task-1  m-anna  acc-anna  8  80",
+        "TaskSolved.v1  task-2  m-boris  acc-boris  5  50",
         // The dead letter and its reason.
         "dead letters: 1",
         "missing field `applicationId`",
@@ -156,6 +170,7 @@ fn wrong_component_makes_the_checks_fail() {
         left,
         [
             "ai_check_requeue.wasm",
+            "bonus_accrual.wasm",
             "family_sharing.wasm",
             "package_deletion.wasm"
         ]

@@ -1127,6 +1127,7 @@ fn example_config_loads() {
         names,
         [
             "ai-check-requeue",
+            "bonus-accrual",
             "family-sharing",
             "package-deletion",
             "stoplist-publisher"

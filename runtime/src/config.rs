@@ -70,6 +70,10 @@ pub struct Config {
     /// without a handler.
     #[serde(default)]
     pub relay: Vec<crate::publish::relay::RelaySpec>,
+    /// `[schemas]`: the JSON Schemas events are checked against (see
+    /// [`crate::schema`]).
+    #[serde(default)]
+    pub schemas: SchemasConfig,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -164,6 +168,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[schemas]`: a directory of JSON Schemas, one file per event name and
+/// version (`TaskSolved.v0.json` is the schema of events named
+/// `TaskSolved.v0`). Without `dir` no event is checked and checking costs
+/// nothing.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemasConfig {
+    /// The directory; relative paths resolve against the config file's
+    /// directory. `OUTRUN_SCHEMAS_DIR`.
+    pub dir: Option<PathBuf>,
+    /// Every event must have a schema: an event whose name has none is
+    /// refused at enqueue and `emit`, and dead before dispatch.
+    /// `OUTRUN_SCHEMAS_REQUIRED`.
+    pub required: bool,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -183,6 +203,7 @@ impl Default for Config {
             handler: Vec::new(),
             publish: Default::default(),
             relay: Vec::new(),
+            schemas: SchemasConfig::default(),
             source: None,
         }
     }
@@ -243,6 +264,15 @@ impl Config {
             Some(d) => Some(crate::wasm::resolve(&self.base_dir(), d)),
             None => crate::wasm::cache::user_cache_dir(),
         }
+    }
+
+    /// The schema directory (`[schemas] dir`, relative to the config
+    /// file's directory), if one is configured.
+    pub fn schema_dir(&self) -> Option<PathBuf> {
+        self.schemas
+            .dir
+            .as_ref()
+            .map(|d| crate::wasm::resolve(&self.base_dir(), d))
     }
 
     /// Directory that relative paths in the file resolve against.
@@ -334,6 +364,10 @@ impl Config {
         if let Some(v) = env("OUTRUN_NATS_URL") {
             self.publish.nats = Some(crate::publish::NatsSettings { url: v });
         }
+        if let Some(v) = env("OUTRUN_SCHEMAS_DIR") {
+            self.schemas.dir = (!v.trim().is_empty()).then(|| PathBuf::from(v));
+        }
+        over!("OUTRUN_SCHEMAS_REQUIRED", self.schemas.required, parse);
         if let Some(v) = env("OUTRUN_LOG_FORMAT") {
             self.log.format = match v.trim() {
                 "text" => LogFormat::Text,
@@ -411,6 +445,12 @@ impl Config {
                 });
             }
         }
+        if self.schemas.required && self.schemas.dir.is_none() {
+            return bad(
+                "schemas.required",
+                "is true but no schema directory is set: add `dir = \"schemas\"` to [schemas] (or set OUTRUN_SCHEMAS_DIR)",
+            );
+        }
         if self.kv.timeout.is_zero() {
             return bad(
                 "kv.timeout",
@@ -451,6 +491,28 @@ mod tests {
         assert_eq!(c.runtime.backoff_base, Duration::from_millis(250));
         assert_eq!(c.runtime.dead_retention, Duration::from_secs(2 * 86400));
         assert_eq!(c.runtime.batch_size, RuntimeConfig::default().batch_size);
+    }
+
+    #[test]
+    fn schemas_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outrun.toml");
+        std::fs::write(&path, "[schemas]\ndir = \"schemas\"\nrequired = true\n").unwrap();
+        let c = Config::load_with_env(Some(&path), no_env).unwrap();
+        assert!(c.schemas.required);
+        assert_eq!(c.schema_dir(), Some(dir.path().join("schemas")));
+        let err = load_text("[schemas]\nrequired = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("schemas.required") && err.contains("dir"),
+            "{err}"
+        );
+        let err = load_text("[schemas]\ndirectory = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("directory"), "{err}");
+        assert_eq!(Config::default().schema_dir(), None);
     }
 
     #[test]

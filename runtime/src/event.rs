@@ -56,6 +56,17 @@ pub enum InvalidEvent {
         delay: Duration,
         expires_in: Duration,
     },
+    /// The payload breaks the event's contract (see [`crate::schema`]).
+    /// Boxed: the violation's text is large, and every enqueue result
+    /// carries this type.
+    #[error(transparent)]
+    Schema(Box<crate::schema::Violation>),
+}
+
+impl From<crate::schema::Violation> for InvalidEvent {
+    fn from(v: crate::schema::Violation) -> Self {
+        InvalidEvent::Schema(Box::new(v))
+    }
 }
 
 fn human(d: &Duration) -> humantime::FormattedDuration {

@@ -20,19 +20,36 @@ pub mod handler;
 pub mod host;
 pub mod maintenance;
 pub mod publish;
+pub mod schema;
 pub mod store;
 pub mod wasm;
 
 pub use event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
 pub use handler::{Effects, Handler, HandlerError, Outcome, Route, Router, StaticRouter};
+pub use schema::Schemas;
 pub use store::{Backend, OutboxDatabase, Store, StoreError};
 
 /// Enqueue `event` inside the caller's transaction or connection, on either
 /// backend: `outrun::enqueue::<sqlx::Postgres>(&mut *tx, &event)`. Rolled back
-/// with the caller's transaction.
+/// with the caller's transaction. No schema is checked here (there is no
+/// registry in reach): check first with [`Schemas::check`], or use
+/// [`enqueue_checked`].
 pub async fn enqueue<DB: OutboxDatabase>(
     conn: &mut DB::Connection,
     event: &NewEvent,
 ) -> Result<uuid::Uuid, StoreError> {
+    DB::enqueue(conn, event).await
+}
+
+/// [`enqueue`] after checking the payload against its schema: a violation
+/// is [`StoreError::Invalid`] and nothing is written.
+pub async fn enqueue_checked<DB: OutboxDatabase>(
+    conn: &mut DB::Connection,
+    event: &NewEvent,
+    schemas: &Schemas,
+) -> Result<uuid::Uuid, StoreError> {
+    schemas
+        .check(&event.name, &event.payload)
+        .map_err(InvalidEvent::from)?;
     DB::enqueue(conn, event).await
 }

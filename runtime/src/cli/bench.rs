@@ -280,7 +280,9 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     };
     let store = Store::connect(url, &opts)
         .await
-        .with_context(|| format!("database {}", redact_url(url)))?;
+        .with_context(|| format!("database {}", redact_url(url)))?
+        // `[schemas]` of the config: measures what checking events costs.
+        .with_schemas(crate::schema::Schemas::from_config(config)?);
     store.migrate().await.context("applying migrations")?;
     let before = store.stats().await?;
     let present = before.pending + before.scheduled + before.running + before.dead;

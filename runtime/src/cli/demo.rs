@@ -14,8 +14,9 @@ use crate::demo::{self, Journal, Options};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory with ai_check_requeue.wasm, family_sharing.wasm and
-    /// package_deletion.wasm (scripts/build-guests.sh writes them).
+    /// Directory with ai_check_requeue.wasm, family_sharing.wasm,
+    /// package_deletion.wasm and bonus_accrual.wasm
+    /// (scripts/build-guests.sh writes them).
     #[arg(long, value_name = "DIR", default_value = "target/guests")]
     pub handlers: PathBuf,
     /// Longest wait for the outbox to drain, e.g. 30s.

@@ -94,6 +94,9 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     // Validate before connecting so bad input is reported as such even
     // when the database is down.
     event.validate()?;
+    if let Some(schemas) = crate::schema::Schemas::from_config(config)? {
+        schemas.check(&event.name, &event.payload)?;
+    }
     let store = super::connect(config).await?;
     let id = store
         .enqueue(&event, config.runtime.max_retry)
@@ -117,6 +120,7 @@ async fn run_batch(config: &Config, path: &Path, as_json: bool) -> anyhow::Resul
             .with_context(|| format!("cannot read NDJSON file {source}"))?;
         Box::new(std::io::BufReader::new(file))
     };
+    let schemas = crate::schema::Schemas::from_config(config)?;
     let mut events = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let n = i + 1;
@@ -125,6 +129,11 @@ async fn run_batch(config: &Config, path: &Path, as_json: bool) -> anyhow::Resul
             continue;
         }
         let event = parse_line(&line).map_err(|e| anyhow::anyhow!("{source} line {n}: {e}"))?;
+        if let Some(schemas) = &schemas {
+            schemas
+                .check(&event.name, &event.payload)
+                .map_err(|e| anyhow::anyhow!("{source} line {n}: {e}; nothing was enqueued"))?;
+        }
         events.push(event);
     }
     let store = super::connect(config).await?;

@@ -43,7 +43,7 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             }
             // Neither backend waits for its broker: listing works without one.
             let publisher = crate::publish::Publisher::connect(&config.publish).await?;
-            let registry = super::serve::load_registry(config, publisher).await?;
+            let registry = super::serve::load_registry(config, publisher, None).await?;
             let handlers = registry.handlers();
             if json {
                 outln!("{}", serde_json::to_string(&handlers)?);

@@ -27,6 +27,7 @@ mod enqueue;
 pub(crate) mod events;
 mod handlers;
 mod migrate;
+mod schemas;
 mod serve;
 mod signals;
 
@@ -117,7 +118,16 @@ Examples:
   outrun handlers check my_handler.wasm"
     )]
     Handlers(handlers::Command),
-    /// Run the three shipped handlers end to end on a throwaway embedded
+    /// List and check the event schemas of `[schemas] dir`.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  outrun schemas list --config outrun.toml
+  outrun schemas check --config outrun.toml"
+    )]
+    Schemas(schemas::Command),
+    /// Run the four shipped handlers end to end on a throwaway embedded
     /// database with demo stand-in services; exit 0 only if all went as
     /// expected.
     Demo(demo::Args),
@@ -304,6 +314,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,
+        Command::Schemas(cmd) => schemas::run(&config, cmd).await,
         Command::Demo(_) | Command::Completions { .. } => unreachable!("handled above"),
         Command::Bench(args) => bench::run(&config, args).await,
     }

@@ -16,6 +16,7 @@ use crate::admin::{Health, Phase};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::handler::{Router, StaticRouter};
+use crate::schema::Schemas;
 use crate::store::{ConnectOptions, Store, redact_url};
 use crate::wasm::{HostServices, Registry};
 
@@ -48,9 +49,12 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         max_connections: (r.concurrency as u32 + 4).min(64),
         acquire_timeout: Duration::from_secs(30),
     };
+    // Before connecting: a bad schema file is a config error.
+    let schemas = load_schemas(&config)?;
     let store = Store::connect(&config.database_url, &opts)
         .await
-        .with_context(|| format!("database {}", redact_url(&config.database_url)))?;
+        .with_context(|| format!("database {}", redact_url(&config.database_url)))?
+        .with_schemas(schemas);
     if !args.no_migrate {
         store
             .migrate()
@@ -82,7 +86,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None)
     } else {
         let registry = tokio::select! {
-            r = load_registry(&config, publisher.clone()) => r?,
+            r = load_registry(&config, publisher.clone(), store.schemas()) => r?,
             name = signals.recv() => {
                 tracing::info!(signal = name, "{name} received while loading handlers; nothing was claimed; outrun stopped");
                 stop.cancel();
@@ -135,10 +139,24 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `[schemas]`, compiled; with `required`, every name a handler binds must
+/// have a schema (an event of a name without one could never be enqueued).
+pub(crate) fn load_schemas(config: &Config) -> anyhow::Result<Option<Arc<Schemas>>> {
+    let Some(schemas) = Schemas::from_config(config)? else {
+        return Ok(None);
+    };
+    if let Some(first) = schemas.unbound(&config.handler).into_iter().next() {
+        return Err(first.into());
+    }
+    tracing::info!(dir = %schemas.dir().display(), schemas = schemas.list().len(), required = schemas.required(), "event schemas loaded");
+    Ok(Some(schemas))
+}
+
 /// Compile (or load from the artifact cache) every configured handler.
 pub(crate) async fn load_registry(
     config: &Config,
     publisher: Option<crate::publish::Publisher>,
+    schemas: Option<&Arc<Schemas>>,
 ) -> anyhow::Result<Arc<Registry>> {
     let services = HostServices {
         kv: config.kv.clone(),
@@ -153,6 +171,7 @@ pub(crate) async fn load_registry(
             .saturating_mul(2)
             .max(16),
         publisher,
+        schemas: schemas.cloned(),
     };
     let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
     for h in registry.handlers() {

@@ -1,4 +1,4 @@
-//! `outrun demo`: the three shipped handlers end to end on a fresh embedded
+//! `outrun demo`: the four shipped handlers end to end on a fresh embedded
 //! SQLite database and the embedded kv store, with no server to install.
 //!
 //! It starts demo stand-ins for the services the handlers call
@@ -61,13 +61,15 @@ pub enum DemoError {
     Wasm(#[from] WasmError),
     #[error("the dispatch loop stopped: {0}")]
     Dispatch(String),
+    #[error("the demo's event schemas: {0}")]
+    Schemas(#[from] crate::schema::SchemaError),
 }
 
 /// Knobs of one demo run.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Where `ai_check_requeue.wasm`, `family_sharing.wasm` and
-    /// `package_deletion.wasm` are.
+    /// Where `ai_check_requeue.wasm`, `family_sharing.wasm`,
+    /// `package_deletion.wasm` and `bonus_accrual.wasm` are.
     pub handlers_dir: PathBuf,
     /// Longest wait for the outbox to drain.
     pub deadline: Duration,
@@ -100,6 +102,20 @@ pub fn runtime_config() -> RuntimeConfig {
         shutdown_grace: Duration::from_secs(5),
         ..RuntimeConfig::default()
     }
+}
+
+/// The shipped schemas (built into the binary) in `dir/schemas`, loaded.
+fn write_schemas(dir: &Path) -> Result<Arc<crate::schema::Schemas>, DemoError> {
+    let schemas = dir.join("schemas");
+    let io = |source| DemoError::TempDir {
+        path: schemas.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&schemas).map_err(io)?;
+    for (file, text) in scenario::SCHEMAS {
+        std::fs::write(schemas.join(file), text).map_err(io)?;
+    }
+    Ok(Arc::new(crate::schema::Schemas::load(&schemas, false)?))
 }
 
 /// Fail early, naming every missing file, before anything is started.
@@ -170,6 +186,9 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         unreachable!("the demo database URL is sqlite://")
     };
     let pool = sqlite.pool().clone();
+    // The shipped event schemas, checked at enqueue, emit and dispatch.
+    let schemas = write_schemas(&tmp.path)?;
+    let store = store.with_schemas(Some(schemas.clone()));
     scenario::prepare_tables(&pool)
         .await
         .map_err(DemoError::AppTables)?;
@@ -188,13 +207,14 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
             cache_dir: cache_dir.clone(),
             max_instances: 32,
             publisher: None,
+            schemas: Some(schemas.clone()),
         },
     )
     .await?;
 
     let mut header = String::new();
     header.push_str(&format!(
-        "outrun demo: three shipped handlers on a fresh embedded SQLite database and the embedded kv store\n\
+        "outrun demo: four shipped handlers on a fresh embedded SQLite database and the embedded kv store\n\
          database: {}{}\n\
          demo stand-in services (local HTTP servers playing the real services):\n",
         db_path.display(),
@@ -204,6 +224,7 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         (Service::AiCheck, &stand_ins.urls.ai_check),
         (Service::Family, &stand_ins.urls.family),
         (Service::Storage, &stand_ins.urls.storage),
+        (Service::Tasks, &stand_ins.urls.tasks),
     ] {
         header.push_str(&format!(
             "  {:<17} (demo stand-in) {url}\n",
@@ -228,6 +249,31 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         ));
     }
 
+    header.push_str(&format!(
+        "event schemas: {} ({}), checked at enqueue, emit and before dispatch\n",
+        schemas
+            .list()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        schemas.dir().display()
+    ));
+    // A producer getting the contract wrong is told at enqueue.
+    let refused = match store
+        .enqueue(&scenario::invalid_task_solved(), config.max_retry)
+        .await
+    {
+        Err(StoreError::Invalid(e)) => Some(e.to_string()),
+        Err(e) => return Err(e.into()),
+        Ok(id) => {
+            tracing::error!(%id, "the schema did not refuse the invalid TaskSolved.v0");
+            None
+        }
+    };
+    if let Some(r) = &refused {
+        header.push_str(&format!("enqueue refused by its schema: {r}\n"));
+    }
     let events = scenario::events();
     store.enqueue_batch(&events, config.max_retry).await?;
     header.push_str(&format!(
@@ -263,6 +309,7 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
         _ => Vec::new(),
     };
     let seen = Observed {
+        refused,
         kv,
         calls: stand_ins.log.calls(),
         attempts: journal.attempts(),

@@ -11,8 +11,8 @@ use sqlx::Row;
 use super::journal::Attempt;
 use super::scenario::{
     AI_EVENT, FAMILY_ADMIN_NAME, FAMILY_ADMIN_UID, FAMILY_PHONES, FINISHED_APPLICATION,
-    FLAKY_PACKAGE, GONE_PACKAGE, MALFORMED_TRIGGER, PACKAGES_KV_PREFIX, REQUEUED_APPLICATION,
-    REQUEUED_TRIGGER,
+    FLAKY_PACKAGE, GONE_PACKAGE, LATE_EVENT_ID, LATE_MANAGER, LATE_TASK, LATE_TASK_RATING,
+    MALFORMED_TRIGGER, PACKAGES_KV_PREFIX, REQUEUED_APPLICATION, REQUEUED_TRIGGER, V1_EVENT_ID,
 };
 use super::services::{HttpCall, Service};
 use crate::event::Event;
@@ -27,6 +27,14 @@ pub struct FinalState {
     pub sharing_keys: Vec<(String, String)>,
     pub phone_ids: Vec<(String, String)>,
     pub family_rides: Vec<(String, i64, String, bool)>,
+    /// event_id, event_name, task_uid, manager_uid, account_id, rating, amount.
+    pub bonus_accruals: Vec<(String, String, String, String, String, i64, i64)>,
+    /// manager_uid, account_id, login.
+    pub bonus_managers: Vec<(String, String, String)>,
+    /// candidate_uid, name, surname.
+    pub bonus_candidates: Vec<(String, String, String)>,
+    /// Why the schema refused the invalid TaskSolved.v0 at enqueue.
+    pub refused: Option<String>,
     pub kv: Vec<(String, KvValue)>,
     pub live: Vec<Event>,
     pub dead: Vec<Event>,
@@ -40,6 +48,7 @@ pub struct FinalState {
 
 /// What the demo run observed besides the database; see [`FinalState::read`].
 pub struct Observed {
+    pub refused: Option<String>,
     pub kv: Vec<(String, KvValue)>,
     pub calls: Vec<HttpCall>,
     pub attempts: Vec<Attempt>,
@@ -78,6 +87,30 @@ impl FinalState {
             q("SELECT sharing_key, admin_uid, admin_name, sharing_on FROM family_rides ORDER BY sharing_key").await?,
             |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)),
         )?;
+        let bonus_accruals = rows(
+            q("SELECT event_id, event_name, task_uid, manager_uid, account_id, rating, amount FROM bonus_accruals ORDER BY task_uid").await?,
+            |r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                    r.try_get(6)?,
+                ))
+            },
+        )?;
+        let bonus_managers = rows(
+            q("SELECT manager_uid, account_id, login FROM bonus_managers ORDER BY manager_uid")
+                .await?,
+            |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
+        )?;
+        let bonus_candidates = rows(
+            q("SELECT candidate_uid, name, surname FROM bonus_candidates ORDER BY candidate_uid")
+                .await?,
+            |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
+        )?;
         let list = |dead| ListFilter {
             dead,
             limit: 1000,
@@ -88,6 +121,10 @@ impl FinalState {
             sharing_keys,
             phone_ids,
             family_rides,
+            bonus_accruals,
+            bonus_managers,
+            bonus_candidates,
+            refused: seen.refused,
             kv: seen.kv,
             live: store.list(&list(false)).await?,
             dead: store.list(&list(true)).await?,
@@ -280,6 +317,76 @@ pub fn checks(state: &FinalState) -> Vec<Check> {
         state.kv.clone(),
     ));
 
+    // bonus-accrual
+    let late = attempts_on(state, "TaskSolved.v0", LATE_TASK);
+    let waits = late
+        .iter()
+        .filter(|a| matches!(a.verdict, Ok(Outcome::RetryAfter(_))))
+        .count();
+    out.push(Check {
+        what: format!(
+            "TaskSolved of {LATE_TASK} waited for its manager {LATE_MANAGER} (retry-after), then was accrued"
+        ),
+        mismatch: (waits == 0 || !late.iter().any(|a| a.is_done())).then(|| {
+            format!(
+                "{waits} waits, {} successful attempts",
+                late.iter().filter(|a| a.is_done()).count()
+            )
+        }),
+    });
+    let accrual = |id: &str, name: &str, task: &str, manager: &str, account: &str, rating: i64| {
+        (
+            id.to_owned(),
+            name.to_owned(),
+            task.to_owned(),
+            manager.to_owned(),
+            account.to_owned(),
+            rating,
+            rating * super::scenario::BONUS_RATE,
+        )
+    };
+    out.push(expect(
+        "bonus_accruals: one per event_id (task-1 delivered twice), v1 with its own rating",
+        vec![
+            accrual(
+                LATE_EVENT_ID,
+                "TaskSolved.v0",
+                LATE_TASK,
+                LATE_MANAGER,
+                "acc-anna",
+                LATE_TASK_RATING,
+            ),
+            accrual(
+                V1_EVENT_ID,
+                "TaskSolved.v1",
+                "task-2",
+                "m-boris",
+                "acc-boris",
+                5,
+            ),
+        ],
+        state.bonus_accruals.clone(),
+    ));
+    out.push(expect(
+        "the task service was asked only for task-1's rating (v1 carries it)",
+        true,
+        calls_of(state, Service::Tasks)
+            .all(|c| c.target == format!("/v1/tasks/{LATE_TASK}/rating") && c.status == 200)
+            && calls_of(state, Service::Tasks).count() >= 1,
+    ));
+    out.push(expect(
+        "bonus_candidates: c-1 once",
+        vec![("c-1".to_owned(), "Marlon".to_owned(), "Brando".to_owned())],
+        state.bonus_candidates.clone(),
+    ));
+    out.push(expect(
+        "the schema refused a TaskSolved.v0 without task_uid at enqueue (`required` at /payload)",
+        true,
+        state.refused.as_deref().is_some_and(|r| {
+            r.contains("TaskSolved.v0") && r.contains("\"/payload\"") && r.contains("`required`")
+        }),
+    ));
+
     // The dead letter.
     let dead: Vec<(String, bool, bool)> = state
         .dead
@@ -348,7 +455,12 @@ pub fn render(header: &str, state: &FinalState, checks: &[Check]) -> String {
     }
 
     let _ = writeln!(w, "\n== What each handler did");
-    for handler in ["ai-check-requeue", "family-sharing", "package-deletion"] {
+    for handler in [
+        "ai-check-requeue",
+        "family-sharing",
+        "package-deletion",
+        "bonus-accrual",
+    ] {
         let _ = writeln!(w, "{handler}");
         let mut lines: Vec<(Duration, String)> = state
             .attempts
@@ -395,6 +507,16 @@ pub fn render(header: &str, state: &FinalState, checks: &[Check]) -> String {
                 "  -> check of {REQUEUED_APPLICATION} requeued {requeues} time(s) before it ran"
             );
         }
+        if handler == "bonus-accrual" {
+            let waits = attempts_on(state, "TaskSolved.v0", LATE_TASK)
+                .iter()
+                .filter(|a| matches!(a.verdict, Ok(Outcome::RetryAfter(_))))
+                .count();
+            let _ = writeln!(
+                w,
+                "  -> TaskSolved of {LATE_TASK} (delivered twice) retried automatically {waits} time(s) in all while manager {LATE_MANAGER} was unknown, then accrued once"
+            );
+        }
     }
 
     let _ = writeln!(w, "\n== HTTP calls the demo stand-in services received");
@@ -432,6 +554,25 @@ pub fn render(header: &str, state: &FinalState, checks: &[Check]) -> String {
     );
     for (k, uid, name, on) in &state.family_rides {
         let _ = writeln!(w, "  {k}  {uid}  {name}  {on}");
+    }
+
+    let _ = writeln!(w, "bonus_managers (manager_uid, account_id, login)");
+    for (m, a, l) in &state.bonus_managers {
+        let _ = writeln!(w, "  {m}  {a}  {l}");
+    }
+    let _ = writeln!(
+        w,
+        "bonus_accruals (event_id, event_name, task_uid, manager_uid, account_id, rating, amount)"
+    );
+    for (id, name, task, m, a, rating, amount) in &state.bonus_accruals {
+        let _ = writeln!(
+            w,
+            "  accrual {id}  {name}  {task}  {m}  {a}  {rating}  {amount}"
+        );
+    }
+    let _ = writeln!(w, "bonus_candidates (candidate_uid, name, surname)");
+    for (c, n, sn) in &state.bonus_candidates {
+        let _ = writeln!(w, "  {c}  {n}  {sn}");
     }
 
     let _ = writeln!(w, "\n== kv state (embedded store)");

@@ -13,6 +13,12 @@
 //!   when the draft finishes d1 and d2 are deleted in Storage (d2 after one
 //!   503) and d3 is kept. Ticket t-9's package is already gone (404 counts as
 //!   deleted). Draft u-8 is still open, so its package stays in the map.
+//! - bonus-accrual (seed 001): task-1 is solved (TaskSolved.v0) before its
+//!   manager m-anna is known; the handler waits (retry-after, growing
+//!   delays) until ManagerUpdated.v0 arrives, then accrues rating 8 × 10.
+//!   The same TaskSolved is delivered twice: one accrual. task-2 is solved
+//!   as TaskSolved.v1 (rating in the event, no call to the task service).
+//!   A TaskSolved.v0 without `task_uid` is refused at enqueue by its schema.
 //! - One malformed `issuings-ai-checks` (no `applicationId`) ends dead.
 
 use std::collections::BTreeMap;
@@ -25,11 +31,46 @@ use crate::event::NewEvent;
 use crate::wasm::{Allow, HandlerSpec};
 
 /// Guest files the demo binds, as `scripts/build-guests.sh` names them.
-pub const MODULES: [&str; 3] = [
+pub const MODULES: [&str; 4] = [
     "ai_check_requeue.wasm",
     "family_sharing.wasm",
     "package_deletion.wasm",
+    "bonus_accrual.wasm",
 ];
+
+/// The event schemas the demo checks against: the shipped files.
+pub const SCHEMAS: [(&str, &str); 4] = [
+    (
+        "ManagerUpdated.v0.json",
+        include_str!("../../../examples/schemas/ManagerUpdated.v0.json"),
+    ),
+    (
+        "NewCandidate.v0.json",
+        include_str!("../../../examples/schemas/NewCandidate.v0.json"),
+    ),
+    (
+        "TaskSolved.v0.json",
+        include_str!("../../../examples/schemas/TaskSolved.v0.json"),
+    ),
+    (
+        "TaskSolved.v1.json",
+        include_str!("../../../examples/schemas/TaskSolved.v1.json"),
+    ),
+];
+
+/// The task whose manager arrives after it was solved.
+pub const LATE_TASK: &str = "task-1";
+pub const LATE_MANAGER: &str = "m-anna";
+/// The task service stand-in's rating of [`LATE_TASK`].
+pub const LATE_TASK_RATING: i64 = 8;
+/// The bonus per rating point (`bonus_rate`).
+pub const BONUS_RATE: i64 = 10;
+/// event_id of the TaskSolved of [`LATE_TASK`] (delivered twice).
+pub const LATE_EVENT_ID: &str = "90a91f4b-8e34-4a3c-bfc8-f6649597445e";
+/// event_id of the TaskSolved.v1 of task-2.
+pub const V1_EVENT_ID: &str = "2d0f6a3e-5b7c-4f1e-9a8d-0c1b2a3f4e5d";
+/// How long after the start the late manager is enqueued.
+pub const MANAGER_DELAY: Duration = Duration::from_millis(1200);
 
 pub const AI_EVENT: &str = "issuings-ai-checks";
 pub const SHARE_EVENT: &str = "share-with-family";
@@ -59,12 +100,13 @@ pub const GONE_PACKAGE: &str = "pkg-t1";
 /// Delay of a requeued AI check: short, so the demo stays quick.
 const REQUEUE_DELAY_MS: u64 = 300;
 
-/// Base URLs of the three demo stand-in services.
+/// Base URLs of the four demo stand-in services.
 #[derive(Debug, Clone)]
 pub struct ServiceUrls {
     pub ai_check: String,
     pub family: String,
     pub storage: String,
+    pub tasks: String,
 }
 
 /// `host:port` of a base URL, for `allow.http`.
@@ -96,7 +138,7 @@ fn config(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The three `[[handler]]` entries, with exactly the grants each needs.
+/// The four `[[handler]]` entries, with exactly the grants each needs.
 pub fn handler_specs(dir: &Path, urls: &ServiceUrls) -> Vec<HandlerSpec> {
     vec![
         spec(
@@ -151,12 +193,35 @@ pub fn handler_specs(dir: &Path, urls: &ServiceUrls) -> Vec<HandlerSpec> {
                 ..Allow::default()
             },
         ),
+        spec(
+            "bonus-accrual",
+            &[
+                "ManagerUpdated.v0",
+                "TaskSolved.v0",
+                "TaskSolved.v1",
+                "NewCandidate.v0",
+            ],
+            dir.join(MODULES[3]),
+            Allow {
+                sql: true,
+                http: vec![authority(&urls.tasks)],
+                config: config(&[
+                    ("task_url", urls.tasks.clone()),
+                    ("task_timeout_ms", "3000".into()),
+                    ("bonus_rate", BONUS_RATE.to_string()),
+                    ("wait_first_ms", "200".into()),
+                    ("wait_max_ms", "400".into()),
+                    ("give_up_after_ms", "20000".into()),
+                ]),
+                ..Allow::default()
+            },
+        ),
     ]
 }
 
 /// The application tables the handlers write, as the app migrations create
 /// them on SQLite.
-pub const APP_MIGRATIONS: [(&str, &str); 2] = [
+pub const APP_MIGRATIONS: [(&str, &str); 3] = [
     (
         "migrations/apps/ai-check-requeue/sqlite/0001_issuing_check.sql",
         include_str!("../../../migrations/apps/ai-check-requeue/sqlite/0001_issuing_check.sql"),
@@ -164,6 +229,10 @@ pub const APP_MIGRATIONS: [(&str, &str); 2] = [
     (
         "migrations/apps/family-sharing/sqlite/0001_family_sharing.sql",
         include_str!("../../../migrations/apps/family-sharing/sqlite/0001_family_sharing.sql"),
+    ),
+    (
+        "migrations/apps/bonus-accrual/sqlite/0001_bonus_accrual.sql",
+        include_str!("../../../migrations/apps/bonus-accrual/sqlite/0001_bonus_accrual.sql"),
     ),
 ];
 
@@ -219,6 +288,95 @@ fn requested(package: &str, kind: &str, owner: &str) -> NewEvent {
     )
 }
 
+/// The seed's envelope around a payload.
+fn envelope(
+    name: &str,
+    version: &str,
+    event_id: &str,
+    payload: serde_json::Value,
+) -> serde_json::Value {
+    json!({"event_id": event_id, "event_name": name, "event_version": version,
+           "produced_at": "2025-02-13T17:11:30Z", "payload": payload})
+}
+
+/// The manager of [`LATE_TASK`], enqueued [`MANAGER_DELAY`] after the start
+/// (the tasks service streams it late).
+pub fn late_manager() -> NewEvent {
+    event(
+        "ManagerUpdated.v0",
+        envelope(
+            "ManagerUpdated",
+            "0",
+            "6c1e8f0a-3d2b-4c5e-8f7a-1b2c3d4e5f60",
+            json!({"manager_uid": LATE_MANAGER, "account_id": "acc-anna", "login": "anna"}),
+        ),
+        Some(format!("manager:{LATE_MANAGER}")),
+    )
+}
+
+/// A TaskSolved.v0 that breaks its schema (no `task_uid`): refused at
+/// enqueue, nothing written.
+pub fn invalid_task_solved() -> NewEvent {
+    event(
+        "TaskSolved.v0",
+        envelope(
+            "TaskSolved",
+            "0",
+            "0b6c2d1e-7f8a-4b9c-8d0e-1f2a3b4c5d6e",
+            json!({"task_manager_uid": LATE_MANAGER}),
+        ),
+        None,
+    )
+}
+
+fn bonus_events() -> Vec<NewEvent> {
+    let solved_late = || {
+        event(
+            "TaskSolved.v0",
+            envelope(
+                "TaskSolved",
+                "0",
+                LATE_EVENT_ID,
+                json!({"task_uid": LATE_TASK, "task_manager_uid": LATE_MANAGER}),
+            ),
+            None,
+        )
+    };
+    vec![
+        solved_late(),
+        // At-least-once delivery: the same event_id again.
+        solved_late(),
+        late_manager().with_delay(MANAGER_DELAY),
+        event(
+            "ManagerUpdated.v0",
+            envelope(
+                "ManagerUpdated",
+                "0",
+                "5a0d7e9f-2c1b-4b4d-9e6f-0a1b2c3d4e5f",
+                json!({"manager_uid": "m-boris", "account_id": "acc-boris", "login": "boris"}),
+            ),
+            Some("manager:m-boris".into()),
+        ),
+        event(
+            "TaskSolved.v1",
+            json!({"event_id": V1_EVENT_ID, "event_name": "TaskSolved", "event_version": "1",
+                   "produced_at": "2025-02-14T09:00:00Z",
+                   "payload": {"task_uid": "task-2", "task_manager_uid": "m-boris", "task_rating": 5}}),
+            None,
+        ),
+        event(
+            "NewCandidate.v0",
+            envelope(
+                "NewCandidate",
+                "0",
+                "3e4f5a6b-7c8d-4e9f-a0b1-c2d3e4f5a6b7",
+                json!({"candidate_uid": "c-1", "name": "Marlon", "surname": "Brando"}),
+            ),
+            None,
+        ),
+    ]
+}
+
 /// The events, in the order an application would enqueue them. Group ids
 /// follow each handler's producer notes, so start/stop of a ride and the
 /// life of a draft run in order.
@@ -256,6 +414,9 @@ pub fn events() -> Vec<NewEvent> {
         ),
         event(AI_EVENT, json!({"triggerId": MALFORMED_TRIGGER}), None),
     ]
+    .into_iter()
+    .chain(bonus_events())
+    .collect()
 }
 
 #[cfg(test)]
@@ -271,6 +432,7 @@ mod tests {
             ai_check: "http://127.0.0.1:1001".into(),
             family: "http://127.0.0.1:1002".into(),
             storage: "http://127.0.0.1:1003".into(),
+            tasks: "http://127.0.0.1:1004".into(),
         };
         let specs = handler_specs(Path::new("/g"), &urls);
         assert_eq!(specs[0].allow.http, ["127.0.0.1:1001"]);
@@ -280,5 +442,18 @@ mod tests {
             "http://127.0.0.1:1001/v1/checks"
         );
         assert_eq!(specs[1].module, Path::new("/g/family_sharing.wasm"));
+        assert_eq!(specs[3].allow.http, ["127.0.0.1:1004"]);
+    }
+
+    #[test]
+    fn events_follow_the_shipped_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        for (file, text) in SCHEMAS {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let schemas = crate::schema::Schemas::load(dir.path(), false).unwrap();
+        schemas.check_all(&events()).unwrap();
+        let err = schemas.check_all(&[invalid_task_solved()]).unwrap_err();
+        assert!(err.to_string().contains("task_uid"), "{err}");
     }
 }

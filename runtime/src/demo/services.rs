@@ -1,5 +1,5 @@
-//! Demo stand-ins for the three services the shipped handlers call: the
-//! AI-check service, the family service and Storage. Each is a real HTTP
+//! Demo stand-ins for the four services the shipped handlers call: the
+//! AI-check service, the family service, Storage and the task service. Each is a real HTTP
 //! server on 127.0.0.1 (an ephemeral port) that follows the contract in the
 //! handler's docs and records every request it receives, so the report can
 //! show them and the checks can compare them with what should have happened.
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::scenario::{
     FAMILY_ADMIN_NAME, FAMILY_ADMIN_UID, FAMILY_PHONES, FAMILY_USER, FLAKY_PACKAGE, GONE_PACKAGE,
-    ServiceUrls,
+    LATE_TASK, LATE_TASK_RATING, ServiceUrls,
 };
 
 /// Which stand-in received a request.
@@ -28,6 +28,7 @@ pub enum Service {
     AiCheck,
     Family,
     Storage,
+    Tasks,
 }
 
 impl Service {
@@ -36,6 +37,7 @@ impl Service {
             Service::AiCheck => "AI-check service",
             Service::Family => "family service",
             Service::Storage => "Storage service",
+            Service::Tasks => "task service",
         }
     }
 }
@@ -95,7 +97,7 @@ impl Ctx {
     }
 }
 
-/// The three running stand-ins.
+/// The four running stand-ins.
 pub struct StandIns {
     pub urls: ServiceUrls,
     pub log: CallLog,
@@ -104,7 +106,7 @@ pub struct StandIns {
 }
 
 impl StandIns {
-    /// Bind and start all three.
+    /// Bind and start all four.
     pub async fn start() -> std::io::Result<StandIns> {
         let log = CallLog::default();
         let stop = CancellationToken::new();
@@ -125,19 +127,25 @@ impl StandIns {
             .route("/packages/{id}", delete(delete_package))
             .fallback(unknown)
             .with_state(ctx(Service::Storage));
+        let task_service = Router::new()
+            .route("/v1/tasks/{uid}/rating", get(task_rating))
+            .fallback(unknown)
+            .with_state(ctx(Service::Tasks));
         let mut tasks = Vec::new();
         let mut urls = Vec::new();
-        for app in [ai, family, storage] {
+        for app in [ai, family, storage, task_service] {
             let (addr, task) = serve(app, stop.clone()).await?;
             urls.push(format!("http://{addr}"));
             tasks.push(task);
         }
-        let [ai_check, family, storage] = <[String; 3]>::try_from(urls).expect("three services");
+        let [ai_check, family, storage, task_url] =
+            <[String; 4]>::try_from(urls).expect("four services");
         Ok(StandIns {
             urls: ServiceUrls {
                 ai_check,
                 family,
                 storage,
+                tasks: task_url,
             },
             log,
             stop,
@@ -241,6 +249,37 @@ async fn delete_package(
     };
     ctx.record(&method, &uri, None, status);
     status
+}
+
+/// `GET /v1/tasks/{uid}/rating`: the late task's rating; 404 (no rating)
+/// for any other task.
+async fn task_rating(
+    State(ctx): State<Ctx>,
+    method: Method,
+    uri: Uri,
+    Path(uid): Path<String>,
+) -> Response {
+    if uid == LATE_TASK {
+        ctx.record(
+            &method,
+            &uri,
+            Some(format!("rating {LATE_TASK_RATING}")),
+            StatusCode::OK,
+        );
+        (
+            StatusCode::OK,
+            axum::Json(json!({"rating": LATE_TASK_RATING})),
+        )
+            .into_response()
+    } else {
+        ctx.record(
+            &method,
+            &uri,
+            Some("no rating".into()),
+            StatusCode::NOT_FOUND,
+        );
+        StatusCode::NOT_FOUND.into_response()
+    }
 }
 
 /// Anything off-contract is recorded (and shows up in the checks) and

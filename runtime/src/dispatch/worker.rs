@@ -53,6 +53,15 @@ pub async fn run(cx: Arc<WorkerContext>, claimed: Claimed) -> bool {
 async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     let lease = claimed.lease();
     let ev = &claimed.event;
+    // Rows inserted by plain SQL never met the enqueue check. Before the
+    // route: with schemas required, a name without one is a schema error
+    // (say, an unknown version) even when no handler binds it.
+    if let Some(error) = crate::schema::reason_to_bury(cx.store.schemas(), ev) {
+        tracing::error!(event_id = %ev.id, name = %ev.name, "{error}; event is dead");
+        metrics::counter!("outrun_events_dead_total", "reason" => "schema").increment(1);
+        settle(cx, lease, Failure::Dead { error }).await;
+        return false;
+    }
     let Some(route) = cx.router.route(&ev.name) else {
         let reason = no_handler_reason(&ev.name);
         tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");

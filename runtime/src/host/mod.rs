@@ -67,6 +67,8 @@ pub struct Capabilities {
     pub publish: Vec<String>,
     /// The runtime's broker client; `None` when `[publish]` configures none.
     pub publisher: Option<crate::publish::Publisher>,
+    /// Emitted events are checked against these before they are buffered.
+    pub schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
 impl Capabilities {
@@ -75,6 +77,7 @@ impl Capabilities {
         kv: KvStore,
         default_max_retry: i32,
         publisher: Option<crate::publish::Publisher>,
+        schemas: Option<Arc<crate::schema::Schemas>>,
     ) -> Self {
         Self {
             handler: Arc::from(spec.name.as_str()),
@@ -92,6 +95,7 @@ impl Capabilities {
             default_max_retry,
             publish: spec.allow.publish.clone(),
             publisher,
+            schemas,
         }
     }
 

@@ -341,16 +341,54 @@ impl Store {
     /// Enqueue on a connection of the store's own pool, in its own
     /// transaction. To enqueue inside an application transaction use
     /// [`sqlite::enqueue`] / [`postgres::enqueue`] (or [`crate::enqueue`]).
+    ///
+    /// With a schema registry attached ([`Store::with_schemas`]) the payload
+    /// is checked against its schema first; a violation writes nothing.
     pub async fn enqueue(&self, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
+        if let Some(schemas) = self.schemas() {
+            event.validate()?;
+            schemas
+                .check(&event.name, &event.payload)
+                .map_err(InvalidEvent::from)?;
+        }
         each!(self, s => s.enqueue(event, default_max_retry).await)
     }
 
+    /// Check every enqueue of this store (and of its clones made after
+    /// this) against `schemas`. `None`: no checks, no cost.
+    pub fn with_schemas(
+        mut self,
+        schemas: Option<std::sync::Arc<crate::schema::Schemas>>,
+    ) -> Store {
+        match &mut self {
+            Store::Sqlite(s) => s.schemas = schemas,
+            Store::Postgres(s) => s.schemas = schemas,
+        }
+        self
+    }
+
+    /// The schema registry attached with [`Store::with_schemas`]; the
+    /// dispatcher checks claimed events against it too.
+    pub fn schemas(&self) -> Option<&std::sync::Arc<crate::schema::Schemas>> {
+        each!(self, s => s.schemas.as_ref())
+    }
+
     /// Enqueue several events in one transaction; ids in input order.
+    /// Schemas are checked as [`Store::enqueue`] does; one violation and
+    /// nothing of the batch is written.
     pub async fn enqueue_batch(
         &self,
         events: &[NewEvent],
         default_max_retry: i32,
     ) -> Result<Vec<Uuid>> {
+        if let Some(schemas) = self.schemas() {
+            for event in events {
+                event.validate()?;
+                schemas
+                    .check(&event.name, &event.payload)
+                    .map_err(InvalidEvent::from)?;
+            }
+        }
         each!(self, s => s.enqueue_batch(events, default_max_retry).await)
     }
 

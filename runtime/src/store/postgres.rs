@@ -87,6 +87,8 @@ pub struct PgStore {
     /// How lanes connect (see `lane.rs`).
     lane_options: Arc<PgConnectOptions>,
     cursor: Arc<Mutex<ClaimCursor>>,
+    /// Checked by [`super::Store::enqueue`]; see [`super::Store::with_schemas`].
+    pub(super) schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
 /// Where the claims of this store left off in the claim index.
@@ -234,6 +236,7 @@ impl PgStore {
             bookkeeping,
             lane_options: Arc::new(options.options(super::lane::lane_settings())),
             cursor: Arc::default(),
+            schemas: None,
         })
     }
 

@@ -72,6 +72,8 @@ pub struct SqliteStore {
     /// Bumped by this store's enqueues, replays and releases; see
     /// [`super::Store::wakeups`].
     wake: Arc<watch::Sender<u64>>,
+    /// Checked by [`super::Store::enqueue`]; see [`super::Store::with_schemas`].
+    pub(super) schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
 impl SqliteStore {
@@ -136,6 +138,7 @@ impl SqliteStore {
             writer,
             _scratch: scratch,
             wake: Arc::new(watch::Sender::new(0)),
+            schemas: None,
         })
     }
 

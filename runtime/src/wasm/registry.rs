@@ -59,6 +59,8 @@ pub struct HostServices {
     /// The broker client behind `publish` (`[publish]`); a handler granted
     /// `publish` needs one.
     pub publisher: Option<crate::publish::Publisher>,
+    /// `[schemas]`: what handlers' `emit` is checked against.
+    pub schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
 impl Default for HostServices {
@@ -69,6 +71,7 @@ impl Default for HostServices {
             cache_dir: None,
             max_instances: 256,
             publisher: None,
+            schemas: None,
         }
     }
 }
@@ -228,6 +231,7 @@ impl Registry {
                 kv.clone(),
                 services.default_max_retry,
                 services.publisher.clone(),
+                services.schemas.clone(),
             ));
             let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
                 path: module.clone(),
