@@ -84,22 +84,6 @@ impl Tasks {
 // ---------------------------------------------------------------------------
 // Setup
 
-async fn exec_script(db: &TestDb, sql: &str) {
-    use sqlx::Connection;
-    match db {
-        TestDb::Sqlite { url, .. } => {
-            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-            c.close().await.ok();
-        }
-        TestDb::Postgres { url, .. } => {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-            c.close().await.ok();
-        }
-    }
-}
-
 /// Migrate the outbox and apply migrations/apps/bonus-accrual/<backend>/.
 async fn prepare(db: &TestDb) -> Store {
     ok(&outrun(db, &["migrate"]));
@@ -117,7 +101,7 @@ async fn prepare(db: &TestDb) -> Store {
         .collect();
     files.sort();
     for f in files {
-        exec_script(db, &std::fs::read_to_string(f).unwrap()).await;
+        db.exec_script(&std::fs::read_to_string(f).unwrap()).await;
     }
     let schemas = outrun::Schemas::load(&shipped_schemas(), false).unwrap();
     db.connect().await.with_schemas(Some(Arc::new(schemas)))

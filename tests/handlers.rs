@@ -66,27 +66,10 @@ async fn prepare(db: &TestDb, apps: &[&str]) -> Store {
         assert!(!files.is_empty(), "no migrations in {}", dir.display());
         for file in files {
             let sql = std::fs::read_to_string(&file).unwrap();
-            exec_script(db, &sql).await;
+            db.exec_script(&sql).await;
         }
     }
     db.connect().await
-}
-
-/// Run a multi-statement script (a migration file).
-async fn exec_script(db: &TestDb, sql: &str) {
-    use sqlx::Connection;
-    match db {
-        TestDb::Sqlite { url, .. } => {
-            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-            c.close().await.ok();
-        }
-        TestDb::Postgres { url, .. } => {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-            c.close().await.ok();
-        }
-    }
 }
 
 async fn enqueue(store: &Store, ev: NewEvent) -> String {

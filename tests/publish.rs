@@ -818,7 +818,7 @@ async fn stoplist_db(db: &TestDb) -> Store {
         .join(backend)
         .join("0001_stoplist.sql");
     let sql = std::fs::read_to_string(&file).unwrap();
-    exec_script(db, &sql).await;
+    db.exec_script(&sql).await;
     for (product, ingredient) in [
         (PEPPERONI, SAUSAGE),
         (CALZONE, SAUSAGE),
@@ -844,23 +844,6 @@ async fn stoplist_db(db: &TestDb) -> Store {
         .await;
     }
     store
-}
-
-/// Run a multi-statement script (a migration file).
-async fn exec_script(db: &TestDb, sql: &str) {
-    use sqlx::Connection;
-    match db {
-        TestDb::Sqlite { url, .. } => {
-            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-            c.close().await.ok();
-        }
-        TestDb::Postgres { url, .. } => {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-            c.close().await.ok();
-        }
-    }
 }
 
 fn stoplist_config(dir: &Path, broker: &Broker, topic: &str) -> PathBuf {

@@ -193,6 +193,24 @@ impl TestDb {
     }
 
     /// Run one SQL statement outside the store, as another application would.
+    /// Run a multi-statement script (a migration file) on a connection
+    /// of its own.
+    pub async fn exec_script(&self, sql: &str) {
+        use sqlx::Connection;
+        match self {
+            TestDb::Sqlite { url, .. } => {
+                let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+                c.close().await.ok();
+            }
+            TestDb::Postgres { url, .. } => {
+                let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+                c.close().await.ok();
+            }
+        }
+    }
+
     pub async fn exec(&self, sql: &str) -> u64 {
         on_conn!(self, sql, c => sqlx::query(sql).execute(&mut c).await.map(|r| r.rows_affected()))
     }
