@@ -207,7 +207,20 @@ impl Effects {
 
     /// Buffer a follow-up event; validated now so the handler sees the error.
     pub fn emit(&mut self, event: NewEvent) -> Result<(), InvalidEvent> {
+        self.emit_checked(event, None)
+    }
+
+    /// [`Effects::emit`], also checking the payload against its schema
+    /// (`[schemas]`), so the handler sees a violation at its `emit` call.
+    pub fn emit_checked(
+        &mut self,
+        event: NewEvent,
+        schemas: Option<&crate::schema::Schemas>,
+    ) -> Result<(), InvalidEvent> {
         event.validate()?;
+        if let Some(schemas) = schemas {
+            schemas.check(&event.name, &event.payload)?;
+        }
         self.emitted.push(event);
         Ok(())
     }

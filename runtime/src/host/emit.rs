@@ -42,18 +42,8 @@ impl Host for HostState {
         };
         // The contract is checked now, so the handler sees the violation
         // (and can say what it was) rather than its event failing at ack.
-        if let Some(schemas) = &self.caps.schemas {
-            event
-                .validate()
-                .and_then(|()| {
-                    schemas
-                        .check(&event.name, &event.payload)
-                        .map_err(InvalidEvent::from)
-                })
-                .map_err(|e| CapError::Invalid(e.to_string()))?;
-        }
         self.effects
-            .emit(event)
+            .emit_checked(event, self.caps.schemas.as_deref())
             .map_err(|e: InvalidEvent| CapError::Invalid(e.to_string()))
     }
 }
