@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{TestDb, wait_for};
-use outrun::config::RuntimeConfig;
+use outrun::config::{RuntimeConfig, SavepointMode};
 use outrun::dispatch::Dispatcher;
 use outrun::store::{SqlValue, Store};
 use outrun::{
@@ -822,14 +822,20 @@ async fn shutdown_grace_cancels_and_releases(db: TestDb) {
 
 /// Inserts the payload's `k`; the table's CHECK refuses one value. A
 /// failed statement is the event's fault (`reject`); a transient database
-/// error is a retry.
-struct InsertK;
+/// error is a retry. Counts the attempts at `k = 13`.
+#[derive(Clone, Default)]
+struct InsertK {
+    thirteen: Arc<AtomicUsize>,
+}
 
 #[async_trait::async_trait]
 impl Handler for InsertK {
     async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
         let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
         let k = v["k"].as_i64().unwrap();
+        if k == 13 {
+            self.thirteen.fetch_add(1, Ordering::SeqCst);
+        }
         let fail = |e: outrun::store::StoreError| {
             if e.is_transient() {
                 HandlerError::retry(e.to_string())
@@ -853,8 +859,22 @@ impl Handler for InsertK {
 
 /// Many events share a lane's transaction; one whose statement fails is
 /// rolled back alone, and every other event's row is there exactly once.
+/// With `effect_savepoints = auto` (the default) the failing event first
+/// ran without a savepoint, so its failure rolled back the batch it was in
+/// (whose events ran again) and it ran again itself, with a savepoint.
 async fn failing_statement_in_a_batch_fails_only_its_event(db: TestDb) {
+    failing_statement_fails_only_its_event(db, SavepointMode::Auto).await
+}
+
+/// As above with a savepoint for every event: the failure undoes its own
+/// event alone, on the first attempt.
+async fn failing_statement_with_savepoints_always(db: TestDb) {
+    failing_statement_fails_only_its_event(db, SavepointMode::Always).await
+}
+
+async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: SavepointMode) {
     let store = db.store().await;
+    let handler = InsertK::default();
     db.exec("CREATE TABLE batch_rows (k INTEGER NOT NULL CHECK (k <> 13))")
         .await;
     let events: Vec<_> = (0..300)
@@ -863,10 +883,11 @@ async fn failing_statement_in_a_batch_fails_only_its_event(db: TestDb) {
     let ids = store.enqueue_batch(&events, 5).await.unwrap();
     let run = Running::start(
         &store,
-        StaticRouter::new().with("insert", InsertK),
+        StaticRouter::new().with("insert", handler.clone()),
         RuntimeConfig {
             concurrency: 16,
             batch_size: 64,
+            effect_savepoints: savepoints,
             ..fast()
         },
     );
@@ -901,6 +922,13 @@ async fn failing_statement_in_a_batch_fails_only_its_event(db: TestDb) {
             .await,
         0
     );
+    // Without a savepoint the first failure is not the event's verdict:
+    // it rolls back the batch and runs again, with one.
+    let attempts = handler.thirteen.load(Ordering::SeqCst);
+    match savepoints {
+        SavepointMode::Always => assert_eq!(attempts, 1),
+        SavepointMode::Auto => assert_eq!(attempts, 2),
+    }
 }
 
 /// Effects of a group's events commit before the next event of the group
@@ -980,7 +1008,7 @@ async fn backend_killed_during_a_statement_is_retried_not_dead() {
     store.enqueue_batch(&events, 1).await.unwrap();
     let run = Running::start(
         &store,
-        StaticRouter::new().with("insert", InsertK),
+        StaticRouter::new().with("insert", InsertK::default()),
         RuntimeConfig {
             concurrency: 4,
             ..fast()
@@ -1083,6 +1111,7 @@ on_both_backends!(
     graceful_shutdown_leaves_no_lease,
     shutdown_grace_cancels_and_releases,
     failing_statement_in_a_batch_fails_only_its_event,
+    failing_statement_with_savepoints_always,
     group_successor_sees_its_predecessors_effects,
     cancelling_running_events_discards_their_attempts,
 );

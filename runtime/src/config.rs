@@ -131,6 +131,38 @@ pub struct RuntimeConfig {
     /// picks (SQLite 1, its one writer; PostgreSQL up to 4).
     /// `OUTRUN_EFFECT_LANES`.
     pub effect_lanes: usize,
+    /// Whether each event in a lane gets a savepoint of its own
+    /// (`always`), or only the events of handlers that have failed after
+    /// touching the database (`auto`, the default): see the README's
+    /// "Effects" section. `OUTRUN_EFFECT_SAVEPOINTS`.
+    pub effect_savepoints: SavepointMode,
+}
+
+/// See [`RuntimeConfig::effect_savepoints`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SavepointMode {
+    /// A handler's events run without a savepoint until one of them fails
+    /// after touching the database; from then on that handler's events get
+    /// one. A failure without a savepoint rolls the lane's transaction back
+    /// and runs its other events again, without spending their retries.
+    #[default]
+    Auto,
+    /// Every event gets a savepoint: a failure undoes that event alone.
+    Always,
+}
+
+impl std::str::FromStr for SavepointMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "unknown savepoint mode {other:?}; use auto or always"
+            )),
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -148,6 +180,7 @@ impl Default for RuntimeConfig {
             cleanup_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             effect_lanes: 0,
+            effect_savepoints: SavepointMode::Auto,
         }
     }
 }
@@ -339,6 +372,7 @@ impl Config {
         over!("OUTRUN_CLEANUP_INTERVAL", r.cleanup_interval, duration);
         over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
         over!("OUTRUN_EFFECT_LANES", r.effect_lanes, parse);
+        over!("OUTRUN_EFFECT_SAVEPOINTS", r.effect_savepoints, parse);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
         }

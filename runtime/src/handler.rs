@@ -130,10 +130,11 @@ impl Router for StaticRouter {
 /// module does not reach into it.
 #[async_trait::async_trait]
 pub trait EffectsLanes: Send + Sync + 'static {
-    /// A lane for the attempt's effects: its statements run there, inside a
-    /// savepoint of its own (the lane fences the event's lease when it
-    /// commits).
-    async fn enter(&self) -> Result<AckTx, StoreError>;
+    /// A lane for the attempt's effects, for an event of `handler`: its
+    /// statements run there, inside a savepoint of its own unless the
+    /// dispatcher bets on its success (the lane fences the event's lease
+    /// when it commits).
+    async fn enter(&self, handler: &Arc<str>) -> Result<AckTx, StoreError>;
 }
 
 enum Source {
@@ -141,8 +142,8 @@ enum Source {
     /// A transaction of its own, committed by whoever holds the effects
     /// (embedding, tests).
     Store(Store),
-    /// A lane of the dispatcher.
-    Lanes(Arc<dyn EffectsLanes>),
+    /// A lane of the dispatcher, for an event of the named handler.
+    Lanes(Arc<dyn EffectsLanes>, Arc<str>),
 }
 
 /// The side effects of one attempt, committed with its ack or not at all.
@@ -178,10 +179,10 @@ impl Effects {
         }
     }
 
-    /// Effects kept in the dispatcher's lanes.
-    pub fn in_lanes(lanes: Arc<dyn EffectsLanes>) -> Self {
+    /// Effects kept in the dispatcher's lanes, for an event of `handler`.
+    pub fn in_lanes(lanes: Arc<dyn EffectsLanes>, handler: Arc<str>) -> Self {
         Self {
-            source: Source::Lanes(lanes),
+            source: Source::Lanes(lanes, handler),
             ..Self::default()
         }
     }
@@ -192,7 +193,7 @@ impl Effects {
             let opened = match &self.source {
                 Source::None => Err(StoreError::NoStore),
                 Source::Store(store) => store.begin().await,
-                Source::Lanes(lanes) => lanes.enter().await,
+                Source::Lanes(lanes, handler) => lanes.enter(handler).await,
             };
             match opened {
                 Ok(tx) => self.tx = Some(tx),
@@ -235,6 +236,13 @@ impl Effects {
     /// was not the event's fault.
     pub fn saw_transient(&self) -> bool {
         self.transient || matches!(&self.tx, Some(AckTx::Lane(t)) if t.lane.saw_transient())
+    }
+
+    /// The attempt must run again whatever its handler decided: one of its
+    /// statements failed in a lane transaction that can now only be rolled
+    /// back whole (see `crate::store::lane`).
+    pub fn must_rerun(&self) -> bool {
+        matches!(&self.tx, Some(AckTx::Lane(t)) if t.lane.must_rerun())
     }
 
     /// Take the transaction (if any) and the emitted events, for the ack.

@@ -76,6 +76,11 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         "Events committed together by one effects transaction (lane commit).",
     ),
     (
+        "outrun_effects_bare_rollbacks_total",
+        Kind::Counter,
+        "Handlers whose event failed without a savepoint (runtime.effect_savepoints = auto), rolling back its lane's batch; their events get savepoints from then on.",
+    ),
+    (
         "outrun_dead_cleaned_total",
         Kind::Counter,
         "Dead events deleted after runtime.dead_retention.",

@@ -17,11 +17,21 @@
 //! slow services should call them before their SQL, which they usually
 //! do anyway).
 //!
+//! Savepoints are a bet against failure. A savepoint costs a round trip
+//! per event, most handlers never fail, and a failure without one can
+//! still be undone: by rolling back the whole lane transaction and running
+//! its other events again (without spending their retries). So with
+//! `effect_savepoints = "auto"` a handler's events enter lanes bare until
+//! one of them fails after entering; from then on (for the life of the
+//! process) that handler's events get a savepoint each. A handler that
+//! fails often costs one rolled-back batch, once.
+//!
 //! A commit that fails (the connection dropped, the server restarted)
 //! loses no event: every event that was in the transaction is rescheduled
 //! without spending a retry, or, if even that fails, runs again when its
 //! lease lapses.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +39,7 @@ use chrono::Utc;
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::SavepointMode;
 use crate::handler::EffectsLanes;
 use crate::store::lane::{Kept, Lane, LaneTx};
 use crate::store::{AckTx, Failure, Store, StoreError};
@@ -68,6 +79,10 @@ pub struct Committer {
     unblocked: Arc<Notify>,
     observer: Option<Arc<dyn DispatchObserver>>,
     backoff: Backoff,
+    savepoints: SavepointMode,
+    /// Handlers that failed an event entered without a savepoint: their
+    /// events get one from now on.
+    failed_bare: std::sync::RwLock<HashSet<Arc<str>>>,
 }
 
 impl Committer {
@@ -78,6 +93,7 @@ impl Committer {
         unblocked: Arc<Notify>,
         observer: Option<Arc<dyn DispatchObserver>>,
         backoff: Backoff,
+        savepoints: SavepointMode,
     ) -> Self {
         let n = lanes.max(1);
         Self {
@@ -91,6 +107,30 @@ impl Committer {
             unblocked,
             observer,
             backoff,
+            savepoints,
+            failed_bare: Default::default(),
+        }
+    }
+
+    /// Whether an event of `handler` enters its lane with a savepoint.
+    fn wants_savepoint(&self, handler: &Arc<str>) -> bool {
+        match self.savepoints {
+            SavepointMode::Always => true,
+            SavepointMode::Auto => self
+                .failed_bare
+                .read()
+                .expect("savepoint policy lock")
+                .contains(handler),
+        }
+    }
+
+    /// An event of `handler` without a savepoint was undone, which rolled
+    /// back its lane's transaction: give the handler's events savepoints.
+    fn failed_without_savepoint(&self, handler: Arc<str>) {
+        let mut set = self.failed_bare.write().expect("savepoint policy lock");
+        if set.insert(handler.clone()) {
+            tracing::info!(handler = %handler, "an event of this handler failed after touching the database; its events get a savepoint each from now on, so a failure undoes only its own event");
+            metrics::counter!("outrun_effects_bare_rollbacks_total").increment(1);
         }
     }
 
@@ -156,7 +196,9 @@ impl Committer {
     /// savepoint behind: undo it before anyone else uses the lane.
     async fn recover(&self, lane: &mut OwnedMutexGuard<Lane>) {
         if lane.in_event() {
-            lane.undo().await;
+            if let Some(handler) = lane.undo().await {
+                self.failed_without_savepoint(handler);
+            }
             self.reschedule(lane.take_abandoned(), "the lane's transaction was lost")
                 .await;
         }
@@ -187,18 +229,33 @@ impl Committer {
 
     /// The event in `tx` failed: undo its effects, keep the others'.
     pub async fn undo(&self, mut tx: LaneTx) {
-        tx.lane.undo().await;
+        // A dropped connection or a deadlock says nothing about the
+        // handler: its events keep betting on success.
+        let database_fault = tx.lane.saw_transient();
+        let why = match tx.lane.undo().await {
+            Some(handler) => {
+                if !database_fault {
+                    self.failed_without_savepoint(handler);
+                }
+                "rolled back with a batch in which another event failed without a savepoint"
+            }
+            None => "the lane's transaction was lost",
+        };
         let lost = tx.lane.take_abandoned();
         self.release(tx).await;
-        self.reschedule(lost, "the lane's transaction was lost")
-            .await;
+        self.reschedule(lost, why).await;
     }
 
-    /// A lane for an event that reached its verdict without one (a handler
-    /// that only emits).
-    pub async fn enter_lane(&self) -> Result<LaneTx, StoreError> {
+    /// A lane for an event of `handler`: for its first statement, or for
+    /// its emits when it reached its verdict without one.
+    pub async fn enter_lane(&self, handler: &Arc<str>) -> Result<LaneTx, StoreError> {
         let mut tx = self.acquire().await;
-        match tx.lane.enter().await {
+        let entered = if self.wants_savepoint(handler) {
+            tx.lane.enter().await
+        } else {
+            tx.lane.enter_bare(handler.clone()).await
+        };
+        match entered {
             Ok(()) => Ok(tx),
             Err(e) => {
                 let lost = tx.lane.take_abandoned();
@@ -288,7 +345,7 @@ impl Committer {
 
 #[async_trait::async_trait]
 impl EffectsLanes for Committer {
-    async fn enter(&self) -> Result<AckTx, StoreError> {
-        Ok(AckTx::Lane(self.enter_lane().await?))
+    async fn enter(&self, handler: &Arc<str>) -> Result<AckTx, StoreError> {
+        Ok(AckTx::Lane(self.enter_lane(handler).await?))
     }
 }

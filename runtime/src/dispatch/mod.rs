@@ -161,6 +161,7 @@ impl Dispatcher {
             unblocked.clone(),
             self.observer.clone(),
             backoff,
+            cfg.effect_savepoints,
         ));
         let lingerers = tokio::spawn(committer.clone().run_lingerers(extender_stop.clone()));
         let cx = Arc::new(worker::WorkerContext {

@@ -89,13 +89,31 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     if let Some(o) = &cx.observer {
         o.on_started(ev);
     }
-    let mut effects = Effects::in_lanes(cx.committer.clone());
+    let mut effects = Effects::in_lanes(cx.committer.clone(), route.handler_name.clone());
     let started = Instant::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
     metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
         .record(elapsed.as_secs_f64());
 
+    if effects.must_rerun() {
+        // A statement failed where only rolling back the lane's whole
+        // transaction undoes the event (no savepoint). Its handler gets
+        // savepoints from now on; the next attempt sees that statement's
+        // error with the usual semantics.
+        discard(cx, effects).await;
+        let why = match &result {
+            Ok(_) => "a statement of the event failed outside a savepoint".to_string(),
+            Err(e) => format!(
+                "a statement of the event failed outside a savepoint: {}",
+                e.message
+            ),
+        };
+        tracing::info!(event_id = %ev.id, handler = %route.handler_name, "{why}; the event runs again without spending a retry");
+        metrics::counter!("outrun_events_interrupted_total", "handler" => route.handler_name.clone()).increment(1);
+        interrupted(cx, lease, why).await;
+        return false;
+    }
     match result {
         Ok(Outcome::Done) => {
             metrics::counter!("outrun_events_handled_total", "handler" => route.handler_name.clone()).increment(1);
@@ -226,7 +244,7 @@ async fn commit(
     let (tx, emitted) = effects.into_parts();
     let mut tx = match tx {
         Some(AckTx::Lane(tx)) => tx,
-        None => match cx.committer.enter_lane().await {
+        None => match cx.committer.enter_lane(&route.handler_name).await {
             Ok(tx) => tx,
             Err(e) => {
                 tracing::warn!(event_id = %lease.id, handler = %route.handler_name, error = %e, "could not start committing the handler's effects; the event will run again");

@@ -28,6 +28,12 @@
 //! event in the lane at the moment can be rolled back (savepoints nest),
 //! which is why a lane serves one event at a time.
 //!
+//! An event may also enter without a savepoint ([`Lane::enter_bare`]):
+//! no round trip at all when the transaction is already open. Undoing such
+//! an event rolls back the whole transaction and hands its other events
+//! back to run again; the dispatcher decides which events take that bet
+//! (see `dispatch::committer`).
+//!
 //! Which connection: on PostgreSQL a lane owns a dedicated session with
 //! `synchronous_commit = off` (see [`lane_settings`]). On SQLite the lane
 //! borrows the bookkeeping connection for the life of each transaction:
@@ -72,11 +78,27 @@ pub struct Lane {
     /// A transaction is open on `conn`.
     open: bool,
     next_savepoint: u64,
-    /// The savepoint of the event in the lane now, if any.
-    current: Option<u64>,
+    /// The event in the lane now, if any.
+    current: Option<Current>,
     /// The event in the lane hit a transient database error.
     current_transient: bool,
+    /// A statement of the event in the lane (one without a savepoint)
+    /// failed: the transaction can only be rolled back whole, and the
+    /// event must run again whatever its handler decides.
+    poisoned: bool,
     kept: Vec<Kept>,
+}
+
+/// How the event in the lane can be undone.
+#[derive(Debug, Clone)]
+enum Current {
+    /// Back to its savepoint; the other events stay.
+    Savepoint(u64),
+    /// Only by rolling back the whole transaction (the other events run
+    /// again). Saves the savepoint's round trip for handlers that do not
+    /// fail; the handler's name tells the dispatcher whose events need a
+    /// savepoint from then on.
+    Bare(std::sync::Arc<str>),
 }
 
 impl Lane {
@@ -88,6 +110,7 @@ impl Lane {
             next_savepoint: 0,
             current: None,
             current_transient: false,
+            poisoned: false,
             kept: Vec::new(),
         }
     }
@@ -117,25 +140,46 @@ impl Lane {
     /// event's savepoint, in one round trip. On `Err` the event is not in
     /// the lane; see [`Lane::take_abandoned`].
     pub async fn enter(&mut self) -> Result<()> {
+        self.enter_as(None).await
+    }
+
+    /// [`Lane::enter`] without a savepoint: no round trip unless the
+    /// transaction has to be opened. If the event then fails, undoing it
+    /// rolls back the whole transaction and the other events in it run
+    /// again (see [`Lane::undo`]); `handler` is named in that report.
+    pub async fn enter_bare(&mut self, handler: std::sync::Arc<str>) -> Result<()> {
+        self.enter_as(Some(handler)).await
+    }
+
+    async fn enter_as(&mut self, bare: Option<std::sync::Arc<str>>) -> Result<()> {
         debug_assert!(self.current.is_none(), "one event at a time");
-        self.next_savepoint += 1;
-        let sp = self.next_savepoint;
         let begin = if self.open {
             ""
         } else {
             self.store.lane_begin()
         };
+        let (sql, current) = match bare {
+            Some(handler) => (begin.to_string(), Current::Bare(handler)),
+            None => {
+                self.next_savepoint += 1;
+                let sp = self.next_savepoint;
+                (format!("{begin}SAVEPOINT e{sp}"), Current::Savepoint(sp))
+            }
+        };
         let result = async {
             let conn = self.connection().await?;
-            simple(conn, format!("{begin}SAVEPOINT e{sp}")).await?;
+            if !sql.is_empty() {
+                simple(conn, sql).await?;
+            }
             Ok::<_, StoreError>(())
         }
         .await;
         match result {
             Ok(()) => {
                 self.open = true;
-                self.current = Some(sp);
+                self.current = Some(current);
                 self.current_transient = false;
+                self.poisoned = false;
                 Ok(())
             }
             Err(e) => {
@@ -168,11 +212,32 @@ impl Lane {
         if e.is_transient() {
             self.current_transient = true;
         }
+        if matches!(self.current, Some(Current::Bare(_))) {
+            // PostgreSQL refuses every later statement of the transaction,
+            // and SQLite cannot take back the event's earlier statements:
+            // only a rollback of the whole transaction undoes the event.
+            self.poisoned = true;
+        }
         e
+    }
+
+    /// The event in the lane must run again whatever its handler decides: a
+    /// statement of it failed where only rolling back the whole transaction
+    /// can undo it (it had no savepoint).
+    pub fn must_rerun(&self) -> bool {
+        self.poisoned
+    }
+
+    fn refuse_if_poisoned(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        Ok(())
     }
 
     /// A statement of the event in the lane that returns rows.
     pub async fn query(&mut self, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
+        self.refuse_if_poisoned()?;
         let r = match self.conn_for_event()? {
             LaneConn::Postgres(c) => super::postgres::query(c, statement, params).await,
             LaneConn::Sqlite(c) => super::sqlite::query(c, statement, params),
@@ -182,6 +247,7 @@ impl Lane {
 
     /// A statement of the event in the lane; rows affected.
     pub async fn execute(&mut self, statement: &str, params: &[SqlValue]) -> Result<u64> {
+        self.refuse_if_poisoned()?;
         let r = match self.conn_for_event()? {
             LaneConn::Postgres(c) => super::postgres::execute(c, statement, params).await,
             LaneConn::Sqlite(c) => super::sqlite::execute(c, statement, params),
@@ -191,6 +257,7 @@ impl Lane {
 
     /// Insert the event's follow-up events.
     pub async fn enqueue_all(&mut self, events: &[NewEvent], default_max_retry: i32) -> Result<()> {
+        self.refuse_if_poisoned()?;
         let mut result = Ok(());
         for ev in events {
             let r = match self.conn_for_event()? {
@@ -215,25 +282,43 @@ impl Lane {
     /// and commit with the next [`Lane::commit`].
     pub fn keep(&mut self, kept: Kept) {
         debug_assert!(self.current.is_some());
+        debug_assert!(!self.poisoned, "a poisoned event is undone, not kept");
         self.current = None;
         self.kept.push(kept);
     }
 
     /// Undo everything the event in the lane did (its delete included).
-    /// If that fails the transaction is abandoned; see
+    /// An event without a savepoint is undone by rolling back the whole
+    /// transaction: the other events in it are then handed back by
+    /// [`Lane::take_abandoned`], to run again, and its handler's name is
+    /// returned. If the rollback fails the transaction is abandoned; see
     /// [`Lane::take_abandoned`].
-    pub async fn undo(&mut self) {
-        let Some(sp) = self.current.take() else {
-            return;
+    pub async fn undo(&mut self) -> Option<std::sync::Arc<str>> {
+        let current = self.current.take()?;
+        self.poisoned = false;
+        let (sql, bare) = match current {
+            Current::Savepoint(sp) => (format!("ROLLBACK TO SAVEPOINT e{sp}"), None),
+            Current::Bare(handler) => ("ROLLBACK".to_string(), Some(handler)),
         };
         let r = match self.conn.as_mut() {
-            Some(c) => simple(c, format!("ROLLBACK TO SAVEPOINT e{sp}")).await,
+            Some(c) => simple(c, sql).await,
             None => Ok(()),
         };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "rolling back a failed event's savepoint failed; abandoning the lane's transaction");
-            self.abandon();
+        match (&r, &bare) {
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "rolling back a failed event failed; abandoning the lane's transaction");
+                self.abandon();
+            }
+            (Ok(()), Some(_)) => {
+                self.open = false;
+                self.next_savepoint = 0;
+                if matches!(self.conn, Some(LaneConn::Sqlite(_))) {
+                    self.conn = None;
+                }
+            }
+            (Ok(()), None) => {}
         }
+        bare
     }
 
     /// Delete the kept events' rows, fenced by their tokens, and commit
@@ -295,6 +380,7 @@ impl Lane {
     fn abandon(&mut self) {
         self.open = false;
         self.current = None;
+        self.poisoned = false;
         self.next_savepoint = 0;
         match self.conn.take() {
             // The writer is the only one: it stays, without the

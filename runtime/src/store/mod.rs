@@ -92,6 +92,11 @@ pub enum StoreError {
     #[error("no event is in this lane (its effects were already committed or undone)")]
     NotInLane,
     #[error(
+        "an earlier statement of this event failed, so its transaction can only be rolled back; \
+         the event runs again (with a savepoint, so a failed statement no longer ends it)"
+    )]
+    Poisoned,
+    #[error(
         "column {column:?} has type {type_name}, which the sql capability cannot return; \
          cast it in the query (for example `{column}::text`)"
     )]
@@ -703,7 +708,7 @@ impl AckTx {
             // The lane commits for many events at once; the dispatcher
             // keeps the event in it instead (see `lane`).
             AckTx::Lane(mut tx) => {
-                tx.lane.undo().await;
+                let _ = tx.lane.undo().await;
                 Err(StoreError::NotInLane)
             }
         }
@@ -713,7 +718,9 @@ impl AckTx {
         match self {
             AckTx::Sqlite(tx) => tx.rollback()?,
             AckTx::Postgres(tx) => tx.rollback().await?,
-            AckTx::Lane(mut tx) => tx.lane.undo().await,
+            AckTx::Lane(mut tx) => {
+                let _ = tx.lane.undo().await;
+            }
         }
         Ok(())
     }
