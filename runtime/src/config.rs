@@ -26,6 +26,11 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    #[error("{origin}: {source}")]
+    Schedule {
+        origin: String,
+        source: crate::schedule::ScheduleError,
+    },
     #[error("environment variable {var}={value:?}: {message}")]
     Env {
         var: &'static str,
@@ -74,6 +79,9 @@ pub struct Config {
     /// [`crate::schema`]).
     #[serde(default)]
     pub schemas: SchemasConfig,
+    /// `[[schedule]]` entries: periodic events (see [`crate::schedule`]).
+    #[serde(default)]
+    pub schedule: Vec<crate::schedule::ScheduleSpec>,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -204,6 +212,7 @@ impl Default for Config {
             publish: Default::default(),
             relay: Vec::new(),
             schemas: SchemasConfig::default(),
+            schedule: Vec::new(),
             source: None,
         }
     }
@@ -450,6 +459,12 @@ impl Config {
                 "schemas.required",
                 "is true but no schema directory is set: add `dir = \"schemas\"` to [schemas] (or set OUTRUN_SCHEMAS_DIR)",
             );
+        }
+        if let Err(source) = crate::schedule::Schedule::all(&self.schedule) {
+            return Err(ConfigError::Schedule {
+                origin: self.origin(),
+                source,
+            });
         }
         if self.kv.timeout.is_zero() {
             return bad(

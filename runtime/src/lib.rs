@@ -20,6 +20,7 @@ pub mod handler;
 pub mod host;
 pub mod maintenance;
 pub mod publish;
+pub mod schedule;
 pub mod schema;
 pub mod store;
 pub mod wasm;

@@ -120,6 +120,11 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         Kind::Histogram,
         "Time from handing one publish call's messages to the broker client until the broker acknowledged all of them, by backend.",
     ),
+    (
+        "outrun_schedule_enqueued_total",
+        Kind::Counter,
+        "Events this instance enqueued for [[schedule]] ticks, by schedule (each tick is enqueued by one instance only).",
+    ),
 ];
 
 /// The state gauges [`render`] writes at scrape time: name, HELP.

@@ -203,6 +203,21 @@ async fn start_services(
             stop.clone(),
         )),
     ];
+    let schedules = crate::schedule::Schedule::all(&config.schedule)?;
+    if let Some(schemas) = store.schemas() {
+        // A payload its schema refuses would fail at every tick; say so now.
+        for s in &schedules {
+            schemas
+                .check(s.name(), &s.event(chrono::Utc::now()).payload)
+                .map_err(|e| anyhow::anyhow!("[[schedule]] `{}`: `payload` {e}", s.name()))?;
+        }
+    }
+    tasks.push(tokio::spawn(crate::maintenance::scheduler::run(
+        store.clone(),
+        schedules,
+        r.max_retry,
+        stop.clone(),
+    )));
     if let (Some(addr), Some(metrics)) = (&config.admin.listen, metrics) {
         let loaded = loaded.clone();
         let state = crate::admin::AdminState {

@@ -10,6 +10,7 @@
 pub mod lane;
 pub mod migrate;
 pub mod postgres;
+pub mod schedules;
 pub mod sqlite;
 mod transient;
 mod value;

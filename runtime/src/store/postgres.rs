@@ -49,6 +49,7 @@ use super::{
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
 mod params;
+mod schedules;
 
 /// The LISTEN/NOTIFY channel the insert trigger and replays signal.
 pub const CHANNEL: &str = "outrun_events";

@@ -43,6 +43,7 @@ use super::{
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
+mod schedules;
 mod writer;
 pub use writer::{Writer, WriterConn, WriterGuard, WriterTx, rollback as rollback_writer};
 
