@@ -31,6 +31,11 @@ pub enum ConfigError {
         origin: String,
         source: crate::schedule::ScheduleError,
     },
+    #[error("{origin}: {source}")]
+    Limit {
+        origin: String,
+        source: crate::limits::LimitError,
+    },
     #[error("environment variable {var}={value:?}: {message}")]
     Env {
         var: &'static str,
@@ -82,6 +87,10 @@ pub struct Config {
     /// `[[schedule]]` entries: periodic events (see [`crate::schedule`]).
     #[serde(default)]
     pub schedule: Vec<crate::schedule::ScheduleSpec>,
+    /// `[[limit]]` entries: rate limits and per-key concurrency of event
+    /// names or handlers, held across instances (see [`crate::limits`]).
+    #[serde(default)]
+    pub limit: Vec<crate::limits::LimitSpec>,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -213,6 +222,7 @@ impl Default for Config {
             relay: Vec::new(),
             schemas: SchemasConfig::default(),
             schedule: Vec::new(),
+            limit: Vec::new(),
             source: None,
         }
     }
@@ -462,6 +472,12 @@ impl Config {
         }
         if let Err(source) = crate::schedule::Schedule::all(&self.schedule) {
             return Err(ConfigError::Schedule {
+                origin: self.origin(),
+                source,
+            });
+        }
+        if let Err(source) = crate::limits::Limits::from_config(self) {
+            return Err(ConfigError::Limit {
                 origin: self.origin(),
                 source,
             });

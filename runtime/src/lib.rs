@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod event;
 pub mod handler;
 pub mod host;
+pub mod limits;
 pub mod maintenance;
 pub mod publish;
 pub mod schedule;

@@ -112,7 +112,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         }
         _ => router,
     };
-    let dispatcher = Dispatcher::new(store.clone(), router, config.runtime.clone());
+    let limits = crate::limits::Limits::from_config(&config)?;
+    let dispatcher =
+        Dispatcher::new(store.clone(), router, config.runtime.clone()).with_limits(limits);
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
     health.set_phase(Phase::Serving);
     let stopping = health.clone();

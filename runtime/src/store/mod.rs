@@ -8,6 +8,7 @@
 //! replace.
 
 pub mod lane;
+pub mod limits;
 pub mod migrate;
 pub mod postgres;
 pub mod schedules;

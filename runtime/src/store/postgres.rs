@@ -48,6 +48,7 @@ use super::{
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
+mod limits;
 mod params;
 mod schedules;
 
