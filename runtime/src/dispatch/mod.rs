@@ -229,7 +229,7 @@ impl Dispatcher {
         // overlapping claims apart.
         let mut claims = FuturesUnordered::new();
         let mut claiming = 0usize;
-        let claim = |want: usize, mut skip: Vec<String>, signals: u64| {
+        let claim = |want: usize, skip: Vec<String>, signals: u64| {
             let store = self.store.clone();
             let worker_id = self.worker_id.clone();
             let lease = cfg.lease_duration;
@@ -238,6 +238,7 @@ impl Dispatcher {
                 // Limited names first, within their budgets; the ordinary
                 // claim takes the rest of the room and skips them.
                 let mut batch = Vec::new();
+                let mut excluded: &[String] = &[];
                 if let Some(limiter) = &limiter {
                     let (got, err) = limiter.claim(&store, &worker_id, want, lease).await;
                     match err {
@@ -248,13 +249,16 @@ impl Dispatcher {
                         None => {}
                     }
                     batch = got;
-                    skip.extend(limiter.names().iter().cloned());
+                    excluded = limiter.names();
                 }
                 let rest = want - batch.len();
                 if rest == 0 {
                     return (want, signals, Ok(batch));
                 }
-                let result = match store.claim(&worker_id, rest, lease, &skip).await {
+                let result = match store
+                    .claim_excluding(&worker_id, rest, lease, &skip, excluded)
+                    .await
+                {
                     Ok(more) if batch.is_empty() => Ok(more),
                     Ok(more) => {
                         batch.extend(more);

@@ -252,6 +252,7 @@ impl SqliteStore {
         limit: usize,
         lease: Duration,
         skip_names: &[String],
+        excluded: &[String],
     ) -> Result<Vec<Claimed>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -259,7 +260,8 @@ impl SqliteStore {
         let now = now_ms();
         let locked_until = now.saturating_add(duration_ms(lease));
         let token = Uuid::new_v4();
-        let skip = serde_json::to_string(skip_names).expect("strings serialise");
+        let skip =
+            serde_json::to_string(&[skip_names, excluded].concat()).expect("strings serialise");
         let worker_name = worker.to_string();
         let rows = self
             .writer
