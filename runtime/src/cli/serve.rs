@@ -214,6 +214,22 @@ async fn start_services(
                 .map_err(|e| anyhow::anyhow!("[[schedule]] `{}`: `payload` {e}", s.name()))?;
         }
     }
+    for s in &schedules {
+        let bound = config
+            .handler
+            .iter()
+            .any(|h| h.events.iter().any(|e| e == s.name()))
+            || config
+                .relay
+                .iter()
+                .any(|r| r.events.iter().any(|e| e == s.name()));
+        if !bound {
+            tracing::warn!(
+                schedule = s.name(),
+                "no [[handler]] or [[relay]] binds this schedule's event name: each of its events will be dead with 'no handler for event'"
+            );
+        }
+    }
     tasks.push(tokio::spawn(crate::maintenance::scheduler::run(
         store.clone(),
         schedules,
