@@ -26,6 +26,16 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    #[error("{origin}: {source}")]
+    Schedule {
+        origin: String,
+        source: crate::schedule::ScheduleError,
+    },
+    #[error("{origin}: {source}")]
+    Limit {
+        origin: String,
+        source: crate::limits::LimitError,
+    },
     #[error("environment variable {var}={value:?}: {message}")]
     Env {
         var: &'static str,
@@ -74,6 +84,13 @@ pub struct Config {
     /// [`crate::schema`]).
     #[serde(default)]
     pub schemas: SchemasConfig,
+    /// `[[schedule]]` entries: periodic events (see [`crate::schedule`]).
+    #[serde(default)]
+    pub schedule: Vec<crate::schedule::ScheduleSpec>,
+    /// `[[limit]]` entries: rate limits and per-key concurrency of event
+    /// names or handlers, held across instances (see [`crate::limits`]).
+    #[serde(default)]
+    pub limit: Vec<crate::limits::LimitSpec>,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -237,6 +254,8 @@ impl Default for Config {
             publish: Default::default(),
             relay: Vec::new(),
             schemas: SchemasConfig::default(),
+            schedule: Vec::new(),
+            limit: Vec::new(),
             source: None,
         }
     }
@@ -484,6 +503,18 @@ impl Config {
                 "schemas.required",
                 "is true but no schema directory is set: add `dir = \"schemas\"` to [schemas] (or set OUTRUN_SCHEMAS_DIR)",
             );
+        }
+        if let Err(source) = crate::schedule::Schedule::all(&self.schedule) {
+            return Err(ConfigError::Schedule {
+                origin: self.origin(),
+                source,
+            });
+        }
+        if let Err(source) = crate::limits::Limits::from_config(self) {
+            return Err(ConfigError::Limit {
+                origin: self.origin(),
+                source,
+            });
         }
         if self.kv.timeout.is_zero() {
             return bad(

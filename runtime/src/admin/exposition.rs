@@ -125,6 +125,31 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         Kind::Histogram,
         "Time from handing one publish call's messages to the broker client until the broker acknowledged all of them, by backend.",
     ),
+    (
+        "outrun_schedule_enqueued_total",
+        Kind::Counter,
+        "Events this instance enqueued for [[schedule]] ticks, by schedule (each tick is enqueued by one instance only).",
+    ),
+    (
+        "outrun_limit_claimed_total",
+        Kind::Counter,
+        "Events this instance claimed through a [[limit]], by limit (handler:NAME or event:NAME).",
+    ),
+    (
+        "outrun_limit_throttled_milliseconds_total",
+        Kind::Counter,
+        "Time this instance held back the claims of a rate limit because its token bucket was empty, by limit.",
+    ),
+    (
+        "outrun_limit_rate_per_second",
+        Kind::Gauge,
+        "The configured rate of a [[limit]], in events per second, by limit.",
+    ),
+    (
+        "outrun_limit_per_key",
+        Kind::Gauge,
+        "The configured per_key of a [[limit]]: events of one key that may run at once, by limit.",
+    ),
 ];
 
 /// The state gauges [`render`] writes at scrape time: name, HELP.

@@ -321,7 +321,15 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     prepare(&store, args.handler).await?;
     let measured = async {
         let mut report = match args.mode {
-            Mode::Drain => drain(&args, &target, &store, runtime, events, name, &payload).await?,
+            Mode::Drain => {
+                // [[limit]]s of the config apply to the drain (a limit that
+                // does not bind measures what limits cost).
+                let limits = crate::limits::Limits::from_config(config)?;
+                drain(
+                    &args, &target, &store, runtime, limits, events, name, &payload,
+                )
+                .await?
+            }
             Mode::Reload => unreachable!("handled above"),
             Mode::Latency => {
                 let app = Store::connect(url, &ConnectOptions::default())
@@ -606,11 +614,13 @@ fn run_deadline(events: u64) -> Duration {
     Duration::from_secs(60 + events / 500)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn drain(
     args: &Args,
     target: &Option<PublishTarget>,
     store: &Store,
     runtime: RuntimeConfig,
+    limits: crate::limits::Limits,
     events: u64,
     name: &str,
     payload: &str,
@@ -629,8 +639,9 @@ async fn drain(
     let (registry, load_ms, from_cache) = load_handler(args, target).await?;
     let recorder = Arc::new(Recorder::new(events, false));
     let router: Arc<dyn Router> = registry.clone();
-    let dispatcher =
-        Dispatcher::new(store.clone(), router, runtime).with_observer(recorder.clone());
+    let dispatcher = Dispatcher::new(store.clone(), router, runtime)
+        .with_observer(recorder.clone())
+        .with_limits(limits);
     let stop = CancellationToken::new();
     let started = Instant::now();
     let run = tokio::spawn(dispatcher.run_until(stop.clone()));

@@ -114,13 +114,22 @@ Examples:
 
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
     let store = super::connect(config).await?;
-    run_on(&store, cmd).await.map_err(hint_migrate)
+    let limits = crate::limits::Limits::from_config(config)?;
+    run_on(&store, cmd, &limits.limits)
+        .await
+        .map_err(hint_migrate)
 }
 
-async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
+async fn run_on(
+    store: &Store,
+    cmd: Command,
+    limits: &[crate::limits::Limit],
+) -> anyhow::Result<()> {
     match cmd {
         Command::Stats { by_name, json } => {
             let s = store.stats().await?;
+            // The config's [[limit]]s, as the database holds them now.
+            let limit_states = store.limit_states(limits).await?;
             let names = if by_name {
                 Some(store.stats_by_name().await?)
             } else {
@@ -134,10 +143,13 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
                     stats: &'a crate::store::Stats,
                     #[serde(skip_serializing_if = "Option::is_none")]
                     by_name: Option<&'a [crate::store::NameStats]>,
+                    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+                    limits: &'a [crate::store::limits::LimitState],
                 }
                 let v = WithNames {
                     stats: &s,
                     by_name: names.as_deref(),
+                    limits: &limit_states,
                 };
                 outln!("{}", serde_json::to_string(&v)?);
             } else {
@@ -168,6 +180,37 @@ async fn run_on(store: &Store, cmd: Command) -> anyhow::Result<()> {
                             n.stats.running,
                             n.stats.dead,
                             age(n.stats.oldest_pending_age_secs)
+                        );
+                    }
+                }
+                if !limit_states.is_empty() {
+                    outln!();
+                    outln!(
+                        "{:<32}  {:<28}  {:>7}  {:>7}  {:>9}  {:>11}",
+                        "limit",
+                        "budget",
+                        "tokens",
+                        "running",
+                        "busy keys",
+                        "max per key"
+                    );
+                    for (l, st) in limits.iter().zip(&limit_states) {
+                        outln!(
+                            "{:<32}  {:<28}  {:>7}  {:>7}  {:>9}  {:>11}",
+                            l.id,
+                            l.describe(),
+                            st.tokens.map_or("-".into(), |t| format!("{t:.1}")),
+                            st.running,
+                            if l.per_key.is_some() {
+                                st.busy_keys.to_string()
+                            } else {
+                                "-".into()
+                            },
+                            if l.per_key.is_some() {
+                                st.max_per_key.to_string()
+                            } else {
+                                "-".into()
+                            }
                         );
                     }
                 }

@@ -45,24 +45,47 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             let publisher = crate::publish::Publisher::connect(&config.publish).await?;
             let registry = super::serve::load_registry(config, publisher, None).await?;
             let handlers = registry.handlers();
+            let limits = crate::limits::Limits::from_config(config)?;
+            // The [[limit]]s over a handler's events: "id: budget".
+            let limits_of = |events: &[String]| -> Vec<String> {
+                limits
+                    .limits
+                    .iter()
+                    .filter(|l| l.names.iter().any(|n| events.contains(n)))
+                    .map(|l| format!("{}: {}", l.id, l.describe()))
+                    .collect()
+            };
             if json {
-                outln!("{}", serde_json::to_string(&handlers)?);
+                let mut rows = Vec::with_capacity(handlers.len());
+                for h in &handlers {
+                    let mut row = serde_json::to_value(h)?;
+                    row["limits"] = serde_json::json!(limits_of(&h.events));
+                    rows.push(row);
+                }
+                outln!("{}", serde_json::to_string(&rows)?);
             } else {
                 outln!(
-                    "{:<20}  {:<12}  {:<20}  {:<40}  module",
+                    "{:<20}  {:<12}  {:<20}  {:<40}  {:<40}  limits",
                     "name",
                     "version",
                     "loaded at",
-                    "events"
+                    "events",
+                    "module"
                 );
                 for h in handlers {
+                    let limits = limits_of(&h.events);
                     outln!(
-                        "{:<20}  {:<12}  {:<20}  {:<40}  {}",
+                        "{:<20}  {:<12}  {:<20}  {:<40}  {:<40}  {}",
                         h.name,
                         &h.hash[..12],
                         h.loaded_at.format("%Y-%m-%d %H:%M:%S"),
                         h.events.join(","),
-                        h.module.display()
+                        h.module.display(),
+                        if limits.is_empty() {
+                            "-".to_string()
+                        } else {
+                            limits.join("; ")
+                        }
                     );
                 }
             }

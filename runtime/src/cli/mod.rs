@@ -27,6 +27,7 @@ mod enqueue;
 pub(crate) mod events;
 mod handlers;
 mod migrate;
+mod schedules;
 mod schemas;
 mod serve;
 mod signals;
@@ -127,6 +128,15 @@ Examples:
   outrun schemas check --config outrun.toml"
     )]
     Schemas(schemas::Command),
+    /// List the [[schedule]] entries and when each runs next.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  outrun schedules list --config outrun.toml
+  outrun schedules list --config outrun.toml --json"
+    )]
+    Schedules(schedules::Command),
     /// Run the four shipped handlers end to end on a throwaway embedded
     /// database with demo stand-in services; exit 0 only if all went as
     /// expected.
@@ -315,6 +325,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,
         Command::Schemas(cmd) => schemas::run(&config, cmd).await,
+        Command::Schedules(cmd) => schedules::run(&config, cmd).await,
         Command::Demo(_) | Command::Completions { .. } => unreachable!("handled above"),
         Command::Bench(args) => bench::run(&config, args).await,
     }

@@ -112,7 +112,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         }
         _ => router,
     };
-    let dispatcher = Dispatcher::new(store.clone(), router, config.runtime.clone());
+    let limits = crate::limits::Limits::from_config(&config)?;
+    let dispatcher =
+        Dispatcher::new(store.clone(), router, config.runtime.clone()).with_limits(limits);
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
     health.set_phase(Phase::Serving);
     let stopping = health.clone();
@@ -203,6 +205,37 @@ async fn start_services(
             stop.clone(),
         )),
     ];
+    let schedules = crate::schedule::Schedule::all(&config.schedule)?;
+    if let Some(schemas) = store.schemas() {
+        // A payload its schema refuses would fail at every tick; say so now.
+        for s in &schedules {
+            schemas
+                .check(s.name(), &s.event(chrono::Utc::now()).payload)
+                .map_err(|e| anyhow::anyhow!("[[schedule]] `{}`: `payload` {e}", s.name()))?;
+        }
+    }
+    for s in &schedules {
+        let bound = config
+            .handler
+            .iter()
+            .any(|h| h.events.iter().any(|e| e == s.name()))
+            || config
+                .relay
+                .iter()
+                .any(|r| r.events.iter().any(|e| e == s.name()));
+        if !bound {
+            tracing::warn!(
+                schedule = s.name(),
+                "no [[handler]] or [[relay]] binds this schedule's event name: each of its events will be dead with 'no handler for event'"
+            );
+        }
+    }
+    tasks.push(tokio::spawn(crate::maintenance::scheduler::run(
+        store.clone(),
+        schedules,
+        r.max_retry,
+        stop.clone(),
+    )));
     if let (Some(addr), Some(metrics)) = (&config.admin.listen, metrics) {
         let loaded = loaded.clone();
         let state = crate::admin::AdminState {

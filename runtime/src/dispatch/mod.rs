@@ -20,6 +20,7 @@ mod acker;
 mod backoff;
 mod committer;
 mod inflight;
+mod limiter;
 mod observer;
 mod worker;
 
@@ -56,6 +57,7 @@ pub struct Dispatcher {
     config: RuntimeConfig,
     worker_id: String,
     observer: Option<Arc<dyn DispatchObserver>>,
+    limiter: Option<Arc<limiter::Limiter>>,
 }
 
 /// What a finished run did, for logs and tests.
@@ -80,7 +82,16 @@ impl Dispatcher {
             config,
             worker_id,
             observer: None,
+            limiter: None,
         }
+    }
+
+    /// Hold the events of `limits` to their rate and per-key budgets,
+    /// across every instance that shares the database (see
+    /// [`crate::limits`]).
+    pub fn with_limits(mut self, limits: crate::limits::Limits) -> Self {
+        self.limiter = limiter::Limiter::new(limits).map(Arc::new);
+        self
     }
 
     /// Report handler starts and acks to `observer` (see [`DispatchObserver`]).
@@ -174,6 +185,7 @@ impl Dispatcher {
             acks: ack_tx,
             stopping: stop.clone(),
             observer: self.observer.clone(),
+            limiter: self.limiter.clone(),
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),
@@ -222,8 +234,44 @@ impl Dispatcher {
             let store = self.store.clone();
             let worker_id = self.worker_id.clone();
             let lease = cfg.lease_duration;
+            let limiter = self.limiter.clone();
             async move {
-                let result = store.claim(&worker_id, want, lease, &skip).await;
+                // Limited names first, within their budgets; the ordinary
+                // claim takes the rest of the room and skips them.
+                let mut batch = Vec::new();
+                let mut excluded: &[String] = &[];
+                if let Some(limiter) = &limiter {
+                    let (got, err) = limiter.claim(&store, &worker_id, want, lease).await;
+                    match err {
+                        Some(e) if got.is_empty() => return (want, signals, Err(e)),
+                        Some(e) => {
+                            tracing::error!(error = %e, "claiming limited events failed; will retry")
+                        }
+                        None => {}
+                    }
+                    batch = got;
+                    excluded = limiter.names();
+                }
+                let rest = want - batch.len();
+                if rest == 0 {
+                    return (want, signals, Ok(batch));
+                }
+                let result = match store
+                    .claim_excluding(&worker_id, rest, lease, &skip, excluded)
+                    .await
+                {
+                    Ok(more) if batch.is_empty() => Ok(more),
+                    Ok(more) => {
+                        batch.extend(more);
+                        Ok(batch)
+                    }
+                    // The limited events are leased: keep them.
+                    Err(e) if !batch.is_empty() => {
+                        tracing::error!(error = %e, "claiming events failed; will retry");
+                        Ok(batch)
+                    }
+                    Err(e) => Err(e),
+                };
                 (want, signals, result)
             }
         };
@@ -329,6 +377,11 @@ impl Dispatcher {
                     signals += 1;
                     // It may sort before where the claims have got to.
                     self.store.rewind_claims();
+                }
+                // A rate limit's bucket has a token again.
+                _ = sleep_until(self.limiter.as_ref().and_then(|l| l.next_token_at())) => {
+                    maybe_more = true;
+                    signals += 1;
                 }
                 _ = tokio::time::sleep(cfg.poll_interval) => {
                     maybe_more = true;

@@ -32,6 +32,17 @@ pub struct WorkerContext {
     /// Cancelled at shutdown: events that have not started are released.
     pub stopping: CancellationToken,
     pub observer: Option<Arc<dyn super::DispatchObserver>>,
+    /// `[[limit]]` budgets; see `limiter.rs`.
+    pub limiter: Option<Arc<super::limiter::Limiter>>,
+}
+
+impl WorkerContext {
+    /// Whether the verdict of an event named `name` should wake the
+    /// claimer once it is recorded, as a group's does: the event held a
+    /// per-key slot that is free again.
+    fn frees_room(&self, name: &str) -> bool {
+        self.limiter.as_ref().is_some_and(|l| l.frees_room(name))
+    }
 }
 
 /// The reason recorded for an event that no handler is bound to.
@@ -44,7 +55,7 @@ pub fn no_handler_reason(name: &str) -> String {
 /// successor may be ready) or its handler emitted follow-up events (which
 /// wake nobody on SQLite, where there is no NOTIFY).
 pub async fn run(cx: Arc<WorkerContext>, claimed: Claimed) -> bool {
-    let grouped = claimed.event.group_id.is_some();
+    let grouped = claimed.event.group_id.is_some() || cx.frees_room(&claimed.event.name);
     let emitted = handle(&cx, claimed).await;
     grouped || emitted
 }
@@ -121,14 +132,15 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 // Nothing to commit with it: join the next batched DELETE.
                 let ack = super::acker::Ack {
                     lease,
-                    grouped: ev.group_id.is_some(),
+                    grouped: ev.group_id.is_some() || cx.frees_room(&ev.name),
                 };
                 if cx.acks.send(ack).is_err() {
                     release(cx, lease).await;
                 }
                 return false;
             }
-            return commit(cx, lease, &route, effects, ev.group_id.is_some()).await;
+            let grouped = ev.group_id.is_some() || cx.frees_room(&ev.name);
+            return commit(cx, lease, &route, effects, grouped).await;
         }
         Ok(Outcome::RetryAfter(delay)) => {
             discard(cx, effects).await;

@@ -1,6 +1,7 @@
 //! Background duties that keep the table healthy, one service per file:
 //! [`expirer`] turns events that outlived `expires_at` into dead letters, and
-//! [`cleaner`] deletes dead letters past their retention.
+//! [`cleaner`] deletes dead letters past their retention, and [`scheduler`]
+//! enqueues the events of `[[schedule]]` entries at their ticks.
 //!
 //! There is no separate "rescuer" for crashed instances: the claim query
 //! itself treats an expired lease as free, so a dead instance's events are
@@ -8,6 +9,7 @@
 
 pub mod cleaner;
 pub mod expirer;
+pub mod scheduler;
 
 use std::time::Duration;
 

@@ -8,8 +8,10 @@
 //! replace.
 
 pub mod lane;
+pub mod limits;
 pub mod migrate;
 pub mod postgres;
+pub mod schedules;
 pub mod sqlite;
 mod transient;
 mod value;
@@ -410,7 +412,25 @@ impl Store {
         lease: Duration,
         skip_names: &[String],
     ) -> Result<Vec<Claimed>> {
-        each!(self, s => s.claim(worker, limit, lease, skip_names).await)
+        self.claim_excluding(worker, limit, lease, skip_names, &[])
+            .await
+    }
+
+    /// [`Store::claim`], also leaving out `excluded`: names this claimer
+    /// never takes this way (the `[[limit]]`ed ones, claimed by
+    /// [`Store::claim_limited`]). Unlike `skip_names` (names skipped for
+    /// now, whose rows may then sort before where claims got to), they do
+    /// not make a PostgreSQL claim start again from the head of the claim
+    /// index.
+    pub async fn claim_excluding(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        skip_names: &[String],
+        excluded: &[String],
+    ) -> Result<Vec<Claimed>> {
+        each!(self, s => s.claim(worker, limit, lease, skip_names, excluded).await)
     }
 
     /// How often the dispatcher should call [`Store::checkpoint`], if the

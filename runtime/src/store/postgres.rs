@@ -48,7 +48,9 @@ use super::{
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
+mod limits;
 mod params;
+mod schedules;
 
 /// The LISTEN/NOTIFY channel the insert trigger and replays signal.
 pub const CHANNEL: &str = "outrun_events";
@@ -352,6 +354,7 @@ impl PgStore {
         limit: usize,
         lease: Duration,
         skip_names: &[String],
+        excluded: &[String],
     ) -> Result<Vec<Claimed>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -374,7 +377,11 @@ impl PgStore {
         };
         let mut query = sqlx::query(sql)
             .bind(worker)
-            .bind(skip_names)
+            .bind(if excluded.is_empty() {
+                skip_names.to_vec()
+            } else {
+                [skip_names, excluded].concat()
+            })
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .bind(duration_us(lease))
             .bind(token);

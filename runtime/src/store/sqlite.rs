@@ -43,6 +43,8 @@ use super::{
 };
 use crate::event::{Claimed, Event, Lease, NewEvent};
 
+mod limits;
+mod schedules;
 mod writer;
 pub use writer::{Writer, WriterConn, WriterGuard, WriterTx, rollback as rollback_writer};
 
@@ -250,6 +252,7 @@ impl SqliteStore {
         limit: usize,
         lease: Duration,
         skip_names: &[String],
+        excluded: &[String],
     ) -> Result<Vec<Claimed>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -257,7 +260,8 @@ impl SqliteStore {
         let now = now_ms();
         let locked_until = now.saturating_add(duration_ms(lease));
         let token = Uuid::new_v4();
-        let skip = serde_json::to_string(skip_names).expect("strings serialise");
+        let skip =
+            serde_json::to_string(&[skip_names, excluded].concat()).expect("strings serialise");
         let worker_name = worker.to_string();
         let rows = self
             .writer
@@ -868,6 +872,24 @@ struct ClaimRow {
 }
 
 impl ClaimRow {
+    /// Columns 1 to 12 of a claim's SELECT (column 0 is the rowid).
+    fn read(r: &rusqlite::Row) -> rusqlite::Result<ClaimRow> {
+        Ok(ClaimRow {
+            id: r.get(1)?,
+            name: r.get(2)?,
+            payload: r.get(3)?,
+            group_id: r.get(4)?,
+            retry: r.get(5)?,
+            max_retry: r.get(6)?,
+            create_date: r.get(7)?,
+            available_at: r.get(8)?,
+            expires_at: r.get(9)?,
+            last_error: r.get(10)?,
+            idempotency_key: r.get(11)?,
+            deferrals: r.get(12)?,
+        })
+    }
+
     fn into_event(self, worker: &str, locked_until: i64) -> Result<Event> {
         Ok(Event {
             id: parse_id(&self.id)?,

@@ -88,6 +88,21 @@ impl Writer {
         // As sqlx's connections (and so the application's) have it.
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        // The concurrency key of a payload, for `[[limit]]` claims (see
+        // `limits.rs`): NULL when the pointer does not resolve.
+        conn.create_scalar_function(
+            "outrun_json_pointer",
+            2,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8
+                | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| {
+                let payload = ctx.get_raw(0).as_str().unwrap_or("");
+                let pointer = ctx.get_raw(1).as_str().unwrap_or("");
+                Ok(serde_json::from_str::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.pointer(pointer).and_then(crate::limits::json_key)))
+            },
+        )?;
         Ok(Self(Arc::new(Mutex::new(WriterConn {
             conn,
             single: RefCell::new(HashSet::new()),

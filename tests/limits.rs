@@ -1,0 +1,251 @@
+//! `[[limit]]` end to end: real `outrun serve` processes sharing one
+//! database, the probe component, and a real HTTP server standing in for
+//! the fragile downstream service that counts the requests it is serving
+//! at once, per key. A rate limit holds across instances; per-key
+//! concurrency never exceeds its N for a key while other keys keep
+//! flowing; a payload without the key runs under the fallback key, logged
+//! once; bad limits are refused naming the limit and the field.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Serve, TestDb, fails, guest, outrun_command};
+use outrun::NewEvent;
+use serde_json::json;
+
+fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let config = dir.join(name);
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nshutdown_grace = \"5s\"\n\n[[handler]]\nname = \"probe\"\nmodule = {:?}\n{body}",
+            guest("probe").display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+async fn drained(db: &TestDb) {
+    common::eventually("the outbox to drain", Duration::from_secs(120), || async {
+        (db.scalar("SELECT count(*) FROM outbox_events").await == 0).then_some(())
+    })
+    .await;
+}
+
+/// 1,000 events at 50/s (burst 50) through two instances: one bucket for
+/// both, so at least 19 s however many instances claim.
+async fn rate_limit_holds_across_instances(db: TestDb) {
+    let store = db.store().await;
+    let (events, rate, floor) = if db.is_postgres() {
+        (1000, 50, 19.0)
+    } else {
+        // One SQLite file: the same bucket, a shorter run.
+        (100, 25, 3.0)
+    };
+    let batch: Vec<NewEvent> = (0..events)
+        .map(|i| NewEvent::new("r/probe.echo", json!({"i": i}).to_string()))
+        .collect();
+    store.enqueue_batch(&batch, 5).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "events = [\"r/probe.echo\"]\n\n[[limit]]\nhandler = \"probe\"\nrate = \"{rate}/s\"\n"
+    );
+    let a_config = write_config(dir.path(), "a.toml", &body);
+    let b_config = write_config(dir.path(), "b.toml", &body);
+    let started = Instant::now();
+    let a = Serve::ready(&db, &a_config).await;
+    let b = Serve::ready(&db, &b_config).await;
+    drained(&db).await;
+    let took = started.elapsed().as_secs_f64();
+    let (log_a, log_b) = (a.stop(), b.stop());
+    assert!(
+        took >= floor,
+        "{events} events at {rate}/s took {took:.1} s (< {floor} s)"
+    );
+    // Both instances claimed under the limit (the limit is announced).
+    assert!(log_a.contains("limit loaded") && log_b.contains("limit loaded"));
+
+    // The limit in `events stats` (its bucket) and `handlers list`.
+    let stats = common::ok(
+        &outrun_command(&db)
+            .args(["events", "stats", "--json", "--config"])
+            .arg(&a_config)
+            .output()
+            .unwrap(),
+    );
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["limits"][0]["limit"], "handler:probe", "{stats}");
+    let tokens = stats["limits"][0]["tokens"].as_f64().unwrap();
+    assert!((0.0..=f64::from(rate)).contains(&tokens), "{stats}");
+    assert_eq!(stats["limits"][0]["running"], 0, "{stats}");
+    let listed = common::ok(
+        &outrun_command(&db)
+            .args(["handlers", "list", "--json", "--config"])
+            .arg(&a_config)
+            .envs(common::FAST_ENV)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        listed.contains(&format!("handler:probe: {rate}/s burst {rate}")),
+        "{listed}"
+    );
+}
+
+/// The downstream service: answers after `hold`, recording per key how
+/// many requests it was serving at once, and the order requests began.
+#[derive(Default)]
+struct Downstream {
+    now: HashMap<String, usize>,
+    max: HashMap<String, usize>,
+    order: Vec<String>,
+}
+
+async fn downstream(hold: Duration) -> (u16, Arc<Mutex<Downstream>>) {
+    let state = Arc::new(Mutex::new(Downstream::default()));
+    let s = state.clone();
+    let app = axum::Router::new().route(
+        "/k/{key}",
+        axum::routing::get(
+            move |axum::extract::Path(key): axum::extract::Path<String>| {
+                let s = s.clone();
+                async move {
+                    {
+                        let mut d = s.lock().unwrap();
+                        let n = {
+                            let n = d.now.entry(key.clone()).or_default();
+                            *n += 1;
+                            *n
+                        };
+                        let m = d.max.entry(key.clone()).or_default();
+                        *m = (*m).max(n);
+                        d.order.push(key.clone());
+                    }
+                    tokio::time::sleep(hold).await;
+                    *s.lock().unwrap().now.get_mut(&key).unwrap() -= 1;
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, state)
+}
+
+/// per_key = 2 over a hot key, a warm key, ten one-off keys and events
+/// without a key, through two instances: never 3 of a key at the service,
+/// and the one-off keys all start while the hot key's backlog waits.
+async fn per_key_concurrency_without_head_of_line_blocking(db: TestDb) {
+    let store = db.store().await;
+    let (port, state) = downstream(Duration::from_millis(300)).await;
+    let request = |key: Option<&str>| {
+        let url = format!("http://127.0.0.1:{port}/k/{}", key.unwrap_or("nokey"));
+        let payload = match key {
+            Some(k) => json!({"url": url, "headers": [["x-key", k]], "expect_status": 200}),
+            None => json!({"url": url, "expect_status": 200}),
+        };
+        NewEvent::new("k/probe.http", payload.to_string())
+    };
+    // The hot key first: its backlog is at the head of the queue.
+    let mut batch: Vec<NewEvent> = (0..12).map(|_| request(Some("hot"))).collect();
+    batch.extend((0..6).map(|_| request(Some("warm"))));
+    batch.extend((0..10).map(|i| request(Some(&format!("one{i}")))));
+    batch.extend((0..3).map(|_| request(None)));
+    store.enqueue_batch(&batch, 5).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "events = [\"k/probe.http\"]\n[handler.allow]\nhttp = [\"127.0.0.1:{port}\"]\n\n\
+         [[limit]]\nevent = \"k/probe.http\"\nconcurrency_key = \"/headers/0/1\"\nper_key = 2\n"
+    );
+    let a_config = write_config(dir.path(), "a.toml", &body);
+    let b_config = write_config(dir.path(), "b.toml", &body);
+    let a = Serve::ready(&db, &a_config).await;
+    let b = Serve::ready(&db, &b_config).await;
+    drained(&db).await;
+    let (log_a, log_b) = (a.stop(), b.stop());
+    let d = state.lock().unwrap();
+    assert_eq!(d.order.len(), batch.len(), "every request made once");
+    for (key, max) in &d.max {
+        assert!(
+            *max <= 2,
+            "{max} requests of key {key} at once: {:?}",
+            d.max
+        );
+    }
+    // The limit is 2, not 1: the hot key did run two at a time.
+    assert_eq!(d.max["hot"], 2, "{:?}", d.max);
+    // No head-of-line blocking: every one-off key began before the hot
+    // key's last request did.
+    let last_hot = d.order.iter().rposition(|k| k == "hot").unwrap();
+    let last_one = d.order.iter().rposition(|k| k.starts_with("one")).unwrap();
+    assert!(last_one < last_hot, "order: {:?}", d.order);
+    // Events without the key: the fallback key, logged once per instance
+    // that met one.
+    let warned = |log: &str| log.matches("has no key").count();
+    assert!(
+        warned(&log_a) <= 1 && warned(&log_b) <= 1,
+        "{log_a}\n{log_b}"
+    );
+    assert!(warned(&log_a) + warned(&log_b) >= 1, "{log_a}\n{log_b}");
+    assert!(
+        log_a.contains("/headers/0/1") || log_b.contains("/headers/0/1"),
+        "the warning names the pointer"
+    );
+}
+
+fn refused(dir: &Path, limit: &str) -> String {
+    let config = write_config(dir, "bad.toml", &format!("events = [\"a\"]\n\n{limit}"));
+    let db = TestDb::sqlite();
+    fails(
+        &outrun_command(&db)
+            .args(["events", "stats", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn bad_limits_name_the_limit_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(
+        dir.path(),
+        "[[limit]]\nhandler = \"probe\"\nrate = \"0/s\"\n",
+    );
+    assert!(
+        err.contains("handler \"probe\"") && err.contains("`rate`") && err.contains("0/s"),
+        "{err}"
+    );
+    let err = refused(dir.path(), "[[limit]]\nevent = \"a\"\nrate = \"lots\"\n");
+    assert!(err.contains("`rate`") && err.contains("lots"), "{err}");
+    let err = refused(
+        dir.path(),
+        "[[limit]]\nevent = \"a\"\nrate = \"5/fortnight\"\n",
+    );
+    assert!(err.contains("fortnight"), "{err}");
+    let err = refused(
+        dir.path(),
+        "[[limit]]\nevent = \"a\"\nconcurrency_key = \"customer\"\nper_key = 2\n",
+    );
+    assert!(
+        err.contains("`concurrency_key`") && err.contains("JSON pointer"),
+        "{err}"
+    );
+    let err = refused(
+        dir.path(),
+        "[[limit]]\nhandler = \"nope\"\nrate = \"1/s\"\n",
+    );
+    assert!(err.contains("nope"), "{err}");
+}
+
+on_both_backends!(
+    rate_limit_holds_across_instances,
+    per_key_concurrency_without_head_of_line_blocking,
+);
