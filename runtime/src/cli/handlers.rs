@@ -1,5 +1,7 @@
-//! `outrun handlers list|check`: what the config binds, and whether a file
-//! is a component outrun can run.
+//! `outrun handlers list|check|run`: what the config binds, whether a file
+//! is a component outrun can run, and one event through a handler (`run`).
+
+mod run;
 
 use std::path::PathBuf;
 
@@ -31,6 +33,18 @@ Examples:
         /// The component file (.wasm) to check.
         file: PathBuf,
     },
+    /// Run one event through a handler without the queue (the test
+    /// harness) and print the outcome, SQL statements and results, emitted
+    /// events, kv operations, HTTP requests and log lines. SQL runs in a
+    /// transaction that is rolled back unless --commit. Exit 0 when the
+    /// handler succeeds (done or retry-after), 1 when it returns an error.
+    #[command(after_help = "\
+Examples:
+  outrun handlers run my_handler.wasm --event order.created --payload '{\"id\":42}'
+  outrun handlers run my_handler.wasm --event order.created --payload @event.json \\
+      --database sqlite://app.db --http-fixtures fixtures.json --json
+  outrun handlers run family-sharing --config outrun.toml --event share.start --payload @share.json --commit")]
+    Run(Box<run::Args>),
 }
 
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
@@ -67,6 +81,7 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Run(args) => return run::run(config, *args).await,
         Command::Check { file } => {
             let path = file.clone();
             // Compiling takes tens of milliseconds of CPU: off the runtime.

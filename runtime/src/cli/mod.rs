@@ -50,6 +50,7 @@ Examples:
   outrun events stats --by-name                       counts per state and per event name
   outrun events list --dead                           dead events, newest first, with last_error
   outrun handlers list --config outrun.toml           configured handlers and their versions
+  outrun handlers run my_handler.wasm --event order.created --payload @event.json
   outrun completions bash > /etc/bash_completion.d/outrun
 
 Every command takes --database URL (or OUTRUN_DATABASE_URL); the default is

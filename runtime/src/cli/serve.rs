@@ -172,6 +172,7 @@ pub(crate) async fn load_registry(
             .max(16),
         publisher,
         schemas: schemas.cloned(),
+        harness: None,
     };
     let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
     for h in registry.handlers() {
