@@ -21,6 +21,7 @@ pub mod host;
 pub mod maintenance;
 pub mod publish;
 pub mod schema;
+pub mod shipped;
 pub mod store;
 pub mod wasm;
 

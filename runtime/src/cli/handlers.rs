@@ -1,5 +1,6 @@
-//! `outrun handlers list|check|run`: what the config binds, whether a file
-//! is a component outrun can run, and one event through a handler (`run`).
+//! `outrun handlers list|check|run|export`: what the config binds, whether a
+//! file is a component outrun can run, one event through a handler (`run`),
+//! and the handlers the binary carries written out (`export`).
 
 mod run;
 
@@ -45,6 +46,17 @@ Examples:
       --database sqlite://app.db --http-fixtures fixtures.json --json
   outrun handlers run family-sharing --config outrun.toml --event share.start --payload @share.json --commit")]
     Run(Box<run::Args>),
+    /// Write the handlers this binary carries (the shipped seed handlers and
+    /// the bench guest) to DIR as <name>.wasm, for a config's `module`.
+    /// Existing files of the same names are replaced.
+    #[command(after_help = "\
+Examples:
+  outrun handlers export ./handlers
+  outrun handlers check ./handlers/family_sharing.wasm")]
+    Export {
+        /// The directory to write to (created if missing).
+        dir: PathBuf,
+    },
 }
 
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
@@ -82,6 +94,12 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Run(args) => return run::run(config, *args).await,
+        Command::Export { dir } => {
+            for path in crate::shipped::export(&dir)? {
+                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                outln!("wrote {} ({size} bytes)", path.display());
+            }
+        }
         Command::Check { file } => {
             let path = file.clone();
             // Compiling takes tens of milliseconds of CPU: off the runtime.
