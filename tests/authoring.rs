@@ -1,13 +1,13 @@
 //! The handler author's path through the real binary: the handlers the
 //! binary carries (demo, bench and `handlers export` from an empty
-//! directory).
+//! directory) and `outrun new`'s refusals.
 
 mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{TestDb, ok};
+use common::{TestDb, fails, ok};
 use serde_json::Value;
 
 const CACHE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-artifact-cache");
@@ -83,4 +83,35 @@ fn handlers_export_writes_checkable_components() {
         std::fs::read(out_dir.join("family_sharing.wasm")).unwrap(),
         std::fs::read(common::guest("family_sharing")).unwrap()
     );
+}
+
+#[test]
+fn new_refuses_a_non_empty_dir_and_unknown_languages() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("h");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep.txt"), "mine").unwrap();
+    let err = fails(&outrun_in(dir.path(), &["new", "h", "--dir", "h"]));
+    assert!(err.contains("is not empty; nothing was written"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 1);
+
+    ok(&outrun_in(
+        dir.path(),
+        &["new", "h", "--dir", "h", "--force"],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(target.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    assert!(target.join("src/lib.rs").is_file());
+
+    let err = fails(&outrun_in(dir.path(), &["new", "x", "--lang", "cobol"]));
+    assert!(err.contains("invalid value 'cobol'"), "{err}");
+    assert!(err.contains("rust"), "{err}");
+    let err = fails(&outrun_in(dir.path(), &["new", "x", "--lang", "python"]));
+    assert!(err.contains("not yet"), "{err}");
+    let err = fails(&outrun_in(dir.path(), &["new", "9lives"]));
+    assert!(err.contains("not a usable handler name"), "{err}");
+    assert!(!dir.path().join("x").exists() && !dir.path().join("9lives").exists());
 }

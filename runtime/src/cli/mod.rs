@@ -27,6 +27,7 @@ mod enqueue;
 pub(crate) mod events;
 mod handlers;
 mod migrate;
+mod new;
 mod schemas;
 mod serve;
 mod signals;
@@ -50,6 +51,7 @@ Examples:
   outrun events stats --by-name                       counts per state and per event name
   outrun events list --dead                           dead events, newest first, with last_error
   outrun handlers list --config outrun.toml           configured handlers and their versions
+  outrun new my-handler                               a new handler project (Rust)
   outrun handlers run my_handler.wasm --event order.created --payload @event.json
   outrun completions bash > /etc/bash_completion.d/outrun
 
@@ -134,6 +136,13 @@ Examples:
     Demo(demo::Args),
     /// Measure throughput or latency with the bench guest (empty outbox needed).
     Bench(bench::Args),
+    /// Write a new handler project (source with a commented example, the
+    /// build command, a unit test, fixtures and the [[handler]] to paste).
+    #[command(after_help = "\
+Examples:
+  outrun new order-welcome                       writes ./order-welcome (Rust)
+  outrun new order-welcome --lang rust --dir handlers/order-welcome")]
+    New(new::Args),
     /// Print a shell completion script on stdout.
     #[command(after_help = "\
 Examples:
@@ -295,6 +304,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         clap_complete::generate(shell, &mut Cli::command(), "outrun", &mut script);
         return write_stdout_bytes(&script);
     }
+    if let Command::New(args) = cli.command {
+        // Needs no config or database.
+        return new::run(args).await;
+    }
     let mut config = Config::load(cli.config.as_deref())?;
     if let Some(url) = &cli.database {
         config.database_url = url.clone();
@@ -316,7 +329,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,
         Command::Schemas(cmd) => schemas::run(&config, cmd).await,
-        Command::Demo(_) | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Demo(_) | Command::Completions { .. } | Command::New(_) => {
+            unreachable!("handled above")
+        }
         Command::Bench(args) => bench::run(&config, args).await,
     }
 }
