@@ -502,6 +502,8 @@ fn bench_spec(module: PathBuf, kind: HandlerKind, topic: Option<&str>) -> Handle
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
         allow,
+        source: None,
+        build: None,
     }
 }
 

@@ -23,6 +23,7 @@ macro_rules! outln {
 
 mod bench;
 mod demo;
+mod dev;
 mod enqueue;
 pub(crate) mod events;
 mod handlers;
@@ -97,6 +98,14 @@ Examples:
   outrun serve --config outrun.toml --admin 127.0.0.1:9464 --log-format json
   OUTRUN_DATABASE_URL=postgres://app@db/app outrun serve --config outrun.toml --no-migrate")]
     Serve(serve::Args),
+    /// Serve, rebuild each handler's `source` on change and hot-reload it,
+    /// with a live line per event and per reload (the author's loop).
+    #[command(after_help = "\
+Examples:
+  outrun dev --config outrun.toml
+  (a [[handler]] with source = \"handlers/my-handler\" is rebuilt when its files change;
+   type r + Enter to replay the dead events the previous version left)")]
+    Dev(dev::Args),
     /// Enqueue one event (prints its id), or a batch from NDJSON.
     Enqueue(enqueue::Args),
     /// Inspect and repair the outbox.
@@ -320,11 +329,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         // The demo installs its own logging (it captures handler logs).
         return demo::run(&config, args).await;
     }
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
     init_logging(config.log.format, if serving { "info" } else { "warn" });
     match cli.command {
         Command::Migrate => migrate::run(&config).await,
         Command::Serve(args) => serve::run(config, args).await,
+        Command::Dev(args) => dev::run(config, args).await,
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,

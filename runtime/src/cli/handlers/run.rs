@@ -319,6 +319,8 @@ fn handler_spec(
             publish: Vec::new(),
             config: args.config_values.iter().cloned().collect(),
         },
+        source: None,
+        build: None,
     };
     Ok((spec, PathBuf::from(".")))
 }
