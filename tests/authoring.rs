@@ -414,7 +414,7 @@ async fn new_project_builds_runs_and_hot_reloads_under_dev() {
 /// `outrun dev` with a `build` command of its own (no cargo: it copies one
 /// of the probe's two builds into place): the dead events of the previous
 /// version are offered for replay and replayed with `r`, and a failing
-/// build leaves the running version serving.
+/// build, or a module the check rejects, leaves the running version serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_replays_dead_letters_and_survives_a_broken_build() {
     let db = TestDb::sqlite();
@@ -515,6 +515,16 @@ sql = true
         stdout.contains("cp: "),
         "the command's error is shown: {stdout}"
     );
+
+    // A build that succeeds but yields no component: the check rejects it.
+    let junk = tmp.path().join("junk.wasm");
+    std::fs::write(&junk, "not a component").unwrap();
+    std::fs::write(src.join("version.txt"), junk.to_str().unwrap()).unwrap();
+    dev.wait_for_line("dev: the new p was not loaded", Duration::from_secs(60))
+        .await;
+    let stdout = dev.stdout();
+    assert!(stdout.contains("not a WebAssembly file"), "{stdout}");
+
     ok(&common::outrun(
         &db,
         &["enqueue", "probe.version", "--payload", "{}"],
