@@ -69,6 +69,8 @@ fn host_overhead(c: &mut Criterion) {
                 memory: outrun::wasm::spec::DEFAULT_MEMORY,
                 concurrency: None,
                 allow: Default::default(),
+                source: None,
+                build: None,
             }],
             cache.path(),
             HostServices {

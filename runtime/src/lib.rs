@@ -23,6 +23,7 @@ pub mod maintenance;
 pub mod publish;
 pub mod schedule;
 pub mod schema;
+pub mod shipped;
 pub mod store;
 pub mod wasm;
 

@@ -123,13 +123,9 @@ pub struct Args {
     /// Enqueues per second in latency mode.
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
-    /// The bench guest component.
-    #[arg(
-        long,
-        env = "OUTRUN_BENCH_MODULE",
-        default_value = "target/guests/bench.wasm"
-    )]
-    pub module: PathBuf,
+    /// The bench guest component [default: the one this binary carries].
+    #[arg(long, env = "OUTRUN_BENCH_MODULE", value_name = "PATH")]
+    pub module: Option<PathBuf>,
     /// Compiled-artifact cache [default: outrun-bench-cache in the system
     /// temp directory], so repeated runs do not recompile the guest.
     #[arg(long, value_name = "DIR")]
@@ -228,6 +224,15 @@ pub struct Report {
     pub module_from_cache: bool,
 }
 
+impl Args {
+    /// The bench guest's path, set at the start of [`run`].
+    fn module(&self) -> &std::path::Path {
+        self.module
+            .as_deref()
+            .expect("run() sets the module before use")
+    }
+}
+
 pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
@@ -251,12 +256,26 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     NewEvent::new(name, payload.clone())
         .validate()
         .context("the generated bench event")?;
-    if !args.module.is_file() {
-        bail!(
-            "bench guest {} not found; run scripts/build-guests.sh (or pass --module PATH)",
-            args.module.display()
-        );
-    }
+    // The shipped guest is written out for the run (the registry loads
+    // files); the directory lives until the run ends.
+    let _shipped: tempfile::TempDir;
+    let args = match &args.module {
+        Some(module) if !module.is_file() => bail!(
+            "bench guest {} not found; run scripts/build-guests.sh, or leave out --module to use the bench guest this binary carries",
+            module.display()
+        ),
+        Some(_) => args,
+        None => {
+            _shipped = tempfile::tempdir().context("a temporary directory for the bench guest")?;
+            let path = _shipped.path().join("bench.wasm");
+            std::fs::write(&path, crate::shipped::guest("bench")?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Args {
+                module: Some(path),
+                ..args
+            }
+        }
+    };
 
     if args.mode == Mode::Reload {
         let report = reload(&args, events).await?;
@@ -385,9 +404,9 @@ pub struct ReloadReport {
 async fn reload(args: &Args, rounds: u64) -> anyhow::Result<ReloadReport> {
     // Checked where the user put it, so an error names that file rather
     // than the temporary copy the rounds rewrite.
-    crate::wasm::check_file(&args.module).context("the bench guest")?;
-    let original = std::fs::read(&args.module)
-        .with_context(|| format!("reading {}", args.module.display()))?;
+    crate::wasm::check_file(args.module()).context("the bench guest")?;
+    let original = std::fs::read(args.module())
+        .with_context(|| format!("reading {}", args.module().display()))?;
     let dir = std::env::temp_dir().join(format!("outrun-bench-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = reload_rounds(&dir, &original, rounds).await;
@@ -491,6 +510,8 @@ fn bench_spec(module: PathBuf, kind: HandlerKind, topic: Option<&str>) -> Handle
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
         allow,
+        source: None,
+        build: None,
     }
 }
 
@@ -499,7 +520,7 @@ async fn load_handler(
     target: &Option<PublishTarget>,
 ) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
     let spec = bench_spec(
-        args.module.clone(),
+        args.module().to_path_buf(),
         args.handler,
         target.as_ref().map(|t| t.topic.as_str()),
     );

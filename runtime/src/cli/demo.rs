@@ -15,10 +15,10 @@ use crate::demo::{self, Journal, Options};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Directory with ai_check_requeue.wasm, family_sharing.wasm,
-    /// package_deletion.wasm and bonus_accrual.wasm
-    /// (scripts/build-guests.sh writes them).
-    #[arg(long, value_name = "DIR", default_value = "target/guests")]
-    pub handlers: PathBuf,
+    /// package_deletion.wasm and bonus_accrual.wasm (scripts/build-guests.sh
+    /// writes them) [default: the handlers this binary carries].
+    #[arg(long, value_name = "DIR")]
+    pub handlers: Option<PathBuf>,
     /// Longest wait for the outbox to drain, e.g. 30s.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::parse_duration)]
     pub timeout: Duration,
@@ -30,8 +30,19 @@ pub struct Args {
 pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     let journal = Journal::default();
     init_logging(config.log.format, &journal);
+    // The shipped handlers are written out for the run (the registry loads
+    // files, and the compiled-artifact cache keys them by content).
+    let _shipped: tempfile::TempDir;
+    let handlers_dir = match args.handlers {
+        Some(dir) => dir,
+        None => {
+            _shipped = tempfile::tempdir()?;
+            crate::shipped::export(_shipped.path())?;
+            _shipped.path().to_path_buf()
+        }
+    };
     let opts = Options {
-        handlers_dir: args.handlers,
+        handlers_dir,
         deadline: args.timeout,
         keep: args.keep,
         cache_dir: config.artifact_cache_dir(),

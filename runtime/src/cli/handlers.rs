@@ -1,5 +1,8 @@
-//! `outrun handlers list|check`: what the config binds, and whether a file
-//! is a component outrun can run.
+//! `outrun handlers list|check|run|export`: what the config binds, whether a
+//! file is a component outrun can run, one event through a handler (`run`),
+//! and the handlers the binary carries written out (`export`).
+
+mod run;
 
 use std::path::PathBuf;
 
@@ -30,6 +33,29 @@ Examples:
     Check {
         /// The component file (.wasm) to check.
         file: PathBuf,
+    },
+    /// Run one event through a handler without the queue (the test
+    /// harness) and print the outcome, SQL statements and results, emitted
+    /// events, kv operations, HTTP requests and log lines. SQL runs in a
+    /// transaction that is rolled back unless --commit. Exit 0 when the
+    /// handler succeeds (done or retry-after), 1 when it returns an error.
+    #[command(after_help = "\
+Examples:
+  outrun handlers run my_handler.wasm --event order.created --payload '{\"id\":42}'
+  outrun handlers run my_handler.wasm --event order.created --payload @event.json \\
+      --database sqlite://app.db --http-fixtures fixtures.json --json
+  outrun handlers run family-sharing --config outrun.toml --event share.start --payload @share.json --commit")]
+    Run(Box<run::Args>),
+    /// Write the handlers this binary carries (the shipped seed handlers and
+    /// the bench guest) to DIR as <name>.wasm, for a config's `module`.
+    /// Existing files of the same names are replaced.
+    #[command(after_help = "\
+Examples:
+  outrun handlers export ./handlers
+  outrun handlers check ./handlers/family_sharing.wasm")]
+    Export {
+        /// The directory to write to (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -88,6 +114,13 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
                         }
                     );
                 }
+            }
+        }
+        Command::Run(args) => return run::run(config, *args).await,
+        Command::Export { dir } => {
+            for path in crate::shipped::export(&dir)? {
+                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                outln!("wrote {} ({size} bytes)", path.display());
             }
         }
         Command::Check { file } => {

@@ -23,11 +23,13 @@ macro_rules! outln {
 
 mod bench;
 mod demo;
+mod dev;
 mod enqueue;
 pub(crate) mod events;
 mod handlers;
 mod migrate;
 mod schedules;
+mod new;
 mod schemas;
 mod serve;
 mod signals;
@@ -51,6 +53,8 @@ Examples:
   outrun events stats --by-name                       counts per state and per event name
   outrun events list --dead                           dead events, newest first, with last_error
   outrun handlers list --config outrun.toml           configured handlers and their versions
+  outrun new my-handler                               a new handler project (Rust)
+  outrun handlers run my_handler.wasm --event order.created --payload @event.json
   outrun completions bash > /etc/bash_completion.d/outrun
 
 Every command takes --database URL (or OUTRUN_DATABASE_URL); the default is
@@ -95,6 +99,14 @@ Examples:
   outrun serve --config outrun.toml --admin 127.0.0.1:9464 --log-format json
   OUTRUN_DATABASE_URL=postgres://app@db/app outrun serve --config outrun.toml --no-migrate")]
     Serve(serve::Args),
+    /// Serve, rebuild each handler's `source` on change and hot-reload it,
+    /// with a live line per event and per reload (the author's loop).
+    #[command(after_help = "\
+Examples:
+  outrun dev --config outrun.toml
+  (a [[handler]] with source = \"handlers/my-handler\" is rebuilt when its files change;
+   type r + Enter to replay the dead events the previous version left)")]
+    Dev(dev::Args),
     /// Enqueue one event (prints its id), or a batch from NDJSON.
     Enqueue(enqueue::Args),
     /// Inspect and repair the outbox.
@@ -143,6 +155,13 @@ Examples:
     Demo(demo::Args),
     /// Measure throughput or latency with the bench guest (empty outbox needed).
     Bench(bench::Args),
+    /// Write a new handler project (source with a commented example, the
+    /// build command, a unit test, fixtures and the [[handler]] to paste).
+    #[command(after_help = "\
+Examples:
+  outrun new order-welcome                       writes ./order-welcome (Rust)
+  outrun new order-welcome --lang rust --dir handlers/order-welcome")]
+    New(new::Args),
     /// Print a shell completion script on stdout.
     #[command(after_help = "\
 Examples:
@@ -304,6 +323,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         clap_complete::generate(shell, &mut Cli::command(), "outrun", &mut script);
         return write_stdout_bytes(&script);
     }
+    if let Command::New(args) = cli.command {
+        // Needs no config or database.
+        return new::run(args).await;
+    }
     let mut config = Config::load(cli.config.as_deref())?;
     if let Some(url) = &cli.database {
         config.database_url = url.clone();
@@ -316,17 +339,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         // The demo installs its own logging (it captures handler logs).
         return demo::run(&config, args).await;
     }
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
     init_logging(config.log.format, if serving { "info" } else { "warn" });
     match cli.command {
         Command::Migrate => migrate::run(&config).await,
         Command::Serve(args) => serve::run(config, args).await,
+        Command::Dev(args) => dev::run(config, args).await,
         Command::Enqueue(args) => enqueue::run(&config, args).await,
         Command::Events(cmd) => events::run(&config, cmd).await,
         Command::Handlers(cmd) => handlers::run(&config, cmd).await,
         Command::Schemas(cmd) => schemas::run(&config, cmd).await,
         Command::Schedules(cmd) => schedules::run(&config, cmd).await,
-        Command::Demo(_) | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Demo(_) | Command::Completions { .. } | Command::New(_) => {
+            unreachable!("handled above")
+        }
         Command::Bench(args) => bench::run(&config, args).await,
     }
 }

@@ -30,7 +30,22 @@ pub struct Args {
     pub admin: Option<String>,
 }
 
-pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
+/// What `outrun dev` adds to `serve`: a wrapper around the router (its
+/// live event lines) and a handle on the registry once it is loaded.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    pub registry: Option<Arc<OnceLock<Arc<Registry>>>>,
+    pub wrap_router: Option<WrapRouter>,
+}
+
+/// Wraps the router the dispatcher uses.
+pub(crate) type WrapRouter = Box<dyn FnOnce(Arc<dyn Router>) -> Arc<dyn Router> + Send>;
+
+pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
+    run_with(config, args, Hooks::default()).await
+}
+
+pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> anyhow::Result<()> {
     // Catch the stop signals from the start: one during start-up ends serve
     // cleanly instead of killing it.
     let mut signals = StopSignals::listen()?;
@@ -65,7 +80,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     // Filled once the handlers are loaded; the admin server (up while they
     // compile, answering /livez) reads it.
-    let loaded: Arc<OnceLock<Arc<Registry>>> = Arc::default();
+    let loaded: Arc<OnceLock<Arc<Registry>>> = hooks.registry.unwrap_or_default();
     let services = start_services(&config, &store, metrics, &health, &loaded, stop.clone()).await?;
     // One broker client for every handler and relay; it does not wait for
     // the broker (a broker that is down costs retries, not the start).
@@ -111,6 +126,10 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             Arc::new(relays) as Arc<dyn Router>
         }
         _ => router,
+    };
+    let router = match hooks.wrap_router {
+        Some(wrap) => wrap(router),
+        None => router,
     };
     let limits = crate::limits::Limits::from_config(&config)?;
     let dispatcher =
@@ -174,6 +193,7 @@ pub(crate) async fn load_registry(
             .max(16),
         publisher,
         schemas: schemas.cloned(),
+        harness: None,
     };
     let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
     for h in registry.handlers() {

@@ -208,6 +208,7 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
             max_instances: 32,
             publisher: None,
             schemas: Some(schemas.clone()),
+            harness: None,
         },
     )
     .await?;

@@ -128,6 +128,8 @@ fn spec(name: &str, events: &[&str], module: PathBuf, allow: Allow) -> HandlerSp
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
         allow,
+        source: None,
+        build: None,
     }
 }
 

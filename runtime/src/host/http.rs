@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Capabilities;
+use super::harness::{Call, HttpFixtures, Recorder};
 
 /// Per-event hook state for wasmtime-wasi-http.
 pub struct HttpPolicy {
@@ -63,8 +64,19 @@ impl WasiHttpHooks for HttpPolicy {
             uri.port_u16(),
             if https { 443 } else { 80 },
         );
+        let method = request.method().to_string();
+        let url = uri.to_string();
         if !allowed {
             let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+            self.caps.record(|| Call::Http {
+                method: method.clone(),
+                url: url.clone(),
+                status: None,
+                source: "network",
+                error: Some(format!(
+                    "denied: {authority} is not in the handler's allowed hosts"
+                )),
+            });
             tracing::warn!(
                 handler = %self.caps.handler,
                 event_id = %self.event_id,
@@ -73,6 +85,12 @@ impl WasiHttpHooks for HttpPolicy {
             );
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         }
+        if let Some(harness) = &self.caps.harness
+            && let Some(fixtures) = &harness.fixtures
+        {
+            return answer_from_fixtures(fixtures, &harness.recorder, method, url);
+        }
+        let recorder = self.caps.harness.as_ref().map(|h| h.recorder.clone());
         let remaining = self
             .deadline
             .saturating_duration_since(Instant::now())
@@ -86,14 +104,72 @@ impl WasiHttpHooks for HttpPolicy {
         };
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (response, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let sent = wasmtime_wasi_http::default_send_request(request, Some(options)).await;
+            if let Some(recorder) = recorder {
+                recorder.push(Call::Http {
+                    method,
+                    url,
+                    status: sent.as_ref().ok().map(|(r, _)| r.status().as_u16()),
+                    source: "network",
+                    error: sent.as_ref().err().map(|e| e.to_string()),
+                });
+            }
+            let (response, io) = sent?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
             ))
         })
     }
+}
+
+/// `outrun handlers run --http-fixtures`: the answer comes from the file
+/// (recorded), and a request without a fixture fails with a message that
+/// names it, so the author knows which entry to add.
+fn answer_from_fixtures(
+    fixtures: &HttpFixtures,
+    recorder: &Recorder,
+    method: String,
+    url: String,
+) -> ResponseFuture {
+    let Some(answer) = fixtures.answer(&method, &url) else {
+        let message = format!(
+            "no HTTP fixture for {method} {url} in {}; add an entry for it",
+            fixtures.source().display()
+        );
+        recorder.push(Call::Http {
+            method,
+            url,
+            status: None,
+            source: "fixture",
+            error: Some(message.clone()),
+        });
+        return Box::new(async move { Err(HttpError::InternalError(Some(message))) });
+    };
+    recorder.push(Call::Http {
+        method,
+        url,
+        status: Some(answer.status),
+        source: "fixture",
+        error: None,
+    });
+    Box::new(async move {
+        use http_body_util::BodyExt;
+        let mut builder = http::Response::builder().status(answer.status);
+        for (k, v) in &answer.headers {
+            builder = builder.header(k, v);
+        }
+        let body = http_body_util::Full::new(bytes::Bytes::from(answer.body))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let response = builder
+            .body(body)
+            .map_err(|e| HttpError::InternalError(Some(format!("HTTP fixture response: {e}"))))?;
+        Ok((
+            response,
+            Box::new(async { Ok(()) }) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::bindings::outrun::handler::kv::Host;
+use serde_json::Value as Json;
+
 use super::{CapError, HostState};
 use crate::wasm::{KvSettings, WasmError};
 
@@ -308,8 +310,8 @@ impl HostState {
     }
 }
 
-impl Host for HostState {
-    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, CapError> {
+impl HostState {
+    async fn kv_get(&mut self, key: String) -> Result<Option<Vec<u8>>, CapError> {
         let key = self.kv_key(&key)?;
         match &self.caps.kv {
             KvStore::Memory(m) => m.get(&key),
@@ -317,7 +319,12 @@ impl Host for HostState {
         }
     }
 
-    async fn set(&mut self, key: String, value: Vec<u8>, ttl: Option<u64>) -> Result<(), CapError> {
+    async fn kv_set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl: Option<u64>,
+    ) -> Result<(), CapError> {
         let key = self.kv_key(&key)?;
         let ttl = ttl.map(ttl_ms).transpose()?;
         match &self.caps.kv {
@@ -337,7 +344,7 @@ impl Host for HostState {
         }
     }
 
-    async fn delete(&mut self, key: String) -> Result<bool, CapError> {
+    async fn kv_delete(&mut self, key: String) -> Result<bool, CapError> {
         let key = self.kv_key(&key)?;
         match &self.caps.kv {
             KvStore::Memory(m) => Ok(m.delete(&key)),
@@ -348,7 +355,7 @@ impl Host for HostState {
         }
     }
 
-    async fn exists(&mut self, key: String) -> Result<bool, CapError> {
+    async fn kv_exists(&mut self, key: String) -> Result<bool, CapError> {
         let key = self.kv_key(&key)?;
         match &self.caps.kv {
             KvStore::Memory(m) => Ok(m.exists(&key)),
@@ -359,7 +366,7 @@ impl Host for HostState {
         }
     }
 
-    async fn expire(&mut self, key: String, ttl: Option<u64>) -> Result<bool, CapError> {
+    async fn kv_expire(&mut self, key: String, ttl: Option<u64>) -> Result<bool, CapError> {
         let key = self.kv_key(&key)?;
         let ttl = ttl.map(ttl_ms).transpose()?;
         match &self.caps.kv {
@@ -387,7 +394,7 @@ impl Host for HostState {
         }
     }
 
-    async fn set_add(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
+    async fn kv_set_add(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
         let key = self.kv_key(&key)?;
         if members.is_empty() {
             return Ok(0);
@@ -401,7 +408,7 @@ impl Host for HostState {
         }
     }
 
-    async fn set_remove(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
+    async fn kv_set_remove(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
         let key = self.kv_key(&key)?;
         if members.is_empty() {
             return Ok(0);
@@ -415,7 +422,7 @@ impl Host for HostState {
         }
     }
 
-    async fn set_members(&mut self, key: String) -> Result<Vec<String>, CapError> {
+    async fn kv_set_members(&mut self, key: String) -> Result<Vec<String>, CapError> {
         let key = self.kv_key(&key)?;
         match &self.caps.kv {
             KvStore::Memory(m) => m.set_members(&key),
@@ -424,6 +431,97 @@ impl Host for HostState {
                     .await
             }
         }
+    }
+}
+
+impl Host for HostState {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, CapError> {
+        let r = self.kv_get(key.clone()).await;
+        self.caps.record(|| {
+            let text = r
+                .as_ref()
+                .map(|v| v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+                .map_err(Clone::clone);
+            kv_call("get", key, Json::Null, &text)
+        });
+        r
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl: Option<u64>) -> Result<(), CapError> {
+        let args = self.caps.harness.is_some().then(
+            || serde_json::json!({ "value": String::from_utf8_lossy(&value), "ttl_ms": ttl }),
+        );
+        let r = self.kv_set(key.clone(), value, ttl).await;
+        self.caps
+            .record(|| kv_call("set", key, args.unwrap_or_default(), &r));
+        r
+    }
+
+    async fn delete(&mut self, key: String) -> Result<bool, CapError> {
+        let r = self.kv_delete(key.clone()).await;
+        self.caps.record(|| kv_call("delete", key, Json::Null, &r));
+        r
+    }
+
+    async fn exists(&mut self, key: String) -> Result<bool, CapError> {
+        let r = self.kv_exists(key.clone()).await;
+        self.caps.record(|| kv_call("exists", key, Json::Null, &r));
+        r
+    }
+
+    async fn expire(&mut self, key: String, ttl: Option<u64>) -> Result<bool, CapError> {
+        let r = self.kv_expire(key.clone(), ttl).await;
+        self.caps
+            .record(|| kv_call("expire", key, serde_json::json!({ "ttl_ms": ttl }), &r));
+        r
+    }
+
+    async fn set_add(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
+        let args = self
+            .caps
+            .harness
+            .is_some()
+            .then(|| serde_json::json!(members));
+        let r = self.kv_set_add(key.clone(), members).await;
+        self.caps
+            .record(|| kv_call("set_add", key, args.unwrap_or_default(), &r));
+        r
+    }
+
+    async fn set_remove(&mut self, key: String, members: Vec<String>) -> Result<u32, CapError> {
+        let args = self
+            .caps
+            .harness
+            .is_some()
+            .then(|| serde_json::json!(members));
+        let r = self.kv_set_remove(key.clone(), members).await;
+        self.caps
+            .record(|| kv_call("set_remove", key, args.unwrap_or_default(), &r));
+        r
+    }
+
+    async fn set_members(&mut self, key: String) -> Result<Vec<String>, CapError> {
+        let r = self.kv_set_members(key.clone()).await;
+        self.caps
+            .record(|| kv_call("set_members", key, Json::Null, &r));
+        r
+    }
+}
+
+/// The harness's record of one kv call (see [`super::harness`]).
+fn kv_call<T: serde::Serialize>(
+    op: &'static str,
+    key: String,
+    args: Json,
+    r: &Result<T, CapError>,
+) -> super::harness::Call {
+    let (result, error) = super::harness::outcome(r);
+    super::harness::Call::Kv {
+        op,
+        key,
+        args,
+        result,
+        error,
     }
 }
 

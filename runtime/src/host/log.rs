@@ -4,9 +4,22 @@
 
 use super::HostState;
 use super::bindings::wasi::logging::logging::{Host, Level};
+use super::harness::Call;
 
 impl Host for HostState {
     async fn log(&mut self, level: Level, context: String, message: String) {
+        self.caps.record(|| Call::Log {
+            level: match level {
+                Level::Trace => "trace",
+                Level::Debug => "debug",
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+                Level::Critical => "critical",
+            },
+            context: context.clone(),
+            message: message.clone(),
+        });
         let handler = &*self.caps.handler;
         let event_id = self.event_id.as_str();
         let version = &*self.version;

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod emit;
+pub mod harness;
 pub mod http;
 pub mod kv;
 pub mod log;
@@ -69,6 +70,8 @@ pub struct Capabilities {
     pub publisher: Option<crate::publish::Publisher>,
     /// Emitted events are checked against these before they are buffered.
     pub schemas: Option<Arc<crate::schema::Schemas>>,
+    /// `outrun handlers run` only: record calls, answer HTTP from fixtures.
+    pub harness: Option<harness::Harness>,
 }
 
 impl Capabilities {
@@ -96,6 +99,14 @@ impl Capabilities {
             publish: spec.allow.publish.clone(),
             publisher,
             schemas,
+            harness: None,
+        }
+    }
+
+    /// Record one call when a harness is attached (`outrun handlers run`).
+    pub(crate) fn record(&self, call: impl FnOnce() -> harness::Call) {
+        if let Some(h) = &self.harness {
+            h.recorder.push(call());
         }
     }
 

@@ -4,6 +4,7 @@
 //! writes.
 
 use super::bindings::outrun::handler::sql::{Host, Rows, Value};
+use super::harness::Call;
 use super::{CapError, HostState};
 use crate::store::{SqlRows, SqlValue, StoreError};
 
@@ -45,7 +46,16 @@ impl Host for HostState {
             Ok(tx) => tx.query(&statement, &params).await,
             Err(e) => Err(e),
         };
-        rows.map(to_wit).map_err(|e| self.sql_error(e))
+        let rows = rows.map_err(|e| self.sql_error(e));
+        self.caps.record(|| {
+            sql_call(
+                "query",
+                statement,
+                &params,
+                rows.as_ref().map(|r| serde_json::json!(r)),
+            )
+        });
+        rows.map(to_wit)
     }
 
     async fn execute(&mut self, statement: String, params: Vec<Value>) -> Result<u64, CapError> {
@@ -55,7 +65,38 @@ impl Host for HostState {
             Ok(tx) => tx.execute(&statement, &params).await,
             Err(e) => Err(e),
         };
-        affected.map_err(|e| self.sql_error(e))
+        let affected = affected.map_err(|e| self.sql_error(e));
+        self.caps.record(|| {
+            sql_call(
+                "execute",
+                statement,
+                &params,
+                affected
+                    .as_ref()
+                    .map(|n| serde_json::json!({ "affected": n })),
+            )
+        });
+        affected
+    }
+}
+
+/// The harness's record of one statement (see [`super::harness`]).
+fn sql_call(
+    op: &'static str,
+    statement: String,
+    params: &[SqlValue],
+    result: Result<serde_json::Value, &CapError>,
+) -> Call {
+    let (result, error) = match result {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(super::harness::cap_error_text(e))),
+    };
+    Call::Sql {
+        op,
+        statement,
+        params: params.iter().map(|p| serde_json::json!(p)).collect(),
+        result,
+        error,
     }
 }
 

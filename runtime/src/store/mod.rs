@@ -734,6 +734,20 @@ impl AckTx {
         }
     }
 
+    /// Commit the statements and inserted events without acking any event:
+    /// `outrun handlers run --commit`, whose event never was in the outbox.
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            AckTx::Sqlite(tx) => tx.commit()?,
+            AckTx::Postgres(tx) => tx.commit().await?,
+            AckTx::Lane(mut tx) => {
+                tx.lane.undo().await;
+                return Err(StoreError::NotInLane);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn rollback(self) -> Result<()> {
         match self {
             AckTx::Sqlite(tx) => tx.rollback()?,

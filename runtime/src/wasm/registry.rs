@@ -61,6 +61,9 @@ pub struct HostServices {
     pub publisher: Option<crate::publish::Publisher>,
     /// `[schemas]`: what handlers' `emit` is checked against.
     pub schemas: Option<Arc<crate::schema::Schemas>>,
+    /// `outrun handlers run`: record every handler's calls and answer its
+    /// HTTP from fixtures (see [`crate::host::harness`]). `None` in serve.
+    pub harness: Option<crate::host::harness::Harness>,
 }
 
 impl Default for HostServices {
@@ -72,6 +75,7 @@ impl Default for HostServices {
             max_instances: 256,
             publisher: None,
             schemas: None,
+            harness: None,
         }
     }
 }
@@ -226,13 +230,15 @@ impl Registry {
 
         let mut slots = Vec::with_capacity(specs.len());
         for (spec, module) in specs.into_iter().zip(modules) {
-            let caps = Arc::new(Capabilities::new(
+            let mut caps = Capabilities::new(
                 &spec,
                 kv.clone(),
                 services.default_max_retry,
                 services.publisher.clone(),
                 services.schemas.clone(),
-            ));
+            );
+            caps.harness = services.harness.clone();
+            let caps = Arc::new(caps);
             let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
                 path: module.clone(),
                 source,

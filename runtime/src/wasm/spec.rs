@@ -41,6 +41,15 @@ pub struct HandlerSpec {
     /// Capabilities; everything absent is denied.
     #[serde(default)]
     pub allow: Allow,
+    /// `outrun dev`: the handler's source directory (relative to the config
+    /// file), watched and rebuilt on change. Ignored by `serve`.
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    /// `outrun dev`: the shell command that rebuilds `module` from
+    /// `source`, run in `source`. Default for a Rust crate (a Cargo.toml in
+    /// `source`): `cargo build --target wasm32-wasip2 --release`.
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 fn default_timeout() -> Duration {

@@ -1,0 +1,415 @@
+//! `outrun dev`: `serve`, plus the author's loop. Each `[[handler]]` with a
+//! `source` directory is rebuilt when a file in it changes (its `build`
+//! command, or `cargo build --target wasm32-wasip2 --release` for a Rust
+//! crate) and the result hot-reloaded; a failed build prints the compiler's
+//! error and the old version keeps serving. Every event gets a live line
+//! (name, id, outcome, duration, error) and every reload one (version, build
+//! time, reload time). After a reload, the dead events the previous version
+//! left can be replayed with `r` + Enter.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
+use crate::store::{ListFilter, Store};
+use crate::wasm::{Registry, Reloaded};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Do not apply migrations at start.
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Admin server address (overrides admin.listen), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+}
+
+/// Changes closer together than this are one rebuild (an editor's save is
+/// several file events; `cargo fmt` touches many files).
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// What `r` replays: the index of the handler reloaded last, and when the
+/// version it replaced was loaded (its dead events since then).
+type Replayable = Arc<Mutex<Option<(usize, DateTime<Utc>)>>>;
+
+/// One handler `dev` rebuilds.
+#[derive(Debug, Clone)]
+struct Watched {
+    name: String,
+    events: Vec<String>,
+    source: PathBuf,
+    build: String,
+    module: PathBuf,
+}
+
+/// The build command of a handler: its `build`, or cargo's for a crate.
+fn build_command(spec: &crate::wasm::HandlerSpec, source: &Path) -> anyhow::Result<String> {
+    if let Some(cmd) = &spec.build {
+        return Ok(cmd.clone());
+    }
+    if source.join("Cargo.toml").is_file() {
+        return Ok("cargo build --target wasm32-wasip2 --release".into());
+    }
+    bail!(
+        "handler {}: {} has no Cargo.toml, so dev does not know how to build it; set build = \"COMMAND\" in its [[handler]]",
+        spec.name,
+        source.display()
+    )
+}
+
+fn watched(config: &Config) -> anyhow::Result<Vec<Watched>> {
+    let base = config.base_dir();
+    let mut out = Vec::new();
+    for spec in &config.handler {
+        let Some(source) = &spec.source else { continue };
+        let source = crate::wasm::resolve(&base, source);
+        let source = source.canonicalize().with_context(|| {
+            format!(
+                "handler {}: source directory {} not found; check `source` in its [[handler]] (relative to the config file)",
+                spec.name,
+                source.display()
+            )
+        })?;
+        out.push(Watched {
+            name: spec.name.clone(),
+            events: spec.events.clone(),
+            build: build_command(spec, &source)?,
+            module: crate::wasm::resolve(&base, &spec.module),
+            source,
+        });
+    }
+    if out.is_empty() {
+        bail!(
+            "no [[handler]] of the config has a `source` directory, so there is nothing to rebuild; add source = \"DIR\" (the handler's project, relative to the config file) to a [[handler]], or use `outrun serve`"
+        );
+    }
+    Ok(out)
+}
+
+/// A line on stdout; a closed stdout is not worth stopping the server for.
+fn say(line: String) {
+    let _ = super::write_stdout(format_args!("{line}"));
+}
+
+/// Run the build; Ok(elapsed) or Err(the output's tail, for the person).
+async fn build(w: &Watched) -> Result<Duration, String> {
+    let started = Instant::now();
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&w.build)
+        .current_dir(&w.source)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run `sh -c {}`: {e}", w.build))?;
+    if output.status.success() {
+        return Ok(started.elapsed());
+    }
+    let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stdout));
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    Err(format!("`{}` failed ({}):\n{tail}", w.build, output.status))
+}
+
+pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
+    let handlers = watched(&config)?;
+    // Build once before serving, so the modules are current.
+    for w in &handlers {
+        say(format!("dev: building {} ({})", w.name, w.build));
+        match build(w).await {
+            Ok(t) => say(format!("dev: built {} in {:.1} s", w.name, t.as_secs_f64())),
+            Err(e) if w.module.is_file() => say(format!(
+                "dev: build of {} failed; serving the module that is there ({}):\n{e}",
+                w.name,
+                w.module.display()
+            )),
+            Err(e) => bail!(
+                "the first build of handler {} failed and there is no {} to serve yet: {e}",
+                w.name,
+                w.module.display()
+            ),
+        }
+    }
+
+    let registry: Arc<OnceLock<Arc<Registry>>> = Arc::default();
+    let hooks = super::serve::Hooks {
+        registry: Some(registry.clone()),
+        wrap_router: Some(Box::new(|inner| {
+            Arc::new(LiveFeed { inner }) as Arc<dyn Router>
+        })),
+    };
+    let serve_args = super::serve::Args {
+        no_migrate: args.no_migrate,
+        admin: args.admin,
+    };
+    let store_config = config.clone();
+    let serving = tokio::spawn(super::serve::run_with(config, serve_args, hooks));
+
+    let (tx, mut changes) = mpsc::unbounded_channel::<usize>();
+    let mut watcher = notify::recommended_watcher({
+        let handlers = handlers.clone();
+        move |res: notify::Result<notify::Event>| {
+            let Ok(event) = res else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            for path in &event.paths {
+                if let Some(i) = handlers.iter().position(|w| is_source_change(w, path)) {
+                    let _ = tx.send(i);
+                }
+            }
+        }
+    })
+    .context("starting the source watcher")?;
+    for w in &handlers {
+        watcher
+            .watch(&w.source, RecursiveMode::Recursive)
+            .with_context(|| format!("watching {}", w.source.display()))?;
+        say(format!(
+            "dev: watching {} for handler {} (events {})",
+            w.source.display(),
+            w.name,
+            w.events.join(", ")
+        ));
+    }
+
+    // What `r` replays: the events of the handler reloaded last, dead since
+    // its previous version was loaded.
+    let replayable: Replayable = Arc::default();
+    // Connected once serve has loaded the handlers (it has migrated, and
+    // created a SQLite file, by then).
+    let mut store: Option<Store> = None;
+
+    let mut serving = serving;
+    loop {
+        tokio::select! {
+            result = &mut serving => {
+                return result.context("the server task failed")?;
+            }
+            Some(first) = changes.recv() => {
+                let mut due = vec![first];
+                let deadline = tokio::time::Instant::now() + DEBOUNCE;
+                while let Ok(Some(i)) = tokio::time::timeout_at(deadline, changes.recv()).await {
+                    if !due.contains(&i) {
+                        due.push(i);
+                    }
+                }
+                for i in due {
+                    let Some(registry) = registry.get().cloned() else {
+                        // Still loading: the first load picks the new file up.
+                        continue;
+                    };
+                    if store.is_none() {
+                        match super::connect(&store_config).await {
+                            Ok(s) => {
+                                tokio::spawn(replay_on_key(s.clone(), handlers.clone(), replayable.clone()));
+                                store = Some(s);
+                            }
+                            Err(e) => say(format!("dev: no replay of dead events: {}", super::error_line(&e))),
+                        }
+                    }
+                    rebuild(&handlers[i], &registry, store.as_ref(), i, &replayable).await;
+                }
+            }
+        }
+    }
+}
+
+/// A change inside `source` that is not a build output.
+fn is_source_change(w: &Watched, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(&w.source) else {
+        return false;
+    };
+    !rel.components().any(|c| {
+        let c = c.as_os_str().to_string_lossy();
+        c == "target" || c.starts_with('.')
+    }) && path != w.module
+}
+
+async fn rebuild(
+    w: &Watched,
+    registry: &Arc<Registry>,
+    store: Option<&Store>,
+    index: usize,
+    replayable: &Replayable,
+) {
+    let Some(before) = registry.current(&w.name) else {
+        return;
+    };
+    say(format!("dev: {} changed; building", w.name));
+    let built = match build(w).await {
+        Ok(t) => t,
+        Err(e) => {
+            say(format!(
+                "dev: build of {} failed; version {} keeps serving\n{e}",
+                w.name,
+                &before.hash()[..12]
+            ));
+            return;
+        }
+    };
+    let started = Instant::now();
+    let outcome = registry.reload(&w.name).await;
+    let after = registry.current(&w.name).unwrap_or(before.clone());
+    match outcome {
+        Ok(Reloaded::Swapped { old, new, elapsed }) => say(format!(
+            "dev: reloaded {}: {old} -> {new} (build {:.1} s, reload {} ms)",
+            w.name,
+            built.as_secs_f64(),
+            elapsed.as_millis()
+        )),
+        // The module watcher of serve was quicker; same result.
+        Ok(Reloaded::Unchanged) if after.hash() != before.hash() => say(format!(
+            "dev: reloaded {}: {} -> {} (build {:.1} s, reload {} ms)",
+            w.name,
+            &before.hash()[..12],
+            &after.hash()[..12],
+            built.as_secs_f64(),
+            started.elapsed().as_millis()
+        )),
+        Ok(_) => {
+            say(format!(
+                "dev: rebuilt {} in {:.1} s; the module did not change",
+                w.name,
+                built.as_secs_f64()
+            ));
+            return;
+        }
+        Err(e) => {
+            say(format!(
+                "dev: the new {} was not loaded; version {} keeps serving: {}",
+                w.name,
+                &before.hash()[..12],
+                super::error_line(&e.into())
+            ));
+            return;
+        }
+    }
+    let since = before.loaded_at();
+    *replayable.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, since));
+    if let Some(store) = store {
+        match dead_since(store, w, since).await {
+            Ok(dead) if !dead.is_empty() => say(format!(
+                "dev: {} dead event(s) of {} since the previous version loaded; press r + Enter to replay them",
+                dead.len(),
+                w.name
+            )),
+            Ok(_) => {}
+            Err(e) => say(format!(
+                "dev: cannot list dead events: {}",
+                super::error_line(&e)
+            )),
+        }
+    }
+}
+
+/// Dead events of the handler's event names that died at or after `since`.
+async fn dead_since(
+    store: &Store,
+    w: &Watched,
+    since: DateTime<Utc>,
+) -> anyhow::Result<Vec<Event>> {
+    let mut out = Vec::new();
+    for name in &w.events {
+        let events = store
+            .list(&ListFilter {
+                dead: true,
+                name: Some(name.clone()),
+                limit: 10_000,
+            })
+            .await?;
+        out.extend(
+            events
+                .into_iter()
+                .filter(|e| e.dead_at.is_some_and(|d| d >= since)),
+        );
+    }
+    Ok(out)
+}
+
+/// `r` + Enter on stdin: replay what the last reload made replayable.
+async fn replay_on_key(store: Store, handlers: Vec<Watched>, replayable: Replayable) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim() != "r" {
+            continue;
+        }
+        let Some((i, since)) = *replayable.lock().unwrap_or_else(|p| p.into_inner()) else {
+            say("dev: nothing to replay yet (no reload so far)".into());
+            continue;
+        };
+        let w = &handlers[i];
+        match dead_since(&store, w, since).await {
+            Ok(dead) => {
+                let mut replayed = 0;
+                for e in dead {
+                    if store.replay(e.id).await.is_ok() {
+                        replayed += 1;
+                    }
+                }
+                say(format!(
+                    "dev: replayed {replayed} dead event(s) of {}",
+                    w.name
+                ));
+            }
+            Err(e) => say(format!("dev: replay failed: {}", super::error_line(&e))),
+        }
+    }
+}
+
+/// Wraps every route's handler in [`Fed`], for the live event lines.
+struct LiveFeed {
+    inner: Arc<dyn Router>,
+}
+
+impl Router for LiveFeed {
+    fn route(&self, name: &str) -> Option<Route> {
+        let mut route = self.inner.route(name)?;
+        route.handler = Arc::new(Fed {
+            inner: route.handler,
+            handler: route.handler_name.clone(),
+        });
+        Some(route)
+    }
+    fn saturated(&self) -> Vec<String> {
+        self.inner.saturated()
+    }
+}
+
+struct Fed {
+    inner: Arc<dyn Handler>,
+    handler: Arc<str>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Fed {
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+        let started = Instant::now();
+        let result = self.inner.handle(event, effects).await;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let outcome = match &result {
+            Ok(Outcome::Done) => "done".to_string(),
+            Ok(Outcome::RetryAfter(d)) => format!("retry-after {} ms", d.as_millis()),
+            Err(e) if e.retryable => format!("failed (will retry): {}", e.message),
+            Err(e) => format!("rejected: {}", e.message),
+        };
+        say(format!(
+            "event {} {} -> {} attempt {} {outcome} ({ms:.1} ms)",
+            event.name,
+            event.id,
+            self.handler,
+            event.attempt()
+        ));
+        result
+    }
+}

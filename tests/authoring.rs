@@ -1,0 +1,541 @@
+//! The handler author's path through the real binary: the handlers the
+//! binary carries (demo, bench and `handlers export` from an empty
+//! directory), `outrun new` (refusals, then a project that builds, passes
+//! its unit tests and `handlers check`, runs through `handlers run`, and is
+//! served and hot-reloaded by `outrun dev` after an edit, with a broken
+//! build leaving the old version serving).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{FAST_ENV, TestDb, fails, ok};
+use serde_json::Value;
+
+const CACHE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-artifact-cache");
+
+/// `outrun ARGS` in `dir`, with no config or database from the environment.
+fn outrun_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("OUTRUN_CONFIG")
+        .env_remove("OUTRUN_DATABASE_URL")
+        .env_remove("OUTRUN_BENCH_MODULE")
+        .env_remove("OUTRUN_LOG")
+        .env_remove("RUST_LOG")
+        .env("OUTRUN_CACHE_DIR", CACHE)
+        .output()
+        .expect("run outrun")
+}
+
+#[test]
+fn demo_runs_from_an_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outrun_in(dir.path(), &["demo"]);
+    let stdout = ok(&out);
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+    assert!(stdout.contains("family-sharing"), "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "the demo leaves nothing behind: {left:?}");
+}
+
+#[test]
+fn bench_runs_from_an_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::sqlite();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(dir.path())
+        .args(["bench", "--events", "200", "--json", "--database", db.url()])
+        .env_remove("OUTRUN_CONFIG")
+        .env_remove("OUTRUN_BENCH_MODULE")
+        .env("OUTRUN_CACHE_DIR", CACHE)
+        .output()
+        .unwrap();
+    let r: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(r["events"], 200, "{r}");
+}
+
+#[test]
+fn handlers_export_writes_checkable_components() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("handlers");
+    let stdout = ok(&outrun_in(dir.path(), &["handlers", "export", "handlers"]));
+    for stem in [
+        "ai_check_requeue",
+        "family_sharing",
+        "package_deletion",
+        "bonus_accrual",
+        "stoplist_publisher",
+        "bench",
+    ] {
+        let path = out_dir.join(format!("{stem}.wasm"));
+        assert!(
+            stdout.contains(&format!("wrote handlers/{stem}.wasm")),
+            "{stdout}"
+        );
+        let check = ok(&outrun_in(
+            dir.path(),
+            &["handlers", "check", path.to_str().unwrap()],
+        ));
+        assert!(check.starts_with("ok: "), "{check}");
+    }
+    // The same bytes as the guests build-guests.sh writes.
+    assert_eq!(
+        std::fs::read(out_dir.join("family_sharing.wasm")).unwrap(),
+        std::fs::read(common::guest("family_sharing")).unwrap()
+    );
+}
+
+#[test]
+fn new_refuses_a_non_empty_dir_and_unknown_languages() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("h");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep.txt"), "mine").unwrap();
+    let err = fails(&outrun_in(dir.path(), &["new", "h", "--dir", "h"]));
+    assert!(err.contains("is not empty; nothing was written"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 1);
+
+    ok(&outrun_in(
+        dir.path(),
+        &["new", "h", "--dir", "h", "--force"],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(target.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    assert!(target.join("src/lib.rs").is_file());
+
+    let err = fails(&outrun_in(dir.path(), &["new", "x", "--lang", "cobol"]));
+    assert!(err.contains("invalid value 'cobol'"), "{err}");
+    assert!(err.contains("rust"), "{err}");
+    let err = fails(&outrun_in(dir.path(), &["new", "x", "--lang", "python"]));
+    assert!(err.contains("not yet"), "{err}");
+    let err = fails(&outrun_in(dir.path(), &["new", "9lives"]));
+    assert!(err.contains("not a usable handler name"), "{err}");
+    assert!(!dir.path().join("x").exists() && !dir.path().join("9lives").exists());
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Shared by runs of this test: the registry crates compile once.
+fn project_target_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/new-project"
+    ))
+}
+
+fn cargo_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(cargo())
+        .current_dir(dir)
+        .args(args)
+        .env("CARGO_TARGET_DIR", project_target_dir())
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .expect("run cargo")
+}
+
+fn assert_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A stand-in customer service on 127.0.0.1: answers every request with one
+/// customer.
+fn customer_service() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let body = r#"{"email":"grace@example.com","vip":false}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// `outrun dev` as a child: stdout (the live lines) and stderr in files.
+struct Dev {
+    child: std::process::Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Dev {
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+    async fn wait_for_line(&self, what: &str, deadline: Duration) {
+        common::eventually(what, deadline, || async {
+            self.stdout().contains(what).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn tier(db: &TestDb, order: i64) -> Option<String> {
+    db.strings(&format!(
+        "SELECT tier FROM order_tiers WHERE order_id = {order}"
+    ))
+    .await
+    .into_iter()
+    .next()
+}
+
+fn enqueue(db: &TestDb, order: i64) {
+    let payload = format!(r#"{{"order_id":{order},"customer_id":7,"amount_cents":500}}"#);
+    ok(&common::outrun(
+        db,
+        &["enqueue", "order.created", "--payload", &payload],
+    ));
+}
+
+/// `outrun new` → cargo build → cargo test → handlers check → handlers run
+/// (fixtures, a real database) → `outrun dev` serving it, an edit
+/// hot-reloaded, a broken build that leaves the old version serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_project_builds_runs_and_hot_reloads_under_dev() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("order-welcome");
+    let created = ok(&outrun_in(
+        tmp.path(),
+        &[
+            "new",
+            "order-welcome",
+            "--lang",
+            "rust",
+            "--dir",
+            "order-welcome",
+        ],
+    ));
+    assert!(
+        created.contains("[[handler]]\nname = \"order-welcome\""),
+        "{created}"
+    );
+    assert!(
+        created.contains("cargo build --target wasm32-wasip2 --release"),
+        "{created}"
+    );
+
+    assert_ok(
+        &cargo_in(
+            &project,
+            &["build", "--target", "wasm32-wasip2", "--release"],
+        ),
+        "cargo build of the new project",
+    );
+    let tests = cargo_in(&project, &["test"]);
+    assert_ok(&tests, "cargo test of the new project");
+    assert!(
+        String::from_utf8_lossy(&tests.stdout).contains("2 passed"),
+        "{}",
+        String::from_utf8_lossy(&tests.stdout)
+    );
+    let wasm = project_target_dir().join("wasm32-wasip2/release/order_welcome.wasm");
+    let wasm_s = wasm.to_str().unwrap();
+    let check = ok(&outrun_in(&project, &["handlers", "check", wasm_s]));
+    assert!(check.contains("imports outrun:handler/sql"), "{check}");
+
+    // One event through it: real database, recorded HTTP, rolled back.
+    let db = TestDb::sqlite();
+    ok(&common::outrun(&db, &["migrate"]));
+    db.exec_script(&std::fs::read_to_string(project.join("schema.sql")).unwrap())
+        .await;
+    let out = common::outrun_command(&db)
+        .current_dir(&project)
+        .env("OUTRUN_CACHE_DIR", CACHE)
+        .args(["handlers", "run", wasm_s, "--event", "order.created"])
+        .args(["--payload", "@events/order.created.json"])
+        .args(["--http-fixtures", "fixtures/http.json", "--json"])
+        .output()
+        .unwrap();
+    let r: Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(r["outcome"]["status"], "done", "{r}");
+    assert_eq!(r["http"][0]["status"], 200, "{r}");
+    assert_eq!(r["http"][0]["source"], "fixture", "{r}");
+    assert_eq!(r["kv"][0]["op"], "get", "{r}");
+    assert_eq!(r["kv"][1]["op"], "set", "{r}");
+    assert!(
+        r["sql"][0]["statement"]
+            .as_str()
+            .unwrap()
+            .starts_with("INSERT INTO order_tiers"),
+        "{r}"
+    );
+    assert_eq!(r["sql"][0]["result"]["affected"], 1, "{r}");
+    assert_eq!(r["emitted"][0]["name"], "customer.welcomed", "{r}");
+    let welcomed: Value =
+        serde_json::from_str(r["emitted"][0]["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(welcomed["tier"], "gold", "{r}");
+    assert_eq!(welcomed["email"], "ada@example.com", "{r}");
+    assert!(
+        r["logs"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("order 1001 is gold"),
+        "{r}"
+    );
+    assert!(tier(&db, 1001).await.is_none(), "rolled back");
+
+    // `outrun dev`: the project's config, pointed at this test's database,
+    // a stand-in customer service and the shared cargo target directory.
+    let port = customer_service();
+    let config = std::fs::read_to_string(project.join("outrun.toml"))
+        .unwrap()
+        .replace("sqlite://app.db?mode=rwc", db.url())
+        .replace(
+            "module = \"target/wasm32-wasip2/release/order_welcome.wasm\"",
+            &format!("module = {wasm_s:?}"),
+        )
+        .replace(
+            "\"http://customers.local\"",
+            &format!("\"http://127.0.0.1:{port}\""),
+        )
+        .replace("[\"customers.local\"]", &format!("[\"127.0.0.1:{port}\"]"));
+    let config_path = project.join("dev.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let out_path = tmp.path().join("dev.out");
+    let err_path = tmp.path().join("dev.err");
+    let child = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(&project)
+        .args(["dev", "--config", "dev.toml"])
+        .envs(FAST_ENV)
+        .env_remove("OUTRUN_DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .env("CARGO_TARGET_DIR", project_target_dir())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let dev = Dev {
+        child,
+        out: out_path,
+        err: err_path,
+    };
+    dev.wait_for_line("dev: watching", Duration::from_secs(300))
+        .await;
+    common::eventually("dev to serve", Duration::from_secs(120), || async {
+        dev.stderr().contains("dispatch loop started").then_some(())
+    })
+    .await;
+
+    enqueue(&db, 1);
+    let first =
+        common::eventually("order 1 handled", Duration::from_secs(60), || tier(&db, 1)).await;
+    assert_eq!(first, "standard");
+    dev.wait_for_line("event order.created", Duration::from_secs(10))
+        .await;
+    assert!(
+        dev.stdout().contains("-> order-welcome attempt 1 done"),
+        "{}",
+        dev.stdout()
+    );
+
+    // An edit is rebuilt and hot-reloaded.
+    let lib = project.join("src/lib.rs");
+    let source = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(
+        &lib,
+        source.replace("        \"standard\"\n", "        \"silver\"\n"),
+    )
+    .unwrap();
+    dev.wait_for_line("dev: reloaded order-welcome", Duration::from_secs(300))
+        .await;
+    enqueue(&db, 2);
+    let second =
+        common::eventually("order 2 handled", Duration::from_secs(60), || tier(&db, 2)).await;
+    assert_eq!(second, "silver", "the edited version serves");
+
+    // A broken build prints the compiler's error; the old version serves on.
+    let edited = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, format!("{edited}\nfn broken( {{\n")).unwrap();
+    dev.wait_for_line(
+        "dev: build of order-welcome failed",
+        Duration::from_secs(300),
+    )
+    .await;
+    let stdout = dev.stdout();
+    assert!(stdout.contains("keeps serving"), "{stdout}");
+    assert!(
+        stdout.contains("error"),
+        "the compiler's error is shown: {stdout}"
+    );
+    enqueue(&db, 3);
+    let third =
+        common::eventually("order 3 handled", Duration::from_secs(60), || tier(&db, 3)).await;
+    assert_eq!(third, "silver", "the last good version keeps serving");
+
+    Command::new("kill")
+        .args(["-TERM", &dev.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut dev = dev;
+    let status = dev.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "dev exited with {status}; stderr:\n{}",
+        dev.stderr()
+    );
+}
+
+/// `outrun dev` with a `build` command of its own (no cargo: it copies one
+/// of the probe's two builds into place): the dead events of the previous
+/// version are offered for replay and replayed with `r`, and a failing
+/// build, or a module the check rejects, leaves the running version serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_replays_dead_letters_and_survives_a_broken_build() {
+    let db = TestDb::sqlite();
+    ok(&common::outrun(&db, &["migrate"]));
+    db.exec("CREATE TABLE probe_seen (event_id TEXT PRIMARY KEY, version TEXT NOT NULL)")
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(tmp.path().join("mod")).unwrap();
+    let v1 = common::guest("probe");
+    let v2 = common::guest("probe_v2");
+    std::fs::write(src.join("version.txt"), v1.to_str().unwrap()).unwrap();
+    std::fs::write(
+        tmp.path().join("dev.toml"),
+        r#"
+[[handler]]
+name = "p"
+events = ["probe.fail", "probe.version"]
+module = "mod/probe.wasm"
+source = "src"
+build = 'cp "$(cat version.txt)" ../mod/probe.wasm'
+[handler.allow]
+sql = true
+"#,
+    )
+    .unwrap();
+    let out_path = tmp.path().join("dev.out");
+    let err_path = tmp.path().join("dev.err");
+    let child = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(tmp.path())
+        .args(["dev", "--config", "dev.toml", "--database", db.url()])
+        .envs(FAST_ENV)
+        .env_remove("OUTRUN_DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut dev = Dev {
+        child,
+        out: out_path,
+        err: err_path,
+    };
+    let mut stdin = dev.child.stdin.take().unwrap();
+    dev.wait_for_line("dev: built p", Duration::from_secs(60))
+        .await;
+    common::eventually("dev to serve", Duration::from_secs(120), || async {
+        dev.stderr().contains("dispatch loop started").then_some(())
+    })
+    .await;
+
+    ok(&common::outrun(
+        &db,
+        &[
+            "enqueue",
+            "probe.fail",
+            "--payload",
+            r#"{"message":"boom","retryable":false}"#,
+        ],
+    ));
+    dev.wait_for_line("rejected: boom", Duration::from_secs(30))
+        .await;
+    let dead = "SELECT COUNT(*) FROM outbox_events WHERE retry >= max_retry";
+    common::wait_for("the event to be dead", || async {
+        db.scalar(dead).await == 1
+    })
+    .await;
+
+    std::fs::write(src.join("version.txt"), v2.to_str().unwrap()).unwrap();
+    dev.wait_for_line("dev: reloaded p", Duration::from_secs(60))
+        .await;
+    dev.wait_for_line(
+        "1 dead event(s) of p since the previous version loaded; press r + Enter",
+        Duration::from_secs(10),
+    )
+    .await;
+    stdin.write_all(b"r\n").unwrap();
+    dev.wait_for_line(
+        "dev: replayed 1 dead event(s) of p",
+        Duration::from_secs(10),
+    )
+    .await;
+    common::eventually(
+        "the replayed event to run again",
+        Duration::from_secs(30),
+        || async { (dev.stdout().matches("rejected: boom").count() == 2).then_some(()) },
+    )
+    .await;
+
+    std::fs::write(src.join("version.txt"), "broken").unwrap();
+    dev.wait_for_line("dev: build of p failed", Duration::from_secs(60))
+        .await;
+    let stdout = dev.stdout();
+    assert!(stdout.contains("keeps serving"), "{stdout}");
+    assert!(
+        stdout.contains("cp: "),
+        "the command's error is shown: {stdout}"
+    );
+
+    // A build that succeeds but yields no component: the check rejects it.
+    let junk = tmp.path().join("junk.wasm");
+    std::fs::write(&junk, "not a component").unwrap();
+    std::fs::write(src.join("version.txt"), junk.to_str().unwrap()).unwrap();
+    dev.wait_for_line("dev: the new p was not loaded", Duration::from_secs(60))
+        .await;
+    let stdout = dev.stdout();
+    assert!(stdout.contains("not a WebAssembly file"), "{stdout}");
+
+    ok(&common::outrun(
+        &db,
+        &["enqueue", "probe.version", "--payload", "{}"],
+    ));
+    let version = common::eventually("probe.version handled", Duration::from_secs(30), || async {
+        db.strings("SELECT version FROM probe_seen")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(version, "2", "the last good build keeps serving");
+    drop(stdin);
+}
