@@ -26,7 +26,10 @@ fi
 out=target/guests
 mkdir -p "$out"
 build() { cargo build --quiet --profile guest --target wasm32-wasip2 "$@"; }
-copy() { cp "target/wasm32-wasip2/guest/$1.wasm" "$out/$2.wasm.tmp" && mv "$out/$2.wasm.tmp" "$out/$2.wasm"; }
+# Cargo writes where CARGO_TARGET_DIR says; the copies stay in this
+# checkout's target/guests, where the tests and the example config look.
+built=${CARGO_TARGET_DIR:-target}/wasm32-wasip2/guest
+copy() { cp "$built/$1.wasm" "$out/$2.wasm.tmp" && mv "$out/$2.wasm.tmp" "$out/$2.wasm"; }
 
 args=()
 for g in "${guests[@]}"; do args+=(-p "$g"); done
