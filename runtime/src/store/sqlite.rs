@@ -291,23 +291,7 @@ impl SqliteStore {
                         i64::try_from(limit).unwrap_or(i64::MAX),
                     ])?;
                     while let Some(r) = found.next()? {
-                        rows.push((
-                            r.get(0)?,
-                            ClaimRow {
-                                id: r.get(1)?,
-                                name: r.get(2)?,
-                                payload: r.get(3)?,
-                                group_id: r.get(4)?,
-                                retry: r.get(5)?,
-                                max_retry: r.get(6)?,
-                                create_date: r.get(7)?,
-                                available_at: r.get(8)?,
-                                expires_at: r.get(9)?,
-                                last_error: r.get(10)?,
-                                idempotency_key: r.get(11)?,
-                                deferrals: r.get(12)?,
-                            },
-                        ));
+                        rows.push((r.get(0)?, ClaimRow::read(r)?));
                     }
                 }
                 if rows.is_empty() {
