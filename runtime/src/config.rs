@@ -671,4 +671,24 @@ mod tests {
             .to_string();
         assert!(err.contains("OUTRUN_BATCH_SIZE"), "{err}");
     }
+
+    #[test]
+    fn effect_savepoints_from_file_and_env() {
+        assert_eq!(
+            RuntimeConfig::default().effect_savepoints,
+            SavepointMode::Auto
+        );
+        let c = load_text("[runtime]\neffect_savepoints = \"always\"\n").unwrap();
+        assert_eq!(c.runtime.effect_savepoints, SavepointMode::Always);
+        let err = load_text("[runtime]\neffect_savepoints = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sometimes") && err.contains("always"), "{err}");
+        let env = |k: &str| (k == "OUTRUN_EFFECT_SAVEPOINTS").then(|| "never".to_string());
+        let err = Config::load_with_env(None, env).unwrap_err().to_string();
+        assert!(
+            err.contains("OUTRUN_EFFECT_SAVEPOINTS") && err.contains("auto or always"),
+            "{err}"
+        );
+    }
 }
