@@ -3,7 +3,8 @@
 //! probe component recording each event it handles, and the schedulers'
 //! own log lines naming each tick they enqueued. Each tick is enqueued
 //! once, with no gaps; missed ticks follow `catch_up`; a changed or removed
-//! schedule takes effect at the restart; `outrun schedules list` shows the
+//! schedule takes effect at the restart, and an edit of the running config
+//! at once; `outrun schedules list` shows the
 //! next run; bad entries are refused naming the entry and the field.
 
 mod common;
@@ -199,6 +200,75 @@ async fn catch_up_reload_and_removal(db: TestDb) {
     assert!(second.contains("schedule loaded"), "{second}");
 }
 
+/// An edit of the config file while serve runs: a changed schedule ticks
+/// on its new definition, a removed one stops, a new one starts, all
+/// without a restart; an edit that does not load keeps the running
+/// schedules and says why.
+async fn config_edits_apply_without_restart(db: TestDb) {
+    db.store().await;
+    db.exec("CREATE TABLE sched_seen (at INTEGER)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = ["slow/probe.sql", "gone/probe.sql", "new/probe.sql"];
+    let before = format!(
+        "[[schedule]]\nname = \"slow/probe.sql\"\nevery = \"1h\"\n{RECORD}\n\n\
+         [[schedule]]\nname = \"gone/probe.sql\"\nevery = \"1s\"\n{RECORD}\n"
+    );
+    let config = write_config(dir.path(), &events, &before);
+    let s = Serve::ready(&db, &config).await;
+    wait_for("a tick of `gone`", || async {
+        enqueued_ticks(&s.log())
+            .iter()
+            .any(|(n, _)| n == "gone/probe.sql")
+    })
+    .await;
+    // Saved the way editors do: a new file renamed over the old one.
+    let after = format!(
+        "[[schedule]]\nname = \"slow/probe.sql\"\nevery = \"1s\"\n{RECORD}\n\n\
+         [[schedule]]\nname = \"new/probe.sql\"\nevery = \"1s\"\n{RECORD}\n"
+    );
+    std::fs::create_dir(dir.path().join("staging")).unwrap();
+    let staged = write_config(&dir.path().join("staging"), &events, &after);
+    std::fs::rename(&staged, &config).unwrap();
+    let edited_at = Utc::now();
+    wait_for("ticks of the changed and the new schedule", || async {
+        let log = s.log();
+        let ticks = enqueued_ticks(&log);
+        ["slow/probe.sql", "new/probe.sql"]
+            .iter()
+            .all(|n| ticks.iter().filter(|(s, _)| s == n).count() >= 2)
+    })
+    .await;
+    // A broken edit: the running schedules stay.
+    std::fs::write(
+        &config,
+        "[[schedule]]\nname = \"slow/probe.sql\"\ncron = \"0 25 * * *\"\n",
+    )
+    .unwrap();
+    wait_for("the broken edit reported", || async {
+        s.log().contains("does not load")
+    })
+    .await;
+    let broken_at = Utc::now();
+    wait_for("`slow` still ticking after the broken edit", || async {
+        enqueued_ticks(&s.log())
+            .iter()
+            .any(|(n, t)| n == "slow/probe.sql" && *t > broken_at)
+    })
+    .await;
+    let log = s.stop();
+    assert!(log.contains("schedule changed (config reloaded)"), "{log}");
+    assert!(log.contains("schedule removed (config reloaded)"), "{log}");
+    assert!(log.contains("`cron`"), "{log}");
+    // Removed: nothing after the edit was read (a tick in flight at the
+    // edit may land within the debounce).
+    let gone = ticks_once(std::slice::from_ref(&log), "gone/probe.sql");
+    let late = edited_at + chrono::Duration::seconds(2);
+    assert!(gone.iter().all(|t| *t < late), "{gone:?}");
+    // Changed: every second now, and each tick once.
+    let slow = ticks_once(std::slice::from_ref(&log), "slow/probe.sql");
+    assert!(slow.len() >= 3, "{slow:?}");
+}
+
 /// catch_up = "none" skips the ticks of a downtime and says so; "last"
 /// runs only the latest of them.
 async fn missed_ticks_none_and_last(db: TestDb) {
@@ -342,6 +412,7 @@ fn bad_schedules_name_the_entry_and_the_field() {
 on_both_backends!(
     one_event_per_tick_across_instances_and_kill_9,
     catch_up_reload_and_removal,
+    config_edits_apply_without_restart,
     missed_ticks_none_and_last,
     schedules_list_shows_the_next_run,
 );

@@ -212,6 +212,7 @@ async fn start_services(
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let r = &config.runtime;
+    let r_max_retry = r.max_retry;
     let mut tasks = vec![
         tokio::spawn(crate::maintenance::expirer::run(
             store.clone(),
@@ -225,37 +226,35 @@ async fn start_services(
             stop.clone(),
         )),
     ];
-    let schedules = crate::schedule::Schedule::all(&config.schedule)?;
-    if let Some(schemas) = store.schemas() {
-        // A payload its schema refuses would fail at every tick; say so now.
-        for s in &schedules {
-            schemas
-                .check(s.name(), &s.event(chrono::Utc::now()).payload)
-                .map_err(|e| anyhow::anyhow!("[[schedule]] `{}`: `payload` {e}", s.name()))?;
-        }
-    }
-    for s in &schedules {
-        let bound = config
-            .handler
-            .iter()
-            .any(|h| h.events.iter().any(|e| e == s.name()))
-            || config
-                .relay
-                .iter()
-                .any(|r| r.events.iter().any(|e| e == s.name()));
-        if !bound {
-            tracing::warn!(
-                schedule = s.name(),
-                "no [[handler]] or [[relay]] binds this schedule's event name: each of its events will be dead with 'no handler for event'"
-            );
-        }
-    }
-    tasks.push(tokio::spawn(crate::maintenance::scheduler::run(
-        store.clone(),
-        schedules,
-        r.max_retry,
-        stop.clone(),
-    )));
+    let schedules =
+        crate::maintenance::scheduler::from_config(config, store.schemas().map(|s| &**s))?;
+    let (updates, schedules_rx) = tokio::sync::watch::channel(Arc::new(schedules));
+    // Edits of [[schedule]] take effect while serve runs; without a config
+    // file there is nothing to watch.
+    let watcher = match &config.source {
+        Some(path) => Some(
+            crate::maintenance::scheduler::watch_config(
+                path.clone(),
+                store.schemas().cloned(),
+                updates,
+            )
+            .with_context(|| format!("watching the config file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let scheduler_store = store.clone();
+    let scheduler_stop = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        // The watcher lives as long as the scheduler.
+        let _watcher = watcher;
+        crate::maintenance::scheduler::run(
+            scheduler_store,
+            schedules_rx,
+            r_max_retry,
+            scheduler_stop,
+        )
+        .await
+    }));
     if let (Some(addr), Some(metrics)) = (&config.admin.listen, metrics) {
         let loaded = loaded.clone();
         let state = crate::admin::AdminState {
