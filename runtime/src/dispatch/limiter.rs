@@ -1,9 +1,13 @@
-//! The claimer's side of `[[limit]]` (see [`crate::limits`]): before the
-//! ordinary claim (which skips every limited name) it claims each limit's
-//! events through [`Store::claim_limited`], within the limit's budget. A
-//! rate limit that ran dry is not asked again until its next token is due:
-//! the dispatch loop sleeps until [`Limiter::next_token_at`] instead of
-//! polling the bucket.
+//! The claimer's side of `[[limit]]` (see [`crate::limits`]). Rate tokens
+//! come from the shared bucket in grants of a few claims' worth
+//! ([`Store::grant_tokens`]) and are spent locally. Before the ordinary
+//! claim, each limit either lets the ordinary claim take its names (a rate
+//! limit without a key whose tokens cover the whole claim: a limit that
+//! does not bind costs no claim of its own) or claims them itself through
+//! [`Store::claim_limited`] within its budget, and the ordinary claim skips
+//! them. A rate limit that ran dry is not asked again until its next token
+//! is due: the dispatch loop sleeps until [`Limiter::next_token_at`]
+//! instead of polling the bucket.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -16,6 +20,10 @@ use crate::event::Claimed;
 use crate::limits::{FALLBACK_KEY, KeySource, Limit, Limits};
 use crate::store::{Store, StoreError};
 
+/// A grant asks for this many claims' worth of tokens, so a rate limit
+/// that does not bind costs one small statement every few claims.
+const GRANT_CLAIMS: u64 = 4;
+
 /// What the claimer keeps per limit.
 struct Held {
     limit: Limit,
@@ -23,16 +31,45 @@ struct Held {
     not_before: Mutex<Option<Instant>>,
     /// The missing-key warning was logged (once per limit and process).
     fallback_logged: AtomicBool,
+    /// Rate tokens granted to this instance and not spent yet. Taken out
+    /// before a claim (so two claims in flight cannot spend the same
+    /// token) and the unspent part put back after.
+    tokens: Mutex<u64>,
+}
+
+impl Held {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.tokens.lock().expect("limiter tokens lock")
+    }
 }
 
 pub struct Limiter {
     held: Vec<Held>,
-    names: Vec<String>,
     /// Names of per-key limits: a finished event of one frees a slot of
     /// its key, so the claimer should look again at once.
     per_key: HashSet<String>,
     /// Which limit claims first next time, so none is always last.
     turn: AtomicUsize,
+}
+
+/// Tokens taken out for the ordinary claim: (limit, tokens) pairs.
+#[derive(Default)]
+pub struct Reserved(Vec<(usize, u64)>);
+
+/// What [`Limiter::claim`] did before the ordinary claim.
+#[derive(Default)]
+pub struct Prepared {
+    /// Events claimed through their limits (leased).
+    pub claimed: Vec<Claimed>,
+    /// Names the ordinary claim must skip: their limit claimed them above
+    /// within its budget, or has no budget now.
+    pub excluded: Vec<String>,
+    /// Rate limits whose names the ordinary claim may take: each holds
+    /// tokens for a whole claim, taken out here; [`Limiter::settle`] puts
+    /// back what the ordinary claim did not spend.
+    pub reserved: Reserved,
+    /// A claim or grant that failed (the rest went on).
+    pub error: Option<StoreError>,
 }
 
 impl Limiter {
@@ -51,7 +88,6 @@ impl Limiter {
             tracing::info!(limit = %l.id, events = %l.names.join(","), "limit loaded: {}", l.describe());
         }
         Some(Limiter {
-            names: limits.names(),
             per_key: limits
                 .limits
                 .iter()
@@ -65,15 +101,11 @@ impl Limiter {
                     limit,
                     not_before: Mutex::new(None),
                     fallback_logged: AtomicBool::new(false),
+                    tokens: Mutex::new(0),
                 })
                 .collect(),
             turn: AtomicUsize::new(0),
         })
-    }
-
-    /// Every limited event name: the ordinary claim skips them.
-    pub fn names(&self) -> &[String] {
-        &self.names
     }
 
     /// Whether a finished event of `name` may have made room for another
@@ -93,50 +125,105 @@ impl Limiter {
             .min()
     }
 
-    /// Claim up to `want` limited events, limit by limit. The events
-    /// claimed so far are returned even when a later claim failed (they
-    /// are leased), with the error.
+    /// Prepare a claim of up to `want` events, limit by limit. A rate
+    /// limit without a key that holds tokens for the whole claim does not
+    /// bind: its names are left to the ordinary claim (the cheapest path;
+    /// the tokens are reserved). Every other limit claims its names here,
+    /// within its budget (tokens held, free slots per key), and the
+    /// ordinary claim skips them.
     pub async fn claim(
         &self,
         store: &Store,
         worker: &str,
         want: usize,
         lease: Duration,
-    ) -> (Vec<Claimed>, Option<StoreError>) {
-        let mut out = Vec::new();
+    ) -> Prepared {
+        let mut out = Prepared::default();
         let first = self.turn.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.held.len() {
-            let left = want.saturating_sub(out.len());
-            if left == 0 {
-                break;
-            }
-            let h = &self.held[(first + i) % self.held.len()];
+            let idx = (first + i) % self.held.len();
+            let h = &self.held[idx];
             if h.not_before
                 .lock()
                 .expect("limiter lock")
                 .is_some_and(|t| t > Instant::now())
             {
+                out.excluded.extend_from_slice(&h.limit.names);
                 continue;
             }
-            match store.claim_limited(worker, &h.limit, left, lease).await {
-                Ok(got) => {
-                    *h.not_before.lock().expect("limiter lock") =
-                        got.wait.map(|w| Instant::now() + w);
-                    if let Some(w) = got.wait {
-                        metrics::counter!("outrun_limit_throttled_milliseconds_total", "limit" => h.limit.id.clone())
-                            .increment(w.as_millis() as u64);
+            let left = want.saturating_sub(out.claimed.len());
+            // What this limit may claim now, taken out of its tokens.
+            let mut budget = left;
+            if let Some(rate) = &h.limit.rate {
+                let have = *h.tokens();
+                if have < want as u64 {
+                    let ask = (want as u64).saturating_mul(GRANT_CLAIMS) - have;
+                    match store.grant_tokens(&h.limit, rate, ask).await {
+                        Ok(g) => {
+                            *h.tokens() += g.granted;
+                            if let Some(w) = g.wait
+                                && have == 0
+                            {
+                                *h.not_before.lock().expect("limiter lock") =
+                                    Some(Instant::now() + w);
+                                metrics::counter!("outrun_limit_throttled_milliseconds_total", "limit" => h.limit.id.clone())
+                                    .increment(w.as_millis() as u64);
+                            }
+                        }
+                        Err(e) => out.error = Some(e),
                     }
-                    if !got.claimed.is_empty() {
-                        metrics::counter!("outrun_limit_claimed_total", "limit" => h.limit.id.clone())
-                            .increment(got.claimed.len() as u64);
-                        self.check_keys(h, &got.claimed);
-                    }
-                    out.extend(got.claimed);
                 }
-                Err(e) => return (out, Some(e)),
+                let mut tokens = h.tokens();
+                if h.limit.per_key.is_none() && *tokens >= want as u64 {
+                    *tokens -= want as u64;
+                    out.reserved.0.push((idx, want as u64));
+                    continue;
+                }
+                budget = budget.min(*tokens as usize);
+                *tokens -= budget as u64;
+            }
+            out.excluded.extend_from_slice(&h.limit.names);
+            if budget == 0 {
+                continue;
+            }
+            match store.claim_limited(worker, &h.limit, budget, lease).await {
+                Ok(got) => {
+                    if h.limit.rate.is_some() {
+                        *h.tokens() += (budget - got.len()) as u64;
+                    }
+                    if !got.is_empty() {
+                        metrics::counter!("outrun_limit_claimed_total", "limit" => h.limit.id.clone())
+                            .increment(got.len() as u64);
+                        self.check_keys(h, &got);
+                    }
+                    out.claimed.extend(got);
+                }
+                Err(e) => {
+                    if h.limit.rate.is_some() {
+                        *h.tokens() += budget as u64;
+                    }
+                    out.error = Some(e);
+                }
             }
         }
-        (out, None)
+        out
+    }
+
+    /// After the ordinary claim (`more`, or nothing if it failed): spend
+    /// the reserved tokens of the events it took, put back the rest.
+    pub fn settle(&self, reserved: Reserved, more: &[Claimed]) {
+        for (idx, n) in reserved.0 {
+            let h = &self.held[idx];
+            let used = more
+                .iter()
+                .filter(|c| h.limit.names.iter().any(|n| *n == c.event.name))
+                .count() as u64;
+            *h.tokens() += n.saturating_sub(used);
+            if used > 0 {
+                metrics::counter!("outrun_limit_claimed_total", "limit" => h.limit.id.clone())
+                    .increment(used);
+            }
+        }
     }
 
     /// Log, once per limit, an event whose payload has no concurrency key.

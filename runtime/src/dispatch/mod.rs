@@ -236,30 +236,41 @@ impl Dispatcher {
             let lease = cfg.lease_duration;
             let limiter = self.limiter.clone();
             async move {
-                // Limited names first, within their budgets; the ordinary
-                // claim takes the rest of the room and skips them.
+                // Limits first: each claims its names within its budget,
+                // or (not binding) leaves them to the ordinary claim.
                 let mut batch = Vec::new();
-                let mut excluded: &[String] = &[];
+                let mut excluded = Vec::new();
+                let mut reserved = limiter::Reserved::default();
                 if let Some(limiter) = &limiter {
-                    let (got, err) = limiter.claim(&store, &worker_id, want, lease).await;
-                    match err {
-                        Some(e) if got.is_empty() => return (want, signals, Err(e)),
+                    let prepared = limiter.claim(&store, &worker_id, want, lease).await;
+                    match prepared.error {
+                        Some(e) if prepared.claimed.is_empty() => {
+                            limiter.settle(prepared.reserved, &[]);
+                            return (want, signals, Err(e));
+                        }
                         Some(e) => {
                             tracing::error!(error = %e, "claiming limited events failed; will retry")
                         }
                         None => {}
                     }
-                    batch = got;
-                    excluded = limiter.names();
+                    batch = prepared.claimed;
+                    excluded = prepared.excluded;
+                    reserved = prepared.reserved;
                 }
                 let rest = want - batch.len();
                 if rest == 0 {
+                    if let Some(limiter) = &limiter {
+                        limiter.settle(reserved, &[]);
+                    }
                     return (want, signals, Ok(batch));
                 }
-                let result = match store
-                    .claim_excluding(&worker_id, rest, lease, &skip, excluded)
-                    .await
-                {
+                let result = store
+                    .claim_excluding(&worker_id, rest, lease, &skip, &excluded)
+                    .await;
+                if let Some(limiter) = &limiter {
+                    limiter.settle(reserved, result.as_deref().unwrap_or_default());
+                }
+                let result = match result {
                     Ok(more) if batch.is_empty() => Ok(more),
                     Ok(more) => {
                         batch.extend(more);

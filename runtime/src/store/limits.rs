@@ -1,7 +1,9 @@
-//! The store's side of `[[limit]]`: claims of limited event names that
-//! never exceed the limit's budget, with `outrun_limits` holding each
-//! limit's token bucket and serving as the lock that makes the claims of
-//! one limit take turns across instances. See [`crate::limits`].
+//! The store's side of `[[limit]]`: `outrun_limits` holds each rate
+//! limit's token bucket, from which instances take grants of tokens
+//! ([`Store::grant_tokens`], one statement), and its row is the lock that
+//! makes the per-key claims of one limit take turns across instances
+//! ([`Store::claim_limited`]). See [`crate::limits`] and
+//! `dispatch/limiter.rs` for how the claimer spends grants.
 
 use std::time::Duration;
 
@@ -9,18 +11,19 @@ use serde::Serialize;
 
 use super::{Result, Store};
 use crate::event::Claimed;
-use crate::limits::Limit;
+use crate::limits::{Limit, Rate, token_wait};
 
 /// Rows a per-key claim looks at for each event it may take: rows of keys
 /// that are at their limit are skipped before this window, so a busy key
 /// does not hold back the others.
 pub(super) const SCAN_FACTOR: usize = 4;
 
-/// What [`Store::claim_limited`] did.
-#[derive(Debug, Default)]
-pub struct LimitedClaim {
-    pub claimed: Vec<Claimed>,
-    /// The rate limit ran dry: no claim of it is worth making for this long.
+/// What [`Store::grant_tokens`] took from a bucket.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Grant {
+    /// Whole tokens taken (each allows claiming one event).
+    pub granted: u64,
+    /// The bucket ran dry (nothing granted): no token for this long.
     pub wait: Option<Duration>,
 }
 
@@ -28,7 +31,9 @@ pub struct LimitedClaim {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LimitState {
     pub limit: String,
-    /// Tokens in the bucket as of the last claim (rate limits).
+    /// Tokens in the bucket (rate limits), not counting tokens that
+    /// instances hold in grants they have not spent yet (at most a few
+    /// claims' worth each).
     pub tokens: Option<f64>,
     /// Events of the limit leased now (running, or claimed to run).
     pub running: i64,
@@ -38,21 +43,46 @@ pub struct LimitState {
 }
 
 impl Store {
-    /// Claim up to `want` ready events of `limit`'s names, within its
-    /// budget: no more than the tokens its bucket holds (taken in the same
-    /// transaction), and for a per-key limit no more events of a key than
-    /// `per_key` minus those leased already, anywhere. Otherwise as
-    /// [`Store::claim`] (ready, live, group heads, oldest first).
+    /// Take up to `want` whole tokens from `limit`'s bucket (refilled to
+    /// now first; a new bucket starts full), in one statement. The tokens
+    /// are spent by the caller's claims; unspent ones are the caller's to
+    /// keep for its next claims, never given back, so the bucket's rate
+    /// bounds every instance's claims together.
+    pub async fn grant_tokens(&self, limit: &Limit, rate: &Rate, want: u64) -> Result<Grant> {
+        if want == 0 {
+            return Ok(Grant::default());
+        }
+        let (granted, left) = match self {
+            Store::Sqlite(s) => s.grant_tokens(limit, rate, want).await?,
+            Store::Postgres(s) => s.grant_tokens(limit, rate, want).await?,
+        };
+        let granted = granted.max(0.0) as u64;
+        Ok(Grant {
+            granted,
+            wait: (granted == 0).then(|| token_wait(left, rate.per_second)),
+        })
+    }
+
+    /// Claim up to `budget` ready events of `limit`'s names; for a per-key
+    /// limit no more events of a key than `per_key` minus those leased
+    /// already, anywhere (the claims of one per-key limit take turns on
+    /// its row lock, so each counts the leases of the one before).
+    /// Otherwise as [`Store::claim`] (ready, live, group heads, oldest
+    /// first). Rate tokens are not touched: `budget` is what the caller
+    /// may spend.
     pub async fn claim_limited(
         &self,
         worker: &str,
         limit: &Limit,
-        want: usize,
+        budget: usize,
         lease: Duration,
-    ) -> Result<LimitedClaim> {
+    ) -> Result<Vec<Claimed>> {
+        if budget == 0 {
+            return Ok(Vec::new());
+        }
         match self {
-            Store::Sqlite(s) => s.claim_limited(worker, limit, want, lease).await,
-            Store::Postgres(s) => s.claim_limited(worker, limit, want, lease).await,
+            Store::Sqlite(s) => s.claim_limited(worker, limit, budget, lease).await,
+            Store::Postgres(s) => s.claim_limited(worker, limit, budget, lease).await,
         }
     }
 

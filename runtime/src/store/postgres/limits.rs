@@ -1,11 +1,12 @@
-//! Limited claims on PostgreSQL (see `store/limits.rs`).
+//! Limits on PostgreSQL (see `store/limits.rs`).
 //!
-//! The claim transaction locks the limit's row of `outrun_limits` first,
-//! so the claims of one limit run one at a time across instances and each
-//! sees the leases of the one before (committed), then refills and spends
-//! the token bucket and counts the leased events per key in the same
-//! transaction. Time in the bucket is `clock_timestamp()`: a claim that
-//! waited for the row lock must not refill from its transaction's start.
+//! A grant refills and spends a bucket in one `UPDATE` of its row. A
+//! per-key claim is a transaction that locks the limit's row first, so the
+//! claims of one limit run one at a time across instances and each sees
+//! the leases of the one before (committed), then counts the leased events
+//! per key and claims in one statement. A claim of a rate limit without a
+//! key needs no lock: `SKIP LOCKED` keeps claims apart, and the tokens were
+//! granted before.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -15,9 +16,9 @@ use uuid::Uuid;
 
 use super::{EVENT_COLUMNS, PgStore, duration_us, event_from_row, prefixed};
 use crate::event::Claimed;
-use crate::limits::{FALLBACK_KEY, KeySource, Limit, token_wait};
+use crate::limits::{FALLBACK_KEY, KeySource, Limit, Rate};
 use crate::store::Result;
-use crate::store::limits::{LimitState, LimitedClaim, SCAN_FACTOR};
+use crate::store::limits::{LimitState, SCAN_FACTOR};
 
 /// `$7` is the pointer's path, `$8` the fallback key.
 const POINTER_KEY: &str = "COALESCE(e.payload::jsonb #>> $7::text[], $8)";
@@ -85,91 +86,108 @@ fn limited_claim_sql(key: Option<&str>) -> String {
     )
 }
 
+/// Refill to now, then take up to `$4` whole tokens. SET sees the row as
+/// it was, so `granted` and `tokens` both start from the old balance.
+/// `refilled_at` never moves back: a grant that waited for the row lock
+/// behind another must not refill the other's interval twice.
+const GRANT: &str = "UPDATE outrun_limits l SET
+         granted = LEAST($4, floor(LEAST($2, l.tokens + $3 * GREATEST(0, EXTRACT(EPOCH FROM n.t - l.refilled_at))))),
+         tokens = LEAST($2, l.tokens + $3 * GREATEST(0, EXTRACT(EPOCH FROM n.t - l.refilled_at)))
+                  - LEAST($4, floor(LEAST($2, l.tokens + $3 * GREATEST(0, EXTRACT(EPOCH FROM n.t - l.refilled_at))))),
+         refilled_at = GREATEST(l.refilled_at, n.t)
+     FROM (SELECT clock_timestamp() AS t) n
+     WHERE l.name = $1
+     RETURNING l.granted, l.tokens";
+
 impl PgStore {
-    pub(crate) async fn claim_limited(
+    pub(crate) async fn grant_tokens(
         &self,
-        worker: &str,
         limit: &Limit,
-        want: usize,
-        lease: Duration,
-    ) -> Result<LimitedClaim> {
-        if want == 0 {
-            return Ok(LimitedClaim::default());
+        rate: &Rate,
+        want: u64,
+    ) -> Result<(f64, f64)> {
+        let grant = || {
+            sqlx::query_as::<_, (f64, f64)>(GRANT)
+                .bind(&limit.id)
+                .bind(rate.burst)
+                .bind(rate.per_second)
+                .bind(want as f64)
+        };
+        if let Some(row) = grant().fetch_optional(&self.bookkeeping).await? {
+            return Ok(row);
         }
-        let mut tx = self.bookkeeping.begin().await?;
         // A new bucket starts full.
+        self.ensure_limit_row(&limit.id, rate.burst).await?;
+        Ok(grant().fetch_one(&self.bookkeeping).await?)
+    }
+
+    async fn ensure_limit_row(&self, id: &str, tokens: f64) -> Result<()> {
         sqlx::query(
             "INSERT INTO outrun_limits (name, tokens, refilled_at) VALUES ($1, $2, clock_timestamp())
              ON CONFLICT (name) DO NOTHING",
         )
-        .bind(&limit.id)
-        .bind(limit.rate.map_or(0.0, |r| r.burst))
-        .execute(&mut *tx)
+        .bind(id)
+        .bind(tokens)
+        .execute(&self.bookkeeping)
         .await?;
-        let budget = match &limit.rate {
-            Some(rate) => {
-                let tokens: f64 = sqlx::query_scalar(
-                    "UPDATE outrun_limits
-                     SET tokens = LEAST($2, tokens + $3 * GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp() - refilled_at))),
-                         refilled_at = clock_timestamp()
-                     WHERE name = $1
-                     RETURNING tokens",
-                )
-                .bind(&limit.id)
-                .bind(rate.burst)
-                .bind(rate.per_second)
-                .fetch_one(&mut *tx)
-                .await?;
-                let n = (tokens.floor().max(0.0) as usize).min(want);
-                if n == 0 {
-                    tx.commit().await?;
-                    return Ok(LimitedClaim {
-                        claimed: Vec::new(),
-                        wait: Some(token_wait(tokens, rate.per_second)),
-                    });
-                }
-                n
-            }
-            None => {
-                sqlx::query("SELECT 1 FROM outrun_limits WHERE name = $1 FOR UPDATE")
-                    .bind(&limit.id)
-                    .execute(&mut *tx)
-                    .await?;
-                want
-            }
-        };
+        Ok(())
+    }
+
+    pub(crate) async fn claim_limited(
+        &self,
+        worker: &str,
+        limit: &Limit,
+        budget: usize,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>> {
         let token = Uuid::new_v4();
-        let (sql, segments, per_key) = match &limit.per_key {
-            None => (&*CLAIM_NO_KEY, Vec::new(), 0),
-            Some(p) => match &p.key {
-                KeySource::Pointer { segments, .. } => {
-                    (&*CLAIM_POINTER, segments.clone(), i64::from(p.n))
+        let budget_i64 = i64::try_from(budget).unwrap_or(i64::MAX);
+        let rows = match &limit.per_key {
+            None => {
+                sqlx::query(&CLAIM_NO_KEY)
+                    .bind(worker)
+                    .bind(&limit.names)
+                    .bind(budget_i64)
+                    .bind(duration_us(lease))
+                    .bind(token)
+                    .fetch_all(&self.bookkeeping)
+                    .await?
+            }
+            Some(p) => {
+                let (sql, segments) = match &p.key {
+                    KeySource::Pointer { segments, .. } => (&*CLAIM_POINTER, segments.clone()),
+                    KeySource::Group => (&*CLAIM_GROUP, Vec::new()),
+                };
+                let mut tx = self.bookkeeping.begin().await?;
+                let locked = sqlx::query("SELECT 1 FROM outrun_limits WHERE name = $1 FOR UPDATE")
+                    .bind(&limit.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if locked.is_none() {
+                    // First claim of this limit anywhere: make its row, then lock it.
+                    self.ensure_limit_row(&limit.id, limit.rate.map_or(0.0, |r| r.burst))
+                        .await?;
+                    sqlx::query("SELECT 1 FROM outrun_limits WHERE name = $1 FOR UPDATE")
+                        .bind(&limit.id)
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                KeySource::Group => (&*CLAIM_GROUP, Vec::new(), i64::from(p.n)),
-            },
+                let rows = sqlx::query(sql)
+                    .bind(worker)
+                    .bind(&limit.names)
+                    .bind(budget_i64)
+                    .bind(duration_us(lease))
+                    .bind(token)
+                    .bind(i64::from(p.n))
+                    .bind(segments)
+                    .bind(FALLBACK_KEY)
+                    .bind(i64::try_from(budget.saturating_mul(SCAN_FACTOR)).unwrap_or(i64::MAX))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                rows
+            }
         };
-        let mut query = sqlx::query(sql)
-            .bind(worker)
-            .bind(&limit.names)
-            .bind(i64::try_from(budget).unwrap_or(i64::MAX))
-            .bind(duration_us(lease))
-            .bind(token);
-        if limit.per_key.is_some() {
-            query = query
-                .bind(per_key)
-                .bind(segments)
-                .bind(FALLBACK_KEY)
-                .bind(i64::try_from(budget.saturating_mul(SCAN_FACTOR)).unwrap_or(i64::MAX));
-        }
-        let rows = query.fetch_all(&mut *tx).await?;
-        if limit.rate.is_some() && !rows.is_empty() {
-            sqlx::query("UPDATE outrun_limits SET tokens = tokens - $2 WHERE name = $1")
-                .bind(&limit.id)
-                .bind(rows.len() as f64)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
         let mut claimed = rows
             .iter()
             .map(|r| {
@@ -181,10 +199,7 @@ impl PgStore {
             })
             .collect::<Result<Vec<_>>>()?;
         claimed.sort_by_key(|c| (c.event.available_at, c.seq));
-        Ok(LimitedClaim {
-            claimed,
-            wait: None,
-        })
+        Ok(claimed)
     }
 
     pub(crate) async fn limit_state(&self, limit: &Limit) -> Result<LimitState> {

@@ -1,6 +1,7 @@
-//! Limited claims on SQLite (see `store/limits.rs`): one transaction on
-//! the writer, which already serialises every claim, refills and spends
-//! the bucket and counts the leased events per key. The key of a payload
+//! Limits on SQLite (see `store/limits.rs`): a grant and a limited claim
+//! are each one transaction on the writer, which already serialises every
+//! claim, so a per-key claim counts the leased events per key without a
+//! lock of its own. The key of a payload
 //! comes from `outrun_json_pointer(payload, pointer)`, a function the
 //! writer connection registers (RFC 6901 pointers, which `json_extract`
 //! paths cannot express exactly: "/0" may be a key or an index).
@@ -11,9 +12,9 @@ use rusqlite::OptionalExtension;
 
 use super::{ClaimRow, SqliteStore, duration_ms, now_ms};
 use crate::event::Claimed;
-use crate::limits::{FALLBACK_KEY, KeySource, Limit, token_wait};
+use crate::limits::{FALLBACK_KEY, KeySource, Limit, Rate};
 use crate::store::Result;
-use crate::store::limits::{LimitState, LimitedClaim, SCAN_FACTOR};
+use crate::store::limits::{LimitState, SCAN_FACTOR};
 
 /// `?5` is the pointer, `?6` the fallback key.
 const POINTER_KEY: &str = "COALESCE(outrun_json_pointer(e.payload, ?5), ?6)";
@@ -58,45 +59,58 @@ fn pick_sql(key: Option<&str>) -> String {
 }
 
 impl SqliteStore {
+    pub(crate) async fn grant_tokens(
+        &self,
+        limit: &Limit,
+        rate: &Rate,
+        want: u64,
+    ) -> Result<(f64, f64)> {
+        let id = limit.id.clone();
+        let rate = *rate;
+        let now = now_ms();
+        self.writer
+            .run_tx(move |conn| {
+                let stored: Option<(f64, i64)> = conn
+                    .prepare_cached("SELECT tokens, refilled_at FROM outrun_limits WHERE name = ?1")?
+                    .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let (tokens, at) = match stored {
+                    // A new bucket starts full.
+                    None => (rate.burst, now),
+                    Some((tokens, at)) => (
+                        (tokens + rate.per_second * ((now - at).max(0) as f64 / 1000.0))
+                            .min(rate.burst),
+                        at.max(now),
+                    ),
+                };
+                let granted = tokens.floor().max(0.0).min(want as f64);
+                let left = tokens - granted;
+                conn.prepare_cached(
+                    "INSERT INTO outrun_limits (name, tokens, refilled_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, refilled_at = excluded.refilled_at",
+                )?
+                .execute(rusqlite::params![id, left, at])?;
+                Ok((granted, left))
+            })
+            .await
+    }
+
     pub(crate) async fn claim_limited(
         &self,
         worker: &str,
         limit: &Limit,
-        want: usize,
+        budget: usize,
         lease: Duration,
-    ) -> Result<LimitedClaim> {
-        if want == 0 {
-            return Ok(LimitedClaim::default());
-        }
+    ) -> Result<Vec<Claimed>> {
         let limit = limit.clone();
         let worker_name = worker.to_string();
         let now = now_ms();
         let locked_until = now.saturating_add(duration_ms(lease));
         let token = uuid::Uuid::new_v4();
-        let (rows, wait) = self
+        let rows = self
             .writer
             .run_tx(move |conn| {
-                let budget = match &limit.rate {
-                    Some(rate) => {
-                        let stored: Option<(f64, i64)> = conn
-                            .prepare_cached(
-                                "SELECT tokens, refilled_at FROM outrun_limits WHERE name = ?1",
-                            )?
-                            .query_row([&limit.id], |r| Ok((r.get(0)?, r.get(1)?)))
-                            .optional()?;
-                        let tokens = match stored {
-                            // A new bucket starts full.
-                            None => rate.burst,
-                            Some((tokens, at)) => (tokens
-                                + rate.per_second * ((now - at).max(0) as f64 / 1000.0))
-                                .min(rate.burst),
-                        };
-                        let n = (tokens.floor().max(0.0) as usize).min(want);
-                        Some((tokens, n))
-                    }
-                    None => None,
-                };
-                let n = budget.map_or(want, |(_, n)| n);
+                let n = budget;
                 let mut rows: Vec<(i64, ClaimRow)> = Vec::new();
                 if n > 0 {
                     let (sql, pointer, per_key) = match &limit.per_key {
@@ -161,23 +175,10 @@ impl SqliteStore {
                         ])?;
                     }
                 }
-                let mut wait = None;
-                if let (Some((tokens, _)), Some(rate)) = (budget, &limit.rate) {
-                    let left = tokens - rows.len() as f64;
-                    conn.prepare_cached(
-                        "INSERT INTO outrun_limits (name, tokens, refilled_at) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, refilled_at = excluded.refilled_at",
-                    )?
-                    .execute(rusqlite::params![limit.id, left, now])?;
-                    if n == 0 {
-                        wait = Some(token_wait(left, rate.per_second));
-                    }
-                }
-                Ok((rows, wait))
+                Ok(rows)
             })
             .await?;
-        let claimed = rows
-            .into_iter()
+        rows.into_iter()
             .map(|(seq, r)| {
                 Ok(Claimed {
                     event: r.into_event(worker, locked_until)?,
@@ -185,8 +186,7 @@ impl SqliteStore {
                     seq,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LimitedClaim { claimed, wait })
+            .collect::<Result<Vec<_>>>()
     }
 
     pub(crate) async fn limit_state(&self, limit: &Limit) -> Result<LimitState> {
