@@ -99,6 +99,29 @@ const GRANT: &str = "UPDATE outrun_limits l SET
      WHERE l.name = $1
      RETURNING l.granted, l.tokens";
 
+/// Events of the limit's names (`$1`) leased now, anywhere. Leased rows
+/// sort at their lease's end in the claim index.
+const LEASED: &str = "SELECT count(*) FROM outbox_events e
+     WHERE e.retry < e.max_retry AND e.available_at > now()
+       AND e.lock_token IS NOT NULL AND e.locked_until > now()
+       AND e.name = ANY($1::text[])";
+
+/// Claimed rows, oldest first (RETURNING order is unspecified).
+fn finish(rows: Vec<sqlx::postgres::PgRow>, token: Uuid) -> Result<Vec<Claimed>> {
+    let mut claimed = rows
+        .iter()
+        .map(|r| {
+            Ok(Claimed {
+                event: event_from_row(r)?,
+                token,
+                seq: r.try_get::<i64, _>("seq")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    claimed.sort_by_key(|c| (c.event.available_at, c.seq));
+    Ok(claimed)
+}
+
 impl PgStore {
     pub(crate) async fn grant_tokens(
         &self,
@@ -172,6 +195,25 @@ impl PgStore {
                         .execute(&mut *tx)
                         .await?;
                 }
+                // Every key together has this many leased: if the claim
+                // cannot take any key past `per_key` even were they all one
+                // key, it needs no keys (no payload parsed, no count per key).
+                let leased: i64 = sqlx::query_scalar(LEASED)
+                    .bind(&limit.names)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if leased.saturating_add(budget_i64) <= i64::from(p.n) {
+                    let rows = sqlx::query(&CLAIM_NO_KEY)
+                        .bind(worker)
+                        .bind(&limit.names)
+                        .bind(budget_i64)
+                        .bind(duration_us(lease))
+                        .bind(token)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    return finish(rows, token);
+                }
                 let rows = sqlx::query(sql)
                     .bind(worker)
                     .bind(&limit.names)
@@ -188,18 +230,7 @@ impl PgStore {
                 rows
             }
         };
-        let mut claimed = rows
-            .iter()
-            .map(|r| {
-                Ok(Claimed {
-                    event: event_from_row(r)?,
-                    token,
-                    seq: r.try_get::<i64, _>("seq")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        claimed.sort_by_key(|c| (c.event.available_at, c.seq));
-        Ok(claimed)
+        finish(rows, token)
     }
 
     pub(crate) async fn limit_state(&self, limit: &Limit) -> Result<LimitState> {

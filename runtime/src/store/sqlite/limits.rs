@@ -113,7 +113,25 @@ impl SqliteStore {
                 let n = budget;
                 let mut rows: Vec<(i64, ClaimRow)> = Vec::new();
                 if n > 0 {
-                    let (sql, pointer, per_key) = match &limit.per_key {
+                    let names = serde_json::to_string(&limit.names).expect("strings serialise");
+                    // As on PostgreSQL: a claim that cannot take any key
+                    // past `per_key`, were all leased events one key, needs
+                    // no keys.
+                    let cannot_bind = match &limit.per_key {
+                        Some(p) => {
+                            let leased: i64 = conn
+                                .prepare_cached(
+                                    "SELECT count(*) FROM outbox_events e
+                                     WHERE e.retry < e.max_retry AND e.available_at >= ?1
+                                       AND e.lock_token IS NOT NULL AND e.locked_until >= ?1
+                                       AND e.name IN (SELECT value FROM json_each(?2))",
+                                )?
+                                .query_row(rusqlite::params![now, names], |r| r.get(0))?;
+                            leased.saturating_add(n as i64) <= i64::from(p.n)
+                        }
+                        None => true,
+                    };
+                    let (sql, pointer, per_key) = match limit.per_key.as_ref().filter(|_| !cannot_bind) {
                         None => (pick_sql(None), String::new(), 0),
                         Some(p) => match &p.key {
                             KeySource::Pointer { pointer, .. } => {
@@ -124,10 +142,9 @@ impl SqliteStore {
                             }
                         },
                     };
-                    let names = serde_json::to_string(&limit.names).expect("strings serialise");
                     let rowids: Vec<i64> = {
                         let mut stmt = conn.prepare_cached(&sql)?;
-                        let mut found = if limit.per_key.is_some() {
+                        let mut found = if !cannot_bind {
                             stmt.query(rusqlite::params![
                                 now,
                                 names,
