@@ -57,7 +57,7 @@ pub const CHANNEL: &str = "outrun_events";
 
 const EVENT_COLUMNS: &str = "seq, id, name, payload, group_id, retry, max_retry, create_date, \
      available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, dead_at, \
-     deferrals";
+     deferrals, traceparent";
 
 /// Connections of the bookkeeping pool: the claimer, the acker, the lease
 /// extender and a worker recording a failure each hold one briefly.
@@ -292,14 +292,16 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let inserted: Vec<Uuid> = sqlx::query_scalar(
             "INSERT INTO outbox_events
-                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
+                  traceparent)
              SELECT t.id, t.name, t.payload, t.group_id, t.max_retry,
                     now() + t.delay_us * interval '1 microsecond',
                     now() + t.ttl_us * interval '1 microsecond',
-                    t.key
+                    t.key, t.traceparent
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::int8[],
-                         $7::int8[], $8::text[])
-                  WITH ORDINALITY AS t(id, name, payload, group_id, max_retry, delay_us, ttl_us, key, ord)
+                         $7::int8[], $8::text[], $9::text[])
+                  WITH ORDINALITY AS t(id, name, payload, group_id, max_retry, delay_us, ttl_us, key,
+                                       traceparent, ord)
              ORDER BY t.ord
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING id",
@@ -312,6 +314,7 @@ impl PgStore {
         .bind(&cols.delays_us)
         .bind(&cols.ttls_us)
         .bind(&cols.keys)
+        .bind(&cols.traceparents)
         .fetch_all(&mut *tx)
         .await?;
 
@@ -826,9 +829,10 @@ pub async fn enqueue_with_default(
     for _ in 0..3 {
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO outbox_events
-                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
+                  traceparent)
              VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 microsecond',
-                     now() + $7 * interval '1 microsecond', $8)
+                     now() + $7 * interval '1 microsecond', $8, $9)
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING id",
         )
@@ -840,6 +844,7 @@ pub async fn enqueue_with_default(
         .bind(event.delay.map_or(0, duration_us))
         .bind(event.expires_in.map(duration_us))
         .bind(event.idempotency_key.as_deref())
+        .bind(event.traceparent.as_deref())
         .fetch_optional(&mut *conn)
         .await?;
         if let Some(id) = inserted {
@@ -1115,6 +1120,7 @@ fn event_from_row(row: &PgRow) -> Result<Event> {
         idempotency_key: row.try_get("idempotency_key")?,
         dead_at: row.try_get("dead_at")?,
         deferrals: row.try_get("deferrals")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
@@ -1129,6 +1135,7 @@ struct BatchColumns {
     delays_us: Vec<i64>,
     ttls_us: Vec<Option<i64>>,
     keys: Vec<Option<String>>,
+    traceparents: Vec<Option<String>>,
 }
 
 impl BatchColumns {
@@ -1142,6 +1149,7 @@ impl BatchColumns {
         self.delays_us.push(ev.delay.map_or(0, duration_us));
         self.ttls_us.push(ev.expires_in.map(duration_us));
         self.keys.push(ev.idempotency_key.clone());
+        self.traceparents.push(ev.traceparent.clone());
         Ok(())
     }
 }

@@ -54,7 +54,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Columns of an [`Event`], plus the rowid for ordering a claimed batch.
 const EVENT_COLUMNS: &str = "rowid AS seq, id, name, payload, group_id, retry, max_retry, \
      create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, \
-     dead_at, deferrals";
+     dead_at, deferrals, traceparent";
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -192,14 +192,16 @@ impl SqliteStore {
                 ev.expires_in
                     .map(|ttl| now.saturating_add(duration_ms(ttl))),
                 ev.idempotency_key,
+                ev.traceparent,
             ]));
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let inserted = sqlx::query(
             "INSERT INTO outbox_events
-                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
+                  traceparent)
              SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
-                    value ->> 5, value ->> 6, value ->> 7
+                    value ->> 5, value ->> 6, value ->> 7, value ->> 8
              FROM json_each(?1) WHERE true
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
@@ -271,7 +273,7 @@ impl SqliteStore {
                     let mut select = conn.prepare_cached(
                         "SELECT e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
                         e.create_date, e.available_at, e.expires_at, e.last_error,
-                        e.idempotency_key, e.deferrals
+                        e.idempotency_key, e.deferrals, e.traceparent
                  FROM outbox_events e
                  WHERE e.retry < e.max_retry
                    AND e.available_at <= ?1
@@ -733,11 +735,12 @@ pub async fn enqueue(conn: &mut SqliteConnection, event: &NewEvent) -> Result<Uu
     enqueue_with_default(conn, event, super::DEFAULT_MAX_RETRY).await
 }
 
-/// Insert one event unless its idempotency key is taken; `?1`..`?9` as in
+/// Insert one event unless its idempotency key is taken; `?1`..`?10` as in
 /// [`enqueue_with_default`]. Returns the id when it inserted.
 const ENQUEUE: &str = "INSERT INTO outbox_events
-         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
+          traceparent)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
      ON CONFLICT (idempotency_key) DO NOTHING
      RETURNING id";
 
@@ -778,6 +781,7 @@ pub async fn enqueue_with_default(
                     .map(|ttl| now.saturating_add(duration_ms(ttl))),
             )
             .bind(event.idempotency_key.as_deref())
+            .bind(event.traceparent.as_deref())
             .fetch_optional(&mut *conn)
             .await?;
         if inserted.is_some() {
@@ -853,10 +857,11 @@ struct ClaimRow {
     last_error: Option<String>,
     idempotency_key: Option<String>,
     deferrals: i64,
+    traceparent: Option<String>,
 }
 
 impl ClaimRow {
-    /// Columns 1 to 12 of a claim's SELECT (column 0 is the rowid).
+    /// Columns 1 to 13 of a claim's SELECT (column 0 is the rowid).
     fn read(r: &rusqlite::Row) -> rusqlite::Result<ClaimRow> {
         Ok(ClaimRow {
             id: r.get(1)?,
@@ -871,6 +876,7 @@ impl ClaimRow {
             last_error: r.get(10)?,
             idempotency_key: r.get(11)?,
             deferrals: r.get(12)?,
+            traceparent: r.get(13)?,
         })
     }
 
@@ -892,6 +898,7 @@ impl ClaimRow {
             // Claimed events are live.
             dead_at: None,
             deferrals: clamp_i32(self.deferrals),
+            traceparent: self.traceparent,
         })
     }
 }
@@ -922,6 +929,7 @@ fn event_from_row(row: &SqliteRow) -> Result<Event> {
             .map(ms_to_time)
             .transpose()?,
         deferrals: clamp_i32(row.try_get("deferrals")?),
+        traceparent: row.try_get("traceparent")?,
     })
 }
 

@@ -407,6 +407,7 @@ pub fn enqueue(conn: &Connection, event: &NewEvent, default_max_retry: i32) -> R
                     .expires_in
                     .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
                 event.idempotency_key,
+                event.traceparent,
             ])?
             .next()?
             .is_some();
