@@ -319,9 +319,114 @@ events = ["probe.fail"]
     assert!(status.message.contains("no such account"), "{status:?}");
 }
 
+/// A native handler (the Rust API): "parent" records its attempt's trace
+/// context and emits "child"; "child" records the event it got.
+#[derive(Clone, Default)]
+struct Chain {
+    parent_trace: Arc<Mutex<Vec<Option<String>>>>,
+    children: Arc<Mutex<Vec<outrun::Event>>>,
+}
+
+#[async_trait::async_trait]
+impl outrun::Handler for Chain {
+    async fn handle(
+        &self,
+        ev: &outrun::Event,
+        effects: &mut outrun::Effects,
+    ) -> Result<outrun::Outcome, outrun::HandlerError> {
+        if ev.name == "parent" {
+            self.parent_trace
+                .lock()
+                .unwrap()
+                .push(effects.trace().map(|t| t.to_string()));
+            effects
+                .emit(NewEvent::new("child", "{}"))
+                .map_err(|e| outrun::HandlerError::reject(e.to_string()))?;
+        } else {
+            self.children.lock().unwrap().push(ev.clone());
+        }
+        Ok(outrun::Outcome::Done)
+    }
+}
+
+/// Run "parent" (with the producer's context) to its child, with or
+/// without `[otel]`; the parent's trace context and the child as run.
+async fn run_chain(db: &TestDb, otel: bool) -> (Option<String>, outrun::Event) {
+    let store = db.store().await;
+    let chain = Chain::default();
+    let router = outrun::StaticRouter::new()
+        .with("parent", chain.clone())
+        .with("child", chain.clone());
+    let config = outrun::config::RuntimeConfig {
+        poll_interval: std::time::Duration::from_millis(50),
+        ..Default::default()
+    };
+    let mut dispatcher = outrun::dispatch::Dispatcher::new(store.clone(), Arc::new(router), config);
+    let tracer = otel.then(|| {
+        // Nothing listens there: exports fail in the background, which
+        // must not touch the events.
+        let port = common::free_port();
+        Arc::new(
+            outrun::otel::Otel::start(&outrun::config::OtelConfig {
+                endpoint: Some(format!("http://127.0.0.1:{port}")),
+                service_name: None,
+            })
+            .unwrap(),
+        )
+    });
+    if let Some(t) = &tracer {
+        dispatcher = dispatcher.with_otel(t.clone());
+    }
+    let producer = format!("00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01");
+    store
+        .enqueue(
+            &NewEvent::new("parent", "{}").with_traceparent(&producer),
+            5,
+        )
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move { dispatcher.run_until(s).await.unwrap() });
+    wait_for("the child handled", || async {
+        !chain.children.lock().unwrap().is_empty()
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    if let Some(t) = tracer {
+        t.shutdown(std::time::Duration::from_secs(2)).await;
+    }
+    let parent = chain.parent_trace.lock().unwrap()[0].clone();
+    let child = chain.children.lock().unwrap()[0].clone();
+    (parent, child)
+}
+
+/// With `[otel]`, `Effects::emit` gives a follow-up the attempt's context;
+/// without it there is no context at all (nothing is traced, nothing is
+/// propagated: the per-event cost is one branch).
+async fn rust_api_emits_carry_the_attempt_context(db: TestDb) {
+    let (parent, child) = run_chain(&db, true).await;
+    let parent = parent.expect("the traced attempt has a context");
+    assert_eq!(child.traceparent.as_deref(), Some(parent.as_str()));
+    assert!(
+        parent.starts_with(&format!("00-{PRODUCER_TRACE}-")) && !parent.contains(PRODUCER_SPAN),
+        "a child span of the producer's trace: {parent}"
+    );
+
+    let off = match &db {
+        TestDb::Sqlite { .. } => TestDb::sqlite(),
+        TestDb::Postgres { .. } => TestDb::postgres().await,
+    };
+    let (parent, child) = run_chain(&off, false).await;
+    assert_eq!(parent, None);
+    assert_eq!(child.traceparent, None);
+}
+
 on_both_backends!(
     spans_one_trace_across_emits_and_http,
-    failed_attempts_record_outcome
+    failed_attempts_record_outcome,
+    rust_api_emits_carry_the_attempt_context
 );
 
 /// `outrun enqueue --traceparent` refuses a malformed value before it

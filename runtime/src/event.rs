@@ -371,6 +371,33 @@ mod tests {
     }
 
     #[test]
+    fn traceparent_is_checked_at_enqueue() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(
+            NewEvent::new("a", "{}")
+                .with_traceparent(good)
+                .validate()
+                .is_ok()
+        );
+        let err = NewEvent::new("a", "{}")
+            .with_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")
+            .validate()
+            .unwrap_err();
+        assert!(matches!(err, InvalidEvent::TraceParent { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("4BF92F") && text.contains("lowercase"),
+            "{text}"
+        );
+        // Over the wire (POST /v1/events, NDJSON) the field carries through.
+        let req: EventRequest = serde_json::from_str(&format!(
+            r#"{{"name":"a","payload":{{}},"traceparent":"{good}"}}"#
+        ))
+        .unwrap();
+        assert_eq!(NewEvent::from(req).traceparent.as_deref(), Some(good));
+    }
+
+    #[test]
     fn rejects_events_that_cannot_run_and_absurd_durations() {
         let s = Duration::from_secs;
         let ev = NewEvent::new("a", "{}")
