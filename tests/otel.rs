@@ -423,7 +423,58 @@ async fn rust_api_emits_carry_the_attempt_context(db: TestDb) {
     assert_eq!(child.traceparent, None);
 }
 
+/// An application may deploy a new outrun before `outrun migrate` adds the
+/// column: enqueue without a traceparent does not name it, so it still
+/// works (one event, a batch, inside the caller's transaction).
+async fn enqueue_without_traceparent_works_before_the_migration(db: TestDb) {
+    let store = db.store().await;
+    db.exec("ALTER TABLE outbox_events DROP COLUMN traceparent")
+        .await;
+    store
+        .enqueue(&NewEvent::new("a", "{}"), 5)
+        .await
+        .expect("a plain enqueue does not need the column");
+    store
+        .enqueue_batch(&[NewEvent::new("b", "{}"), NewEvent::new("c", "{}")], 5)
+        .await
+        .expect("a plain batch does not need the column");
+    let traced = NewEvent::new("d", "{}")
+        .with_traceparent(format!("00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01"));
+    let err = store.enqueue(&traced, 5).await.unwrap_err();
+    assert!(err.to_string().contains("traceparent"), "{err}");
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox_events").await, 3);
+}
+
+/// The column round-trips through every enqueue path and `get`.
+async fn traceparent_is_stored_as_given(db: TestDb) {
+    let store = db.store().await;
+    let tp = format!("00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-00");
+    let ids = store
+        .enqueue_batch(
+            &[
+                NewEvent::new("a", "{}").with_traceparent(&tp),
+                NewEvent::new("b", "{}"),
+            ],
+            5,
+        )
+        .await
+        .unwrap();
+    let one = store
+        .enqueue(&NewEvent::new("c", "{}").with_traceparent(&tp), 5)
+        .await
+        .unwrap();
+    let got = |id| {
+        let store = store.clone();
+        async move { store.get(id).await.unwrap().unwrap().traceparent }
+    };
+    assert_eq!(got(ids[0]).await.as_deref(), Some(tp.as_str()));
+    assert_eq!(got(ids[1]).await, None);
+    assert_eq!(got(one).await.as_deref(), Some(tp.as_str()));
+}
+
 on_both_backends!(
+    traceparent_is_stored_as_given,
+    enqueue_without_traceparent_works_before_the_migration,
     spans_one_trace_across_emits_and_http,
     failed_attempts_record_outcome,
     rust_api_emits_carry_the_attempt_context

@@ -195,16 +195,26 @@ impl SqliteStore {
                 ev.traceparent,
             ]));
         }
+        // The traceparent column is named only when an event has one: see
+        // ENQUEUE.
+        let traced = events.iter().any(|e| e.traceparent.is_some());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(if traced {
             "INSERT INTO outbox_events
                  (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
                   traceparent)
              SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
                     value ->> 5, value ->> 6, value ->> 7, value ->> 8
              FROM json_each(?1) WHERE true
-             ON CONFLICT (idempotency_key) DO NOTHING",
-        )
+             ON CONFLICT (idempotency_key) DO NOTHING"
+        } else {
+            "INSERT INTO outbox_events
+                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+             SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+                    value ->> 5, value ->> 6, value ->> 7
+             FROM json_each(?1) WHERE true
+             ON CONFLICT (idempotency_key) DO NOTHING"
+        })
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(now)
         .execute(&mut *tx)
@@ -735,9 +745,17 @@ pub async fn enqueue(conn: &mut SqliteConnection, event: &NewEvent) -> Result<Uu
     enqueue_with_default(conn, event, super::DEFAULT_MAX_RETRY).await
 }
 
-/// Insert one event unless its idempotency key is taken; `?1`..`?10` as in
-/// [`enqueue_with_default`]. Returns the id when it inserted.
+/// Insert one event unless its idempotency key is taken; `?1`..`?9` as in
+/// [`enqueue_with_default`]. Returns the id when it inserted. The
+/// `traceparent` column is named only by [`ENQUEUE_TRACED`] (`?10`), for
+/// events that have one, so enqueue keeps working against a database not
+/// yet migrated to it (an application deploying before `outrun migrate`).
 const ENQUEUE: &str = "INSERT INTO outbox_events
+         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+     ON CONFLICT (idempotency_key) DO NOTHING
+     RETURNING id";
+const ENQUEUE_TRACED: &str = "INSERT INTO outbox_events
          (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
           traceparent)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
@@ -767,7 +785,12 @@ pub async fn enqueue_with_default(
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
         let id = Uuid::now_v7();
-        let inserted: Option<String> = sqlx::query_scalar(ENQUEUE)
+        let sql = if event.traceparent.is_some() {
+            ENQUEUE_TRACED
+        } else {
+            ENQUEUE
+        };
+        let insert = sqlx::query_scalar(sql)
             .bind(id.to_string())
             .bind(now)
             .bind(&event.name)
@@ -780,10 +803,12 @@ pub async fn enqueue_with_default(
                     .expires_in
                     .map(|ttl| now.saturating_add(duration_ms(ttl))),
             )
-            .bind(event.idempotency_key.as_deref())
-            .bind(event.traceparent.as_deref())
-            .fetch_optional(&mut *conn)
-            .await?;
+            .bind(event.idempotency_key.as_deref());
+        let insert = match &event.traceparent {
+            Some(tp) => insert.bind(tp.as_str()),
+            None => insert,
+        };
+        let inserted: Option<String> = insert.fetch_optional(&mut *conn).await?;
         if inserted.is_some() {
             return Ok(id);
         }
