@@ -480,6 +480,37 @@ on_both_backends!(
     rust_api_emits_carry_the_attempt_context
 );
 
+/// `outrun enqueue --traceparent` and an NDJSON line's `traceparent` store
+/// the producer's context.
+#[tokio::test]
+async fn cli_enqueue_stores_the_traceparent() {
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let tp = format!("00-{PRODUCER_TRACE}-{PRODUCER_SPAN}-01");
+    let id = common::ok(&common::outrun(
+        &db,
+        &["enqueue", "a", "--payload", "{}", "--traceparent", &tp],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let ndjson = dir.path().join("events.ndjson");
+    std::fs::write(
+        &ndjson,
+        format!(
+            "{}\n",
+            json!({"name": "b", "payload": {}, "traceparent": tp})
+        ),
+    )
+    .unwrap();
+    let batch = common::ok(&common::outrun(
+        &db,
+        &["enqueue", "--ndjson", ndjson.to_str().unwrap()],
+    ));
+    for id in [id.trim(), batch.trim()] {
+        let ev = store.get(id.parse().unwrap()).await.unwrap().unwrap();
+        assert_eq!(ev.traceparent.as_deref(), Some(tp.as_str()), "{id}");
+    }
+}
+
 /// `outrun enqueue --traceparent` refuses a malformed value before it
 /// connects, naming the value and the expected form.
 #[test]
