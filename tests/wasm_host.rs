@@ -84,6 +84,7 @@ fn event(name: &str, payload: serde_json::Value) -> Event {
         idempotency_key: None,
         dead_at: None,
         deferrals: 0,
+        traceparent: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn event(name: &str, payload: &str) -> Event {
         idempotency_key: None,
         dead_at: None,
         deferrals: 0,
+        traceparent: None,
     }
 }
 

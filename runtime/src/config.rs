@@ -91,6 +91,10 @@ pub struct Config {
     /// names or handlers, held across instances (see [`crate::limits`]).
     #[serde(default)]
     pub limit: Vec<crate::limits::LimitSpec>,
+    /// `[otel]`: OpenTelemetry traces over OTLP/HTTP; off without the
+    /// section (see [`crate::otel`]).
+    #[serde(default)]
+    pub otel: Option<OtelConfig>,
     /// Where the file was read from; relative module paths resolve against
     /// its directory. `None` for the built-in defaults.
     #[serde(skip)]
@@ -234,6 +238,22 @@ pub struct SchemasConfig {
     pub required: bool,
 }
 
+/// `[otel]`: present = one span per attempt, exported over OTLP/HTTP
+/// (protobuf). An empty section takes everything from the standard OTLP
+/// environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`;
+    /// `/v1/traces` is appended unless the URL ends with it). Default:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, then `http://localhost:4318`.
+    pub endpoint: Option<String>,
+    /// The spans' `service.name`. Default: `OTEL_SERVICE_NAME`, then
+    /// `outrun`.
+    pub service_name: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -256,6 +276,7 @@ impl Default for Config {
             schemas: SchemasConfig::default(),
             schedule: Vec::new(),
             limit: Vec::new(),
+            otel: None,
             source: None,
         }
     }
@@ -522,6 +543,18 @@ impl Config {
                 "must be more than 0 (it bounds each Redis connection attempt and reply; the default is 1s)",
             );
         }
+        if let Some(endpoint) = self.otel.as_ref().and_then(|o| o.endpoint.as_deref()) {
+            let ok = url::Url::parse(endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !ok {
+                return bad(
+                    "otel.endpoint",
+                    &format!(
+                        "{endpoint:?} is not an http(s) URL; give the collector's OTLP/HTTP address, e.g. \"http://localhost:4318\""
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -556,6 +589,29 @@ mod tests {
         assert_eq!(c.runtime.backoff_base, Duration::from_millis(250));
         assert_eq!(c.runtime.dead_retention, Duration::from_secs(2 * 86400));
         assert_eq!(c.runtime.batch_size, RuntimeConfig::default().batch_size);
+    }
+
+    #[test]
+    fn otel_section() {
+        assert_eq!(Config::load_with_env(None, no_env).unwrap().otel, None);
+        let c = load_text("[otel]\n").unwrap();
+        assert_eq!(c.otel, Some(OtelConfig::default()));
+        let c = load_text("[otel]\nendpoint = \"http://c:4318\"\nservice_name = \"billing\"\n")
+            .unwrap();
+        let o = c.otel.unwrap();
+        assert_eq!(o.endpoint.as_deref(), Some("http://c:4318"));
+        assert_eq!(o.service_name.as_deref(), Some("billing"));
+        let err = load_text("[otel]\nendpoint = \"c:4318\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("otel.endpoint") && err.contains("http://localhost:4318"),
+            "{err}"
+        );
+        let err = load_text("[otel]\nendpiont = \"http://c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endpiont"), "{err}");
     }
 
     #[test]

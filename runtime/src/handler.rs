@@ -50,6 +50,11 @@ pub trait Handler: Send + Sync + 'static {
     /// follow-up events through `effects.emit()`; both are committed with the
     /// ack, or not at all.
     async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError>;
+
+    /// The running version (a short content hash), for the attempt's span.
+    fn version(&self) -> Option<Arc<str>> {
+        None
+    }
 }
 
 /// Where an event name goes: the handler, and the limits of its binding.
@@ -156,6 +161,9 @@ pub struct Effects {
     tx: Option<AckTx>,
     emitted: Vec<NewEvent>,
     transient: bool,
+    /// The attempt's trace context (`traceparent`) when `[otel]` traces it:
+    /// emitted events without one of their own carry it.
+    trace: Option<Arc<str>>,
 }
 
 impl Default for Effects {
@@ -165,6 +173,7 @@ impl Default for Effects {
             tx: None,
             emitted: Vec::new(),
             transient: false,
+            trace: None,
         }
     }
 }
@@ -185,6 +194,17 @@ impl Effects {
             source: Source::Lanes(lanes, handler),
             ..Self::default()
         }
+    }
+
+    /// Run inside the trace context `traceparent` (the attempt's span).
+    pub fn with_trace(mut self, traceparent: Arc<str>) -> Self {
+        self.trace = Some(traceparent);
+        self
+    }
+
+    /// The attempt's trace context, if it is traced.
+    pub fn trace(&self) -> Option<&Arc<str>> {
+        self.trace.as_ref()
     }
 
     /// The ack transaction, opened on first use.
@@ -215,9 +235,14 @@ impl Effects {
     /// (`[schemas]`), so the handler sees a violation at its `emit` call.
     pub fn emit_checked(
         &mut self,
-        event: NewEvent,
+        mut event: NewEvent,
         schemas: Option<&crate::schema::Schemas>,
     ) -> Result<(), InvalidEvent> {
+        if event.traceparent.is_none()
+            && let Some(t) = &self.trace
+        {
+            event.traceparent = Some(t.to_string());
+        }
         event.validate()?;
         if let Some(schemas) = schemas {
             schemas.check(&event.name, &event.payload)?;

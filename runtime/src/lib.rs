@@ -7,8 +7,8 @@
 //! handler runs with its capabilities ([`host`]) → the ack commits the
 //! handler's effects and deletes the event. [`maintenance`] runs the
 //! background duties (expiry, dead-event cleanup); [`publish`] talks to the
-//! message broker (the `publish` capability and `[[relay]]`); [`admin`]
-//! serves metrics and the HTTP API; [`cli`] is the `outrun` binary.
+//! message broker (the `publish` capability and `[[relay]]`); [`otel`]
+//! traces attempts; [`admin`] serves metrics and the HTTP API; [`cli`] is the `outrun` binary.
 
 pub mod admin;
 pub mod cli;
@@ -20,6 +20,7 @@ pub mod handler;
 pub mod host;
 pub mod limits;
 pub mod maintenance;
+pub mod otel;
 pub mod publish;
 pub mod schedule;
 pub mod schema;

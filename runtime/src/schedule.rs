@@ -346,6 +346,7 @@ impl Schedule {
             expires_in: self.spec.expires_in,
             max_retry: self.spec.max_retry,
             idempotency_key: Some(self.key(tick)),
+            traceparent: None,
         }
     }
 

@@ -24,7 +24,7 @@ Examples:
 NDJSON: one JSON object per line, e.g.
   {\"name\":\"order.created\",\"payload\":{\"order_id\":42},\"group_id\":\"order:42\",\"delay\":\"5s\"}
 with `name` and `payload` (any JSON value) and optional `group_id`, `delay`,
-`expires_in`, `max_retry`, `idempotency_key`. Blank lines are skipped. Every
+`expires_in`, `max_retry`, `idempotency_key`, `traceparent`. Blank lines are skipped. Every
 line is checked before anything is written; the whole batch is one
 transaction.")]
 pub struct Args {
@@ -45,7 +45,7 @@ pub struct Args {
     pub payload_file: Option<PathBuf>,
     /// Enqueue every event of this NDJSON file (`-`: stdin) in one
     /// transaction; prints one id per line. See the format below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["group", "delay", "expires_in", "max_retry", "key"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["group", "delay", "expires_in", "max_retry", "key", "traceparent"])]
     pub ndjson: Option<PathBuf>,
     /// Group id: events of one group run one at a time, in order.
     #[arg(long)]
@@ -64,6 +64,11 @@ pub struct Args {
     /// again returns its id instead of adding a second one.
     #[arg(long)]
     pub key: Option<String>,
+    /// The producer's W3C trace context
+    /// (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>): with [otel],
+    /// the event's attempts are spans of that trace.
+    #[arg(long, value_name = "TRACEPARENT")]
+    pub traceparent: Option<String>,
     /// Print JSON on stdout: {"id": ...}, or for --ndjson
     /// {"enqueued": N, "ids": [...]}.
     #[arg(long)]
@@ -90,6 +95,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         expires_in: args.expires_in,
         max_retry: args.max_retry,
         idempotency_key: args.key,
+        traceparent: args.traceparent,
     };
     // Validate before connecting so bad input is reported as such even
     // when the database is down.

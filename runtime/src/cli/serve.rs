@@ -132,8 +132,20 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         None => router,
     };
     let limits = crate::limits::Limits::from_config(&config)?;
-    let dispatcher =
+    let mut dispatcher =
         Dispatcher::new(store.clone(), router, config.runtime.clone()).with_limits(limits);
+    let otel = match &config.otel {
+        Some(c) => {
+            let otel = Arc::new(crate::otel::Otel::start(c)?);
+            tracing::info!(
+                endpoint = otel.endpoint(),
+                "tracing every attempt (OTLP/HTTP)"
+            );
+            dispatcher = dispatcher.with_otel(otel.clone());
+            Some(otel)
+        }
+        None => None,
+    };
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
     health.set_phase(Phase::Serving);
     let stopping = health.clone();
@@ -147,6 +159,9 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         // Every acknowledged publish is delivered already; this sends what
         // calls that gave up waiting left queued in the client.
         p.flush(Duration::from_secs(5)).await;
+    }
+    if let Some(otel) = &otel {
+        otel.shutdown(Duration::from_secs(5)).await;
     }
     stop.cancel();
     for s in services {

@@ -58,6 +58,7 @@ pub struct Dispatcher {
     worker_id: String,
     observer: Option<Arc<dyn DispatchObserver>>,
     limiter: Option<Arc<limiter::Limiter>>,
+    otel: Option<Arc<crate::otel::Otel>>,
 }
 
 /// What a finished run did, for logs and tests.
@@ -83,7 +84,14 @@ impl Dispatcher {
             worker_id,
             observer: None,
             limiter: None,
+            otel: None,
         }
+    }
+
+    /// Trace every attempt (`[otel]`, see [`crate::otel`]).
+    pub fn with_otel(mut self, otel: Arc<crate::otel::Otel>) -> Self {
+        self.otel = Some(otel);
+        self
     }
 
     /// Hold the events of `limits` to their rate and per-key budgets,
@@ -186,6 +194,7 @@ impl Dispatcher {
             stopping: stop.clone(),
             observer: self.observer.clone(),
             limiter: self.limiter.clone(),
+            otel: self.otel.clone(),
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),

@@ -34,6 +34,8 @@ pub struct WorkerContext {
     pub observer: Option<Arc<dyn super::DispatchObserver>>,
     /// `[[limit]]` budgets; see `limiter.rs`.
     pub limiter: Option<Arc<super::limiter::Limiter>>,
+    /// `[otel]`: a span per attempt. `None` costs one branch per event.
+    pub otel: Option<Arc<crate::otel::Otel>>,
 }
 
 impl WorkerContext {
@@ -101,9 +103,17 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         o.on_started(ev);
     }
     let mut effects = Effects::in_lanes(cx.committer.clone(), route.handler_name.clone());
+    let span = cx.otel.as_ref().map(|o| {
+        let attempt = o.attempt(ev, &route.handler_name, route.handler.version().as_deref());
+        effects = std::mem::take(&mut effects).with_trace(attempt.traceparent.clone());
+        attempt
+    });
     let started = Instant::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
+    if let Some(span) = span {
+        end_span(span, &route, ev, &result, &effects);
+    }
     metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
         .record(elapsed.as_secs_f64());
 
@@ -199,6 +209,26 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         }
     }
     false
+}
+
+/// The attempt's outcome as its span records it; the verdict below makes
+/// the same distinctions.
+fn end_span(
+    span: crate::otel::Attempt,
+    route: &Route,
+    ev: &crate::event::Event,
+    result: &Result<Outcome, HandlerError>,
+    effects: &Effects,
+) {
+    let outcome = match result {
+        _ if effects.must_rerun() => "interrupted",
+        Ok(Outcome::Done) => "ok",
+        Ok(Outcome::RetryAfter(_)) => "deferred",
+        Err(e) if e.retryable && effects.saw_transient() => "interrupted",
+        Err(e) if e.retryable && ev.retry + 1 < route.max_retry.unwrap_or(ev.max_retry) => "retry",
+        Err(_) => "dead",
+    };
+    span.end(outcome, result.as_ref().err().map(|e| e.message.as_str()));
 }
 
 /// Run the handler with its timeout, turning a panic into a retryable error.

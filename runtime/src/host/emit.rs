@@ -40,6 +40,8 @@ impl Host for HostState {
             expires_in: options.expires_in_ms.map(Duration::from_millis),
             max_retry,
             idempotency_key: options.idempotency_key,
+            // Effects gives it the attempt's context when it is traced.
+            traceparent: None,
         };
         // The contract is checked now, so the handler sees the violation
         // (and can say what it was) rather than its event failing at ack.

@@ -17,6 +17,9 @@ pub struct HttpPolicy {
     pub(crate) caps: Arc<Capabilities>,
     pub(crate) event_id: String,
     pub(crate) deadline: Instant,
+    /// The attempt's trace context (`[otel]`), sent as the `traceparent`
+    /// header unless the handler set one itself.
+    pub(crate) traceparent: Option<Arc<str>>,
 }
 
 /// `allow` entries: `host` admits every port of that host, `host:port` only
@@ -51,10 +54,16 @@ type ResponseFuture = Box<
 impl WasiHttpHooks for HttpPolicy {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> ResponseFuture {
+        if let Some(tp) = &self.traceparent
+            && !request.headers().contains_key("traceparent")
+            && let Ok(value) = http::HeaderValue::from_str(tp)
+        {
+            request.headers_mut().insert("traceparent", value);
+        }
         let uri = request.uri();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let host = uri.host().unwrap_or("");

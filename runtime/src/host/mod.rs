@@ -165,6 +165,7 @@ impl HostState {
                 caps: caps.clone(),
                 event_id: event_id.clone(),
                 deadline,
+                traceparent: effects.trace().cloned(),
             },
             caps,
             effects,

@@ -57,7 +57,7 @@ pub const CHANNEL: &str = "outrun_events";
 
 const EVENT_COLUMNS: &str = "seq, id, name, payload, group_id, retry, max_retry, create_date, \
      available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, dead_at, \
-     deferrals";
+     deferrals, traceparent";
 
 /// Connections of the bookkeeping pool: the claimer, the acker, the lease
 /// extender and a worker recording a failure each hold one briefly.
@@ -289,21 +289,13 @@ impl PgStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let traced = cols.traceparents.iter().any(Option::is_some);
         let mut tx = self.pool.begin().await?;
-        let inserted: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO outbox_events
-                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
-             SELECT t.id, t.name, t.payload, t.group_id, t.max_retry,
-                    now() + t.delay_us * interval '1 microsecond',
-                    now() + t.ttl_us * interval '1 microsecond',
-                    t.key
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::int8[],
-                         $7::int8[], $8::text[])
-                  WITH ORDINALITY AS t(id, name, payload, group_id, max_retry, delay_us, ttl_us, key, ord)
-             ORDER BY t.ord
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id",
-        )
+        let mut insert = sqlx::query_scalar(if traced {
+            &ENQUEUE_BATCH_TRACED
+        } else {
+            &ENQUEUE_BATCH
+        })
         .bind(&cols.ids)
         .bind(&cols.names)
         .bind(&cols.payloads)
@@ -311,9 +303,11 @@ impl PgStore {
         .bind(&cols.max_retries)
         .bind(&cols.delays_us)
         .bind(&cols.ttls_us)
-        .bind(&cols.keys)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(&cols.keys);
+        if traced {
+            insert = insert.bind(&cols.traceparents);
+        }
+        let inserted: Vec<Uuid> = insert.fetch_all(&mut *tx).await?;
 
         let mut ids = cols.ids.clone();
         if inserted.len() < events.len() {
@@ -801,6 +795,60 @@ const REPLAY: &str = "UPDATE outbox_events
      SET retry = 0, available_at = now(), expires_at = NULL, dead_at = NULL,
          locked_by = NULL, locked_until = NULL, lock_token = NULL";
 
+/// Insert one event (`$1`..`$8`; `$9` the traceparent in the traced
+/// variant). The `traceparent` column is named only when the event has one,
+/// so enqueue keeps working against a database that has not yet been
+/// migrated to it (an application deploying before `outrun migrate`).
+static ENQUEUE: LazyLock<String> = LazyLock::new(|| enqueue_sql(false));
+static ENQUEUE_TRACED: LazyLock<String> = LazyLock::new(|| enqueue_sql(true));
+static ENQUEUE_BATCH: LazyLock<String> = LazyLock::new(|| enqueue_batch_sql(false));
+static ENQUEUE_BATCH_TRACED: LazyLock<String> = LazyLock::new(|| enqueue_batch_sql(true));
+
+fn enqueue_sql(traced: bool) -> String {
+    let (col, val) = if traced {
+        (", traceparent", ", $9")
+    } else {
+        ("", "")
+    };
+    format!(
+        "INSERT INTO outbox_events
+             (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key{col})
+         VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 microsecond',
+                 now() + $7 * interval '1 microsecond', $8{val})
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING id"
+    )
+}
+
+/// One multi-row INSERT over `unnest` of column arrays; see [`ENQUEUE`]
+/// for the traced variant.
+fn enqueue_batch_sql(traced: bool) -> String {
+    let (col, val, arr, name) = if traced {
+        (
+            ", traceparent",
+            ", t.traceparent",
+            ", $9::text[]",
+            " traceparent,",
+        )
+    } else {
+        ("", "", "", "")
+    };
+    format!(
+        "INSERT INTO outbox_events
+             (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key{col})
+         SELECT t.id, t.name, t.payload, t.group_id, t.max_retry,
+                now() + t.delay_us * interval '1 microsecond',
+                now() + t.ttl_us * interval '1 microsecond',
+                t.key{val}
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::int8[],
+                     $7::int8[], $8::text[]{arr})
+              WITH ORDINALITY AS t(id, name, payload, group_id, max_retry, delay_us, ttl_us, key,{name} ord)
+         ORDER BY t.ord
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING id"
+    )
+}
+
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
 /// Validates first; same idempotency key as a live event → that event's id.
 pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid> {
@@ -824,14 +872,10 @@ pub async fn enqueue_with_default(
     // A key can vanish between the conflicting INSERT and the SELECT (its
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
-        let inserted: Option<Uuid> = sqlx::query_scalar(
-            "INSERT INTO outbox_events
-                 (id, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
-             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 microsecond',
-                     now() + $7 * interval '1 microsecond', $8)
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id",
-        )
+        let insert = sqlx::query_scalar(match event.traceparent {
+            Some(_) => &ENQUEUE_TRACED,
+            None => &ENQUEUE,
+        })
         .bind(Uuid::now_v7())
         .bind(&event.name)
         .bind(&event.payload)
@@ -839,9 +883,12 @@ pub async fn enqueue_with_default(
         .bind(max_retry)
         .bind(event.delay.map_or(0, duration_us))
         .bind(event.expires_in.map(duration_us))
-        .bind(event.idempotency_key.as_deref())
-        .fetch_optional(&mut *conn)
-        .await?;
+        .bind(event.idempotency_key.as_deref());
+        let insert = match &event.traceparent {
+            Some(tp) => insert.bind(tp.as_str()),
+            None => insert,
+        };
+        let inserted: Option<Uuid> = insert.fetch_optional(&mut *conn).await?;
         if let Some(id) = inserted {
             return Ok(id);
         }
@@ -1115,6 +1162,7 @@ fn event_from_row(row: &PgRow) -> Result<Event> {
         idempotency_key: row.try_get("idempotency_key")?,
         dead_at: row.try_get("dead_at")?,
         deferrals: row.try_get("deferrals")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
@@ -1129,6 +1177,7 @@ struct BatchColumns {
     delays_us: Vec<i64>,
     ttls_us: Vec<Option<i64>>,
     keys: Vec<Option<String>>,
+    traceparents: Vec<Option<String>>,
 }
 
 impl BatchColumns {
@@ -1142,6 +1191,7 @@ impl BatchColumns {
         self.delays_us.push(ev.delay.map_or(0, duration_us));
         self.ttls_us.push(ev.expires_in.map(duration_us));
         self.keys.push(ev.idempotency_key.clone());
+        self.traceparents.push(ev.traceparent.clone());
         Ok(())
     }
 }

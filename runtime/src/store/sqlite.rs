@@ -54,7 +54,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Columns of an [`Event`], plus the rowid for ordering a claimed batch.
 const EVENT_COLUMNS: &str = "rowid AS seq, id, name, payload, group_id, retry, max_retry, \
      create_date, available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, \
-     dead_at, deferrals";
+     dead_at, deferrals, traceparent";
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -192,17 +192,29 @@ impl SqliteStore {
                 ev.expires_in
                     .map(|ttl| now.saturating_add(duration_ms(ttl))),
                 ev.idempotency_key,
+                ev.traceparent,
             ]));
         }
+        // The traceparent column is named only when an event has one: see
+        // ENQUEUE.
+        let traced = events.iter().any(|e| e.traceparent.is_some());
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(if traced {
+            "INSERT INTO outbox_events
+                 (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
+                  traceparent)
+             SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+                    value ->> 5, value ->> 6, value ->> 7, value ->> 8
+             FROM json_each(?1) WHERE true
+             ON CONFLICT (idempotency_key) DO NOTHING"
+        } else {
             "INSERT INTO outbox_events
                  (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
              SELECT value ->> 0, ?2, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
                     value ->> 5, value ->> 6, value ->> 7
              FROM json_each(?1) WHERE true
-             ON CONFLICT (idempotency_key) DO NOTHING",
-        )
+             ON CONFLICT (idempotency_key) DO NOTHING"
+        })
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(now)
         .execute(&mut *tx)
@@ -271,7 +283,7 @@ impl SqliteStore {
                     let mut select = conn.prepare_cached(
                         "SELECT e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
                         e.create_date, e.available_at, e.expires_at, e.last_error,
-                        e.idempotency_key, e.deferrals
+                        e.idempotency_key, e.deferrals, e.traceparent
                  FROM outbox_events e
                  WHERE e.retry < e.max_retry
                    AND e.available_at <= ?1
@@ -734,10 +746,19 @@ pub async fn enqueue(conn: &mut SqliteConnection, event: &NewEvent) -> Result<Uu
 }
 
 /// Insert one event unless its idempotency key is taken; `?1`..`?9` as in
-/// [`enqueue_with_default`]. Returns the id when it inserted.
+/// [`enqueue_with_default`]. Returns the id when it inserted. The
+/// `traceparent` column is named only by [`ENQUEUE_TRACED`] (`?10`), for
+/// events that have one, so enqueue keeps working against a database not
+/// yet migrated to it (an application deploying before `outrun migrate`).
 const ENQUEUE: &str = "INSERT INTO outbox_events
          (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+     ON CONFLICT (idempotency_key) DO NOTHING
+     RETURNING id";
+const ENQUEUE_TRACED: &str = "INSERT INTO outbox_events
+         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, idempotency_key,
+          traceparent)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
      ON CONFLICT (idempotency_key) DO NOTHING
      RETURNING id";
 
@@ -764,7 +785,12 @@ pub async fn enqueue_with_default(
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
         let id = Uuid::now_v7();
-        let inserted: Option<String> = sqlx::query_scalar(ENQUEUE)
+        let sql = if event.traceparent.is_some() {
+            ENQUEUE_TRACED
+        } else {
+            ENQUEUE
+        };
+        let insert = sqlx::query_scalar(sql)
             .bind(id.to_string())
             .bind(now)
             .bind(&event.name)
@@ -777,9 +803,12 @@ pub async fn enqueue_with_default(
                     .expires_in
                     .map(|ttl| now.saturating_add(duration_ms(ttl))),
             )
-            .bind(event.idempotency_key.as_deref())
-            .fetch_optional(&mut *conn)
-            .await?;
+            .bind(event.idempotency_key.as_deref());
+        let insert = match &event.traceparent {
+            Some(tp) => insert.bind(tp.as_str()),
+            None => insert,
+        };
+        let inserted: Option<String> = insert.fetch_optional(&mut *conn).await?;
         if inserted.is_some() {
             return Ok(id);
         }
@@ -853,10 +882,11 @@ struct ClaimRow {
     last_error: Option<String>,
     idempotency_key: Option<String>,
     deferrals: i64,
+    traceparent: Option<String>,
 }
 
 impl ClaimRow {
-    /// Columns 1 to 12 of a claim's SELECT (column 0 is the rowid).
+    /// Columns 1 to 13 of a claim's SELECT (column 0 is the rowid).
     fn read(r: &rusqlite::Row) -> rusqlite::Result<ClaimRow> {
         Ok(ClaimRow {
             id: r.get(1)?,
@@ -871,6 +901,7 @@ impl ClaimRow {
             last_error: r.get(10)?,
             idempotency_key: r.get(11)?,
             deferrals: r.get(12)?,
+            traceparent: r.get(13)?,
         })
     }
 
@@ -892,6 +923,7 @@ impl ClaimRow {
             // Claimed events are live.
             dead_at: None,
             deferrals: clamp_i32(self.deferrals),
+            traceparent: self.traceparent,
         })
     }
 }
@@ -922,6 +954,7 @@ fn event_from_row(row: &SqliteRow) -> Result<Event> {
             .map(ms_to_time)
             .transpose()?,
         deferrals: clamp_i32(row.try_get("deferrals")?),
+        traceparent: row.try_get("traceparent")?,
     })
 }
 

@@ -607,4 +607,8 @@ impl Handler for HandlerVersion {
             }),
         }
     }
+
+    fn version(&self) -> Option<Arc<str>> {
+        Some(self.short.clone())
+    }
 }

@@ -199,6 +199,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         idempotency_key: None,
         dead_at: None,
         deferrals: 0,
+        traceparent: None,
     };
     let mut effects = store.clone().map(Effects::new).unwrap_or_default();
     let started = Instant::now();

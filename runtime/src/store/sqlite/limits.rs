@@ -169,7 +169,7 @@ impl SqliteStore {
                             let mut select = conn.prepare_cached(
                                 "SELECT e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
                                         e.create_date, e.available_at, e.expires_at, e.last_error,
-                                        e.idempotency_key, e.deferrals
+                                        e.idempotency_key, e.deferrals, e.traceparent
                                  FROM outbox_events e
                                  WHERE e.rowid IN (SELECT value FROM json_each(?1))
                                  ORDER BY e.available_at, e.rowid",

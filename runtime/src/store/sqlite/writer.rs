@@ -393,23 +393,33 @@ pub fn enqueue(conn: &Connection, event: &NewEvent, default_max_retry: i32) -> R
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
         let id = Uuid::now_v7();
-        let mut insert = conn.prepare_cached(super::ENQUEUE)?;
-        let inserted = insert
-            .query(rusqlite::params![
-                id.to_string(),
-                now,
-                event.name,
-                event.payload,
-                event.group_id,
-                i64::from(max_retry),
-                now.saturating_add(event.delay.map_or(0, super::duration_ms)),
-                event
-                    .expires_in
-                    .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
-                event.idempotency_key,
-            ])?
-            .next()?
-            .is_some();
+        let params = rusqlite::params![
+            id.to_string(),
+            now,
+            event.name,
+            event.payload,
+            event.group_id,
+            i64::from(max_retry),
+            now.saturating_add(event.delay.map_or(0, super::duration_ms)),
+            event
+                .expires_in
+                .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
+            event.idempotency_key,
+            event.traceparent,
+        ];
+        // The traceparent column only when the event has one (see ENQUEUE).
+        let inserted = match &event.traceparent {
+            Some(_) => conn
+                .prepare_cached(super::ENQUEUE_TRACED)?
+                .query(params)?
+                .next()?
+                .is_some(),
+            None => conn
+                .prepare_cached(super::ENQUEUE)?
+                .query(&params[..9])?
+                .next()?
+                .is_some(),
+        };
         if inserted {
             return Ok(id);
         }
