@@ -98,7 +98,9 @@ run_one() {
   else
     url=$(pg_fresh)
   fi
-  "$bin" --database "$url" bench --module "$module" --cache-dir "$cache" --json "$@" >>"$work/$label.jsonl"
+  local config=()
+  if [ -n "${BENCH_CONFIG:-}" ]; then config=(--config "$BENCH_CONFIG"); fi
+  "$bin" "${config[@]}" --database "$url" bench --module "$module" --cache-dir "$cache" --json "$@" >>"$work/$label.jsonl"
   if [ "$backend" = postgres ]; then pg_drop "$url"; fi
   tail -n1 "$work/$label.jsonl" >&2
 }
@@ -107,7 +109,7 @@ scenario() {
   local label=$1 backend=$2; shift 2
   wanted "$label" || return 0
   echo "== $label ($backend): outrun bench $*" >&2
-  printf '%s\t%s\t%s\n' "$label" outrun "$*" >>"$work/commands.tsv"
+  printf '%s\t%s\t%s\n' "$label" outrun "${BENCH_CONFIG:+(config ${BENCH_CONFIG##*/}, written by scripts/bench.sh) }$*" >>"$work/commands.tsv"
   for _ in $(seq "${SCENARIO_RUNS:-$RUNS}"); do run_one "$label" "$backend" "$@"; done
 }
 
@@ -298,6 +300,39 @@ for backend in sqlite pg; do
   scenario $backend-drain-sql  $b "${effects[@]}" --handler sql
   scenario $backend-drain-emit $b "${effects[@]}" --handler emit
 done
+# What [[limit]] and [schemas] cost when they do not bind or refuse
+# anything: the noop drain with each config, next to the plain drain in
+# the same run (the ratios below). The bench payload's "/id" is the same
+# in every event, so the per-key limit stays unbound only with a per_key
+# above everything in flight.
+cat >"$work/limit-rate.toml" <<'TOML'
+[[limit]]
+event = "bench.noop"
+rate = "1000000/s"
+TOML
+cat >"$work/limit-per-key.toml" <<'TOML'
+[[limit]]
+event = "bench.noop"
+concurrency_key = "/id"
+per_key = 1000000
+TOML
+mkdir -p "$work/schemas"
+cat >"$work/schemas/bench.noop.json" <<'JSON'
+{
+  "$schema": "http://json-schema.org/draft-07/schema#",
+  "type": "object",
+  "required": ["id", "pad"],
+  "additionalProperties": false,
+  "properties": {"id": {"type": "integer"}, "pad": {"type": "string"}}
+}
+JSON
+printf '[schemas]\ndir = "%s/schemas"\n' "$work" >"$work/schema.toml"
+for backend in sqlite pg; do
+  b=$([ $backend = pg ] && echo postgres || echo sqlite)
+  for cfg in limit-rate limit-per-key schema; do
+    BENCH_CONFIG="$work/$cfg.toml" scenario $backend-drain-$cfg $b --events "$EVENTS" --payload-bytes $PAYLOAD_BYTES --handler noop
+  done
+done
 floor sqlite-floor-noop sqlite false "$EVENTS"
 floor sqlite-floor-sql  sqlite true  "$EFFECTS_EVENTS"
 floor pg-floor-noop     postgres false "$EVENTS"
@@ -430,6 +465,10 @@ for be in ("sqlite", "pg"):
     name = "SQLite" if be == "sqlite" else "PostgreSQL"
     ratio(f"{name} sql / noop", row(f"{be}-drain-sql"), base, 0.6)
     ratio(f"{name} emit / noop", row(f"{be}-drain-emit"), base, 0.6)
+for be, name, plain in (("sqlite", "SQLite", "sqlite-drain"), ("pg", "PostgreSQL", "pg-drain")):
+    ratio(f"{name} noop, a rate limit that does not bind / none", row(f"{be}-drain-limit-rate"), row(plain), 0.95)
+    ratio(f"{name} noop, a per-key limit that does not bind / none", row(f"{be}-drain-limit-per-key"), row(plain), 0.95)
+    ratio(f"{name} noop, a schema for the event / none", row(f"{be}-drain-schema"), row(plain), 0.95)
 ratio("PostgreSQL sql / pgbench one-insert transactions", row("pg-drain-sql"), floor("pgbench-insert"), 2.0, "tps")
 ratio("SQLite noop / sqlite3 shell floor (claim + delete)", row("sqlite-drain"), floor("sqlite-floor-noop"), 1.0)
 ratio("SQLite sql / sqlite3 shell floor (claim + insert + delete)", row("sqlite-drain-sql"), floor("sqlite-floor-sql"))
