@@ -41,7 +41,7 @@ if stale "$out/example_js.wasm" handlers/example-js handlers/sdk-js wit; then
   stage=target/polyglot/example-js
   rm -rf "$stage"
   mkdir -p "$stage/outrun-sdk"
-  cp handlers/example-js/app.js "$stage/"
+  cp handlers/example-js/*.js "$stage/"
   cp handlers/sdk-js/index.js handlers/sdk-js/package.json "$stage/outrun-sdk/"
   componentize-js "$stage/app.js" --wit wit --world-name handler \
     -o "$out/example_js.wasm.tmp" >&2

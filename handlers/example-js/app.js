@@ -8,12 +8,7 @@
 // inserted by that same transaction) and logging. Replace the example with
 // your own logic.
 import { config, emit, handler, http, kv, log, sql } from './outrun-sdk/index.js';
-
-// Pure logic lives in plain functions: test.mjs checks them with node, no
-// runtime needed.
-export function tier(amountCents, vip) {
-  return vip || amountCents >= 10000 ? 'gold' : 'standard';
-}
+import { tier } from './logic.js';
 
 export const handle = handler((event) => {
   // The payload: one that is not JSON is rejected (the event is dead at
