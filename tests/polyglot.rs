@@ -45,8 +45,14 @@ const PYTHON: Lang = Lang {
             "outrun_sdk/__init__.py",
             "handlers/sdk-python/outrun_sdk/__init__.py",
         ),
-        ("outrun_sdk/_wit.py", "handlers/sdk-python/outrun_sdk/_wit.py"),
-        ("outrun_sdk/http.py", "handlers/sdk-python/outrun_sdk/http.py"),
+        (
+            "outrun_sdk/_wit.py",
+            "handlers/sdk-python/outrun_sdk/_wit.py",
+        ),
+        (
+            "outrun_sdk/http.py",
+            "handlers/sdk-python/outrun_sdk/http.py",
+        ),
         ("outrun_sdk/sql.py", "handlers/sdk-python/outrun_sdk/sql.py"),
         ("outrun_sdk/kv.py", "handlers/sdk-python/outrun_sdk/kv.py"),
         ("outrun_sdk/log.py", "handlers/sdk-python/outrun_sdk/log.py"),
@@ -113,8 +119,14 @@ fn new_project_tests_green(lang: &Lang) {
         tmp.path(),
         &["new", "order-welcome", "--lang", lang.flag],
     ));
-    assert!(created.contains("[[handler]]\nname = \"order-welcome\""), "{created}");
-    assert!(created.contains("-o target/order_welcome.wasm"), "{created}");
+    assert!(
+        created.contains("[[handler]]\nname = \"order-welcome\""),
+        "{created}"
+    );
+    assert!(
+        created.contains("-o target/order_welcome.wasm"),
+        "{created}"
+    );
     let project = tmp.path().join("order-welcome");
     for (mine, theirs) in lang.same {
         assert_eq!(
@@ -153,10 +165,16 @@ fn new_project_tests_green(lang: &Lang) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "the project's unit test failed:\n{all}");
+    assert!(
+        out.status.success(),
+        "the project's unit test failed:\n{all}"
+    );
     match lang.flag {
         "python" => assert!(all.contains("Ran 4 tests") && all.contains("OK"), "{all}"),
-        _ => assert!(all.contains("# pass 3") && all.contains("# fail 0"), "{all}"),
+        _ => assert!(
+            all.contains("# pass 3") && all.contains("# fail 0"),
+            "{all}"
+        ),
     }
 }
 
@@ -204,7 +222,10 @@ fn run_reports_every_capability(lang: &Lang, db: &TestDb, port: u16) {
         .args(["handlers", "run"])
         .arg(&wasm)
         .args(["--event", "order.created", "--json"])
-        .args(["--payload", r#"{"order_id":5,"customer_id":9,"amount_cents":100}"#])
+        .args([
+            "--payload",
+            r#"{"order_id":5,"customer_id":9,"amount_cents":100}"#,
+        ])
         .args(["--allow-http", &host, "--config-value", &base])
         .output()
         .unwrap();
@@ -352,9 +373,11 @@ config = {{ customers_url = "http://127.0.0.1:{port}" }}
         "one follow-up per order"
     );
     // The kv counter went 1 then 2 (the log lines carry it).
-    common::eventually("the counter in the log", Duration::from_secs(30), || async {
-        serve.log().contains("(order #2)").then_some(())
-    })
+    common::eventually(
+        "the counter in the log",
+        Duration::from_secs(30),
+        || async { serve.log().contains("(order #2)").then_some(()) },
+    )
     .await;
 
     let last_error = common::eventually(
@@ -376,12 +399,18 @@ config = {{ customers_url = "http://127.0.0.1:{port}" }}
         serve.log()
     );
     // Retryable: it runs again until its 3 attempts are spent, then is dead.
-    common::eventually("the broken order to be dead", Duration::from_secs(120), || async {
-        (db.scalar("SELECT COUNT(*) FROM outbox_events WHERE name = 'order.created' AND retry = 3")
+    common::eventually(
+        "the broken order to be dead",
+        Duration::from_secs(120),
+        || async {
+            (db.scalar(
+                "SELECT COUNT(*) FROM outbox_events WHERE name = 'order.created' AND retry = 3",
+            )
             .await
-            == 1)
-            .then_some(())
-    })
+                == 1)
+                .then_some(())
+        },
+    )
     .await;
     assert!(!serve.log().contains("trap"), "{}", serve.log());
 }
