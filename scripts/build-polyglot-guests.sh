@@ -13,13 +13,15 @@ export PATH="$bin:$PATH"
 out=target/guests
 mkdir -p "$out"
 
-# Whether $1 is missing or older than any file under the other arguments.
+# Whether $1 is missing or older than any source file (.py, .js, .wit)
+# under the other arguments.
 stale() {
   local target=$1
   shift
   [ "${OUTRUN_POLYGLOT_FORCE:-0}" = 1 ] && return 0
   [ -f "$target" ] || return 0
-  [ -n "$(find "$@" -type f -newer "$target" -not -path '*/__pycache__/*' -print -quit)" ]
+  [ -n "$(find "$@" -type f \( -name '*.py' -o -name '*.js' -o -name '*.wit' \) \
+    -newer "$target" -not -path '*/__pycache__/*' -print -quit)" ]
 }
 
 # Each build writes to a temporary file and renames it into place, so a
