@@ -424,3 +424,77 @@ async fn js_serve_drains(db: TestDb) {
 }
 
 on_both_backends!(python_serve_drains, js_serve_drains);
+
+/// The directory of the pinned toolchains (installed when missing).
+fn toolchain_bin() -> String {
+    let out = Command::new(Path::new(ROOT).join("scripts/install-guest-toolchains.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install-guest-toolchains.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A host test suite of an SDK; its output when it passed.
+fn sdk_suite(program: &str, args: &[&str]) -> String {
+    let path = format!(
+        "{}:{}",
+        toolchain_bin(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(ROOT)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?} failed:\n{all}");
+    all
+}
+
+/// The Python SDK against the real generated bindings (values, errors,
+/// emit options, tracebacks), on the host.
+#[test]
+fn python_sdk_host_tests_pass() {
+    let all = sdk_suite(
+        "python3",
+        &[
+            "-m",
+            "unittest",
+            "discover",
+            "-s",
+            "handlers/sdk-python/tests",
+        ],
+    );
+    assert!(
+        all.contains("Ran 11 tests") && all.contains("\nOK"),
+        "{all}"
+    );
+}
+
+/// The JS SDK with recorders for the component's imports (values, BigInt,
+/// errors, emit options), on the host with node.
+#[test]
+fn js_sdk_host_tests_pass() {
+    let all = sdk_suite(
+        "node",
+        &[
+            "--import",
+            "./handlers/sdk-js/test/register.mjs",
+            "--test",
+            "handlers/sdk-js/test/sdk.test.mjs",
+        ],
+    );
+    assert!(
+        all.contains("# pass 9") && all.contains("# fail 0"),
+        "{all}"
+    );
+}
