@@ -226,15 +226,28 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
 
 /// A change inside `source` that is not a build output: componentize-py
 /// writes `__pycache__` next to the sources it compiles, and npm fills
-/// `node_modules`, so neither may trigger another build.
+/// `node_modules`, so neither may trigger another build. Nor may a SQLite
+/// database in the project (the templates' `app.db`): serve writes it all
+/// the time, which would rebuild in a loop.
 fn is_source_change(w: &Watched, path: &Path) -> bool {
     let Ok(rel) = path.strip_prefix(&w.source) else {
         return false;
     };
-    !rel.components().any(|c| {
-        let c = c.as_os_str().to_string_lossy();
-        c == "target" || c == "__pycache__" || c == "node_modules" || c.starts_with('.')
-    }) && path != w.module
+    let database = path.file_name().is_some_and(|f| {
+        let f = f.to_string_lossy();
+        [".db", ".sqlite", ".sqlite3"].iter().any(|ext| {
+            f.ends_with(ext)
+                || ["-wal", "-shm", "-journal"]
+                    .iter()
+                    .any(|s| f.ends_with(&format!("{ext}{s}")))
+        })
+    });
+    !database
+        && !rel.components().any(|c| {
+            let c = c.as_os_str().to_string_lossy();
+            c == "target" || c == "__pycache__" || c == "node_modules" || c.starts_with('.')
+        })
+        && path != w.module
 }
 
 async fn rebuild(
@@ -436,6 +449,10 @@ mod tests {
             "/p/.git/index",
             "/p/out/h.wasm",
             "/elsewhere/app.py",
+            "/p/app.db",
+            "/p/app.db-wal",
+            "/p/app.db-shm",
+            "/p/data/x.sqlite3-journal",
         ] {
             assert!(!is_source_change(&w, Path::new(output)), "{output}");
         }
