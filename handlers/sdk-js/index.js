@@ -457,6 +457,10 @@ function errorFromCode(code, method, url, timeout) {
   if (tag === 'HTTP-request-denied') return new HttpError('denied', method, url, '');
   if (tag === 'HTTP-request-URI-invalid' || tag === 'HTTP-request-method-invalid') return new HttpError('invalid', method, url, tag);
   if (/timeout/i.test(tag ?? '')) return new HttpError('timeout', method, url, `${timeout} s`);
+  if (tag === 'DNS-error') {
+    const detail = code.val?.rcode ?? code.val?.infoCode ?? '';
+    return new HttpError('transport', method, url, `DNS lookup failed ${detail}`.trim());
+  }
   if (tag === 'connection-refused') return new HttpError('transport', method, url, 'connection refused');
   if (tag === 'internal-error' && code.val) return new HttpError('transport', method, url, code.val);
   return new HttpError('transport', method, url, tag ?? String(code));

@@ -111,6 +111,10 @@ def _error_from_code(code: Any, method: str, url: str, timeout: float) -> HttpEr
         "HttpResponseTimeout",
     ):
         return HttpError("timeout", method, url, f"{timeout} s")
+    if name == "DnsError":
+        payload = getattr(code, "value", None)
+        detail = getattr(payload, "rcode", None) or getattr(payload, "info_code", None) or ""
+        return HttpError("transport", method, url, f"DNS lookup failed {detail}".strip())
     if name == "ConnectionRefused":
         return HttpError("transport", method, url, "connection refused")
     if name == "InternalError" and getattr(code, "value", None):
