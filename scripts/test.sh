@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: builds the guest components, runs every test of the
+# The test command: builds the guest components (the Rust ones, then the
+# Python and JavaScript examples with their pinned toolchains), runs every test of the
 # workspace against SQLite and the local PostgreSQL and Redis
 # (OUTRUN_TEST_POSTGRES_URL / OUTRUN_TEST_REDIS_URL point elsewhere), then
 # the short fault suite (scripts/chaos.sh: kill -9, a PostgreSQL restart, a
@@ -8,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-guests.sh
+scripts/build-polyglot-guests.sh
 cargo nextest run --workspace --no-fail-fast "$@"
 if [ "${OUTRUN_SKIP_CHAOS:-0}" != 1 ]; then
   CHAOS=short scripts/chaos.sh

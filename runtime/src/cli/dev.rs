@@ -224,15 +224,30 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// A change inside `source` that is not a build output.
+/// A change inside `source` that is not a build output: componentize-py
+/// writes `__pycache__` next to the sources it compiles, and npm fills
+/// `node_modules`, so neither may trigger another build. Nor may a SQLite
+/// database in the project (the templates' `app.db`): serve writes it all
+/// the time, which would rebuild in a loop.
 fn is_source_change(w: &Watched, path: &Path) -> bool {
     let Ok(rel) = path.strip_prefix(&w.source) else {
         return false;
     };
-    !rel.components().any(|c| {
-        let c = c.as_os_str().to_string_lossy();
-        c == "target" || c.starts_with('.')
-    }) && path != w.module
+    let database = path.file_name().is_some_and(|f| {
+        let f = f.to_string_lossy();
+        [".db", ".sqlite", ".sqlite3"].iter().any(|ext| {
+            f.ends_with(ext)
+                || ["-wal", "-shm", "-journal"]
+                    .iter()
+                    .any(|s| f.ends_with(&format!("{ext}{s}")))
+        })
+    });
+    !database
+        && !rel.components().any(|c| {
+            let c = c.as_os_str().to_string_lossy();
+            c == "target" || c == "__pycache__" || c == "node_modules" || c.starts_with('.')
+        })
+        && path != w.module
 }
 
 async fn rebuild(
@@ -411,5 +426,38 @@ impl Handler for Fed {
             event.attempt()
         ));
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_outputs_are_not_source_changes() {
+        let w = Watched {
+            name: "h".into(),
+            events: vec![],
+            source: PathBuf::from("/p"),
+            build: "true".into(),
+            module: PathBuf::from("/p/out/h.wasm"),
+        };
+        for output in [
+            "/p/target/h.wasm",
+            "/p/outrun_sdk/__pycache__/sql.cpython-314.pyc",
+            "/p/node_modules/x/index.js",
+            "/p/.git/index",
+            "/p/out/h.wasm",
+            "/elsewhere/app.py",
+            "/p/app.db",
+            "/p/app.db-wal",
+            "/p/app.db-shm",
+            "/p/data/x.sqlite3-journal",
+        ] {
+            assert!(!is_source_change(&w, Path::new(output)), "{output}");
+        }
+        for source in ["/p/app.py", "/p/outrun_sdk/sql.py", "/p/src/lib.rs"] {
+            assert!(is_source_change(&w, Path::new(source)), "{source}");
+        }
     }
 }

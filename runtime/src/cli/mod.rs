@@ -53,7 +53,7 @@ Examples:
   outrun events stats --by-name                       counts per state and per event name
   outrun events list --dead                           dead events, newest first, with last_error
   outrun handlers list --config outrun.toml           configured handlers and their versions
-  outrun new my-handler                               a new handler project (Rust)
+  outrun new my-handler --lang python                 a new handler project (rust, python or js)
   outrun handlers run my_handler.wasm --event order.created --payload @event.json
   outrun completions bash > /etc/bash_completion.d/outrun
 

@@ -1,7 +1,8 @@
-//! `outrun new NAME --lang rust`: a ready-to-build handler project. The
-//! guest SDK and the WIT package are vendored into it (from the copies this
-//! binary carries, see [`crate::shipped`]) so it builds anywhere, with the
-//! dependency versions of this outrun's own lockfile.
+//! `outrun new NAME --lang rust|python|js`: a ready-to-build handler
+//! project. The guest SDK of the language and the WIT package are vendored
+//! into it (from the copies this binary carries, see [`crate::shipped`]) so
+//! it builds anywhere; a Rust project also gets the dependency versions of
+//! this outrun's own lockfile.
 
 use std::path::{Path, PathBuf};
 
@@ -64,46 +65,188 @@ const RUST: &[(&str, &str)] = &[
     (".gitignore", include_str!("../../templates/rust/gitignore")),
 ];
 
+/// Files shared by every language's template: the example's table, event
+/// and HTTP fixture.
+const SHARED: &[(&str, &str)] = &[
+    (
+        "schema.sql",
+        include_str!("../../templates/rust/schema.sql"),
+    ),
+    (
+        "events/order.created.json",
+        include_str!("../../templates/rust/events/order.created.json"),
+    ),
+    (
+        "fixtures/http.json",
+        include_str!("../../templates/rust/fixtures/http.json"),
+    ),
+];
+
+/// The Python template: the example handler of handlers/example-python and
+/// the SDK of handlers/sdk-python, so the template is the example CI builds.
+const PYTHON: &[(&str, &str)] = &[
+    (
+        "app.py",
+        include_str!("../../../handlers/example-python/app.py"),
+    ),
+    (
+        "test_app.py",
+        include_str!("../../templates/python/test_app.py"),
+    ),
+    (
+        "outrun.toml",
+        include_str!("../../templates/python/outrun.toml.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../../templates/python/README.md.tmpl"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../../templates/python/gitignore"),
+    ),
+    (
+        "outrun_sdk/__init__.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/__init__.py"),
+    ),
+    (
+        "outrun_sdk/_wit.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/_wit.py"),
+    ),
+    (
+        "outrun_sdk/config.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/config.py"),
+    ),
+    (
+        "outrun_sdk/http.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/http.py"),
+    ),
+    (
+        "outrun_sdk/kv.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/kv.py"),
+    ),
+    (
+        "outrun_sdk/log.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/log.py"),
+    ),
+    (
+        "outrun_sdk/sql.py",
+        include_str!("../../../handlers/sdk-python/outrun_sdk/sql.py"),
+    ),
+];
+
+/// The JavaScript template: handlers/example-js with handlers/sdk-js
+/// vendored beside it (componentize-js resolves relative imports only).
+const JS: &[(&str, &str)] = &[
+    (
+        "app.js",
+        include_str!("../../../handlers/example-js/app.js"),
+    ),
+    (
+        "logic.js",
+        include_str!("../../../handlers/example-js/logic.js"),
+    ),
+    ("test.mjs", include_str!("../../templates/js/test.mjs")),
+    (
+        "package.json",
+        include_str!("../../templates/js/package.json.tmpl"),
+    ),
+    (
+        "outrun.toml",
+        include_str!("../../templates/js/outrun.toml.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../../templates/js/README.md.tmpl"),
+    ),
+    (".gitignore", include_str!("../../templates/js/gitignore")),
+    (
+        "outrun-sdk/index.js",
+        include_str!("../../../handlers/sdk-js/index.js"),
+    ),
+    (
+        "outrun-sdk/index.d.ts",
+        include_str!("../../../handlers/sdk-js/index.d.ts"),
+    ),
+    (
+        "outrun-sdk/package.json",
+        include_str!("../../../handlers/sdk-js/package.json"),
+    ),
+];
+
+/// What differs between the languages after the files: how to build, where
+/// the component lands, how to test.
+struct LangSpec {
+    label: &'static str,
+    files: &'static [(&'static str, &'static str)],
+    build: &'static str,
+    module: &'static str,
+    test: &'static str,
+}
+
+fn lang(lang: Lang) -> LangSpec {
+    match lang {
+        Lang::Rust => LangSpec {
+            label: "Rust",
+            files: RUST,
+            build: "cargo build --target wasm32-wasip2 --release",
+            module: "target/wasm32-wasip2/release/{{crate}}.wasm",
+            test: "cargo test",
+        },
+        Lang::Python => LangSpec {
+            label: "Python",
+            files: PYTHON,
+            build: "mkdir -p target && componentize-py -d wit -w handler componentize app -o target/{{crate}}.wasm",
+            module: "target/{{crate}}.wasm",
+            test: "python3 -m unittest",
+        },
+        Lang::Js => LangSpec {
+            label: "JavaScript",
+            files: JS,
+            build: "mkdir -p target && componentize-js app.js --wit wit --world-name handler -o target/{{crate}}.wasm",
+            module: "target/{{crate}}.wasm",
+            test: "node --test",
+        },
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     validate_name(&args.name)?;
-    if args.lang != Lang::Rust {
-        bail!(
-            "--lang {}: not yet; this outrun writes Rust projects only (--lang rust). Python and JavaScript guests are planned (issue 13)",
-            match args.lang {
-                Lang::Python => "python",
-                _ => "js",
-            }
-        );
-    }
     let dir = args
         .dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(&args.name));
     check_target_dir(&dir, args.force)?;
-    let written = write_rust(&dir, &args.name)?;
-    let krate = args.name.replace('-', "_");
+    let l = lang(args.lang);
+    let written = write_project(&dir, &args.name, args.lang)?;
+    let module = fill(l.module, &args.name, "");
+    let build = fill(l.build, &args.name, "");
     outln!(
-        "created {} ({} files): an outrun handler in Rust",
+        "created {} ({} files): an outrun handler in {}",
         dir.display(),
-        written
+        written,
+        l.label
     );
     outln!();
     outln!("Next:");
     outln!("  cd {}", dir.display());
-    outln!("  cargo build --target wasm32-wasip2 --release");
-    outln!("  outrun handlers check target/wasm32-wasip2/release/{krate}.wasm");
-    outln!("  cargo test");
+    if args.lang != Lang::Rust {
+        outln!(
+            "  (the pinned toolchain: see README.md; in an outrun checkout, scripts/install-guest-toolchains.sh)"
+        );
+    }
+    outln!("  {build}");
+    outln!("  outrun handlers check {module}");
+    outln!("  {}", l.test);
     outln!("  sqlite3 app.db < schema.sql");
-    outln!(
-        "  outrun handlers run target/wasm32-wasip2/release/{krate}.wasm --event order.created \\"
-    );
+    outln!("  outrun handlers run {module} --event order.created \\");
     outln!(
         "      --payload @events/order.created.json --http-fixtures fixtures/http.json --database sqlite://app.db"
     );
     outln!();
     outln!("The [[handler]] to paste into your config (also in outrun.toml):");
     outln!();
-    outln!("{}", handler_snippet(&args.name));
+    outln!("{}", handler_snippet(&args.name, args.lang));
     Ok(())
 }
 
@@ -143,26 +286,46 @@ fn check_target_dir(dir: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fill(template: &str, name: &str) -> String {
+/// Replace `{{name}}`, `{{crate}}` (the name with `_` for `-`: file and
+/// crate names) and `{{build}}` (the build command).
+fn fill(template: &str, name: &str, build: &str) -> String {
     template
+        .replace("{{build}}", build)
         .replace("{{name}}", name)
         .replace("{{crate}}", &name.replace('-', "_"))
 }
 
 /// The `[[handler]]` section of the template's outrun.toml.
-fn handler_snippet(name: &str) -> String {
-    let config = fill(RUST[2].1, name);
+fn handler_snippet(name: &str, which: Lang) -> String {
+    let l = lang(which);
+    let build = fill(l.build, name, "");
+    let (_, template) = l
+        .files
+        .iter()
+        .find(|(path, _)| *path == "outrun.toml")
+        .expect("every template has an outrun.toml");
+    let config = fill(template, name, &build);
     // The section, not the comment that mentions it.
     let start = config.find("\n[[handler]]").map_or(0, |i| i + 1);
     config[start..].trim_end().to_string()
 }
 
 /// Write the project; returns the number of files written.
-fn write_rust(dir: &Path, name: &str) -> anyhow::Result<usize> {
-    let mut files: Vec<(PathBuf, String)> = RUST
+fn write_project(dir: &Path, name: &str, which: Lang) -> anyhow::Result<usize> {
+    let l = lang(which);
+    let build = fill(l.build, name, "");
+    let mut files: Vec<(PathBuf, String)> = l
+        .files
         .iter()
-        .map(|(path, text)| (PathBuf::from(path), fill(text, name)))
+        .map(|(path, text)| (PathBuf::from(path), fill(text, name, &build)))
         .collect();
+    if which != Lang::Rust {
+        files.extend(
+            SHARED
+                .iter()
+                .map(|(path, text)| (PathBuf::from(path), text.to_string())),
+        );
+    }
     let sources = crate::shipped::sdk_sources();
     let source = |want: &str| {
         sources
@@ -172,28 +335,32 @@ fn write_rust(dir: &Path, name: &str) -> anyhow::Result<usize> {
             .with_context(|| format!("this outrun binary does not carry {want}"))
     };
     for (path, text) in sources {
-        if let Some(rel) = path.strip_prefix("sdk/src/") {
+        if path.starts_with("wit/") {
+            files.push((PathBuf::from(path), text.to_string()));
+        } else if let Some(rel) = path.strip_prefix("sdk/src/")
+            && which == Lang::Rust
+        {
             files.push((
                 Path::new("vendor/outrun-sdk/src").join(rel),
                 text.to_string(),
             ));
-        } else if path.starts_with("wit/") {
-            files.push((PathBuf::from(path), text.to_string()));
         }
     }
-    files.push((
-        PathBuf::from("vendor/outrun-sdk/Cargo.toml"),
-        standalone_sdk_manifest(
-            source("sdk/Cargo.toml.workspace")?,
-            source("workspace/Cargo.toml")?,
-        )?,
-    ));
-    // The versions outrun's own guests are built and tested with; cargo
-    // drops what the project does not use, and no registry is asked.
-    files.push((
-        PathBuf::from("Cargo.lock"),
-        source("Cargo.lock")?.to_string(),
-    ));
+    if which == Lang::Rust {
+        files.push((
+            PathBuf::from("vendor/outrun-sdk/Cargo.toml"),
+            standalone_sdk_manifest(
+                source("sdk/Cargo.toml.workspace")?,
+                source("workspace/Cargo.toml")?,
+            )?,
+        ));
+        // The versions outrun's own guests are built and tested with; cargo
+        // drops what the project does not use, and no registry is asked.
+        files.push((
+            PathBuf::from("Cargo.lock"),
+            source("Cargo.lock")?.to_string(),
+        ));
+    }
     for (rel, text) in &files {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
@@ -339,7 +506,7 @@ serde_json = "1"
 
     #[test]
     fn snippet_is_the_handler_section() {
-        let s = handler_snippet("order-welcome");
+        let s = handler_snippet("order-welcome", Lang::Rust);
         assert!(
             s.starts_with("[[handler]]\nname = \"order-welcome\""),
             "{s}"
@@ -350,5 +517,36 @@ serde_json = "1"
         );
         let parsed: toml::Table = s.parse().unwrap();
         assert!(parsed.contains_key("handler"));
+    }
+
+    #[test]
+    fn python_and_js_snippets_build_into_target() {
+        for (which, tool) in [
+            (Lang::Python, "componentize-py"),
+            (Lang::Js, "componentize-js"),
+        ] {
+            let s = handler_snippet("order-welcome", which);
+            let parsed: toml::Table = s.parse().unwrap();
+            let h = &parsed["handler"][0];
+            assert_eq!(
+                h["module"].as_str(),
+                Some("target/order_welcome.wasm"),
+                "{s}"
+            );
+            let build = h["build"].as_str().unwrap();
+            assert!(build.contains(tool), "{s}");
+            assert!(build.ends_with("-o target/order_welcome.wasm"), "{s}");
+        }
+    }
+
+    #[test]
+    fn templates_leave_no_placeholder() {
+        for which in [Lang::Rust, Lang::Python, Lang::Js] {
+            let l = lang(which);
+            for (path, text) in l.files {
+                let out = fill(text, "order-welcome", "the build");
+                assert!(!out.contains("{{"), "{path} keeps a placeholder");
+            }
+        }
     }
 }
