@@ -36,7 +36,7 @@ fn probe_spec(name: &str, module: &Path, extra: &str) -> HandlerSpec {
     spec(&format!(
         "name = \"{name}\"\nevents = [\"probe.echo\", \"probe.emit\", \"probe.emit-raw\", \"probe.sql\", \"probe.kv\", \"probe.http\", \
          \"probe.config\", \"probe.loop\", \"probe.oom\", \"probe.stack\", \"probe.trap\", \"probe.panic\", \"probe.fail\", \
-         \"probe.retry-after\", \"probe.version\"]\nmodule = {module:?}\n{timeout}{extra}",
+         \"probe.retry-after\", \"probe.version\", \"probe.print\", \"probe.counter\"]\nmodule = {module:?}\n{timeout}{extra}",
         // 2 s unless the test sets its own (TOML rejects a repeated key).
         timeout = if extra.contains("timeout =") {
             ""
@@ -151,11 +151,15 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
 }
 
 fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    capture_logs_at(tracing::Level::INFO)
+}
+
+fn capture_logs_at(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(logs.clone())
         .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(level)
         .finish();
     (logs, tracing::subscriber::set_default(subscriber))
 }
@@ -179,6 +183,65 @@ fn hash_of(path: &Path) -> String {
 }
 
 // ---------------------------------------------------------------- routing
+
+#[tokio::test]
+async fn guest_stdout_and_stderr_go_to_the_debug_log_bounded_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = load(
+        vec![probe_spec("printer", &guest("probe.wasm"), "")],
+        dir.path(),
+    )
+    .await;
+    let (logs, _guard) = capture_logs_at(tracing::Level::DEBUG);
+    let ev = event(
+        "probe.print",
+        serde_json::json!({"stdout": "hello out\nunfinished", "stderr": "hello err\n"}),
+    );
+    assert_eq!(
+        run(&reg, &ev, &mut Effects::default()).await,
+        Ok(Outcome::Done)
+    );
+    let id = ev.id.to_string();
+    for (text, stream) in [
+        ("hello out", "stdout"),
+        ("unfinished", "stdout"),
+        ("hello err", "stderr"),
+    ] {
+        let lines = logs.lines_with(text);
+        assert_eq!(lines.len(), 1, "{text}: {lines:?}");
+        let l = &lines[0];
+        assert!(
+            l.contains("DEBUG")
+                && l.contains(&id)
+                && l.contains("handler=\"printer\"")
+                && l.contains(&format!("stream=\"{stream}\"")),
+            "{l}"
+        );
+    }
+
+    // 1.7 MB of output: at most LOG_CAP bytes of it is logged, then one line
+    // says how much was dropped.
+    let ev = event(
+        "probe.print",
+        serde_json::json!({"stdout": "0123456789abcdef\n", "repeat": 100_000}),
+    );
+    assert_eq!(
+        run(&reg, &ev, &mut Effects::default()).await,
+        Ok(Outcome::Done)
+    );
+    let lines = logs.lines_with(&ev.id.to_string());
+    let cap = outrun::host::output::LOG_CAP;
+    assert!(
+        lines.len() > 100 && lines.len() <= cap / 17 + 2,
+        "{} lines",
+        lines.len()
+    );
+    let last = lines.last().unwrap();
+    assert!(
+        last.contains("bytes of guest stdout dropped"),
+        "the drop is reported: {last}"
+    );
+}
 
 #[tokio::test]
 async fn routes_by_event_name_and_reports_handlers() {

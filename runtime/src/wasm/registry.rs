@@ -591,12 +591,13 @@ impl Handler for HandlerVersion {
         })
         .await;
         *effects = mem::take(&mut store.data_mut().effects);
-        match result {
+        let data = store.data();
+        let result = match result {
             Err(_elapsed) => Err(HandlerError::retry(format!(
                 "timeout after {}",
                 humantime::format_duration(self.timeout)
             ))),
-            Ok(Err(err)) => Err(self.describe(err, store.data())),
+            Ok(Err(err)) => Err(self.describe(err, data)),
             Ok(Ok(Ok(wit::Outcome::Done))) => Ok(Outcome::Done),
             Ok(Ok(Ok(wit::Outcome::RetryAfter(ms)))) => {
                 Ok(Outcome::RetryAfter(Duration::from_millis(ms)))
@@ -605,6 +606,9 @@ impl Handler for HandlerVersion {
                 message: e.message,
                 retryable: e.retryable,
             }),
-        }
+        };
+        data.stdout.finish(None);
+        data.stderr.finish(None);
+        result
     }
 }
