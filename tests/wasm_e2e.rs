@@ -455,7 +455,12 @@ fn handlers_check_accepts_components_and_explains_rejections() {
         let path = guest(name);
         let out = outrun(&["handlers", "check", path.to_str().unwrap()]);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("implements outrun:handler/handler"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("implements outrun:handler/handler"));
+        assert!(
+            text.contains("core instances") && text.contains("is refused at load"),
+            "{name}: the pool needs and the smallest memory cap: {text}"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let probe = std::fs::read(guest("probe")).unwrap();

@@ -982,6 +982,57 @@ async fn startup_errors_name_the_problem() {
 }
 
 #[tokio::test]
+async fn a_memory_cap_below_the_components_initial_memory_is_refused_before_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = guest("probe.wasm");
+    let needs = check_file(&probe).unwrap().needs;
+    // A Rust guest starts with ~1 MiB of linear memory, in one memory.
+    assert!(
+        needs.min_memory >= 1 << 20 && needs.memories >= 1 && needs.core_instances >= 1,
+        "{needs:?}"
+    );
+    assert!(
+        needs.tables >= 1 && needs.min_table_elements > 0,
+        "{needs:?}"
+    );
+
+    let cache = dir.path().join("cache");
+    let s = spec(&format!(
+        "name = \"small\"\nevents = [\"e\"]\nmodule = {probe:?}\nmemory = \"512KiB\"\n"
+    ));
+    let services = HostServices {
+        cache_dir: Some(cache.clone()),
+        ..HostServices::default()
+    };
+    let err = load_with(vec![s], dir.path(), services)
+        .await
+        .err()
+        .expect("a cap below the initial memory cannot load");
+    let text = err.to_string();
+    let need = outrun::wasm::ByteSize(needs.min_memory).to_string();
+    assert!(
+        text.contains("handler small")
+            && text.contains(&need)
+            && text.contains("`memory` = 512 KiB")
+            && text.contains("raise `memory`"),
+        "{text}"
+    );
+    // Refused before the compile: nothing reached the artifact cache.
+    assert!(!cache.exists(), "nothing was compiled");
+
+    // Exactly the need is enough.
+    let s = spec(&format!(
+        "name = \"fits\"\nevents = [\"probe.counter\"]\nmodule = {probe:?}\nmemory = {}\n",
+        needs.min_memory
+    ));
+    let reg = load(vec![s], dir.path()).await;
+    assert!(matches!(
+        run_plain(&reg, "probe.counter", serde_json::json!({})).await,
+        Ok(Outcome::RetryAfter(_))
+    ));
+}
+
+#[tokio::test]
 async fn check_file_accepts_the_probe_and_explains_rejections() {
     let dir = tempfile::tempdir().unwrap();
     // The shipped handlers fit the host as well.

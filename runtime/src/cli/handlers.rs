@@ -25,8 +25,10 @@ Examples:
         json: bool,
     },
     /// Check that FILE is a component implementing the `handler` world with
-    /// imports outrun provides. Exit 0 if so; otherwise the error names the
-    /// missing or mismatched export or import. Writes nothing.
+    /// imports outrun provides, and print what an instance needs (core
+    /// instances, memories and their initial sizes, tables): the smallest
+    /// `memory` cap it can run under. Exit 0 if so; otherwise the error
+    /// names the missing or mismatched export or import. Writes nothing.
     #[command(after_help = "\
 Examples:
   outrun handlers check target/wasm32-wasip2/release/my_handler.wasm")]
@@ -133,6 +135,12 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
                 info.path.display(),
                 &info.hash[..12],
                 info.size
+            );
+            let n = &info.needs;
+            outln!("  {}", n.describe());
+            outln!(
+                "  memory: a [[handler]] `memory` below {} is refused at load",
+                crate::wasm::ByteSize(n.min_memory)
             );
             for i in &info.imports {
                 outln!("  imports {i}");

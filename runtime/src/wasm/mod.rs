@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod needs;
 pub mod registry;
 pub mod reload;
 pub mod spec;
@@ -80,6 +81,23 @@ pub enum WasmError {
     KvConnect { url: String, reason: String },
     #[error("cannot watch {} for handler changes: {reason}", path.display())]
     Watch { path: PathBuf, reason: String },
+    #[error(
+        "handler {handler}: its component needs at least {need} of linear memory to start (the initial size of its largest memory), but `memory` = {cap}; raise `memory` in its [[handler]] entry to at least {need}"
+    )]
+    MemoryTooSmall {
+        handler: String,
+        need: ByteSize,
+        cap: ByteSize,
+    },
+    #[error(
+        "handler {handler}: this version needs {need} {what} per instance, but the instance pool was sized at start for {room}; restart outrun to load it"
+    )]
+    PoolTooSmall {
+        handler: String,
+        what: &'static str,
+        need: u64,
+        room: u64,
+    },
     #[error("wasm engine setup failed: {0}")]
     Engine(String),
 }

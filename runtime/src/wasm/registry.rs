@@ -20,6 +20,7 @@ use wasmtime::{Engine, Trap, UpdateDeadline};
 
 use super::cache::{ArtifactCache, Source};
 use super::engine::{EngineLimits, EpochTicker, build_engine};
+use super::needs::Needs;
 use super::spec::{ByteSize, HandlerSpec, KvSettings};
 use super::{WasmError, resolve};
 use crate::event::{Event, validate_name};
@@ -99,6 +100,8 @@ pub struct ComponentInfo {
     pub size: u64,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
+    /// What an instance of it takes from the pool (see [`Needs`]).
+    pub needs: Needs,
 }
 
 /// One `[[handler]]`: its grants, its limits and its current version. Lives
@@ -116,6 +119,8 @@ pub struct Registry {
     pub(crate) engine: Engine,
     pub(crate) linker: Arc<Linker<HostState>>,
     pub(crate) cache: ArtifactCache,
+    /// What the pool gives each instance; a reload needing more is refused.
+    pub(crate) room: Needs,
     pub(crate) slots: Vec<Slot>,
     by_event: HashMap<String, usize>,
     _ticker: EpochTicker,
@@ -203,7 +208,16 @@ impl Registry {
                     path,
                 });
             }
-            modules.push(canonical_module(&path)?);
+            let module = canonical_module(&path)?;
+            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
+                path: module.clone(),
+                source,
+            })?;
+            // Before any compile: a cap the component cannot start under is
+            // refused now, not after tens of seconds of compiling.
+            let needs = read_needs(&module, &bytes)?;
+            check_memory(spec, &needs)?;
+            modules.push((module, bytes, needs));
         }
 
         let max_memory = specs
@@ -211,10 +225,15 @@ impl Registry {
             .map(|s| s.memory.bytes())
             .max()
             .unwrap_or(super::spec::DEFAULT_MEMORY.bytes());
-        let engine = build_engine(EngineLimits {
+        let limits = EngineLimits {
             max_memory,
             instances: services.max_instances,
-        })?;
+            per_instance: modules
+                .iter()
+                .fold(Needs::default(), |acc, (_, _, n)| acc.max(n)),
+        };
+        let room = limits.room();
+        let engine = build_engine(limits)?;
         let linker = Arc::new(
             linker(&engine)
                 .map_err(|e| WasmError::Engine(format!("linking host functions: {e:#}")))?,
@@ -229,7 +248,7 @@ impl Registry {
         let kv = KvStore::connect(&services.kv).await?;
 
         let mut slots = Vec::with_capacity(specs.len());
-        for (spec, module) in specs.into_iter().zip(modules) {
+        for (spec, (module, bytes, _)) in specs.into_iter().zip(modules) {
             let mut caps = Capabilities::new(
                 &spec,
                 kv.clone(),
@@ -239,13 +258,11 @@ impl Registry {
             );
             caps.harness = services.harness.clone();
             let caps = Arc::new(caps);
-            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
-                path: module.clone(),
-                source,
-            })?;
             let started = Instant::now();
-            let (version, source) =
-                compile_version(&engine, &linker, &cache, &spec, &caps, &module, bytes).await?;
+            let (version, source) = compile_version(
+                &engine, &linker, &cache, &room, &spec, &caps, &module, bytes,
+            )
+            .await?;
             tracing::info!(
                 handler = %spec.name,
                 version = %version.short,
@@ -270,6 +287,7 @@ impl Registry {
             engine,
             linker,
             cache,
+            room,
             slots,
             by_event,
             _ticker: ticker,
@@ -374,16 +392,88 @@ fn canonical_module(path: &Path) -> Result<PathBuf, WasmError> {
     Ok(dir.join(path.file_name().unwrap_or_default()))
 }
 
-/// Compile `bytes` (off the async threads) and check it against the world.
+/// [`sniff`], then the component's [`Needs`]; a binary wasmparser cannot
+/// read is not a valid component.
+fn read_needs(path: &Path, bytes: &[u8]) -> Result<Needs, WasmError> {
+    let invalid = |reason: String| WasmError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    sniff(bytes).map_err(invalid)?;
+    Needs::of(bytes).map_err(|e| invalid(format!("not a valid component: {e}")))
+}
+
+/// The handler's `memory` cap must hold the component's largest initial
+/// memory, or every instantiation would fail.
+fn check_memory(spec: &HandlerSpec, needs: &Needs) -> Result<(), WasmError> {
+    if needs.min_memory > spec.memory.bytes() {
+        return Err(WasmError::MemoryTooSmall {
+            handler: spec.name.clone(),
+            need: ByteSize(needs.min_memory),
+            cap: spec.memory,
+        });
+    }
+    Ok(())
+}
+
+/// A reload must fit the pool sized at start.
+fn check_room(handler: &str, needs: &Needs, room: &Needs) -> Result<(), WasmError> {
+    let checks: [(&'static str, u64, u64); 5] = [
+        (
+            "core instances",
+            needs.core_instances.into(),
+            room.core_instances.into(),
+        ),
+        ("memories", needs.memories.into(), room.memories.into()),
+        ("tables", needs.tables.into(), room.tables.into()),
+        (
+            "memories in one core module",
+            needs.memories_per_module.into(),
+            room.memories_per_module.into(),
+        ),
+        (
+            "tables in one core module",
+            needs.tables_per_module.into(),
+            room.tables_per_module.into(),
+        ),
+    ];
+    for (what, need, room) in checks {
+        if need > room {
+            return Err(WasmError::PoolTooSmall {
+                handler: handler.to_string(),
+                what,
+                need,
+                room,
+            });
+        }
+    }
+    if needs.min_table_elements > room.min_table_elements {
+        return Err(WasmError::PoolTooSmall {
+            handler: handler.to_string(),
+            what: "initial table elements",
+            need: needs.min_table_elements,
+            room: room.min_table_elements,
+        });
+    }
+    Ok(())
+}
+
+/// Check `bytes` against the handler's cap and the pool, compile it (off
+/// the async threads) and check it against the world.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn compile_version(
     engine: &Engine,
     linker: &Arc<Linker<HostState>>,
     cache: &ArtifactCache,
+    room: &Needs,
     spec: &HandlerSpec,
     caps: &Arc<Capabilities>,
     module: &Path,
     bytes: Vec<u8>,
 ) -> Result<(HandlerVersion, Source), WasmError> {
+    let needs = read_needs(module, &bytes)?;
+    check_memory(spec, &needs)?;
+    check_room(&spec.name, &needs, room)?;
     let (engine2, linker2, cache2, path) = (
         engine.clone(),
         linker.clone(),
@@ -468,9 +558,11 @@ pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
             source,
         },
     })?;
+    let needs = read_needs(path, &bytes)?;
     let engine = build_engine(EngineLimits {
-        max_memory: super::spec::DEFAULT_MEMORY.bytes(),
+        max_memory: super::spec::DEFAULT_MEMORY.bytes().max(needs.min_memory),
         instances: 1,
+        per_instance: needs,
     })?;
     let linker = linker(&engine).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
     let (hash, pre, _) = prepare(&engine, &linker, None, path, &bytes)?;
@@ -481,6 +573,7 @@ pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
         size: bytes.len() as u64,
         imports: ty.imports(&engine).map(|(n, _)| n.to_string()).collect(),
         exports: ty.exports(&engine).map(|(n, _)| n.to_string()).collect(),
+        needs,
     })
 }
 

@@ -79,6 +79,7 @@ impl Registry {
             &self.engine,
             &self.linker,
             &self.cache,
+            &self.room,
             &slot.spec,
             &slot.caps,
             &slot.module,
