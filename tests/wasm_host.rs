@@ -982,6 +982,50 @@ async fn startup_errors_name_the_problem() {
 }
 
 #[tokio::test]
+async fn a_handler_still_compiling_is_not_claimed_and_its_claimed_events_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let services = HostServices {
+        // Its own cache: the compile must not be a cache hit.
+        cache_dir: Some(dir.path().join("cache")),
+        ..HostServices::default()
+    };
+    let (reg, compile) = Registry::prepare(
+        vec![probe_spec("slow", &guest("probe.wasm"), "")],
+        dir.path(),
+        services,
+    )
+    .await
+    .unwrap();
+    assert!(!reg.all_ready());
+    assert!(reg.handlers().is_empty(), "nothing serves yet");
+    let mut held = reg.saturated();
+    held.sort();
+    assert!(
+        held.contains(&"probe.echo".to_string()) && held.contains(&"probe.counter".to_string()),
+        "the claimer leaves a compiling handler's events in the table: {held:?}"
+    );
+    // One claimed anyway (just before the compile started) waits for it
+    // instead of failing.
+    let route = reg.route("probe.counter").expect("routed while compiling");
+    assert_eq!(
+        route.timeout, None,
+        "no backstop while waiting for a compile"
+    );
+    let ev = event("probe.counter", serde_json::json!({}));
+    let waiting =
+        tokio::spawn(async move { route.handler.handle(&ev, &mut Effects::default()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "it waits for the compile");
+    compile.run().await.unwrap();
+    assert_eq!(
+        waiting.await.unwrap(),
+        Ok(Outcome::RetryAfter(Duration::from_millis(1)))
+    );
+    assert!(reg.all_ready() && reg.saturated().is_empty());
+    assert_eq!(reg.handlers().len(), 1);
+}
+
+#[tokio::test]
 async fn a_memory_cap_below_the_components_initial_memory_is_refused_before_compiling() {
     let dir = tempfile::tempdir().unwrap();
     let probe = guest("probe.wasm");

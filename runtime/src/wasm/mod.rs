@@ -15,7 +15,7 @@ pub mod spec;
 use std::path::{Path, PathBuf};
 
 pub use registry::{
-    ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
+    Compile, ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
 };
 pub use reload::{ReloadWatcher, Reloaded};
 pub use spec::{Allow, ByteSize, HandlerSpec, KvSettings};
@@ -73,6 +73,8 @@ pub enum WasmError {
     NoEvents(String),
     #[error("handler {handler}: {reason}")]
     BadSpec { handler: String, reason: String },
+    #[error("handler {0} is still compiling its first version; try again once it is loaded")]
+    Compiling(String),
     #[error("no handler named {0:?}")]
     UnknownHandler(String),
     #[error(

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Trap, UpdateDeadline};
 
@@ -111,7 +111,73 @@ pub(crate) struct Slot {
     pub(crate) module: PathBuf,
     pub(crate) caps: Arc<Capabilities>,
     pub(crate) permits: Option<Arc<Semaphore>>,
-    pub(crate) current: ArcSwap<HandlerVersion>,
+    pub(crate) current: Arc<Serving>,
+}
+
+/// The version a handler serves, empty while its first version compiles.
+pub(crate) struct Serving {
+    version: ArcSwapOption<HandlerVersion>,
+    /// `None` while the first version compiles; then `Ok` (serving) or the
+    /// compile error.
+    state: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Serving {
+    fn compiling() -> Self {
+        Self {
+            version: ArcSwapOption::empty(),
+            state: watch::Sender::new(None),
+        }
+    }
+
+    pub(crate) fn load_full(&self) -> Option<Arc<HandlerVersion>> {
+        self.version.load_full()
+    }
+
+    pub(crate) fn store(&self, version: HandlerVersion) {
+        self.version.store(Some(Arc::new(version)));
+        self.state.send_replace(Some(Ok(())));
+    }
+
+    fn fail(&self, error: String) {
+        self.state.send_replace(Some(Err(error)));
+    }
+
+    fn ready(&self) -> bool {
+        self.version.load().is_some()
+    }
+}
+
+/// What a route hands out for a handler whose first version still compiles:
+/// the event waits for the compile, then runs on the new version. The claim
+/// loop leaves such events in the table ([`Router::saturated`]), so only an
+/// event claimed just before that is known ever waits here.
+struct AwaitCompile {
+    handler: Arc<str>,
+    serving: Arc<Serving>,
+}
+
+#[async_trait::async_trait]
+impl Handler for AwaitCompile {
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+        let mut rx = self.serving.state.subscribe();
+        let state = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(Some(Err("the runtime stopped".into())));
+        match (state, self.serving.load_full()) {
+            (_, Some(version)) => version.handle(event, effects).await,
+            (Some(Err(e)), None) => Err(HandlerError::retry(format!(
+                "handler {} did not compile: {e}",
+                self.handler
+            ))),
+            (_, None) => Err(HandlerError::retry(format!(
+                "handler {} is not loaded",
+                self.handler
+            ))),
+        }
+    }
 }
 
 /// Name → handler component. See the module docs.
@@ -134,6 +200,20 @@ impl Registry {
         base_dir: &Path,
         services: HostServices,
     ) -> Result<Arc<Registry>, WasmError> {
+        let (registry, compile) = Self::prepare(specs, base_dir, services).await?;
+        compile.run().await?;
+        Ok(registry)
+    }
+
+    /// Check every spec and read every module (refusing what cannot work
+    /// before anything compiles), and return the registry with no handler
+    /// ready yet, plus the [`Compile`] that makes them ready: `serve` routes
+    /// events while it runs, each handler as soon as its version is in.
+    pub async fn prepare(
+        specs: Vec<HandlerSpec>,
+        base_dir: &Path,
+        services: HostServices,
+    ) -> Result<(Arc<Registry>, Compile), WasmError> {
         let mut names: HashSet<&str> = HashSet::new();
         let mut by_event: HashMap<String, usize> = HashMap::new();
         let mut modules = Vec::with_capacity(specs.len());
@@ -248,7 +328,8 @@ impl Registry {
         let kv = KvStore::connect(&services.kv).await?;
 
         let mut slots = Vec::with_capacity(specs.len());
-        for (spec, (module, bytes, _)) in specs.into_iter().zip(modules) {
+        let mut pending = Vec::with_capacity(specs.len());
+        for (i, (spec, (module, bytes, _))) in specs.into_iter().zip(modules).enumerate() {
             let mut caps = Capabilities::new(
                 &spec,
                 kv.clone(),
@@ -258,32 +339,18 @@ impl Registry {
             );
             caps.harness = services.harness.clone();
             let caps = Arc::new(caps);
-            let started = Instant::now();
-            let (version, source) = compile_version(
-                &engine, &linker, &cache, &room, &spec, &caps, &module, bytes,
-            )
-            .await?;
-            tracing::info!(
-                handler = %spec.name,
-                version = %version.short,
-                "handler {} v{} {} from {} in {} ms",
-                spec.name,
-                version.short,
-                match source { Source::Cache => "loaded from cache", Source::Compiled => "compiled" },
-                module.display(),
-                started.elapsed().as_millis()
-            );
             let permits = spec.concurrency.map(|n| Arc::new(Semaphore::new(n)));
+            pending.push((i, bytes));
             slots.push(Slot {
                 spec,
                 module,
                 caps,
                 permits,
-                current: ArcSwap::from_pointee(version),
+                current: Arc::new(Serving::compiling()),
             });
         }
         let ticker = EpochTicker::start(&engine)?;
-        Ok(Arc::new(Registry {
+        let registry = Arc::new(Registry {
             engine,
             linker,
             cache,
@@ -291,24 +358,40 @@ impl Registry {
             slots,
             by_event,
             _ticker: ticker,
-        }))
+        });
+        let compile = Compile {
+            registry: registry.clone(),
+            pending,
+        };
+        Ok((registry, compile))
     }
 
-    /// Every handler with its current version.
+    /// Every handler with its current version (those still compiling
+    /// their first version are left out).
     pub fn handlers(&self) -> Vec<HandlerInfo> {
         self.slots
             .iter()
-            .map(|s| {
-                let v = s.current.load();
-                HandlerInfo {
+            .filter_map(|s| {
+                let v = s.current.load_full()?;
+                Some(HandlerInfo {
                     name: s.spec.name.clone(),
                     module: s.module.clone(),
                     hash: v.hash.to_hex().to_string(),
                     loaded_at: v.loaded_at,
                     events: s.spec.events.clone(),
-                }
+                })
             })
             .collect()
+    }
+
+    /// Where compiled artifacts are kept, if anywhere.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache.dir()
+    }
+
+    /// Whether every handler has a version (none still compiling).
+    pub fn all_ready(&self) -> bool {
+        self.slots.iter().all(|s| s.current.ready())
     }
 
     /// The version serving `handler` now (hot reload may replace it).
@@ -316,7 +399,7 @@ impl Registry {
         self.slots
             .iter()
             .find(|s| s.spec.name == handler)
-            .map(|s| s.current.load_full())
+            .and_then(|s| s.current.load_full())
     }
 
     pub(crate) fn slot_index(&self, handler: &str) -> Option<usize> {
@@ -327,27 +410,125 @@ impl Registry {
 impl Router for Registry {
     fn route(&self, name: &str) -> Option<Route> {
         let slot = &self.slots[*self.by_event.get(name)?];
-        let handler: Arc<dyn Handler> = slot.current.load_full();
+        let (handler, timeout): (Arc<dyn Handler>, _) = match slot.current.load_full() {
+            Some(version) => (version, Some(slot.spec.timeout + BACKSTOP_GRACE)),
+            // No backstop while waiting: a compile may take longer than the
+            // handler's timeout, and the version enforces its own once it
+            // runs.
+            None => (
+                Arc::new(AwaitCompile {
+                    handler: slot.caps.handler.clone(),
+                    serving: slot.current.clone(),
+                }),
+                None,
+            ),
+        };
         Some(Route {
             handler_name: slot.caps.handler.clone(),
             handler,
             permits: slot.permits.clone(),
-            timeout: Some(slot.spec.timeout + BACKSTOP_GRACE),
+            timeout,
             max_retry: slot.spec.max_retry,
         })
     }
 
+    /// Names whose handler has no free permit, or is still compiling: the
+    /// claimer leaves their events in the table until it can run them.
     fn saturated(&self) -> Vec<String> {
         self.by_event
             .iter()
             .filter(|(_, i)| {
-                self.slots[**i]
-                    .permits
-                    .as_ref()
-                    .is_some_and(|p| p.available_permits() == 0)
+                let slot = &self.slots[**i];
+                !slot.current.ready()
+                    || slot
+                        .permits
+                        .as_ref()
+                        .is_some_and(|p| p.available_permits() == 0)
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+}
+
+/// The first compile of every handler of a [`Registry::prepare`]d registry:
+/// in parallel, at most one per core (each compile already uses several
+/// threads for large components, so more would only compete).
+pub struct Compile {
+    registry: Arc<Registry>,
+    pending: Vec<(usize, Vec<u8>)>,
+}
+
+impl Compile {
+    /// Compile (or load from the cache) every pending handler; each serves
+    /// as soon as its own version is in. Returns the first error (the
+    /// others still finish).
+    pub async fn run(self) -> Result<(), WasmError> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let permits = Arc::new(Semaphore::new(cores));
+        let started = Instant::now();
+        let count = self.pending.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, bytes) in self.pending {
+            let registry = self.registry.clone();
+            let permits = permits.clone();
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let slot = &registry.slots[i];
+                let began = Instant::now();
+                let result = compile_version(
+                    &registry.engine,
+                    &registry.linker,
+                    &registry.cache,
+                    &registry.room,
+                    &slot.spec,
+                    &slot.caps,
+                    &slot.module,
+                    bytes,
+                )
+                .await;
+                match result {
+                    Ok((version, source)) => {
+                        tracing::info!(
+                            handler = %slot.spec.name,
+                            version = %version.short,
+                            "handler {} v{} {} from {} in {} ms",
+                            slot.spec.name,
+                            version.short,
+                            match source { Source::Cache => "loaded from cache", Source::Compiled => "compiled" },
+                            slot.module.display(),
+                            began.elapsed().as_millis()
+                        );
+                        slot.current.store(version);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        slot.current.fail(e.to_string());
+                        Err(e)
+                    }
+                }
+            });
+        }
+        let mut first = None;
+        while let Some(done) = tasks.join_next().await {
+            let result = done
+                .map_err(|e| WasmError::Engine(format!("compile task failed: {e}")))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => {
+                if count > 1 {
+                    tracing::info!(
+                        "all {count} handlers ready in {} ms",
+                        started.elapsed().as_millis()
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 }
 
