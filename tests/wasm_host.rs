@@ -60,9 +60,13 @@ async fn load_with(
     dir: &Path,
     mut services: HostServices,
 ) -> Result<Arc<Registry>, WasmError> {
-    services.cache_dir.get_or_insert_with(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifact-cache")
-    });
+    if services.cache_dir.is_none() {
+        services.cache_dir =
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifact-cache"));
+        // Shared by concurrent tests: a reload in one must not prune what
+        // another just compiled.
+        services.cache_keep = usize::MAX;
+    }
     Registry::load(specs, dir, services).await
 }
 
@@ -1023,6 +1027,87 @@ async fn a_handler_still_compiling_is_not_claimed_and_its_claimed_events_wait() 
     );
     assert!(reg.all_ready() && reg.saturated().is_empty());
     assert_eq!(reg.handlers().len(), 1);
+}
+
+#[tokio::test]
+async fn the_artifact_cache_keeps_the_versions_in_use_plus_n_and_does_not_grow_per_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // Leftovers: old artifacts (of other versions or builds) and a temp file
+    // a crash left behind.
+    let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let mut leftovers = Vec::new();
+    for i in 0..5 {
+        let path = cache.join(format!("{i:064x}-0000000000000000.cwasm"));
+        std::fs::write(&path, b"old").unwrap();
+        let f = std::fs::File::options().append(true).open(&path).unwrap();
+        f.set_modified(old + Duration::from_secs(i)).unwrap();
+        leftovers.push(path);
+    }
+    let tmp = cache.join(".tmp-1-crash");
+    std::fs::write(&tmp, b"half").unwrap();
+    std::fs::File::options()
+        .append(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    std::fs::write(cache.join("unrelated.txt"), b"not ours").unwrap();
+
+    let module = dir.path().join("probe.wasm");
+    let probe = std::fs::read(guest("probe.wasm")).unwrap();
+    std::fs::write(&module, &probe).unwrap();
+    let services = HostServices {
+        cache_dir: Some(cache.clone()),
+        cache_keep: 2,
+        ..HostServices::default()
+    };
+    let reg = load_with(
+        vec![probe_spec("pruned", &module, "")],
+        dir.path(),
+        services,
+    )
+    .await
+    .unwrap();
+    let artifacts = || -> Vec<String> {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cwasm"))
+            .collect()
+    };
+    assert_eq!(artifacts().len(), 6, "five leftovers and the new one");
+    reg.prune_cache();
+    let left = artifacts();
+    assert_eq!(left.len(), 3, "in use + 2: {left:?}");
+    let serving = reg.current("pruned").unwrap().hash();
+    assert!(left.iter().any(|n| n.starts_with(&serving)), "{left:?}");
+    // The two most recent leftovers stay, the older ones go.
+    assert!(leftovers[4].exists() && leftovers[3].exists() && !leftovers[0].exists());
+    assert!(!tmp.exists(), "a stale temp file is pruned");
+    assert!(
+        cache.join("unrelated.txt").exists(),
+        "only artifacts are touched"
+    );
+
+    // Every rebuild adds an artifact and a reload prunes: the count stays.
+    for i in 0..5u8 {
+        let next = outrun::wasm::with_custom_section(&probe, "rebuild", &[i]);
+        std::fs::write(&module, &next).unwrap();
+        assert!(matches!(
+            reg.reload("pruned").await.unwrap(),
+            outrun::wasm::Reloaded::Swapped { .. }
+        ));
+        let left = artifacts();
+        assert_eq!(left.len(), 3, "after rebuild {i}: {left:?}");
+        let serving = reg.current("pruned").unwrap().hash();
+        assert!(left.iter().any(|n| n.starts_with(&serving)));
+    }
+    assert_eq!(
+        run_plain(&reg, "probe.echo", serde_json::json!({})).await,
+        Ok(Outcome::Done)
+    );
 }
 
 #[tokio::test]

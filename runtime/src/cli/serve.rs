@@ -107,9 +107,16 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         let registry = tokio::select! {
             r = prepare_registry(&config, publisher.clone(), store.schemas()) => {
                 let (registry, compile) = r?;
+                let compiled = registry.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = compile.run().await {
-                        let _ = compile_failed_tx.send(e.into());
+                    match compile.run().await {
+                        // Only serve prunes (at start and after reloads):
+                        // a one-off command must not evict what a server
+                        // of another config uses.
+                        Ok(()) => compiled.prune_cache(),
+                        Err(e) => {
+                            let _ = compile_failed_tx.send(e.into());
+                        }
                     }
                 });
                 registry
@@ -225,6 +232,7 @@ pub(crate) async fn prepare_registry(
             .cache_dir
             .as_ref()
             .map(|d| crate::wasm::resolve(&config.base_dir(), d)),
+        cache_keep: config.cache_keep,
         // One instance per in-flight event, with headroom for a reload
         // overlapping a full house.
         max_instances: (config.runtime.concurrency as u32)

@@ -57,6 +57,8 @@ pub struct HostServices {
     /// concurrency (one instance per in-flight event). Default 128. Each
     /// slot reserves address space (not memory) for its linear memories.
     pub max_instances: u32,
+    /// Cached artifacts kept besides the versions in use (`cache_keep`).
+    pub cache_keep: usize,
     /// The broker client behind `publish` (`[publish]`); a handler granted
     /// `publish` needs one.
     pub publisher: Option<crate::publish::Publisher>,
@@ -73,6 +75,7 @@ impl Default for HostServices {
             kv: KvSettings::default(),
             default_max_retry: DEFAULT_MAX_RETRY,
             cache_dir: None,
+            cache_keep: super::cache::DEFAULT_KEEP,
             max_instances: 256,
             publisher: None,
             schemas: None,
@@ -187,6 +190,7 @@ pub struct Registry {
     pub(crate) cache: ArtifactCache,
     /// What the pool gives each instance; a reload needing more is refused.
     pub(crate) room: Needs,
+    pub(crate) cache_keep: usize,
     pub(crate) slots: Vec<Slot>,
     by_event: HashMap<String, usize>,
     _ticker: EpochTicker,
@@ -355,6 +359,7 @@ impl Registry {
             linker,
             cache,
             room,
+            cache_keep: services.cache_keep,
             slots,
             by_event,
             _ticker: ticker,
@@ -387,6 +392,34 @@ impl Registry {
     /// Where compiled artifacts are kept, if anywhere.
     pub fn cache_dir(&self) -> Option<&Path> {
         self.cache.dir()
+    }
+
+    /// Delete cached artifacts other than the versions serving and the
+    /// `cache_keep` most recent others; logged, never fatal.
+    pub fn prune_cache(&self) {
+        let in_use: Vec<blake3::Hash> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.load_full().map(|v| v.hash))
+            .collect();
+        match self.cache.prune(&in_use, self.cache_keep) {
+            Ok(p) if p.files > 0 => tracing::info!(
+                files = p.files,
+                bytes = p.bytes,
+                "artifact cache pruned: {} files, {:.1} MB (keeping the {} versions in use and {} more)",
+                p.files,
+                p.bytes as f64 / 1e6,
+                in_use.len(),
+                self.cache_keep
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "cannot prune the artifact cache {}: {e}",
+                self.cache
+                    .dir()
+                    .map_or_else(String::new, |d| d.display().to_string())
+            ),
+        }
     }
 
     /// Whether every handler has a version (none still compiling).

@@ -100,6 +100,7 @@ impl Registry {
         metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
         metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
             .set(elapsed.as_secs_f64());
+        self.prune_cache();
         Ok(Reloaded::Swapped {
             old: old.short.to_string(),
             new,

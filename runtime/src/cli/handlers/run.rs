@@ -164,6 +164,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         },
         default_max_retry: config.runtime.max_retry,
         cache_dir: config.artifact_cache_dir(),
+        cache_keep: config.cache_keep,
         max_instances: 2,
         publisher,
         schemas: super::super::serve::load_schemas(config)?,
