@@ -948,6 +948,10 @@ async fn startup_errors_name_the_problem() {
             "concurrency must be at least 1",
         ),
         ("events = []", "`events` is empty"),
+        (
+            "events = [\"e\"]\ninstances = \"reuse\"\nreuse_events = 0",
+            "reuse_events must be at least 1",
+        ),
     ] {
         let s = spec(&format!("name = \"lim\"\nmodule = {probe:?}\n{extra}\n"));
         let err = load_with(vec![s], dir.path(), HostServices::default())
@@ -1108,6 +1112,119 @@ async fn the_artifact_cache_keeps_the_versions_in_use_plus_n_and_does_not_grow_p
         run_plain(&reg, "probe.echo", serde_json::json!({})).await,
         Ok(Outcome::Done)
     );
+}
+
+/// `probe.counter` answers `RetryAfter(n ms)`, n = the instance's count.
+async fn count(reg: &Registry) -> u64 {
+    match run_plain(reg, "probe.counter", serde_json::json!({})).await {
+        Ok(Outcome::RetryAfter(d)) => d.as_millis() as u64,
+        other => panic!("probe.counter: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reused_instances_keep_state_and_are_recycled_after_n_events_errors_traps_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("probe.wasm");
+    std::fs::copy(guest("probe.wasm"), &module).unwrap();
+    let reg = load(
+        vec![
+            probe_spec("fresh", &module, ""),
+            spec(&format!(
+                "name = \"warm\"\nevents = [\"warm/probe.counter\", \"warm/probe.fail\", \"warm/probe.trap\", \"warm/probe.retry-after\"]\n\
+                 module = {module:?}\ntimeout = \"2s\"\ninstances = \"reuse\"\nreuse_events = 4\n"
+            )),
+        ],
+        dir.path(),
+    )
+    .await;
+    // Fresh (the default): every event sees a new instance.
+    for _ in 0..3 {
+        assert_eq!(count(&reg).await, 1, "a fresh instance per event");
+    }
+    let warm = |name: &str| format!("warm/{name}");
+    let count_warm = || async {
+        match run_plain(&reg, &warm("probe.counter"), serde_json::json!({})).await {
+            Ok(Outcome::RetryAfter(d)) => d.as_millis() as u64,
+            other => panic!("warm/probe.counter: {other:?}"),
+        }
+    };
+    // Reused: the static counter grows across events, and the instance is
+    // replaced after reuse_events = 4.
+    let seen: Vec<u64> = futures_seq(&count_warm, 6).await;
+    assert_eq!(
+        seen,
+        [1, 2, 3, 4, 1, 2],
+        "reused, then recycled after 4 events"
+    );
+    // A retry-after is a success: the instance stays.
+    assert!(matches!(
+        run_plain(
+            &reg,
+            &warm("probe.retry-after"),
+            serde_json::json!({"ms": 5})
+        )
+        .await,
+        Ok(Outcome::RetryAfter(_))
+    ));
+    assert_eq!(count_warm().await, 3, "the same instance");
+    // An error the guest returns recycles the instance.
+    let failed = run_plain(
+        &reg,
+        &warm("probe.fail"),
+        serde_json::json!({"message": "no", "retryable": true}),
+    )
+    .await;
+    assert_eq!(failed, Err(HandlerError::retry("no")));
+    assert_eq!(count_warm().await, 1, "a new instance after an error");
+    assert_eq!(count_warm().await, 2);
+    // So does a trap.
+    assert!(
+        run_plain(&reg, &warm("probe.trap"), serde_json::json!({}))
+            .await
+            .is_err()
+    );
+    assert_eq!(count_warm().await, 1, "a new instance after a trap");
+    assert_eq!(count_warm().await, 2);
+    // And a reload: the new version starts from fresh instances.
+    let probe = std::fs::read(&module).unwrap();
+    std::fs::write(
+        &module,
+        outrun::wasm::with_custom_section(&probe, "v", b"2"),
+    )
+    .unwrap();
+    reg.reload("warm").await.unwrap();
+    assert_eq!(count_warm().await, 1, "a new instance after a reload");
+    assert_eq!(count_warm().await, 2);
+
+    // A debug-build figure, for the report (not asserted).
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        count(&reg).await;
+    }
+    let fresh = started.elapsed();
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        count_warm().await;
+    }
+    eprintln!(
+        "probe.counter, debug build: fresh {:?}/event, reuse {:?}/event",
+        fresh / 200,
+        started.elapsed() / 200
+    );
+}
+
+/// `f` awaited `n` times in order.
+async fn futures_seq<F, Fut>(f: &F, n: usize) -> Vec<u64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(f().await);
+    }
+    out
 }
 
 #[tokio::test]

@@ -196,6 +196,22 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// Ready a reused instance's state for its next event: that event's
+    /// effects, id and deadline, and nothing left from the last one.
+    pub(crate) fn next_event(&mut self, effects: Effects, event_id: String, deadline: Instant) {
+        self.stdout.finish(Some(&event_id));
+        self.stderr.finish(Some(&event_id));
+        self.http.event_id = event_id.clone();
+        self.http.deadline = deadline;
+        self.effects = effects;
+        self.event_id = event_id;
+        self.deadline = deadline;
+        self.limits.hit = false;
+        self.sql_lost = None;
+    }
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {

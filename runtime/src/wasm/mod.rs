@@ -18,7 +18,7 @@ pub use registry::{
     Compile, ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
 };
 pub use reload::{ReloadWatcher, Reloaded};
-pub use spec::{Allow, ByteSize, HandlerSpec, KvSettings};
+pub use spec::{Allow, ByteSize, HandlerSpec, InstanceMode, KvSettings};
 
 /// `module` with a custom section (id 0) appended: the same code under a
 /// new content hash, i.e. a new version to the registry. For hot-reload

@@ -21,7 +21,7 @@ use wasmtime::{Engine, Trap, UpdateDeadline};
 use super::cache::{ArtifactCache, Source};
 use super::engine::{EngineLimits, EpochTicker, build_engine};
 use super::needs::Needs;
-use super::spec::{ByteSize, HandlerSpec, KvSettings};
+use super::spec::{ByteSize, HandlerSpec, InstanceMode, KvSettings};
 use super::{WasmError, resolve};
 use crate::event::{Event, validate_name};
 use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
@@ -240,6 +240,12 @@ impl Registry {
                     reason: "concurrency must be at least 1 (omit it for no cap)".into(),
                 });
             }
+            if spec.instances == InstanceMode::Reuse && spec.reuse_events == 0 {
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "reuse_events must be at least 1".into(),
+                });
+            }
             if spec.max_retry.is_some_and(|m| m < 1) {
                 return Err(WasmError::BadSpec {
                     handler: spec.name.clone(),
@@ -309,9 +315,13 @@ impl Registry {
             .map(|s| s.memory.bytes())
             .max()
             .unwrap_or(super::spec::DEFAULT_MEMORY.bytes());
+        // Idle warm instances hold pool slots too.
+        let warm: usize = specs.iter().map(warm_pool_size).sum();
         let limits = EngineLimits {
             max_memory,
-            instances: services.max_instances,
+            instances: services
+                .max_instances
+                .saturating_add(u32::try_from(warm).unwrap_or(u32::MAX)),
             per_instance: modules
                 .iter()
                 .fold(Needs::default(), |acc, (_, _, n)| acc.max(n)),
@@ -710,6 +720,11 @@ pub(crate) async fn compile_version(
         timeout: spec.timeout,
         memory: usize::try_from(spec.memory.bytes()).unwrap_or(usize::MAX),
         max_retry: spec.max_retry,
+        pool: (spec.instances == InstanceMode::Reuse).then(|| WarmPool {
+            idle: std::sync::Mutex::new(Vec::new()),
+            max_idle: warm_pool_size(spec),
+            reuse_events: spec.reuse_events,
+        }),
     };
     Ok((version, source))
 }
@@ -804,6 +819,8 @@ pub struct HandlerVersion {
     timeout: Duration,
     memory: usize,
     max_retry: Option<i32>,
+    /// `instances = "reuse"`: its warm instances; `None`: fresh per event.
+    pool: Option<WarmPool>,
 }
 
 impl HandlerVersion {
@@ -864,24 +881,58 @@ impl HandlerVersion {
     }
 }
 
-#[async_trait::async_trait]
-impl Handler for HandlerVersion {
-    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
-        let engine = self.pre.engine();
-        let deadline = Instant::now() + self.timeout;
-        let state = HostState::new(
-            self.caps.clone(),
-            mem::take(effects),
-            event.id.to_string(),
-            self.short.clone(),
-            deadline,
-            self.memory,
-        );
-        let mut store = wasmtime::Store::new(engine, state);
+/// A warm instance of `instances = "reuse"`, with the store it lives in.
+struct Warm {
+    store: wasmtime::Store<HostState>,
+    instance: HandlerWorld,
+    /// Events it has served.
+    uses: u32,
+}
+
+/// The idle warm instances of one version (`instances = "reuse"`). Dropped
+/// with the version, so a reload starts from fresh instances.
+pub(crate) struct WarmPool {
+    idle: std::sync::Mutex<Vec<Warm>>,
+    /// Most idle instances kept; more in flight are dropped after use.
+    max_idle: usize,
+    reuse_events: u32,
+}
+
+impl WarmPool {
+    fn take(&self) -> Option<Warm> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn give_back(&self, warm: Warm) {
+        if warm.uses >= self.reuse_events {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(warm);
+        }
+    }
+}
+
+/// Idle warm instances a `reuse` handler keeps: its `concurrency`, else
+/// this many. Each holds an instance slot of the pool while idle.
+pub(crate) fn warm_pool_size(spec: &HandlerSpec) -> usize {
+    match spec.instances {
+        InstanceMode::Fresh => 0,
+        InstanceMode::Reuse => spec.concurrency.unwrap_or(DEFAULT_WARM_POOL),
+    }
+}
+
+/// Idle warm instances of a `reuse` handler without a `concurrency` cap.
+const DEFAULT_WARM_POOL: usize = 8;
+
+impl HandlerVersion {
+    /// A new store for an event, with the limits and the deadline check.
+    fn new_store(&self, state: HostState) -> wasmtime::Store<HostState> {
+        let mut store = wasmtime::Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         // Check the clock on every epoch tick: trap past the deadline,
         // otherwise yield so a busy guest does not hog a tokio worker.
-        store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             Ok(if Instant::now() >= ctx.data().deadline {
                 UpdateDeadline::Interrupt
@@ -889,33 +940,82 @@ impl Handler for HandlerVersion {
                 UpdateDeadline::Yield(1)
             })
         });
+        store
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for HandlerVersion {
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+        let deadline = Instant::now() + self.timeout;
+        let warm = self.pool.as_ref().and_then(WarmPool::take);
+        let (mut store, instance, uses) = match warm {
+            Some(mut w) => {
+                w.store
+                    .data_mut()
+                    .next_event(mem::take(effects), event.id.to_string(), deadline);
+                (w.store, Some(w.instance), w.uses)
+            }
+            None => {
+                let state = HostState::new(
+                    self.caps.clone(),
+                    mem::take(effects),
+                    event.id.to_string(),
+                    self.short.clone(),
+                    deadline,
+                    self.memory,
+                );
+                (self.new_store(state), None, 0)
+            }
+        };
+        store.set_epoch_deadline(1);
         let wit_event = self.wit_event(event);
         // The epoch deadline only fires while guest code runs; a guest
         // waiting on a host future (HTTP, SQL) is bounded by this timeout.
         let result = tokio::time::timeout(self.timeout, async {
-            let instance: HandlerWorld = self.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, &wit_event).await
+            let instance: HandlerWorld = match instance {
+                Some(i) => i,
+                None => self.pre.instantiate_async(&mut store).await?,
+            };
+            let r = instance.call_handle(&mut store, &wit_event).await?;
+            wasmtime::Result::Ok((instance, r))
         })
         .await;
         *effects = mem::take(&mut store.data_mut().effects);
         let data = store.data();
-        let result = match result {
-            Err(_elapsed) => Err(HandlerError::retry(format!(
-                "timeout after {}",
-                humantime::format_duration(self.timeout)
-            ))),
-            Ok(Err(err)) => Err(self.describe(err, data)),
-            Ok(Ok(Ok(wit::Outcome::Done))) => Ok(Outcome::Done),
-            Ok(Ok(Ok(wit::Outcome::RetryAfter(ms)))) => {
-                Ok(Outcome::RetryAfter(Duration::from_millis(ms)))
-            }
-            Ok(Ok(Err(e))) => Err(HandlerError {
-                message: e.message,
-                retryable: e.retryable,
-            }),
+        let (result, instance) = match result {
+            Err(_elapsed) => (
+                Err(HandlerError::retry(format!(
+                    "timeout after {}",
+                    humantime::format_duration(self.timeout)
+                ))),
+                None,
+            ),
+            Ok(Err(err)) => (Err(self.describe(err, data)), None),
+            Ok(Ok((instance, Ok(wit::Outcome::Done)))) => (Ok(Outcome::Done), Some(instance)),
+            Ok(Ok((instance, Ok(wit::Outcome::RetryAfter(ms))))) => (
+                Ok(Outcome::RetryAfter(Duration::from_millis(ms))),
+                Some(instance),
+            ),
+            // An error the guest returned: it may have left its state
+            // half-updated, so its instance is not reused either.
+            Ok(Ok((_, Err(e)))) => (
+                Err(HandlerError {
+                    message: e.message,
+                    retryable: e.retryable,
+                }),
+                None,
+            ),
         };
         data.stdout.finish(None);
         data.stderr.finish(None);
+        if let (Some(pool), Some(instance)) = (&self.pool, instance) {
+            pool.give_back(Warm {
+                store,
+                instance,
+                uses: uses + 1,
+            });
+        }
         result
     }
 }

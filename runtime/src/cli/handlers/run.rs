@@ -312,6 +312,8 @@ fn handler_spec(
         timeout: args.timeout,
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
+        instances: crate::wasm::InstanceMode::Fresh,
+        reuse_events: crate::wasm::spec::DEFAULT_REUSE_EVENTS,
         allow: Allow {
             emit: Vec::new(),
             kv: Some(args.kv_prefix.clone()),
