@@ -212,9 +212,6 @@ pub(crate) async fn load_registry(
 ) -> anyhow::Result<Arc<Registry>> {
     let (registry, compile) = prepare_registry(config, publisher, schemas).await?;
     compile.run().await?;
-    for h in registry.handlers() {
-        tracing::info!(handler = %h.name, module = %h.module.display(), version = &h.hash[..12], events = %h.events.join(","), "handler loaded");
-    }
     Ok(registry)
 }
 

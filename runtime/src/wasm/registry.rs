@@ -541,6 +541,7 @@ impl Compile {
                             slot.module.display(),
                             began.elapsed().as_millis()
                         );
+                        tracing::info!(handler = %slot.spec.name, module = %slot.module.display(), version = %version.short, events = %slot.spec.events.join(","), "handler loaded");
                         slot.current.store(version);
                         Ok(())
                     }
