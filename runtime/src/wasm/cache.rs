@@ -119,7 +119,7 @@ impl ArtifactCache {
                 others.push((modified, entry.path(), meta.len()));
             }
         }
-        others.sort_by(|a, b| b.0.cmp(&a.0));
+        others.sort_by_key(|o| std::cmp::Reverse(o.0));
         for (_, path, len) in others.into_iter().skip(keep) {
             remove(&path, len, &mut pruned);
         }
