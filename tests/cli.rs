@@ -1435,6 +1435,12 @@ async fn serve_logs_in_json(db: TestDb) {
             .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(message)))
             .collect()
     };
+    // Serve routes while its handlers compile: the line may follow
+    // "dispatch loop started".
+    wait_for("the handler loaded", || async {
+        !lines(&serve.log(), "handler loaded").is_empty()
+    })
+    .await;
     let loaded = lines(&serve.log(), "handler loaded");
     assert_eq!(loaded.len(), 1, "{}", serve.log());
     assert_eq!(
@@ -1492,6 +1498,7 @@ fn help_explains_every_option_with_examples_and_completions_exist() {
         &["events", "purge", "--help"],
         &["handlers", "list", "--help"],
         &["handlers", "check", "--help"],
+        &["handlers", "compile", "--help"],
         &["enqueue", "--help"],
         &["migrate", "--help"],
     ] {

@@ -455,7 +455,12 @@ fn handlers_check_accepts_components_and_explains_rejections() {
         let path = guest(name);
         let out = outrun(&["handlers", "check", path.to_str().unwrap()]);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("implements outrun:handler/handler"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("implements outrun:handler/handler"));
+        assert!(
+            text.contains("core instances") && text.contains("is refused at load"),
+            "{name}: the pool needs and the smallest memory cap: {text}"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let probe = std::fs::read(guest("probe")).unwrap();
@@ -485,6 +490,70 @@ fn handlers_check_accepts_components_and_explains_rejections() {
             "{file}: {err}"
         );
     }
+}
+
+#[test]
+fn handlers_compile_fills_the_cache_and_serve_stops_on_a_handler_that_does_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display());
+    let config = dir.path().join("outrun.toml");
+    let cfg = config.to_str().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "cache_dir = \"cache\"\n[[handler]]\nname = \"probe\"\nmodule = \"{}\"\nevents = [\"probe.echo\"]\n\
+             [[handler]]\nname = \"bench\"\nmodule = \"{}\"\nevents = [\"bench.noop\"]\n",
+            guest("probe").display(),
+            guest("bench").display()
+        ),
+    )
+    .unwrap();
+    let cached = || {
+        std::fs::read_dir(dir.path().join("cache"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let out = outrun(&["handlers", "compile", "--config", cfg, "--database", &db]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("compiled probe") && text.contains("compiled bench"),
+        "{text}"
+    );
+    assert_eq!(cached(), 2, "one artifact per handler");
+    let out = outrun(&["handlers", "compile", "--config", cfg, "--database", &db]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("cached   probe") && text.contains("cached   bench"),
+        "the second run compiles nothing: {text}"
+    );
+    assert_eq!(cached(), 2);
+
+    // A component of another world passes every check before the compile
+    // (serve is already routing the other handler's events by then) and
+    // fails it: serve stops with the error, exit 1.
+    std::fs::write(dir.path().join("other.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "cache_dir = \"cache\"\n[[handler]]\nname = \"probe\"\nmodule = \"{}\"\nevents = [\"probe.echo\"]\n\
+             [[handler]]\nname = \"other\"\nmodule = \"other.wasm\"\nevents = [\"x\"]\n",
+            guest("probe").display()
+        ),
+    )
+    .unwrap();
+    let out = outrun(&["serve", "--config", cfg, "--database", &db]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("other.wasm") && err.contains("does not export `handle"),
+        "{err}"
+    );
 }
 
 #[test]

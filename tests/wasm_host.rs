@@ -36,7 +36,7 @@ fn probe_spec(name: &str, module: &Path, extra: &str) -> HandlerSpec {
     spec(&format!(
         "name = \"{name}\"\nevents = [\"probe.echo\", \"probe.emit\", \"probe.emit-raw\", \"probe.sql\", \"probe.kv\", \"probe.http\", \
          \"probe.config\", \"probe.loop\", \"probe.oom\", \"probe.stack\", \"probe.trap\", \"probe.panic\", \"probe.fail\", \
-         \"probe.retry-after\", \"probe.version\"]\nmodule = {module:?}\n{timeout}{extra}",
+         \"probe.retry-after\", \"probe.version\", \"probe.print\", \"probe.counter\"]\nmodule = {module:?}\n{timeout}{extra}",
         // 2 s unless the test sets its own (TOML rejects a repeated key).
         timeout = if extra.contains("timeout =") {
             ""
@@ -60,9 +60,13 @@ async fn load_with(
     dir: &Path,
     mut services: HostServices,
 ) -> Result<Arc<Registry>, WasmError> {
-    services.cache_dir.get_or_insert_with(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifact-cache")
-    });
+    if services.cache_dir.is_none() {
+        services.cache_dir =
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifact-cache"));
+        // Shared by concurrent tests: a reload in one must not prune what
+        // another just compiled.
+        services.cache_keep = usize::MAX;
+    }
     Registry::load(specs, dir, services).await
 }
 
@@ -152,11 +156,15 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
 }
 
 fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    capture_logs_at(tracing::Level::INFO)
+}
+
+fn capture_logs_at(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(logs.clone())
         .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(level)
         .finish();
     (logs, tracing::subscriber::set_default(subscriber))
 }
@@ -180,6 +188,69 @@ fn hash_of(path: &Path) -> String {
 }
 
 // ---------------------------------------------------------------- routing
+
+#[tokio::test]
+async fn guest_stdout_and_stderr_go_to_the_debug_log_bounded_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = load(
+        vec![probe_spec(
+            "printer",
+            &guest("probe.wasm"),
+            "timeout = \"20s\"\n",
+        )],
+        dir.path(),
+    )
+    .await;
+    let (logs, _guard) = capture_logs_at(tracing::Level::DEBUG);
+    let ev = event(
+        "probe.print",
+        serde_json::json!({"stdout": "hello out\nunfinished", "stderr": "hello err\n"}),
+    );
+    assert_eq!(
+        run(&reg, &ev, &mut Effects::default()).await,
+        Ok(Outcome::Done)
+    );
+    let id = ev.id.to_string();
+    for (text, stream) in [
+        ("hello out", "stdout"),
+        ("unfinished", "stdout"),
+        ("hello err", "stderr"),
+    ] {
+        let lines = logs.lines_with(text);
+        assert_eq!(lines.len(), 1, "{text}: {lines:?}");
+        let l = &lines[0];
+        assert!(
+            l.contains("DEBUG")
+                && l.contains(&id)
+                && l.contains("handler=\"printer\"")
+                && l.contains(&format!("stream=\"{stream}\"")),
+            "{l}"
+        );
+    }
+
+    // 264 KB of output: at most LOG_CAP bytes of it is logged, then one
+    // line says how much was dropped.
+    let ev = event(
+        "probe.print",
+        serde_json::json!({"stdout": "0123456789abcdef0123456789abcdef\n", "repeat": 8_000}),
+    );
+    assert_eq!(
+        run(&reg, &ev, &mut Effects::default()).await,
+        Ok(Outcome::Done)
+    );
+    let lines = logs.lines_with(&ev.id.to_string());
+    let cap = outrun::host::output::LOG_CAP;
+    assert!(
+        lines.len() > 100 && lines.len() <= cap / 33 + 2,
+        "{} lines",
+        lines.len()
+    );
+    let last = lines.last().unwrap();
+    assert!(
+        last.contains("bytes of guest stdout dropped"),
+        "the drop is reported: {last}"
+    );
+}
 
 #[tokio::test]
 async fn routes_by_event_name_and_reports_handlers() {
@@ -882,6 +953,10 @@ async fn startup_errors_name_the_problem() {
             "concurrency must be at least 1",
         ),
         ("events = []", "`events` is empty"),
+        (
+            "events = [\"e\"]\ninstances = \"reuse\"\nreuse_events = 0",
+            "reuse_events must be at least 1",
+        ),
     ] {
         let s = spec(&format!("name = \"lim\"\nmodule = {probe:?}\n{extra}\n"));
         let err = load_with(vec![s], dir.path(), HostServices::default())
@@ -917,6 +992,295 @@ async fn startup_errors_name_the_problem() {
             "{file}: {err}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_handler_still_compiling_is_not_claimed_and_its_claimed_events_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let services = HostServices {
+        // Its own cache: the compile must not be a cache hit.
+        cache_dir: Some(dir.path().join("cache")),
+        ..HostServices::default()
+    };
+    let (reg, compile) = Registry::prepare(
+        vec![probe_spec("slow", &guest("probe.wasm"), "")],
+        dir.path(),
+        services,
+    )
+    .await
+    .unwrap();
+    assert!(!reg.all_ready());
+    assert!(reg.handlers().is_empty(), "nothing serves yet");
+    let mut held = reg.saturated();
+    held.sort();
+    assert!(
+        held.contains(&"probe.echo".to_string()) && held.contains(&"probe.counter".to_string()),
+        "the claimer leaves a compiling handler's events in the table: {held:?}"
+    );
+    // One claimed anyway (just before the compile started) waits for it
+    // instead of failing.
+    let route = reg.route("probe.counter").expect("routed while compiling");
+    assert_eq!(
+        route.timeout, None,
+        "no backstop while waiting for a compile"
+    );
+    let ev = event("probe.counter", serde_json::json!({}));
+    let waiting =
+        tokio::spawn(async move { route.handler.handle(&ev, &mut Effects::default()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "it waits for the compile");
+    compile.run().await.unwrap();
+    assert_eq!(
+        waiting.await.unwrap(),
+        Ok(Outcome::RetryAfter(Duration::from_millis(1)))
+    );
+    assert!(reg.all_ready() && reg.saturated().is_empty());
+    assert_eq!(reg.handlers().len(), 1);
+}
+
+#[tokio::test]
+async fn the_artifact_cache_keeps_the_versions_in_use_plus_n_and_does_not_grow_per_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // Leftovers: old artifacts (of other versions or builds) and a temp file
+    // a crash left behind.
+    let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let mut leftovers = Vec::new();
+    for i in 0..5 {
+        let path = cache.join(format!("{i:064x}-0000000000000000.cwasm"));
+        std::fs::write(&path, b"old").unwrap();
+        let f = std::fs::File::options().append(true).open(&path).unwrap();
+        f.set_modified(old + Duration::from_secs(i)).unwrap();
+        leftovers.push(path);
+    }
+    let tmp = cache.join(".tmp-1-crash");
+    std::fs::write(&tmp, b"half").unwrap();
+    std::fs::File::options()
+        .append(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    std::fs::write(cache.join("unrelated.txt"), b"not ours").unwrap();
+
+    let module = dir.path().join("probe.wasm");
+    let probe = std::fs::read(guest("probe.wasm")).unwrap();
+    std::fs::write(&module, &probe).unwrap();
+    let services = HostServices {
+        cache_dir: Some(cache.clone()),
+        cache_keep: 2,
+        ..HostServices::default()
+    };
+    let reg = load_with(
+        vec![probe_spec("pruned", &module, "")],
+        dir.path(),
+        services,
+    )
+    .await
+    .unwrap();
+    let artifacts = || -> Vec<String> {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cwasm"))
+            .collect()
+    };
+    assert_eq!(artifacts().len(), 6, "five leftovers and the new one");
+    reg.prune_cache();
+    let left = artifacts();
+    assert_eq!(left.len(), 3, "in use + 2: {left:?}");
+    let serving = reg.current("pruned").unwrap().hash();
+    assert!(left.iter().any(|n| n.starts_with(&serving)), "{left:?}");
+    // The two most recent leftovers stay, the older ones go.
+    assert!(leftovers[4].exists() && leftovers[3].exists() && !leftovers[0].exists());
+    assert!(!tmp.exists(), "a stale temp file is pruned");
+    assert!(
+        cache.join("unrelated.txt").exists(),
+        "only artifacts are touched"
+    );
+
+    // Every rebuild adds an artifact and a reload prunes: the count stays.
+    for i in 0..5u8 {
+        let next = outrun::wasm::with_custom_section(&probe, "rebuild", &[i]);
+        std::fs::write(&module, &next).unwrap();
+        assert!(matches!(
+            reg.reload("pruned").await.unwrap(),
+            outrun::wasm::Reloaded::Swapped { .. }
+        ));
+        let left = artifacts();
+        assert_eq!(left.len(), 3, "after rebuild {i}: {left:?}");
+        let serving = reg.current("pruned").unwrap().hash();
+        assert!(left.iter().any(|n| n.starts_with(&serving)));
+    }
+    assert_eq!(
+        run_plain(&reg, "probe.echo", serde_json::json!({})).await,
+        Ok(Outcome::Done)
+    );
+}
+
+/// `probe.counter` answers `RetryAfter(n ms)`, n = the instance's count.
+async fn count(reg: &Registry) -> u64 {
+    match run_plain(reg, "probe.counter", serde_json::json!({})).await {
+        Ok(Outcome::RetryAfter(d)) => d.as_millis() as u64,
+        other => panic!("probe.counter: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reused_instances_keep_state_and_are_recycled_after_n_events_errors_traps_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("probe.wasm");
+    std::fs::copy(guest("probe.wasm"), &module).unwrap();
+    let reg = load(
+        vec![
+            probe_spec("fresh", &module, ""),
+            spec(&format!(
+                "name = \"warm\"\nevents = [\"warm/probe.counter\", \"warm/probe.fail\", \"warm/probe.trap\", \"warm/probe.retry-after\"]\n\
+                 module = {module:?}\ntimeout = \"2s\"\ninstances = \"reuse\"\nreuse_events = 4\n"
+            )),
+        ],
+        dir.path(),
+    )
+    .await;
+    // Fresh (the default): every event sees a new instance.
+    for _ in 0..3 {
+        assert_eq!(count(&reg).await, 1, "a fresh instance per event");
+    }
+    let warm = |name: &str| format!("warm/{name}");
+    let count_warm = || async {
+        match run_plain(&reg, &warm("probe.counter"), serde_json::json!({})).await {
+            Ok(Outcome::RetryAfter(d)) => d.as_millis() as u64,
+            other => panic!("warm/probe.counter: {other:?}"),
+        }
+    };
+    // Reused: the static counter grows across events, and the instance is
+    // replaced after reuse_events = 4.
+    let seen: Vec<u64> = futures_seq(&count_warm, 6).await;
+    assert_eq!(
+        seen,
+        [1, 2, 3, 4, 1, 2],
+        "reused, then recycled after 4 events"
+    );
+    // A retry-after is a success: the instance stays.
+    assert!(matches!(
+        run_plain(
+            &reg,
+            &warm("probe.retry-after"),
+            serde_json::json!({"ms": 5})
+        )
+        .await,
+        Ok(Outcome::RetryAfter(_))
+    ));
+    assert_eq!(count_warm().await, 3, "the same instance");
+    // An error the guest returns recycles the instance.
+    let failed = run_plain(
+        &reg,
+        &warm("probe.fail"),
+        serde_json::json!({"message": "no", "retryable": true}),
+    )
+    .await;
+    assert_eq!(failed, Err(HandlerError::retry("no")));
+    assert_eq!(count_warm().await, 1, "a new instance after an error");
+    assert_eq!(count_warm().await, 2);
+    // So does a trap.
+    assert!(
+        run_plain(&reg, &warm("probe.trap"), serde_json::json!({}))
+            .await
+            .is_err()
+    );
+    assert_eq!(count_warm().await, 1, "a new instance after a trap");
+    assert_eq!(count_warm().await, 2);
+    // And a reload: the new version starts from fresh instances.
+    let probe = std::fs::read(&module).unwrap();
+    std::fs::write(
+        &module,
+        outrun::wasm::with_custom_section(&probe, "v", b"2"),
+    )
+    .unwrap();
+    reg.reload("warm").await.unwrap();
+    assert_eq!(count_warm().await, 1, "a new instance after a reload");
+    assert_eq!(count_warm().await, 2);
+
+    // A debug-build figure, for the report (not asserted).
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        count(&reg).await;
+    }
+    let fresh = started.elapsed();
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        count_warm().await;
+    }
+    eprintln!(
+        "probe.counter, debug build: fresh {:?}/event, reuse {:?}/event",
+        fresh / 200,
+        started.elapsed() / 200
+    );
+}
+
+/// `f` awaited `n` times in order.
+async fn futures_seq<F, Fut>(f: &F, n: usize) -> Vec<u64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(f().await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_memory_cap_below_the_components_initial_memory_is_refused_before_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = guest("probe.wasm");
+    let needs = check_file(&probe).unwrap().needs;
+    // A Rust guest starts with ~1 MiB of linear memory, in one memory.
+    assert!(
+        needs.min_memory >= 1 << 20 && needs.memories >= 1 && needs.core_instances >= 1,
+        "{needs:?}"
+    );
+    assert!(
+        needs.tables >= 1 && needs.min_table_elements > 0,
+        "{needs:?}"
+    );
+
+    let cache = dir.path().join("cache");
+    let s = spec(&format!(
+        "name = \"small\"\nevents = [\"e\"]\nmodule = {probe:?}\nmemory = \"512KiB\"\n"
+    ));
+    let services = HostServices {
+        cache_dir: Some(cache.clone()),
+        ..HostServices::default()
+    };
+    let err = load_with(vec![s], dir.path(), services)
+        .await
+        .err()
+        .expect("a cap below the initial memory cannot load");
+    let text = err.to_string();
+    let need = outrun::wasm::ByteSize(needs.min_memory).to_string();
+    assert!(
+        text.contains("handler small")
+            && text.contains(&need)
+            && text.contains("`memory` = 512 KiB")
+            && text.contains("raise `memory`"),
+        "{text}"
+    );
+    // Refused before the compile: nothing reached the artifact cache.
+    assert!(!cache.exists(), "nothing was compiled");
+
+    // Exactly the need is enough.
+    let s = spec(&format!(
+        "name = \"fits\"\nevents = [\"probe.counter\"]\nmodule = {probe:?}\nmemory = {}\n",
+        needs.min_memory
+    ));
+    let reg = load(vec![s], dir.path()).await;
+    assert!(matches!(
+        run_plain(&reg, "probe.counter", serde_json::json!({})).await,
+        Ok(Outcome::RetryAfter(_))
+    ));
 }
 
 #[tokio::test]

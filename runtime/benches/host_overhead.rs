@@ -69,6 +69,8 @@ fn host_overhead(c: &mut Criterion) {
                 timeout: Duration::from_secs(30),
                 memory: outrun::wasm::spec::DEFAULT_MEMORY,
                 concurrency: None,
+                instances: outrun::wasm::InstanceMode::Fresh,
+                reuse_events: outrun::wasm::spec::DEFAULT_REUSE_EVENTS,
                 allow: Default::default(),
                 source: None,
                 build: None,

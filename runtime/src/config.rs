@@ -65,6 +65,11 @@ pub struct Config {
     /// `OUTRUN_CACHE_DIR`.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// Compiled artifacts kept in the cache besides the versions in use
+    /// (the most recently used first); the rest is deleted at start and
+    /// after each reload. `OUTRUN_CACHE_KEEP`.
+    #[serde(default = "default_cache_keep")]
+    pub cache_keep: usize,
     /// `[kv]`: the key-value store behind the `kv` capability.
     #[serde(default)]
     pub kv: crate::wasm::KvSettings,
@@ -269,6 +274,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             cache_dir: None,
+            cache_keep: crate::wasm::cache::DEFAULT_KEEP,
             kv: Default::default(),
             handler: Vec::new(),
             publish: Default::default(),
@@ -416,6 +422,9 @@ impl Config {
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
         }
+        if let Some(v) = env("OUTRUN_CACHE_KEEP") {
+            self.cache_keep = parse("OUTRUN_CACHE_KEEP", &v)?;
+        }
         if let Some(v) = env("OUTRUN_CACHE_DIR") {
             self.cache_dir = (!v.trim().is_empty()).then(|| PathBuf::from(v));
         }
@@ -557,6 +566,10 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn default_cache_keep() -> usize {
+    crate::wasm::cache::DEFAULT_KEEP
 }
 
 #[cfg(test)]
@@ -709,6 +722,7 @@ mod tests {
             "OUTRUN_LEASE_DURATION" => Some("2m".to_string()),
             "OUTRUN_DATABASE_URL" => Some("sqlite://x.db".to_string()),
             "OUTRUN_CACHE_DIR" => Some("/var/cache/outrun".to_string()),
+            "OUTRUN_CACHE_KEEP" => Some("7".to_string()),
             "OUTRUN_KV_URL" => Some("redis://127.0.0.1:6379".to_string()),
             "OUTRUN_KV_TIMEOUT" => Some("250ms".to_string()),
             _ => None,
@@ -718,6 +732,7 @@ mod tests {
         assert_eq!(c.runtime.lease_duration, Duration::from_secs(120));
         assert_eq!(c.database_url, "sqlite://x.db");
         assert_eq!(c.cache_dir.as_deref(), Some(Path::new("/var/cache/outrun")));
+        assert_eq!(c.cache_keep, 7);
         assert_eq!(c.kv.url.as_deref(), Some("redis://127.0.0.1:6379"));
         assert_eq!(c.kv.timeout, Duration::from_millis(250));
         assert_eq!(c.base_dir(), dir.path());

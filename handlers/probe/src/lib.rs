@@ -17,6 +17,8 @@
 //! | `probe.flaky` | `{"succeed_on_attempt"}` | retryable error until the event's attempt reaches the number |
 //! | `probe.sleep` | `{"ms"}` | busy-waits, then `Done` |
 //! | `probe.version` | `{"sleep_ms"?}` | busy-waits, then `INSERT INTO probe_seen (event_id, version) VALUES ($1, $2)` with [`VERSION`] |
+//! | `probe.print` | `{"stdout"?,"stderr"?,"repeat"?}` | writes the texts (`repeat` times, default 1) to stdout/stderr, `Done` |
+//! | `probe.counter` | — | adds 1 to a static counter and returns `RetryAfter(counter ms)`: a reused instance counts up, a fresh one answers 1 |
 //! | `probe.loop` | — | never returns (epoch deadline test) |
 //! | `probe.oom` | — | allocates until the memory cap traps it |
 //! | `probe.stack` | — | unbounded recursion until the stack overflows |
@@ -32,6 +34,8 @@
 //! `sadd`/`srem` (`members`, `expect`: count), `smembers` (`expect`: list, any order).
 
 use std::hint::black_box;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outrun_sdk::emit::{self, EmitOptions};
@@ -74,6 +78,13 @@ fn handle(ev: Event) -> Result<Outcome, HandlerError> {
             Ok(Outcome::Done)
         }
         "probe.version" => version(&ev, ev.json()?),
+        "probe.print" => print(ev.json()?),
+        "probe.counter" => {
+            // The outcome carries the count so a test reads it without a
+            // capability: instance state is what `instances = "reuse"` keeps.
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+            Ok(Outcome::RetryAfter(Duration::from_millis(n)))
+        }
         "probe.loop" => spin_forever(),
         "probe.oom" => exhaust_memory(),
         "probe.stack" => {
@@ -91,6 +102,31 @@ fn handle(ev: Event) -> Result<Outcome, HandlerError> {
 }
 
 outrun_sdk::export_handler!(handle);
+
+/// Events this instance has counted (`probe.counter`).
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrintParams {
+    #[serde(default)]
+    stdout: String,
+    #[serde(default)]
+    stderr: String,
+    #[serde(default)]
+    repeat: Option<usize>,
+}
+
+fn print(p: PrintParams) -> Result<Outcome, HandlerError> {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    for _ in 0..p.repeat.unwrap_or(1) {
+        out.write_all(p.stdout.as_bytes())
+            .and_then(|()| err.write_all(p.stderr.as_bytes()))
+            .map_err(|e| HandlerError::retry(format!("write: {e}")))?;
+    }
+    let _ = out.flush();
+    Ok(Outcome::Done)
+}
 
 fn echo(ev: &Event) -> Result<Outcome, HandlerError> {
     log::info(format!(

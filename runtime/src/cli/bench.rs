@@ -509,6 +509,8 @@ fn bench_spec(module: PathBuf, kind: HandlerKind, topic: Option<&str>) -> Handle
         timeout: crate::wasm::spec::DEFAULT_TIMEOUT,
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
+        instances: crate::wasm::InstanceMode::Fresh,
+        reuse_events: crate::wasm::spec::DEFAULT_REUSE_EVENTS,
         allow,
         source: None,
         build: None,

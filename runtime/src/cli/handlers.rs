@@ -25,8 +25,10 @@ Examples:
         json: bool,
     },
     /// Check that FILE is a component implementing the `handler` world with
-    /// imports outrun provides. Exit 0 if so; otherwise the error names the
-    /// missing or mismatched export or import. Writes nothing.
+    /// imports outrun provides, and print what an instance needs (core
+    /// instances, memories and their initial sizes, tables): the smallest
+    /// `memory` cap it can run under. Exit 0 if so; otherwise the error
+    /// names the missing or mismatched export or import. Writes nothing.
     #[command(after_help = "\
 Examples:
   outrun handlers check target/wasm32-wasip2/release/my_handler.wasm")]
@@ -34,6 +36,14 @@ Examples:
         /// The component file (.wasm) to check.
         file: PathBuf,
     },
+    /// Compile every [[handler]] of the config into the artifact cache
+    /// (`cache_dir`), in parallel, so the next `serve` loads them in
+    /// milliseconds instead of compiling (tens of seconds for a Python or
+    /// JS component). Handlers already in the cache are only checked.
+    #[command(after_help = "\
+Examples:
+  outrun handlers compile --config outrun.toml")]
+    Compile,
     /// Run one event through a handler without the queue (the test
     /// harness) and print the outcome, SQL statements and results, emitted
     /// events, kv operations, HTTP requests and log lines. SQL runs in a
@@ -117,6 +127,37 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Run(args) => return run::run(config, *args).await,
+        Command::Compile => {
+            if config.handler.is_empty() {
+                anyhow::bail!(
+                    "no [[handler]] entries to compile; pass the config file with --config FILE"
+                );
+            }
+            let started = std::time::Instant::now();
+            let publisher = crate::publish::Publisher::connect(&config.publish).await?;
+            let registry = super::serve::load_registry(config, publisher, None).await?;
+            for h in registry.handlers() {
+                let cached = registry.current(&h.name).is_some_and(|v| v.from_cache());
+                outln!(
+                    "{} {} (version {}, {})",
+                    if cached { "cached  " } else { "compiled" },
+                    h.name,
+                    &h.hash[..12],
+                    h.module.display()
+                );
+            }
+            match registry.cache_dir() {
+                Some(dir) => outln!(
+                    "{} handlers in {} ({:.1} s)",
+                    registry.handlers().len(),
+                    dir.display(),
+                    started.elapsed().as_secs_f64()
+                ),
+                None => anyhow::bail!(
+                    "no artifact cache: neither cache_dir, OUTRUN_CACHE_DIR, XDG_CACHE_HOME nor HOME is set, so nothing was kept; set cache_dir in the config"
+                ),
+            }
+        }
         Command::Export { dir } => {
             for path in crate::shipped::export(&dir)? {
                 let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -133,6 +174,12 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
                 info.path.display(),
                 &info.hash[..12],
                 info.size
+            );
+            let n = &info.needs;
+            outln!("  {}", n.describe());
+            outln!(
+                "  memory: a [[handler]] `memory` below {} is refused at load",
+                crate::wasm::ByteSize(n.min_memory)
             );
             for i in &info.imports {
                 outln!("  imports {i}");

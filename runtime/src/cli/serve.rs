@@ -92,6 +92,8 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
             p.backend_name()
         );
     }
+    // A handler that fails its first compile stops serve with that error.
+    let (compile_failed_tx, mut compile_failed) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let (router, _watcher) = if config.handler.is_empty() && !config.relay.is_empty() {
         (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None)
     } else if config.handler.is_empty() {
@@ -100,8 +102,25 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         );
         (Arc::new(StaticRouter::new()) as Arc<dyn Router>, None)
     } else {
+        // Checked and read now; compiled in the background, each handler
+        // serving as soon as it is ready (its events wait in the table).
         let registry = tokio::select! {
-            r = load_registry(&config, publisher.clone(), store.schemas()) => r?,
+            r = prepare_registry(&config, publisher.clone(), store.schemas()) => {
+                let (registry, compile) = r?;
+                let compiled = registry.clone();
+                tokio::spawn(async move {
+                    match compile.run().await {
+                        // Only serve prunes (at start and after reloads):
+                        // a one-off command must not evict what a server
+                        // of another config uses.
+                        Ok(()) => compiled.prune_cache(),
+                        Err(e) => {
+                            let _ = compile_failed_tx.send(e.into());
+                        }
+                    }
+                });
+                registry
+            }
             name = signals.recv() => {
                 tracing::info!(signal = name, "{name} received while loading handlers; nothing was claimed; outrun stopped");
                 stop.cancel();
@@ -149,9 +168,17 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
     health.set_phase(Phase::Serving);
     let stopping = health.clone();
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let failure = failed.clone();
     let summary = dispatcher
         .run(async move {
-            signals.first().await;
+            tokio::select! {
+                _ = signals.first() => {}
+                Ok(e) = &mut compile_failed => {
+                    tracing::error!("{e:#}; stopping");
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
             stopping.set_phase(Phase::Stopping);
         })
         .await?;
@@ -172,7 +199,11 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         cancelled = summary.cancelled,
         "outrun stopped"
     );
-    Ok(())
+    let failed = failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// `[schemas]`, compiled; with `required`, every name a handler binds must
@@ -194,6 +225,18 @@ pub(crate) async fn load_registry(
     publisher: Option<crate::publish::Publisher>,
     schemas: Option<&Arc<Schemas>>,
 ) -> anyhow::Result<Arc<Registry>> {
+    let (registry, compile) = prepare_registry(config, publisher, schemas).await?;
+    compile.run().await?;
+    Ok(registry)
+}
+
+/// Check every configured handler and read its module; the returned
+/// [`Compile`](crate::wasm::Compile) compiles them.
+pub(crate) async fn prepare_registry(
+    config: &Config,
+    publisher: Option<crate::publish::Publisher>,
+    schemas: Option<&Arc<Schemas>>,
+) -> anyhow::Result<(Arc<Registry>, crate::wasm::Compile)> {
     let services = HostServices {
         kv: config.kv.clone(),
         default_max_retry: config.runtime.max_retry,
@@ -201,6 +244,7 @@ pub(crate) async fn load_registry(
             .cache_dir
             .as_ref()
             .map(|d| crate::wasm::resolve(&config.base_dir(), d)),
+        cache_keep: config.cache_keep,
         // One instance per in-flight event, with headroom for a reload
         // overlapping a full house.
         max_instances: (config.runtime.concurrency as u32)
@@ -210,11 +254,7 @@ pub(crate) async fn load_registry(
         schemas: schemas.cloned(),
         harness: None,
     };
-    let registry = Registry::load(config.handler.clone(), &config.base_dir(), services).await?;
-    for h in registry.handlers() {
-        tracing::info!(handler = %h.name, module = %h.module.display(), version = &h.hash[..12], events = %h.events.join(","), "handler loaded");
-    }
-    Ok(registry)
+    Ok(Registry::prepare(config.handler.clone(), &config.base_dir(), services).await?)
 }
 
 /// Maintenance and, if configured, the admin server.

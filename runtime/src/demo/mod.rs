@@ -205,6 +205,7 @@ pub async fn run(opts: &Options, journal: Journal) -> Result<DemoRun, DemoError>
             kv: KvSettings::default(),
             default_max_retry: config.max_retry,
             cache_dir: cache_dir.clone(),
+            cache_keep: crate::wasm::cache::DEFAULT_KEEP,
             max_instances: 32,
             publisher: None,
             schemas: Some(schemas.clone()),

@@ -127,6 +127,8 @@ fn spec(name: &str, events: &[&str], module: PathBuf, allow: Allow) -> HandlerSp
         timeout: Duration::from_secs(5),
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
+        instances: crate::wasm::InstanceMode::Fresh,
+        reuse_events: crate::wasm::spec::DEFAULT_REUSE_EVENTS,
         allow,
         source: None,
         build: None,

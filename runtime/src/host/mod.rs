@@ -11,9 +11,9 @@ pub mod harness;
 pub mod http;
 pub mod kv;
 pub mod log;
+pub mod output;
 pub mod publish;
 pub mod sql;
-pub mod stderr;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -49,8 +49,8 @@ pub mod bindings {
 
 pub use bindings::outrun::handler::types::CapError;
 
-/// Bytes of guest stderr kept per event: enough for a panic message, which
-/// is the only use (the text goes into the event's `last_error`).
+/// Bytes of guest stderr kept per event for the error report: enough for a
+/// panic message (the text goes into the event's `last_error`).
 const STDERR_CAPTURE: usize = 1024;
 
 /// What one handler is allowed to do, shared by all its versions (hot reload
@@ -135,7 +135,8 @@ pub struct HostState {
     pub(crate) version: Arc<str>,
     pub(crate) deadline: Instant,
     pub(crate) limits: MemoryLimiter,
-    pub(crate) stderr: stderr::StderrTail,
+    pub(crate) stdout: output::GuestOutput,
+    pub(crate) stderr: output::GuestOutput,
     /// Set by a transient `sql` failure: the ack transaction is lost (the
     /// connection is gone, or PostgreSQL aborted it), so the attempt's later
     /// `sql` calls fail the same way instead of as "transaction aborted",
@@ -153,10 +154,23 @@ impl HostState {
         memory_cap: usize,
     ) -> Self {
         // No files, env, args or network sockets: a handler reaches the world
-        // only through its granted capabilities. stderr is captured (bounded)
-        // so a guest panic message can be reported as the event's error.
-        let stderr = stderr::StderrTail::new(STDERR_CAPTURE);
-        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
+        // only through its granted capabilities. stdout and stderr go to the
+        // debug log (bounded); stderr's tail is also kept so a guest panic
+        // message can be reported as the event's error.
+        let handler = caps.handler.clone();
+        let stdout =
+            output::GuestOutput::new("stdout", handler.clone(), version.clone(), &event_id, 0);
+        let stderr = output::GuestOutput::new(
+            "stderr",
+            handler,
+            version.clone(),
+            &event_id,
+            STDERR_CAPTURE,
+        );
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .build();
         Self {
             wasi,
             table: ResourceTable::new(),
@@ -176,9 +190,26 @@ impl HostState {
                 cap: memory_cap,
                 hit: false,
             },
+            stdout,
             stderr,
             sql_lost: None,
         }
+    }
+}
+
+impl HostState {
+    /// Ready a reused instance's state for its next event: that event's
+    /// effects, id and deadline, and nothing left from the last one.
+    pub(crate) fn next_event(&mut self, effects: Effects, event_id: String, deadline: Instant) {
+        self.stdout.finish(Some(&event_id));
+        self.stderr.finish(Some(&event_id));
+        self.http.event_id = event_id.clone();
+        self.http.deadline = deadline;
+        self.effects = effects;
+        self.event_id = event_id;
+        self.deadline = deadline;
+        self.limits.hit = false;
+        self.sql_lost = None;
     }
 }
 

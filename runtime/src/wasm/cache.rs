@@ -15,6 +15,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+/// Artifacts kept besides the versions in use when the config says nothing
+/// (`cache_keep`): enough to roll back a few rebuilds without compiling.
+pub const DEFAULT_KEEP: usize = 3;
+
+/// A temp file older than this is left over from a crash: pruned.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What [`ArtifactCache::prune`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub files: usize,
+    pub bytes: u64,
+}
+
 /// Where compiled components go; see the module docs.
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
@@ -66,8 +80,54 @@ impl ArtifactCache {
         self.dir.as_deref()
     }
 
+    /// The artifact file name of a version (whether or not it exists).
+    pub fn file_name(&self, hash: &blake3::Hash) -> String {
+        format!("{}-{}.cwasm", hash.to_hex(), self.compat)
+    }
+
+    /// Delete every artifact except the versions `in_use` and the `keep`
+    /// most recently used others (a hit refreshes a file's mtime), and temp
+    /// files a crash left behind. Artifacts of other outrun builds sharing
+    /// the directory count as "others": a process whose artifact is pruned
+    /// keeps running (components are read into memory, never mapped) and
+    /// only compiles again at its next start.
+    pub fn prune(&self, in_use: &[blake3::Hash], keep: usize) -> std::io::Result<Pruned> {
+        let Some(dir) = &self.dir else {
+            return Ok(Pruned::default());
+        };
+        let keep_names: Vec<String> = in_use.iter().map(|h| self.file_name(h)).collect();
+        let mut others = Vec::new();
+        let mut pruned = Pruned::default();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(pruned),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            if name.starts_with(".tmp-") {
+                if modified.elapsed().is_ok_and(|age| age > STALE_TMP) {
+                    remove(&entry.path(), meta.len(), &mut pruned);
+                }
+            } else if name.ends_with(".cwasm") && !keep_names.contains(&name) {
+                others.push((modified, entry.path(), meta.len()));
+            }
+        }
+        others.sort_by_key(|o| std::cmp::Reverse(o.0));
+        for (_, path, len) in others.into_iter().skip(keep) {
+            remove(&path, len, &mut pruned);
+        }
+        Ok(pruned)
+    }
+
     fn artifact(&self, dir: &Path, hash: &blake3::Hash) -> PathBuf {
-        dir.join(format!("{}-{}.cwasm", hash.to_hex(), self.compat))
+        dir.join(self.file_name(hash))
     }
 
     /// The component for `bytes` (whose blake3 is `hash`): from the cache
@@ -94,7 +154,14 @@ impl ArtifactCache {
             // this engine configuration. wasmtime still checks the header
             // and rejects artifacts of another engine or version.
             match unsafe { Component::deserialize(engine, &artifact) } {
-                Ok(c) => return Ok((c, Source::Cache)),
+                Ok(c) => {
+                    // Recently used: pruning keeps it over older versions.
+                    let _ = std::fs::File::options()
+                        .append(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok((c, Source::Cache));
+                }
                 Err(e) => tracing::warn!(
                     "ignoring unreadable cached artifact {}: {e:#}; recompiling",
                     path.display()
@@ -112,6 +179,14 @@ impl ArtifactCache {
             );
         }
         Ok((component, Source::Compiled))
+    }
+}
+
+fn remove(path: &Path, len: u64, pruned: &mut Pruned) {
+    // Another process may have pruned it first: not an error.
+    if std::fs::remove_file(path).is_ok() {
+        pruned.files += 1;
+        pruned.bytes += len;
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::WasmError;
+use super::needs::Needs;
 
 /// Epoch granularity: a timeout is detected at most this late.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -24,18 +25,47 @@ pub struct EngineLimits {
     /// Component instances alive at once: at least the runtime's
     /// concurrency (one instance per in-flight event).
     pub instances: u32,
+    /// The largest needs of the components to run (each field the maximum
+    /// over them); the pool gives every instance room for this much.
+    pub per_instance: Needs,
+}
+
+/// Room per component instance that the pool gives at least, whatever the
+/// loaded components need: a Rust component is ~4 core instances (the
+/// program plus wit-component shims), one memory and a couple of tables, so
+/// a reload to a somewhat larger one still fits.
+pub const MIN_ROOM: Needs = Needs {
+    core_instances: 8,
+    memories: 2,
+    tables: 4,
+    memories_per_module: 1,
+    tables_per_module: 1,
+    min_memory: 0,
+    initial_memory_total: 0,
+    // wasmtime's default.
+    min_table_elements: 20_000,
+};
+
+impl EngineLimits {
+    /// What the pool gives each instance: the components' needs, at least
+    /// [`MIN_ROOM`].
+    pub fn room(&self) -> Needs {
+        self.per_instance.max(&MIN_ROOM)
+    }
 }
 
 /// Build the engine every handler version is compiled for and runs on.
 pub fn build_engine(limits: EngineLimits) -> Result<Engine, WasmError> {
     let n = limits.instances.max(1);
+    let room = limits.room();
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
-        // A Rust component is ~4 core instances (the program plus
-        // wit-component shims), one memory and a couple of tables.
-        .total_core_instances(n.saturating_mul(8))
-        .total_memories(n.saturating_mul(2))
-        .total_tables(n.saturating_mul(4))
+        .total_core_instances(n.saturating_mul(room.core_instances))
+        .total_memories(n.saturating_mul(room.memories))
+        .total_tables(n.saturating_mul(room.tables))
+        .max_memories_per_module(room.memories_per_module)
+        .max_tables_per_module(room.tables_per_module)
+        .table_elements(usize::try_from(room.min_table_elements).unwrap_or(usize::MAX))
         .total_stacks(n)
         .max_memory_size(usize::try_from(limits.max_memory).unwrap_or(usize::MAX))
         // Keep the first pages of a slot mapped between instances: reusing

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod needs;
 pub mod registry;
 pub mod reload;
 pub mod spec;
@@ -14,10 +15,10 @@ pub mod spec;
 use std::path::{Path, PathBuf};
 
 pub use registry::{
-    ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
+    Compile, ComponentInfo, HandlerInfo, HandlerVersion, HostServices, Registry, check_file,
 };
 pub use reload::{ReloadWatcher, Reloaded};
-pub use spec::{Allow, ByteSize, HandlerSpec, KvSettings};
+pub use spec::{Allow, ByteSize, HandlerSpec, InstanceMode, KvSettings};
 
 /// `module` with a custom section (id 0) appended: the same code under a
 /// new content hash, i.e. a new version to the registry. For hot-reload
@@ -72,6 +73,8 @@ pub enum WasmError {
     NoEvents(String),
     #[error("handler {handler}: {reason}")]
     BadSpec { handler: String, reason: String },
+    #[error("handler {0} is still compiling its first version; try again once it is loaded")]
+    Compiling(String),
     #[error("no handler named {0:?}")]
     UnknownHandler(String),
     #[error(
@@ -80,6 +83,23 @@ pub enum WasmError {
     KvConnect { url: String, reason: String },
     #[error("cannot watch {} for handler changes: {reason}", path.display())]
     Watch { path: PathBuf, reason: String },
+    #[error(
+        "handler {handler}: its component needs at least {need} of linear memory to start (the initial size of its largest memory), but `memory` = {cap}; raise `memory` in its [[handler]] entry to at least {need}"
+    )]
+    MemoryTooSmall {
+        handler: String,
+        need: ByteSize,
+        cap: ByteSize,
+    },
+    #[error(
+        "handler {handler}: this version needs {need} {what} per instance, but the instance pool was sized at start for {room}; restart outrun to load it"
+    )]
+    PoolTooSmall {
+        handler: String,
+        what: &'static str,
+        need: u64,
+        room: u64,
+    },
     #[error("wasm engine setup failed: {0}")]
     Engine(String),
 }

@@ -11,16 +11,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Trap, UpdateDeadline};
 
 use super::cache::{ArtifactCache, Source};
 use super::engine::{EngineLimits, EpochTicker, build_engine};
-use super::spec::{ByteSize, HandlerSpec, KvSettings};
+use super::needs::Needs;
+use super::spec::{ByteSize, HandlerSpec, InstanceMode, KvSettings};
 use super::{WasmError, resolve};
 use crate::event::{Event, validate_name};
 use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
@@ -56,6 +57,8 @@ pub struct HostServices {
     /// concurrency (one instance per in-flight event). Default 128. Each
     /// slot reserves address space (not memory) for its linear memories.
     pub max_instances: u32,
+    /// Cached artifacts kept besides the versions in use (`cache_keep`).
+    pub cache_keep: usize,
     /// The broker client behind `publish` (`[publish]`); a handler granted
     /// `publish` needs one.
     pub publisher: Option<crate::publish::Publisher>,
@@ -72,6 +75,7 @@ impl Default for HostServices {
             kv: KvSettings::default(),
             default_max_retry: DEFAULT_MAX_RETRY,
             cache_dir: None,
+            cache_keep: super::cache::DEFAULT_KEEP,
             max_instances: 256,
             publisher: None,
             schemas: None,
@@ -99,6 +103,8 @@ pub struct ComponentInfo {
     pub size: u64,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
+    /// What an instance of it takes from the pool (see [`Needs`]).
+    pub needs: Needs,
 }
 
 /// One `[[handler]]`: its grants, its limits and its current version. Lives
@@ -108,7 +114,73 @@ pub(crate) struct Slot {
     pub(crate) module: PathBuf,
     pub(crate) caps: Arc<Capabilities>,
     pub(crate) permits: Option<Arc<Semaphore>>,
-    pub(crate) current: ArcSwap<HandlerVersion>,
+    pub(crate) current: Arc<Serving>,
+}
+
+/// The version a handler serves, empty while its first version compiles.
+pub(crate) struct Serving {
+    version: ArcSwapOption<HandlerVersion>,
+    /// `None` while the first version compiles; then `Ok` (serving) or the
+    /// compile error.
+    state: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Serving {
+    fn compiling() -> Self {
+        Self {
+            version: ArcSwapOption::empty(),
+            state: watch::Sender::new(None),
+        }
+    }
+
+    pub(crate) fn load_full(&self) -> Option<Arc<HandlerVersion>> {
+        self.version.load_full()
+    }
+
+    pub(crate) fn store(&self, version: HandlerVersion) {
+        self.version.store(Some(Arc::new(version)));
+        self.state.send_replace(Some(Ok(())));
+    }
+
+    fn fail(&self, error: String) {
+        self.state.send_replace(Some(Err(error)));
+    }
+
+    fn ready(&self) -> bool {
+        self.version.load().is_some()
+    }
+}
+
+/// What a route hands out for a handler whose first version still compiles:
+/// the event waits for the compile, then runs on the new version. The claim
+/// loop leaves such events in the table ([`Router::saturated`]), so only an
+/// event claimed just before that is known ever waits here.
+struct AwaitCompile {
+    handler: Arc<str>,
+    serving: Arc<Serving>,
+}
+
+#[async_trait::async_trait]
+impl Handler for AwaitCompile {
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+        let mut rx = self.serving.state.subscribe();
+        let state = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(Some(Err("the runtime stopped".into())));
+        match (state, self.serving.load_full()) {
+            (_, Some(version)) => version.handle(event, effects).await,
+            (Some(Err(e)), None) => Err(HandlerError::retry(format!(
+                "handler {} did not compile: {e}",
+                self.handler
+            ))),
+            (_, None) => Err(HandlerError::retry(format!(
+                "handler {} is not loaded",
+                self.handler
+            ))),
+        }
+    }
 }
 
 /// Name → handler component. See the module docs.
@@ -116,6 +188,9 @@ pub struct Registry {
     pub(crate) engine: Engine,
     pub(crate) linker: Arc<Linker<HostState>>,
     pub(crate) cache: ArtifactCache,
+    /// What the pool gives each instance; a reload needing more is refused.
+    pub(crate) room: Needs,
+    pub(crate) cache_keep: usize,
     pub(crate) slots: Vec<Slot>,
     by_event: HashMap<String, usize>,
     _ticker: EpochTicker,
@@ -129,6 +204,20 @@ impl Registry {
         base_dir: &Path,
         services: HostServices,
     ) -> Result<Arc<Registry>, WasmError> {
+        let (registry, compile) = Self::prepare(specs, base_dir, services).await?;
+        compile.run().await?;
+        Ok(registry)
+    }
+
+    /// Check every spec and read every module (refusing what cannot work
+    /// before anything compiles), and return the registry with no handler
+    /// ready yet, plus the [`Compile`] that makes them ready: `serve` routes
+    /// events while it runs, each handler as soon as its version is in.
+    pub async fn prepare(
+        specs: Vec<HandlerSpec>,
+        base_dir: &Path,
+        services: HostServices,
+    ) -> Result<(Arc<Registry>, Compile), WasmError> {
         let mut names: HashSet<&str> = HashSet::new();
         let mut by_event: HashMap<String, usize> = HashMap::new();
         let mut modules = Vec::with_capacity(specs.len());
@@ -149,6 +238,12 @@ impl Registry {
                 return Err(WasmError::BadSpec {
                     handler: spec.name.clone(),
                     reason: "concurrency must be at least 1 (omit it for no cap)".into(),
+                });
+            }
+            if spec.instances == InstanceMode::Reuse && spec.reuse_events == 0 {
+                return Err(WasmError::BadSpec {
+                    handler: spec.name.clone(),
+                    reason: "reuse_events must be at least 1".into(),
                 });
             }
             if spec.max_retry.is_some_and(|m| m < 1) {
@@ -203,7 +298,16 @@ impl Registry {
                     path,
                 });
             }
-            modules.push(canonical_module(&path)?);
+            let module = canonical_module(&path)?;
+            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
+                path: module.clone(),
+                source,
+            })?;
+            // Before any compile: a cap the component cannot start under is
+            // refused now, not after tens of seconds of compiling.
+            let needs = read_needs(&module, &bytes)?;
+            check_memory(spec, &needs)?;
+            modules.push((module, bytes, needs));
         }
 
         let max_memory = specs
@@ -211,10 +315,19 @@ impl Registry {
             .map(|s| s.memory.bytes())
             .max()
             .unwrap_or(super::spec::DEFAULT_MEMORY.bytes());
-        let engine = build_engine(EngineLimits {
+        // Idle warm instances hold pool slots too.
+        let warm: usize = specs.iter().map(warm_pool_size).sum();
+        let limits = EngineLimits {
             max_memory,
-            instances: services.max_instances,
-        })?;
+            instances: services
+                .max_instances
+                .saturating_add(u32::try_from(warm).unwrap_or(u32::MAX)),
+            per_instance: modules
+                .iter()
+                .fold(Needs::default(), |acc, (_, _, n)| acc.max(n)),
+        };
+        let room = limits.room();
+        let engine = build_engine(limits)?;
         let linker = Arc::new(
             linker(&engine)
                 .map_err(|e| WasmError::Engine(format!("linking host functions: {e:#}")))?,
@@ -229,7 +342,8 @@ impl Registry {
         let kv = KvStore::connect(&services.kv).await?;
 
         let mut slots = Vec::with_capacity(specs.len());
-        for (spec, module) in specs.into_iter().zip(modules) {
+        let mut pending = Vec::with_capacity(specs.len());
+        for (i, (spec, (module, bytes, _))) in specs.into_iter().zip(modules).enumerate() {
             let mut caps = Capabilities::new(
                 &spec,
                 kv.clone(),
@@ -239,58 +353,88 @@ impl Registry {
             );
             caps.harness = services.harness.clone();
             let caps = Arc::new(caps);
-            let bytes = std::fs::read(&module).map_err(|source| WasmError::Io {
-                path: module.clone(),
-                source,
-            })?;
-            let started = Instant::now();
-            let (version, source) =
-                compile_version(&engine, &linker, &cache, &spec, &caps, &module, bytes).await?;
-            tracing::info!(
-                handler = %spec.name,
-                version = %version.short,
-                "handler {} v{} {} from {} in {} ms",
-                spec.name,
-                version.short,
-                match source { Source::Cache => "loaded from cache", Source::Compiled => "compiled" },
-                module.display(),
-                started.elapsed().as_millis()
-            );
             let permits = spec.concurrency.map(|n| Arc::new(Semaphore::new(n)));
+            pending.push((i, bytes));
             slots.push(Slot {
                 spec,
                 module,
                 caps,
                 permits,
-                current: ArcSwap::from_pointee(version),
+                current: Arc::new(Serving::compiling()),
             });
         }
         let ticker = EpochTicker::start(&engine)?;
-        Ok(Arc::new(Registry {
+        let registry = Arc::new(Registry {
             engine,
             linker,
             cache,
+            room,
+            cache_keep: services.cache_keep,
             slots,
             by_event,
             _ticker: ticker,
-        }))
+        });
+        let compile = Compile {
+            registry: registry.clone(),
+            pending,
+        };
+        Ok((registry, compile))
     }
 
-    /// Every handler with its current version.
+    /// Every handler with its current version (those still compiling
+    /// their first version are left out).
     pub fn handlers(&self) -> Vec<HandlerInfo> {
         self.slots
             .iter()
-            .map(|s| {
-                let v = s.current.load();
-                HandlerInfo {
+            .filter_map(|s| {
+                let v = s.current.load_full()?;
+                Some(HandlerInfo {
                     name: s.spec.name.clone(),
                     module: s.module.clone(),
                     hash: v.hash.to_hex().to_string(),
                     loaded_at: v.loaded_at,
                     events: s.spec.events.clone(),
-                }
+                })
             })
             .collect()
+    }
+
+    /// Where compiled artifacts are kept, if anywhere.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache.dir()
+    }
+
+    /// Delete cached artifacts other than the versions serving and the
+    /// `cache_keep` most recent others; logged, never fatal.
+    pub fn prune_cache(&self) {
+        let in_use: Vec<blake3::Hash> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.load_full().map(|v| v.hash))
+            .collect();
+        match self.cache.prune(&in_use, self.cache_keep) {
+            Ok(p) if p.files > 0 => tracing::info!(
+                files = p.files,
+                bytes = p.bytes,
+                "artifact cache pruned: {} files, {:.1} MB (keeping the {} versions in use and {} more)",
+                p.files,
+                p.bytes as f64 / 1e6,
+                in_use.len(),
+                self.cache_keep
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "cannot prune the artifact cache {}: {e}",
+                self.cache
+                    .dir()
+                    .map_or_else(String::new, |d| d.display().to_string())
+            ),
+        }
+    }
+
+    /// Whether every handler has a version (none still compiling).
+    pub fn all_ready(&self) -> bool {
+        self.slots.iter().all(|s| s.current.ready())
     }
 
     /// The version serving `handler` now (hot reload may replace it).
@@ -298,7 +442,7 @@ impl Registry {
         self.slots
             .iter()
             .find(|s| s.spec.name == handler)
-            .map(|s| s.current.load_full())
+            .and_then(|s| s.current.load_full())
     }
 
     pub(crate) fn slot_index(&self, handler: &str) -> Option<usize> {
@@ -309,27 +453,126 @@ impl Registry {
 impl Router for Registry {
     fn route(&self, name: &str) -> Option<Route> {
         let slot = &self.slots[*self.by_event.get(name)?];
-        let handler: Arc<dyn Handler> = slot.current.load_full();
+        let (handler, timeout): (Arc<dyn Handler>, _) = match slot.current.load_full() {
+            Some(version) => (version, Some(slot.spec.timeout + BACKSTOP_GRACE)),
+            // No backstop while waiting: a compile may take longer than the
+            // handler's timeout, and the version enforces its own once it
+            // runs.
+            None => (
+                Arc::new(AwaitCompile {
+                    handler: slot.caps.handler.clone(),
+                    serving: slot.current.clone(),
+                }),
+                None,
+            ),
+        };
         Some(Route {
             handler_name: slot.caps.handler.clone(),
             handler,
             permits: slot.permits.clone(),
-            timeout: Some(slot.spec.timeout + BACKSTOP_GRACE),
+            timeout,
             max_retry: slot.spec.max_retry,
         })
     }
 
+    /// Names whose handler has no free permit, or is still compiling: the
+    /// claimer leaves their events in the table until it can run them.
     fn saturated(&self) -> Vec<String> {
         self.by_event
             .iter()
             .filter(|(_, i)| {
-                self.slots[**i]
-                    .permits
-                    .as_ref()
-                    .is_some_and(|p| p.available_permits() == 0)
+                let slot = &self.slots[**i];
+                !slot.current.ready()
+                    || slot
+                        .permits
+                        .as_ref()
+                        .is_some_and(|p| p.available_permits() == 0)
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+}
+
+/// The first compile of every handler of a [`Registry::prepare`]d registry:
+/// in parallel, at most one per core (each compile already uses several
+/// threads for large components, so more would only compete).
+pub struct Compile {
+    registry: Arc<Registry>,
+    pending: Vec<(usize, Vec<u8>)>,
+}
+
+impl Compile {
+    /// Compile (or load from the cache) every pending handler; each serves
+    /// as soon as its own version is in. Returns the first error (the
+    /// others still finish).
+    pub async fn run(self) -> Result<(), WasmError> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let permits = Arc::new(Semaphore::new(cores));
+        let started = Instant::now();
+        let count = self.pending.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, bytes) in self.pending {
+            let registry = self.registry.clone();
+            let permits = permits.clone();
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let slot = &registry.slots[i];
+                let began = Instant::now();
+                let result = compile_version(
+                    &registry.engine,
+                    &registry.linker,
+                    &registry.cache,
+                    &registry.room,
+                    &slot.spec,
+                    &slot.caps,
+                    &slot.module,
+                    bytes,
+                )
+                .await;
+                match result {
+                    Ok((version, source)) => {
+                        tracing::info!(
+                            handler = %slot.spec.name,
+                            version = %version.short,
+                            "handler {} v{} {} from {} in {} ms",
+                            slot.spec.name,
+                            version.short,
+                            match source { Source::Cache => "loaded from cache", Source::Compiled => "compiled" },
+                            slot.module.display(),
+                            began.elapsed().as_millis()
+                        );
+                        tracing::info!(handler = %slot.spec.name, module = %slot.module.display(), version = %version.short, events = %slot.spec.events.join(","), "handler loaded");
+                        slot.current.store(version);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        slot.current.fail(e.to_string());
+                        Err(e)
+                    }
+                }
+            });
+        }
+        let mut first = None;
+        while let Some(done) = tasks.join_next().await {
+            let result = done
+                .map_err(|e| WasmError::Engine(format!("compile task failed: {e}")))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => {
+                if count > 1 {
+                    tracing::info!(
+                        "all {count} handlers ready in {} ms",
+                        started.elapsed().as_millis()
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -374,16 +617,88 @@ fn canonical_module(path: &Path) -> Result<PathBuf, WasmError> {
     Ok(dir.join(path.file_name().unwrap_or_default()))
 }
 
-/// Compile `bytes` (off the async threads) and check it against the world.
+/// [`sniff`], then the component's [`Needs`]; a binary wasmparser cannot
+/// read is not a valid component.
+fn read_needs(path: &Path, bytes: &[u8]) -> Result<Needs, WasmError> {
+    let invalid = |reason: String| WasmError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    sniff(bytes).map_err(invalid)?;
+    Needs::of(bytes).map_err(|e| invalid(format!("not a valid component: {e}")))
+}
+
+/// The handler's `memory` cap must hold the component's largest initial
+/// memory, or every instantiation would fail.
+fn check_memory(spec: &HandlerSpec, needs: &Needs) -> Result<(), WasmError> {
+    if needs.min_memory > spec.memory.bytes() {
+        return Err(WasmError::MemoryTooSmall {
+            handler: spec.name.clone(),
+            need: ByteSize(needs.min_memory),
+            cap: spec.memory,
+        });
+    }
+    Ok(())
+}
+
+/// A reload must fit the pool sized at start.
+fn check_room(handler: &str, needs: &Needs, room: &Needs) -> Result<(), WasmError> {
+    let checks: [(&'static str, u64, u64); 5] = [
+        (
+            "core instances",
+            needs.core_instances.into(),
+            room.core_instances.into(),
+        ),
+        ("memories", needs.memories.into(), room.memories.into()),
+        ("tables", needs.tables.into(), room.tables.into()),
+        (
+            "memories in one core module",
+            needs.memories_per_module.into(),
+            room.memories_per_module.into(),
+        ),
+        (
+            "tables in one core module",
+            needs.tables_per_module.into(),
+            room.tables_per_module.into(),
+        ),
+    ];
+    for (what, need, room) in checks {
+        if need > room {
+            return Err(WasmError::PoolTooSmall {
+                handler: handler.to_string(),
+                what,
+                need,
+                room,
+            });
+        }
+    }
+    if needs.min_table_elements > room.min_table_elements {
+        return Err(WasmError::PoolTooSmall {
+            handler: handler.to_string(),
+            what: "initial table elements",
+            need: needs.min_table_elements,
+            room: room.min_table_elements,
+        });
+    }
+    Ok(())
+}
+
+/// Check `bytes` against the handler's cap and the pool, compile it (off
+/// the async threads) and check it against the world.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn compile_version(
     engine: &Engine,
     linker: &Arc<Linker<HostState>>,
     cache: &ArtifactCache,
+    room: &Needs,
     spec: &HandlerSpec,
     caps: &Arc<Capabilities>,
     module: &Path,
     bytes: Vec<u8>,
 ) -> Result<(HandlerVersion, Source), WasmError> {
+    let needs = read_needs(module, &bytes)?;
+    check_memory(spec, &needs)?;
+    check_room(&spec.name, &needs, room)?;
     let (engine2, linker2, cache2, path) = (
         engine.clone(),
         linker.clone(),
@@ -406,6 +721,11 @@ pub(crate) async fn compile_version(
         timeout: spec.timeout,
         memory: usize::try_from(spec.memory.bytes()).unwrap_or(usize::MAX),
         max_retry: spec.max_retry,
+        pool: (spec.instances == InstanceMode::Reuse).then(|| WarmPool {
+            idle: std::sync::Mutex::new(Vec::new()),
+            max_idle: warm_pool_size(spec),
+            reuse_events: spec.reuse_events,
+        }),
     };
     Ok((version, source))
 }
@@ -468,9 +788,11 @@ pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
             source,
         },
     })?;
+    let needs = read_needs(path, &bytes)?;
     let engine = build_engine(EngineLimits {
-        max_memory: super::spec::DEFAULT_MEMORY.bytes(),
+        max_memory: super::spec::DEFAULT_MEMORY.bytes().max(needs.min_memory),
         instances: 1,
+        per_instance: needs,
     })?;
     let linker = linker(&engine).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
     let (hash, pre, _) = prepare(&engine, &linker, None, path, &bytes)?;
@@ -481,6 +803,7 @@ pub fn check_file(path: &Path) -> Result<ComponentInfo, WasmError> {
         size: bytes.len() as u64,
         imports: ty.imports(&engine).map(|(n, _)| n.to_string()).collect(),
         exports: ty.exports(&engine).map(|(n, _)| n.to_string()).collect(),
+        needs,
     })
 }
 
@@ -497,6 +820,8 @@ pub struct HandlerVersion {
     timeout: Duration,
     memory: usize,
     max_retry: Option<i32>,
+    /// `instances = "reuse"`: its warm instances; `None`: fresh per event.
+    pool: Option<WarmPool>,
 }
 
 impl HandlerVersion {
@@ -557,24 +882,58 @@ impl HandlerVersion {
     }
 }
 
-#[async_trait::async_trait]
-impl Handler for HandlerVersion {
-    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
-        let engine = self.pre.engine();
-        let deadline = Instant::now() + self.timeout;
-        let state = HostState::new(
-            self.caps.clone(),
-            mem::take(effects),
-            event.id.to_string(),
-            self.short.clone(),
-            deadline,
-            self.memory,
-        );
-        let mut store = wasmtime::Store::new(engine, state);
+/// A warm instance of `instances = "reuse"`, with the store it lives in.
+struct Warm {
+    store: wasmtime::Store<HostState>,
+    instance: HandlerWorld,
+    /// Events it has served.
+    uses: u32,
+}
+
+/// The idle warm instances of one version (`instances = "reuse"`). Dropped
+/// with the version, so a reload starts from fresh instances.
+pub(crate) struct WarmPool {
+    idle: std::sync::Mutex<Vec<Warm>>,
+    /// Most idle instances kept; more in flight are dropped after use.
+    max_idle: usize,
+    reuse_events: u32,
+}
+
+impl WarmPool {
+    fn take(&self) -> Option<Warm> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn give_back(&self, warm: Warm) {
+        if warm.uses >= self.reuse_events {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(warm);
+        }
+    }
+}
+
+/// Idle warm instances a `reuse` handler keeps: its `concurrency`, else
+/// this many. Each holds an instance slot of the pool while idle.
+pub(crate) fn warm_pool_size(spec: &HandlerSpec) -> usize {
+    match spec.instances {
+        InstanceMode::Fresh => 0,
+        InstanceMode::Reuse => spec.concurrency.unwrap_or(DEFAULT_WARM_POOL),
+    }
+}
+
+/// Idle warm instances of a `reuse` handler without a `concurrency` cap.
+const DEFAULT_WARM_POOL: usize = 8;
+
+impl HandlerVersion {
+    /// A new store for an event, with the limits and the deadline check.
+    fn new_store(&self, state: HostState) -> wasmtime::Store<HostState> {
+        let mut store = wasmtime::Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         // Check the clock on every epoch tick: trap past the deadline,
         // otherwise yield so a busy guest does not hog a tokio worker.
-        store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             Ok(if Instant::now() >= ctx.data().deadline {
                 UpdateDeadline::Interrupt
@@ -582,30 +941,83 @@ impl Handler for HandlerVersion {
                 UpdateDeadline::Yield(1)
             })
         });
+        store
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for HandlerVersion {
+    async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
+        let deadline = Instant::now() + self.timeout;
+        let warm = self.pool.as_ref().and_then(WarmPool::take);
+        let (mut store, instance, uses) = match warm {
+            Some(mut w) => {
+                w.store
+                    .data_mut()
+                    .next_event(mem::take(effects), event.id.to_string(), deadline);
+                (w.store, Some(w.instance), w.uses)
+            }
+            None => {
+                let state = HostState::new(
+                    self.caps.clone(),
+                    mem::take(effects),
+                    event.id.to_string(),
+                    self.short.clone(),
+                    deadline,
+                    self.memory,
+                );
+                (self.new_store(state), None, 0)
+            }
+        };
+        store.set_epoch_deadline(1);
         let wit_event = self.wit_event(event);
         // The epoch deadline only fires while guest code runs; a guest
         // waiting on a host future (HTTP, SQL) is bounded by this timeout.
         let result = tokio::time::timeout(self.timeout, async {
-            let instance: HandlerWorld = self.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, &wit_event).await
+            let instance: HandlerWorld = match instance {
+                Some(i) => i,
+                None => self.pre.instantiate_async(&mut store).await?,
+            };
+            let r = instance.call_handle(&mut store, &wit_event).await?;
+            wasmtime::Result::Ok((instance, r))
         })
         .await;
         *effects = mem::take(&mut store.data_mut().effects);
-        match result {
-            Err(_elapsed) => Err(HandlerError::retry(format!(
-                "timeout after {}",
-                humantime::format_duration(self.timeout)
-            ))),
-            Ok(Err(err)) => Err(self.describe(err, store.data())),
-            Ok(Ok(Ok(wit::Outcome::Done))) => Ok(Outcome::Done),
-            Ok(Ok(Ok(wit::Outcome::RetryAfter(ms)))) => {
-                Ok(Outcome::RetryAfter(Duration::from_millis(ms)))
-            }
-            Ok(Ok(Err(e))) => Err(HandlerError {
-                message: e.message,
-                retryable: e.retryable,
-            }),
+        let data = store.data();
+        let (result, instance) = match result {
+            Err(_elapsed) => (
+                Err(HandlerError::retry(format!(
+                    "timeout after {}",
+                    humantime::format_duration(self.timeout)
+                ))),
+                None,
+            ),
+            Ok(Err(err)) => (Err(self.describe(err, data)), None),
+            Ok(Ok((instance, Ok(wit::Outcome::Done)))) => (Ok(Outcome::Done), Some(instance)),
+            Ok(Ok((instance, Ok(wit::Outcome::RetryAfter(ms))))) => (
+                Ok(Outcome::RetryAfter(Duration::from_millis(ms))),
+                Some(instance),
+            ),
+            // An error the guest returned: it may have left its state
+            // half-updated, so its instance is not reused either.
+            Ok(Ok((_, Err(e)))) => (
+                Err(HandlerError {
+                    message: e.message,
+                    retryable: e.retryable,
+                }),
+                None,
+            ),
+        };
+        data.stdout.finish(None);
+        data.stderr.finish(None);
+        if let (Some(pool), Some(instance)) = (&self.pool, instance) {
+            pool.give_back(Warm {
+                store,
+                instance,
+                uses: uses + 1,
+            });
         }
+        result
     }
 
     fn version(&self) -> Option<Arc<str>> {

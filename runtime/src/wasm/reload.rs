@@ -27,6 +27,10 @@ pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// and those are not errors, just not done yet.
 pub const TRUNCATED_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a handler whose first version is still compiling is looked at
+/// again.
+const COMPILING_RECHECK: Duration = Duration::from_millis(200);
+
 /// How often a truncated file is looked at again while it is being written.
 const TRUNCATED_RECHECK: Duration = Duration::from_millis(50);
 
@@ -70,7 +74,9 @@ impl Registry {
             path: slot.module.clone(),
             source,
         })?;
-        let old = slot.current.load_full();
+        let Some(old) = slot.current.load_full() else {
+            return Err(WasmError::Compiling(slot.spec.name.clone()));
+        };
         if blake3::hash(&bytes) == old.hash {
             return Ok(Reloaded::Unchanged);
         }
@@ -79,6 +85,7 @@ impl Registry {
             &self.engine,
             &self.linker,
             &self.cache,
+            &self.room,
             &slot.spec,
             &slot.caps,
             &slot.module,
@@ -86,13 +93,14 @@ impl Registry {
         )
         .await?;
         let new = version.short.to_string();
-        slot.current.store(Arc::new(version));
+        slot.current.store(version);
         let elapsed = started.elapsed();
         let name = slot.spec.name.clone();
         tracing::info!(handler = %name, version = %new, "handler {name} reloaded: {} -> {new} in {} ms", old.short, elapsed.as_millis());
         metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
         metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
             .set(elapsed.as_secs_f64());
+        self.prune_cache();
         Ok(Reloaded::Swapped {
             old: old.short.to_string(),
             new,
@@ -192,6 +200,11 @@ async fn reload_once(
     truncated_since: &mut HashMap<usize, (blake3::Hash, tokio::time::Instant)>,
 ) -> Option<tokio::time::Instant> {
     let slot = &registry.slots[i];
+    if slot.current.load_full().is_none() {
+        // The first version is still compiling: look again once it is in
+        // (a change meanwhile is caught by comparing hashes then).
+        return Some(tokio::time::Instant::now() + COMPILING_RECHECK);
+    }
     let (before, is_truncated) = match std::fs::read(&slot.module) {
         Ok(b) => (blake3::hash(&b), truncated(&b)),
         // Mid-rename or deleted: the old version keeps serving; a new file
@@ -229,7 +242,10 @@ async fn reload_once(
             }
             failed.insert(i, before);
             let name = &slot.spec.name;
-            let serving = slot.current.load().short.clone();
+            let serving = slot
+                .current
+                .load_full()
+                .map_or_else(|| "(none)".into(), |v| v.short.clone());
             tracing::error!(handler = %name, "handler {name}: reload of {} rejected: {e}; version {serving} keeps serving", slot.module.display());
             metrics::counter!("outrun_handler_reload_failures_total", "handler" => name.clone())
                 .increment(1);

@@ -38,6 +38,15 @@ pub struct HandlerSpec {
     /// At most this many events of this handler run at once.
     #[serde(default)]
     pub concurrency: Option<usize>,
+    /// `fresh` (default): a new instance per event. `reuse`: warm instances
+    /// kept between events of this handler (faster, but a guest's global
+    /// state carries over from one event to the next; see README).
+    #[serde(default)]
+    pub instances: InstanceMode,
+    /// `instances = "reuse"`: an instance is dropped after this many events
+    /// (and after any trap or error, and on reload).
+    #[serde(default = "default_reuse_events")]
+    pub reuse_events: u32,
     /// Capabilities; everything absent is denied.
     #[serde(default)]
     pub allow: Allow,
@@ -50,6 +59,26 @@ pub struct HandlerSpec {
     /// `source`): `cargo build --target wasm32-wasip2 --release`.
     #[serde(default)]
     pub build: Option<String>,
+}
+
+/// Events a reused instance serves before it is replaced, by default.
+pub const DEFAULT_REUSE_EVENTS: u32 = 1000;
+
+/// How a handler's events get their instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceMode {
+    /// A new instance per event: nothing an event leaves in the guest's
+    /// memory is seen by the next.
+    #[default]
+    Fresh,
+    /// A bounded pool of warm instances, recycled after `reuse_events`
+    /// events, after any trap or error, and on reload.
+    Reuse,
+}
+
+fn default_reuse_events() -> u32 {
+    DEFAULT_REUSE_EVENTS
 }
 
 fn default_timeout() -> Duration {
@@ -209,6 +238,23 @@ mod tests {
             toml::from_str("name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\n").unwrap();
         assert_eq!(spec.timeout, DEFAULT_TIMEOUT);
         assert_eq!(spec.memory, DEFAULT_MEMORY);
+        assert_eq!(spec.instances, InstanceMode::Fresh);
+        let reuse: HandlerSpec = toml::from_str(
+            "name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\ninstances = \"reuse\"\nreuse_events = 5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (reuse.instances, reuse.reuse_events),
+            (InstanceMode::Reuse, 5)
+        );
+        let err = toml::from_str::<HandlerSpec>(
+            "name = \"a\"\nevents = [\"x\"]\nmodule = \"a.wasm\"\ninstances = \"warm\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("fresh") && err.to_string().contains("reuse"),
+            "{err}"
+        );
         assert!(!spec.allow.sql && spec.allow.kv.is_none() && spec.allow.http.is_empty());
 
         let spec: HandlerSpec = toml::from_str(

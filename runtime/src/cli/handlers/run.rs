@@ -164,6 +164,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         },
         default_max_retry: config.runtime.max_retry,
         cache_dir: config.artifact_cache_dir(),
+        cache_keep: config.cache_keep,
         max_instances: 2,
         publisher,
         schemas: super::super::serve::load_schemas(config)?,
@@ -312,6 +313,8 @@ fn handler_spec(
         timeout: args.timeout,
         memory: crate::wasm::spec::DEFAULT_MEMORY,
         concurrency: None,
+        instances: crate::wasm::InstanceMode::Fresh,
+        reuse_events: crate::wasm::spec::DEFAULT_REUSE_EVENTS,
         allow: Allow {
             emit: Vec::new(),
             kv: Some(args.kv_prefix.clone()),
