@@ -203,11 +203,33 @@ impl Default for RuntimeConfig {
 }
 
 /// The admin HTTP server (metrics, health, events API).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// e.g. "127.0.0.1:9464"; none = no admin server. `OUTRUN_ADMIN_LISTEN`.
     pub listen: Option<String>,
+    /// The bearer token every mutating request (POST, PUT, DELETE) must
+    /// carry; without one they are refused. `OUTRUN_ADMIN_TOKEN`.
+    pub token: Option<String>,
+    /// Reads (GET under /v1) need the token too. Probes, /metrics and
+    /// /v1/openapi.json never do. `OUTRUN_ADMIN_TOKEN_FOR_READS`.
+    pub token_for_reads: bool,
+    /// Serve /metrics on this address instead of `listen` (e.g. a port the
+    /// scraper may reach while the admin API stays private).
+    /// `OUTRUN_ADMIN_METRICS_LISTEN`.
+    pub metrics_listen: Option<String>,
+}
+
+// By hand: the token must never reach a log line or an error message.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_for_reads", &self.token_for_reads)
+            .field("metrics_listen", &self.metrics_listen)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -394,6 +416,17 @@ impl Config {
         over!("OUTRUN_EFFECT_SAVEPOINTS", r.effect_savepoints, parse);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
+        }
+        if let Some(v) = env("OUTRUN_ADMIN_TOKEN") {
+            self.admin.token = (!v.trim().is_empty()).then_some(v);
+        }
+        over!(
+            "OUTRUN_ADMIN_TOKEN_FOR_READS",
+            self.admin.token_for_reads,
+            parse
+        );
+        if let Some(v) = env("OUTRUN_ADMIN_METRICS_LISTEN") {
+            self.admin.metrics_listen = (!v.trim().is_empty()).then_some(v);
         }
         if let Some(v) = env("OUTRUN_CACHE_DIR") {
             self.cache_dir = (!v.trim().is_empty()).then(|| PathBuf::from(v));

@@ -318,27 +318,7 @@ pub fn event_state(ev: &Event, now: DateTime<Utc>) -> &'static str {
 /// An event as JSON, with the payload embedded as JSON when it parses (it
 /// should; rows inserted by hand may not) and as a string otherwise.
 pub fn event_json(ev: &Event) -> Value {
-    let payload = serde_json::from_str::<Value>(&ev.payload)
-        .unwrap_or_else(|_| Value::String(ev.payload.clone()));
-    json!({
-        "id": ev.id,
-        "name": ev.name,
-        "payload": payload,
-        "group_id": ev.group_id,
-        "state": event_state(ev, Utc::now()),
-        "retry": ev.retry,
-        "max_retry": ev.max_retry,
-        "dead": ev.is_dead(),
-        "create_date": ev.create_date,
-        "available_at": ev.available_at,
-        "expires_at": ev.expires_at,
-        "locked_by": ev.locked_by,
-        "locked_until": ev.locked_until,
-        "last_error": ev.last_error,
-        "idempotency_key": ev.idempotency_key,
-        "dead_at": ev.dead_at,
-        "deferrals": ev.deferrals,
-    })
+    serde_json::to_value(crate::admin::EventView::from(ev)).unwrap_or(Value::Null)
 }
 
 /// The human listing. Live events show when they run (`available_at`:

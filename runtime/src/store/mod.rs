@@ -11,6 +11,7 @@ pub mod lane;
 pub mod limits;
 pub mod migrate;
 pub mod postgres;
+pub mod query;
 pub mod schedules;
 pub mod sqlite;
 mod transient;
@@ -24,6 +25,7 @@ use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
 pub use migrate::MigrationReport;
+pub use query::{Cursor, EventQuery, Page, StateFilter};
 pub use value::{SqlRows, SqlValue};
 
 /// Errors at the store boundary. Every variant names what failed and, where
@@ -131,7 +133,7 @@ pub enum Backend {
 
 /// Counts by state. `pending`: ready now; `scheduled`: waiting for
 /// `available_at` (delay or backoff); `running`: leased; `dead`: `retry >= max_retry`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub pending: i64,
     pub scheduled: i64,
@@ -188,7 +190,7 @@ pub(crate) enum CancelTarget<'a> {
 pub const CANCELLED: &str = "cancelled";
 
 /// What a cancel did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Cancelled {
     /// Events now dead with `last_error = 'cancelled'`.
     pub cancelled: u64,
@@ -549,6 +551,24 @@ impl Store {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         each!(self, s => s.get(id).await)
+    }
+
+    /// One page of the events `query` selects, in one statement (keyset
+    /// pagination; see [`query`]).
+    pub async fn page(&self, query: &EventQuery) -> Result<Page> {
+        let dead = query.state.is_dead();
+        let limit = query.limit.clamp(1, 1000);
+        // One row more than asked tells whether a next page exists.
+        let mut rows = each!(self, s => s.page(query, limit + 1).await)?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        let next = more
+            .then(|| rows.last().map(|(ev, seq)| Cursor::of(ev, *seq, dead)))
+            .flatten();
+        Ok(Page {
+            events: rows.into_iter().map(|(ev, _)| ev).collect(),
+            next,
+        })
     }
 
     /// [`Stats`] per event name, by name, in one `GROUP BY` statement.

@@ -636,6 +636,38 @@ impl PgStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    pub(super) async fn page(
+        &self,
+        q: &super::EventQuery,
+        limit: i64,
+    ) -> Result<Vec<(Event, i64)>> {
+        let (state, key, dir, cmp) = page_shape(q.state, "now()");
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox_events
+             WHERE {state}
+               AND ($1::text IS NULL OR name = $1)
+               AND ($2::text IS NULL OR group_id = $2)
+               AND ($3::text IS NULL OR strpos(last_error, $3) > 0)
+               AND ($4::timestamptz IS NULL OR create_date >= $4)
+               AND ($5::timestamptz IS NULL OR ({key}, seq) {cmp} ($5, $6))
+             ORDER BY {key} {dir}, seq {dir}
+             LIMIT $7"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(q.name.as_deref())
+            .bind(q.group_id.as_deref())
+            .bind(q.error_contains.as_deref())
+            .bind(q.since)
+            .bind(q.after.map(|c| c.at))
+            .bind(q.after.map(|c| c.seq))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((event_from_row(row)?, row.try_get::<i64, _>("seq")?)))
+            .collect()
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -1096,6 +1128,28 @@ fn numeric_to_string(b: &[u8]) -> Option<String> {
         s.push_str(&frac);
     }
     Some(s)
+}
+
+/// The condition, sort key, direction and keyset comparison of a page of
+/// events in `state` (`now`: the backend's expression for the current time).
+pub(super) fn page_shape(
+    state: super::StateFilter,
+    now: &str,
+) -> (String, &'static str, &'static str, &'static str) {
+    use super::StateFilter as S;
+    let free = format!("(locked_until IS NULL OR locked_until < {now})");
+    let cond = match state {
+        S::Live => "retry < max_retry".to_owned(),
+        S::Pending => format!("retry < max_retry AND available_at <= {now} AND {free}"),
+        S::Scheduled => format!("retry < max_retry AND available_at > {now} AND {free}"),
+        S::Running => format!("retry < max_retry AND locked_until >= {now}"),
+        S::Dead => "retry >= max_retry".to_owned(),
+    };
+    if state.is_dead() {
+        (cond, "COALESCE(dead_at, create_date)", "DESC", "<")
+    } else {
+        (cond, "create_date", "ASC", ">")
+    }
 }
 
 fn event_from_row(row: &PgRow) -> Result<Event> {

@@ -578,6 +578,41 @@ impl SqliteStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    pub(super) async fn page(
+        &self,
+        q: &super::EventQuery,
+        limit: i64,
+    ) -> Result<Vec<(Event, i64)>> {
+        // The time as a literal: a parameter left unused by some states
+        // would be refused by SQLite's binding.
+        let now = now_ms().to_string();
+        let (state, key, dir, cmp) = super::postgres::page_shape(q.state, &now);
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox_events
+             WHERE {state}
+               AND (?1 IS NULL OR name = ?1)
+               AND (?2 IS NULL OR group_id = ?2)
+               AND (?3 IS NULL OR instr(last_error, ?3) > 0)
+               AND (?4 IS NULL OR create_date >= ?4)
+               AND (?5 IS NULL OR ({key}, rowid) {cmp} (?5, ?6))
+             ORDER BY {key} {dir}, rowid {dir}
+             LIMIT ?7"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(q.name.as_deref())
+            .bind(q.group_id.as_deref())
+            .bind(q.error_contains.as_deref())
+            .bind(q.since.map(|t| t.timestamp_millis()))
+            .bind(q.after.map(|c| c.at.timestamp_millis()))
+            .bind(q.after.map(|c| c.seq))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((event_from_row(row)?, row.try_get::<i64, _>("seq")?)))
+            .collect()
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = ?1");
         let row = sqlx::query(&sql)

@@ -81,9 +81,10 @@ impl Default for HostServices {
 }
 
 /// One loaded handler, for `outrun handlers list` and the admin API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HandlerInfo {
     pub name: String,
+    #[schema(value_type = String)]
     pub module: PathBuf,
     /// blake3 of the `.wasm` currently serving (hex).
     pub hash: String,

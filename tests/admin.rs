@@ -1,0 +1,367 @@
+//! The admin API through the real binary: the token on every change (and
+//! on reads when asked), one error shape for every failure (axum's own
+//! rejections included), filtered cursor pagination, /metrics on its own
+//! listener, and the OpenAPI document — served, complete, and the same as
+//! the checked-in docs/openapi.json.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Serve, TestDb, free_port, http, http_as, ok, outrun, wait_for};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "admin-test-token";
+
+fn write_config(dir: &Path, admin: u16, admin_extra: &str) -> PathBuf {
+    let path = dir.join("outrun.toml");
+    std::fs::write(
+        &path,
+        format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n{admin_extra}\n"),
+    )
+    .unwrap();
+    path
+}
+
+async fn start(db: &TestDb, admin_extra: &str) -> (Serve, u16, tempfile::TempDir) {
+    ok(&outrun(db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let serve = Serve::ready(db, &write_config(dir.path(), port, admin_extra)).await;
+    (serve, port, dir)
+}
+
+fn parse(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The error shape: `{"error": {"code", "message"}}`; returns the message.
+fn error_of(status: u16, body: &str, want_status: u16, want_code: &str) -> String {
+    assert_eq!(status, want_status, "{body}");
+    let v = parse(body);
+    assert_eq!(v["error"]["code"], want_code, "{body}");
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message: {body}"))
+        .to_owned()
+}
+
+async fn stats(port: u16) -> Value {
+    let (status, body) = http_as(port, "GET", "/v1/stats", None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    parse(&body)
+}
+
+async fn enqueue(port: u16, event: Value) -> String {
+    let (status, body) = http_as(
+        port,
+        "POST",
+        "/v1/events",
+        Some(&event.to_string()),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    parse(&body)["id"].as_str().unwrap().to_owned()
+}
+
+// ---------------------------------------------------------------------------
+
+async fn token_guards_every_change(db: TestDb) {
+    let (serve, port, _dir) = start(&db, &format!("token = \"{TOKEN}\"")).await;
+    let id = enqueue(port, json!({"name": "a", "payload": {}, "delay": "1h"})).await;
+    let before = stats(port).await;
+
+    // Missing or wrong token: 401 in the error shape, nothing changed.
+    let event = r#"{"name":"a","payload":{}}"#;
+    for token in [None, Some("wrong"), Some("")] {
+        for (path, body) in [
+            ("/v1/events".to_owned(), Some(event)),
+            (format!("/v1/events/{id}/cancel"), None),
+            ("/v1/events/cancel".to_owned(), Some(r#"{"name":"a"}"#)),
+        ] {
+            let (status, answer) = http_as(port, "POST", &path, body, token).await;
+            let message = error_of(status, &answer, 401, "unauthorized");
+            assert!(message.contains("token"), "{path}: {message}");
+        }
+    }
+    assert_eq!(stats(port).await, before);
+    let (_, body) = http(port, "GET", &format!("/v1/events/{id}"), None).await;
+    assert_eq!(parse(&body)["state"], "scheduled", "{body}");
+
+    // Reads need no token unless token_for_reads.
+    assert_eq!(http(port, "GET", "/v1/events", None).await.0, 200);
+    assert_eq!(http(port, "GET", "/v1/stats", None).await.0, 200);
+    serve.stop();
+
+    let (serve, port, _dir) =
+        start(&db, &format!("token = \"{TOKEN}\"\ntoken_for_reads = true")).await;
+    for path in [
+        "/v1/events",
+        "/v1/stats",
+        "/v1/handlers",
+        &format!("/v1/events/{id}"),
+    ] {
+        let (status, body) = http(port, "GET", path, None).await;
+        error_of(status, &body, 401, "unauthorized");
+        let (status, body) = http_as(port, "GET", path, None, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // Probes, metrics and the API's description stay open.
+    for path in ["/livez", "/readyz", "/metrics", "/v1/openapi.json"] {
+        assert_eq!(http(port, "GET", path, None).await.0, 200, "{path}");
+    }
+    serve.stop();
+
+    // No token configured: changes are refused, saying how to allow them.
+    let (serve, port, _dir) = start(&db, "").await;
+    let (status, body) = http(port, "POST", "/v1/events", Some(event)).await;
+    let message = error_of(status, &body, 401, "unauthorized");
+    assert!(
+        message.contains("[admin] token") && message.contains("OUTRUN_ADMIN_TOKEN"),
+        "{message}"
+    );
+    let (status, body) = http(port, "GET", "/v1/stats", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(parse(&body), before);
+    serve.stop();
+}
+
+async fn errors_have_one_shape_and_name_the_parameter(db: TestDb) {
+    let (serve, port, _dir) = start(&db, &format!("token = \"{TOKEN}\"")).await;
+    let get = |path: &'static str| async move { http(port, "GET", path, None).await };
+
+    for (path, param) in [
+        ("/v1/events?cursor=not-a-cursor", "cursor"),
+        ("/v1/events?cursor=6331", "cursor"),
+        ("/v1/events?state=sleeping", "state"),
+        ("/v1/events?limit=0", "limit"),
+        ("/v1/events?limit=ten", "limit"),
+        ("/v1/events?limit=1001", "limit"),
+        ("/v1/events?since=yesterday", "since"),
+        ("/v1/events?dead=maybe", "dead"),
+    ] {
+        let (status, body) = get(path).await;
+        let message = error_of(status, &body, 400, "bad_request");
+        assert!(message.contains(&format!("`{param}`")), "{path}: {message}");
+    }
+    // A dead listing's cursor is refused by a live listing.
+    for _ in 0..2 {
+        let id = enqueue(port, json!({"name": "d", "payload": {}})).await;
+        let (status, body) = http_as(
+            port,
+            "POST",
+            &format!("/v1/events/{id}/cancel"),
+            None,
+            Some(TOKEN),
+        )
+        .await;
+        assert!(status == 200 || status == 409, "{body}");
+    }
+    let (_, body) = get("/v1/events?state=dead&limit=1").await;
+    let cursor = parse(&body)["next_cursor"].as_str().unwrap().to_owned();
+    let (status, body) = http(port, "GET", &format!("/v1/events?cursor={cursor}"), None).await;
+    let message = error_of(status, &body, 400, "bad_request");
+    assert!(message.contains("`cursor`"), "{message}");
+
+    // axum's rejections: path, body, content type, unknown route, method.
+    let (status, body) = get("/v1/events/not-a-uuid").await;
+    let message = error_of(status, &body, 400, "bad_request");
+    assert!(message.contains("UUID"), "{message}");
+    let (status, body) = http_as(port, "POST", "/v1/events", Some("{not json"), Some(TOKEN)).await;
+    error_of(status, &body, 400, "bad_request");
+    let (status, body) = http_as(
+        port,
+        "POST",
+        "/v1/events",
+        Some(r#"{"name":"x","payload":{},"delay":5}"#),
+        Some(TOKEN),
+    )
+    .await;
+    let message = error_of(status, &body, 400, "bad_request");
+    assert!(message.contains("delay"), "{message}");
+    let (status, body) = get("/v1/nothing-here").await;
+    let message = error_of(status, &body, 404, "not_found");
+    assert!(message.contains("/v1/openapi.json"), "{message}");
+    let (status, body) = http_as(port, "DELETE", "/v1/stats", None, Some(TOKEN)).await;
+    error_of(status, &body, 405, "method_not_allowed");
+    let (status, body) = get("/v1/events/01936a1e-0000-7000-8000-000000000000").await;
+    error_of(status, &body, 404, "not_found");
+    assert_eq!(stats(port).await["pending"], 0);
+    serve.stop();
+}
+
+async fn list_filters_and_pages(db: TestDb) {
+    let (serve, port, _dir) = start(&db, &format!("token = \"{TOKEN}\"")).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let group = if i % 2 == 0 { "even" } else { "odd" };
+        ids.push(
+            enqueue(
+                port,
+                json!({"name": "page.me", "payload": {"i": i}, "group_id": group, "delay": "1h"}),
+            )
+            .await,
+        );
+    }
+    enqueue(port, json!({"name": "other", "payload": {}, "delay": "1h"})).await;
+
+    // Pages of 3 walk the whole listing once, in insertion order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => "/v1/events?name=page.me&limit=3".to_owned(),
+            Some(c) => format!("/v1/events?name=page.me&limit=3&cursor={c}"),
+        };
+        let (status, body) = http(port, "GET", &path, None).await;
+        assert_eq!(status, 200, "{body}");
+        let page = parse(&body);
+        pages += 1;
+        for ev in page["events"].as_array().unwrap() {
+            seen.push(ev["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "the cursor does not advance");
+    }
+    assert_eq!((seen, pages), (ids.clone(), 3));
+
+    let count = |path: String| async move {
+        let (status, body) = http(port, "GET", &path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        parse(&body)["events"].as_array().unwrap().len()
+    };
+    assert_eq!(count("/v1/events?group=odd".into()).await, 3);
+    assert_eq!(count("/v1/events?state=scheduled".into()).await, 8);
+    assert_eq!(count("/v1/events?state=pending".into()).await, 0);
+    assert_eq!(count("/v1/events?since=1h".into()).await, 8);
+    assert_eq!(
+        count("/v1/events?since=2999-01-01T00:00:00Z".into()).await,
+        0
+    );
+
+    // error_contains: cancel two, then find them by their last_error.
+    for id in &ids[..2] {
+        let (status, body) = http_as(
+            port,
+            "POST",
+            &format!("/v1/events/{id}/cancel"),
+            None,
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        count("/v1/events?state=dead&error_contains=cancel".into()).await,
+        2
+    );
+    assert_eq!(
+        count("/v1/events?dead=true&error_contains=nope".into()).await,
+        0
+    );
+    assert_eq!(count("/v1/events?name=page.me".into()).await, 5);
+    serve.stop();
+}
+
+async fn metrics_on_their_own_listener(db: TestDb) {
+    let metrics = free_port();
+    let (serve, port, _dir) =
+        start(&db, &format!("metrics_listen = \"127.0.0.1:{metrics}\"")).await;
+    wait_for("metrics on their own port", || async {
+        let (status, body) = http(metrics, "GET", "/metrics", None).await;
+        status == 200 && body.contains("outrun_build_info")
+    })
+    .await;
+    let (status, body) = http(port, "GET", "/metrics", None).await;
+    error_of(status, &body, 404, "not_found");
+    let (status, _) = http(metrics, "GET", "/v1/stats", None).await;
+    assert_eq!(status, 404, "the API is not on the metrics port");
+    serve.stop();
+}
+
+/// Every route the admin API has, as the OpenAPI document must list it.
+const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/stats"),
+    ("get", "/v1/events"),
+    ("post", "/v1/events"),
+    ("get", "/v1/events/{id}"),
+    ("post", "/v1/events/{id}/cancel"),
+    ("post", "/v1/events/cancel"),
+    ("get", "/v1/handlers"),
+    ("get", "/v1/openapi.json"),
+];
+
+async fn openapi_is_served_and_complete(db: TestDb) {
+    let (serve, port, _dir) = start(&db, "").await;
+    let (status, body) = http(port, "GET", "/v1/openapi.json", None).await;
+    assert_eq!(status, 200, "{body}");
+    let doc = parse(&body);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    let documented: Vec<(String, String)> = paths
+        .iter()
+        .flat_map(|(p, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.clone(), p.clone()))
+        })
+        .collect();
+    for (method, path) in ROUTES {
+        assert!(
+            documented.contains(&(method.to_string(), path.to_string())),
+            "{method} {path} is not in the OpenAPI document"
+        );
+    }
+    assert_eq!(documented.len(), ROUTES.len(), "{documented:?}");
+    // Every documented route answers (no 404 for a missing route; path
+    // parameters get a well-formed id).
+    for (method, path) in ROUTES {
+        let path = path.replace("{id}", "01936a1e-0000-7000-8000-000000000000");
+        let (status, body) = http(port, &method.to_uppercase(), &path, Some("{}")).await;
+        assert!(
+            !(status == 404 && body.contains("no route")) && status != 405 && status != 0,
+            "{method} {path}: {status} {body}"
+        );
+    }
+    // Changing routes declare the bearer token.
+    for (method, path) in ROUTES.iter().filter(|(m, _)| *m == "post") {
+        assert_eq!(
+            doc["paths"][path][method]["security"][0]["bearer"],
+            json!([]),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(body, outrun::admin::openapi_json());
+    serve.stop();
+}
+
+/// docs/openapi.json is the document the code generates. Regenerate with
+/// `OUTRUN_WRITE_OPENAPI=1 cargo nextest run --test admin -E 'test(checked_in)'`.
+#[test]
+fn checked_in_openapi_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let generated = outrun::admin::openapi_json();
+    if std::env::var_os("OUTRUN_WRITE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "docs/openapi.json is stale (the admin API changed): regenerate it with \
+         `OUTRUN_WRITE_OPENAPI=1 cargo nextest run --test admin -E 'test(checked_in)'` and commit it"
+    );
+}
+
+on_both_backends!(
+    token_guards_every_change,
+    errors_have_one_shape_and_name_the_parameter,
+    list_filters_and_pages,
+    metrics_on_their_own_listener,
+    openapi_is_served_and_complete,
+);
