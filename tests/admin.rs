@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Serve, TestDb, free_port, http, http_as, ok, outrun, wait_for};
+use common::{Serve, TestDb, fails, free_port, guest, http, http_as, ok, outrun, wait_for};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "admin-test-token";
@@ -293,6 +293,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/events/{id}/cancel"),
     ("post", "/v1/events/cancel"),
     ("get", "/v1/handlers"),
+    ("get", "/v1/pauses"),
+    ("post", "/v1/pauses"),
+    ("post", "/v1/pauses/resume"),
     ("get", "/v1/openapi.json"),
 ];
 
@@ -358,10 +361,176 @@ fn checked_in_openapi_is_current() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Pause and resume
+
+/// Two handlers on the probe: `held` binds probe.echo, `free` probe.sleep.
+fn pause_config(dir: &Path, admin: Option<u16>) -> PathBuf {
+    let module = guest("probe");
+    let admin = admin
+        .map(|p| format!("[admin]\nlisten = \"127.0.0.1:{p}\"\ntoken = \"{TOKEN}\"\n"))
+        .unwrap_or_default();
+    let path = dir.join(format!("outrun-{}.toml", admin.len()));
+    std::fs::write(
+        &path,
+        format!(
+            "{admin}\n[[handler]]\nname = \"held\"\nmodule = {module:?}\nevents = [\"probe.echo\"]\n\n\
+             [[handler]]\nname = \"free\"\nmodule = {module:?}\nevents = [\"probe.sleep\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn insert(db: &TestDb, name: &str, payload: &str, n: usize) {
+    for _ in 0..n {
+        db.exec(&format!(
+            "INSERT INTO outbox_events (name, payload) VALUES ('{name}', '{payload}')"
+        ))
+        .await;
+    }
+}
+
+async fn rows(db: &TestDb, name: &str) -> i64 {
+    db.scalar(&format!(
+        "SELECT count(*) FROM outbox_events WHERE name = '{name}'"
+    ))
+    .await
+}
+
+async fn pause_holds_on_every_instance(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config_a = pause_config(dir.path(), Some(port));
+    let a = Serve::ready(&db, &config_a).await;
+    let b = Serve::ready(&db, &pause_config(dir.path(), None)).await;
+    let body = |v: Value| v.to_string();
+
+    // Refused: no token, unknown name, unknown handler, both or neither.
+    let (status, answer) = http(port, "POST", "/v1/pauses", Some(r#"{"name":"probe.echo"}"#)).await;
+    error_of(status, &answer, 401, "unauthorized");
+    let (status, answer) = http_as(
+        port,
+        "POST",
+        "/v1/pauses",
+        Some(r#"{"name":"probe.ecoh"}"#),
+        Some(TOKEN),
+    )
+    .await;
+    let message = error_of(status, &answer, 404, "not_found");
+    assert!(
+        message.contains("probe.ecoh") && message.contains("force"),
+        "{message}"
+    );
+    let (status, answer) = http_as(
+        port,
+        "POST",
+        "/v1/pauses",
+        Some(r#"{"handler":"nope"}"#),
+        Some(TOKEN),
+    )
+    .await;
+    let message = error_of(status, &answer, 404, "not_found");
+    assert!(message.contains("held, free"), "{message}");
+    for bad in [
+        r#"{"name":"probe.echo","handler":"held"}"#,
+        "{}",
+        r#"{"name":"x","hold":1}"#,
+    ] {
+        let (status, answer) = http_as(port, "POST", "/v1/pauses", Some(bad), Some(TOKEN)).await;
+        error_of(status, &answer, 400, "bad_request");
+    }
+    let (status, answer) = http_as(
+        port,
+        "POST",
+        "/v1/pauses/resume",
+        Some(r#"{"name":"probe.echo"}"#),
+        Some(TOKEN),
+    )
+    .await;
+    let message = error_of(status, &answer, 404, "not_found");
+    assert!(message.contains("not paused"), "{message}");
+    let (_, answer) = http(port, "GET", "/v1/pauses", None).await;
+    assert_eq!(
+        parse(&answer),
+        json!([]),
+        "nothing paused by refused requests"
+    );
+
+    // Pause the handler `held` on instance A (over the API).
+    let (status, answer) = http_as(
+        port,
+        "POST",
+        "/v1/pauses",
+        Some(&body(json!({"handler": "held"}))),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(parse(&answer)["names"], json!(["probe.echo"]));
+    let (_, answer) = http(port, "GET", "/v1/stats", None).await;
+    assert_eq!(parse(&answer)["paused"], json!(["probe.echo"]), "{answer}");
+    let (_, answer) = http(port, "GET", "/v1/pauses", None).await;
+    assert_eq!(parse(&answer)[0]["via"], "handler:held", "{answer}");
+    // Within a second every instance holds it.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    insert(&db, "probe.echo", "{}", 20).await;
+    insert(&db, "probe.sleep", r#"{"ms":1}"#, 10).await;
+    wait_for("the unpaused events to be handled", || async {
+        rows(&db, "probe.sleep").await == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        rows(&db, "probe.echo").await,
+        20,
+        "a paused event was claimed"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outbox_events WHERE name = 'probe.echo' AND (locked_by IS NOT NULL OR retry > 0)")
+            .await,
+        0,
+        "paused events are untouched"
+    );
+
+    // The CLI sees it; refuses an unknown name unless --force.
+    let out = ok(&outrun(&db, &["events", "stats", "--json"]));
+    assert_eq!(parse(&out)["paused"], json!(["probe.echo"]), "{out}");
+    let err = fails(&outrun(&db, &["events", "pause", "--name", "never.seen"]));
+    assert!(
+        err.contains("never.seen") && err.contains("--force"),
+        "{err}"
+    );
+    ok(&outrun(
+        &db,
+        &["events", "pause", "--name", "never.seen", "--force"],
+    ));
+    let out = ok(&outrun(&db, &["events", "stats"]));
+    assert!(out.contains("paused: never.seen, probe.echo"), "{out}");
+    ok(&outrun(&db, &["events", "resume", "--name", "never.seen"]));
+    let err = fails(&outrun(&db, &["events", "resume", "--name", "never.seen"]));
+    assert!(err.contains("not paused"), "{err}");
+
+    // Resume (by name, from the CLI): every paused event runs, none lost.
+    ok(&outrun(&db, &["events", "resume", "--name", "probe.echo"]));
+    wait_for("the resumed events to be handled", || async {
+        rows(&db, "probe.echo").await == 0
+    })
+    .await;
+    let (_, answer) = http(port, "GET", "/v1/stats", None).await;
+    assert_eq!(parse(&answer)["paused"], json!([]), "{answer}");
+    let handled =
+        a.stop().matches("probe.echo id=").count() + b.stop().matches("probe.echo id=").count();
+    assert_eq!(handled, 20, "each paused event ran once after resume");
+}
+
 on_both_backends!(
     token_guards_every_change,
     errors_have_one_shape_and_name_the_parameter,
     list_filters_and_pages,
     metrics_on_their_own_listener,
     openapi_is_served_and_complete,
+    pause_holds_on_every_instance,
 );

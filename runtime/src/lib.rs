@@ -20,6 +20,7 @@ pub mod handler;
 pub mod host;
 pub mod limits;
 pub mod maintenance;
+pub mod pause;
 pub mod publish;
 pub mod schedule;
 pub mod schema;

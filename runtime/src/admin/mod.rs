@@ -49,6 +49,9 @@ pub struct AdminState {
     /// /metrics is served on its own listener (`[admin] metrics_listen`),
     /// not on this one.
     pub metrics_elsewhere: bool,
+    /// Which names each configured handler and relay binds (for pause by
+    /// handler, and to tell a typo from a name).
+    pub bindings: Arc<Vec<crate::pause::Binding>>,
 }
 
 /// The admin API's description; the paths come from the routes themselves
@@ -88,6 +91,8 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(cancel))
         .routes(routes!(cancel_matching))
         .routes(routes!(handlers))
+        .routes(routes!(pauses, pause))
+        .routes(routes!(resume))
 }
 
 /// The OpenAPI document `GET /v1/openapi.json` serves (and
@@ -285,19 +290,31 @@ impl From<&Event> for EventView {
     }
 }
 
-/// Counts by state (`GET /v1/stats`).
+/// `GET /v1/stats`: the counts and the paused names.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsView {
+    #[serde(flatten)]
+    pub stats: crate::store::Stats,
+    /// Event names no instance claims now (`outrun events pause`).
+    pub paused: Vec<String>,
+}
+
+/// Counts by state, and the paused names.
 #[utoipa::path(
     get,
     path = "/v1/stats",
     tag = "events",
     responses(
-        (status = 200, description = "Counts by state (counts the table).", body = crate::store::Stats),
+        (status = 200, description = "Counts by state (counts the table) and the paused names.", body = StatsView),
         (status = 401, description = "Token required for reads.", body = ErrorBody),
         (status = 503, description = "The database does not answer.", body = ErrorBody),
     )
 )]
-async fn stats(State(st): State<AdminState>) -> Result<Json<crate::store::Stats>, ApiError> {
-    Ok(Json(st.store.stats().await?))
+async fn stats(State(st): State<AdminState>) -> Result<Json<StatsView>, ApiError> {
+    Ok(Json(StatsView {
+        stats: st.store.stats().await?,
+        paused: st.store.paused_names().await?,
+    }))
 }
 
 /// Query of `GET /v1/events`. Every field is a string so a bad value is
@@ -572,4 +589,99 @@ async fn enqueue(
 )]
 async fn handlers(State(st): State<AdminState>) -> Json<Vec<HandlerInfo>> {
     Json((st.handlers)())
+}
+
+impl From<crate::pause::PauseError> for ApiError {
+    fn from(e: crate::pause::PauseError) -> Self {
+        use crate::pause::PauseError as P;
+        match e {
+            P::Store(e) => e.into(),
+            P::UnknownName(_) | P::UnknownHandler { .. } | P::NotPaused(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+            }
+            P::Ambiguous | P::Missing => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+/// Body of `POST /v1/pauses` and `POST /v1/pauses/resume`: an event name
+/// or a handler (every name it binds).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    name: Option<String>,
+    handler: Option<String>,
+    /// Pause a name no handler binds and no event has (yet).
+    #[serde(default)]
+    force: bool,
+}
+
+/// The names a pause or resume changed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PauseResult {
+    /// Names this request paused (or resumed); already paused names are
+    /// not repeated.
+    pub names: Vec<String>,
+}
+
+/// The paused event names.
+#[utoipa::path(
+    get,
+    path = "/v1/pauses",
+    tag = "pauses",
+    responses(
+        (status = 200, description = "Every pause.", body = Vec<crate::store::Pause>),
+        (status = 401, description = "Token required for reads.", body = ErrorBody),
+    )
+)]
+async fn pauses(State(st): State<AdminState>) -> Result<Json<Vec<crate::store::Pause>>, ApiError> {
+    Ok(Json(st.store.pauses().await?))
+}
+
+/// Pause an event name, or every name a handler binds: no instance claims
+/// their events (within a second) until resumed.
+#[utoipa::path(
+    post,
+    path = "/v1/pauses",
+    tag = "pauses",
+    security(("bearer" = [])),
+    request_body = PauseBody,
+    responses(
+        (status = 200, description = "Paused.", body = PauseResult),
+        (status = 400, description = "Neither or both of name and handler, or not JSON.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 404, description = "Unknown name (no handler, no event; `force` pauses it anyway) or handler.", body = ErrorBody),
+        (status = 422, description = "Not a valid event name.", body = ErrorBody),
+    )
+)]
+async fn pause(
+    State(st): State<AdminState>,
+    ApiJson(b): ApiJson<PauseBody>,
+) -> Result<Json<PauseResult>, ApiError> {
+    let target = crate::pause::Target::from_parts(b.name, b.handler)?;
+    let names = crate::pause::pause(&st.store, &target, &st.bindings, b.force).await?;
+    Ok(Json(PauseResult { names }))
+}
+
+/// Resume a paused event name, or the names a handler binds.
+#[utoipa::path(
+    post,
+    path = "/v1/pauses/resume",
+    tag = "pauses",
+    security(("bearer" = [])),
+    request_body = PauseBody,
+    responses(
+        (status = 200, description = "Resumed: their events run from where they stopped.", body = PauseResult),
+        (status = 400, description = "Neither or both of name and handler, or not JSON.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 404, description = "Not paused, or no such handler.", body = ErrorBody),
+    )
+)]
+async fn resume(
+    State(st): State<AdminState>,
+    ApiJson(b): ApiJson<PauseBody>,
+) -> Result<Json<PauseResult>, ApiError> {
+    let target = crate::pause::Target::from_parts(b.name, b.handler)?;
+    let names = crate::pause::resume(&st.store, &target, &st.bindings).await?;
+    Ok(Json(PauseResult { names }))
 }

@@ -97,6 +97,39 @@ Examples:
         #[arg(long)]
         json: bool,
     },
+    /// Stop claiming the events of a name (or of every name a handler
+    /// binds) on every instance, within a second; they wait untouched
+    /// until `resume`. Running events finish.
+    #[command(after_help = "\
+Examples:
+  outrun events pause --name order.created
+  outrun events pause --handler billing          every name billing binds
+  outrun events pause --name not.yet.written --force")]
+    Pause {
+        /// The event name to pause.
+        #[arg(long, required_unless_present = "handler", conflicts_with = "handler")]
+        name: Option<String>,
+        /// Pause every event name this [[handler]] (or relay:TOPIC) binds.
+        #[arg(long)]
+        handler: Option<String>,
+        /// Pause a name no handler binds and no event has yet.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Claim the events of a paused name (or handler) again, from where
+    /// they stopped.
+    #[command(after_help = "\
+Examples:
+  outrun events resume --name order.created
+  outrun events resume --handler billing")]
+    Resume {
+        /// The event name to resume.
+        #[arg(long, required_unless_present = "handler", conflicts_with = "handler")]
+        name: Option<String>,
+        /// Resume every event name this handler binds.
+        #[arg(long)]
+        handler: Option<String>,
+    },
     /// Delete dead events.
     #[command(after_help = "\
 Examples:
@@ -115,7 +148,7 @@ Examples:
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
     let store = super::connect(config).await?;
     let limits = crate::limits::Limits::from_config(config)?;
-    run_on(&store, cmd, &limits.limits)
+    run_on(&store, cmd, &limits.limits, &crate::pause::bindings(config))
         .await
         .map_err(hint_migrate)
 }
@@ -124,10 +157,33 @@ async fn run_on(
     store: &Store,
     cmd: Command,
     limits: &[crate::limits::Limit],
+    bindings: &[crate::pause::Binding],
 ) -> anyhow::Result<()> {
     match cmd {
+        Command::Pause {
+            name,
+            handler,
+            force,
+        } => {
+            let target = crate::pause::Target::from_parts(name, handler)?;
+            let done = crate::pause::pause(store, &target, bindings, force).await?;
+            if done.is_empty() {
+                eprintln!("already paused; nothing changed");
+            } else {
+                eprintln!(
+                    "paused {} (no instance claims these events until `outrun events resume`)",
+                    done.join(", ")
+                );
+            }
+        }
+        Command::Resume { name, handler } => {
+            let target = crate::pause::Target::from_parts(name, handler)?;
+            let done = crate::pause::resume(store, &target, bindings).await?;
+            eprintln!("resumed {}", done.join(", "));
+        }
         Command::Stats { by_name, json } => {
             let s = store.stats().await?;
+            let paused = store.paused_names().await?;
             // The config's [[limit]]s, as the database holds them now.
             let limit_states = store.limit_states(limits).await?;
             let names = if by_name {
@@ -145,8 +201,10 @@ async fn run_on(
                     by_name: Option<&'a [crate::store::NameStats]>,
                     #[serde(skip_serializing_if = "<[_]>::is_empty")]
                     limits: &'a [crate::store::limits::LimitState],
+                    paused: &'a [String],
                 }
                 let v = WithNames {
+                    paused: &paused,
                     stats: &s,
                     by_name: names.as_deref(),
                     limits: &limit_states,
@@ -161,6 +219,9 @@ async fn run_on(
                     s.dead,
                     age(s.oldest_pending_age_secs)
                 );
+                if !paused.is_empty() {
+                    outln!("paused: {}", paused.join(", "));
+                }
                 if let Some(names) = &names {
                     outln!();
                     outln!(

@@ -271,6 +271,7 @@ async fn start_services(
             handlers: Arc::new(move || loaded.get().map(|r| r.handlers()).unwrap_or_default()),
             auth: crate::admin::Auth::from_config(&config.admin),
             metrics_elsewhere: false,
+            bindings: Arc::new(crate::pause::bindings(config)),
         };
         tasks.push(
             crate::admin::serve(

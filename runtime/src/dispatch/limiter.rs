@@ -102,6 +102,7 @@ impl Limiter {
         worker: &str,
         want: usize,
         lease: Duration,
+        paused: &[String],
     ) -> (Vec<Claimed>, Option<StoreError>) {
         let mut out = Vec::new();
         let first = self.turn.fetch_add(1, Ordering::Relaxed);
@@ -111,6 +112,28 @@ impl Limiter {
                 break;
             }
             let h = &self.held[(first + i) % self.held.len()];
+            // Paused names are not claimed; a limit whose names are all
+            // paused is not asked at all (its budget stays untouched).
+            let unpaused;
+            let limit = if paused.is_empty() || !h.limit.names.iter().any(|n| paused.contains(n)) {
+                &h.limit
+            } else {
+                let names: Vec<String> = h
+                    .limit
+                    .names
+                    .iter()
+                    .filter(|n| !paused.contains(n))
+                    .cloned()
+                    .collect();
+                if names.is_empty() {
+                    continue;
+                }
+                unpaused = Limit {
+                    names,
+                    ..h.limit.clone()
+                };
+                &unpaused
+            };
             if h.not_before
                 .lock()
                 .expect("limiter lock")
@@ -118,7 +141,7 @@ impl Limiter {
             {
                 continue;
             }
-            match store.claim_limited(worker, &h.limit, left, lease).await {
+            match store.claim_limited(worker, limit, left, lease).await {
                 Ok(got) => {
                     *h.not_before.lock().expect("limiter lock") =
                         got.wait.map(|w| Instant::now() + w);

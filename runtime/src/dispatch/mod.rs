@@ -22,6 +22,7 @@ mod committer;
 mod inflight;
 mod limiter;
 mod observer;
+pub mod paused;
 mod worker;
 
 use std::future::Future;
@@ -194,6 +195,15 @@ impl Dispatcher {
                 None
             }
         };
+        // Paused names are known before the first claim.
+        let paused = Arc::new(paused::Paused::default());
+        paused.refresh(&self.store).await;
+        let paused_watch = tokio::spawn(paused::watch(
+            self.store.clone(),
+            paused.clone(),
+            cfg.poll_interval.min(paused::REFRESH_MAX),
+            stop.clone(),
+        ));
         tracing::info!(worker = %self.worker_id, backend = ?self.store.backend(), concurrency = cfg.concurrency, batch_size = cfg.batch_size, effect_lanes = lanes, "dispatch loop started");
 
         // Claimed events wait here for a worker. The claimer runs up to one
@@ -235,13 +245,16 @@ impl Dispatcher {
             let worker_id = self.worker_id.clone();
             let lease = cfg.lease_duration;
             let limiter = self.limiter.clone();
+            let paused = paused.names();
             async move {
                 // Limited names first, within their budgets; the ordinary
                 // claim takes the rest of the room and skips them.
                 let mut batch = Vec::new();
                 let mut excluded: &[String] = &[];
                 if let Some(limiter) = &limiter {
-                    let (got, err) = limiter.claim(&store, &worker_id, want, lease).await;
+                    let (got, err) = limiter
+                        .claim(&store, &worker_id, want, lease, &paused)
+                        .await;
                     match err {
                         Some(e) if got.is_empty() => return (want, signals, Err(e)),
                         Some(e) => {
@@ -255,6 +268,12 @@ impl Dispatcher {
                 let rest = want - batch.len();
                 if rest == 0 {
                     return (want, signals, Ok(batch));
+                }
+                // Paused names join the exclusion (rarely any: no copy then).
+                let with_paused: Vec<String>;
+                if !paused.is_empty() {
+                    with_paused = excluded.iter().chain(paused.iter()).cloned().collect();
+                    excluded = &with_paused;
                 }
                 let result = match store
                     .claim_excluding(&worker_id, rest, lease, &skip, excluded)
@@ -378,6 +397,12 @@ impl Dispatcher {
                     // It may sort before where the claims have got to.
                     self.store.rewind_claims();
                 }
+                // A paused name was resumed: its events may sort before
+                // where claims got to (the refresh rewound them).
+                _ = paused.resumed.notified() => {
+                    maybe_more = true;
+                    signals += 1;
+                }
                 // A rate limit's bucket has a token again.
                 _ = sleep_until(self.limiter.as_ref().and_then(|l| l.next_token_at())) => {
                     maybe_more = true;
@@ -389,6 +414,7 @@ impl Dispatcher {
                 }
             }
         }
+        paused_watch.abort();
         // Claims still in flight lease rows too: hold them, to be released
         // below with the rest.
         while let Some((_, _, result)) = claims.next().await {

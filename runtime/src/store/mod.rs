@@ -10,6 +10,7 @@
 pub mod lane;
 pub mod limits;
 pub mod migrate;
+pub mod pauses;
 pub mod postgres;
 pub mod query;
 pub mod schedules;
@@ -25,6 +26,7 @@ use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
 pub use migrate::MigrationReport;
+pub use pauses::Pause;
 pub use query::{Cursor, EventQuery, Page, StateFilter};
 pub use value::{SqlRows, SqlValue};
 
