@@ -526,6 +526,46 @@ async fn pause_holds_on_every_instance(db: TestDb) {
     assert_eq!(handled, 20, "each paused event ran once after resume");
 }
 
+/// A limited name is claimed by the limiter, not the ordinary claim: a
+/// pause holds there too, and the limit's other names keep running.
+async fn pause_holds_for_limited_names(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let config = pause_config(dir.path(), None);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace(
+        "events = [\"probe.echo\"]",
+        "events = [\"probe.echo\", \"probe.sleep\"]",
+    );
+    text = text.replace("name = \"free\"", "name = \"unused\"");
+    text = text.replace("events = [\"probe.sleep\"]", "events = [\"probe.unused\"]");
+    text.push_str("\n[[limit]]\nhandler = \"held\"\nrate = \"1000/s\"\n");
+    std::fs::write(&config, text).unwrap();
+    ok(&outrun(
+        &db,
+        &["events", "pause", "--name", "probe.echo", "--force"],
+    ));
+    let serve = Serve::ready(&db, &config).await;
+    insert(&db, "probe.echo", "{}", 5).await;
+    insert(&db, "probe.sleep", r#"{"ms":1}"#, 5).await;
+    wait_for("the limit's unpaused name to run", || async {
+        rows(&db, "probe.sleep").await == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        rows(&db, "probe.echo").await,
+        5,
+        "a paused limited event was claimed"
+    );
+    ok(&outrun(&db, &["events", "resume", "--name", "probe.echo"]));
+    wait_for("the resumed limited events to run", || async {
+        rows(&db, "probe.echo").await == 0
+    })
+    .await;
+    serve.stop();
+}
+
 on_both_backends!(
     token_guards_every_change,
     errors_have_one_shape_and_name_the_parameter,
@@ -533,4 +573,5 @@ on_both_backends!(
     metrics_on_their_own_listener,
     openapi_is_served_and_complete,
     pause_holds_on_every_instance,
+    pause_holds_for_limited_names,
 );
