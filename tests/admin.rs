@@ -292,6 +292,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/events/{id}"),
     ("post", "/v1/events/{id}/cancel"),
     ("post", "/v1/events/cancel"),
+    ("post", "/v1/events/replay"),
+    ("post", "/v1/events/purge"),
+    ("post", "/v1/events/{id}/replay"),
     ("get", "/v1/handlers"),
     ("get", "/v1/pauses"),
     ("post", "/v1/pauses"),
@@ -514,11 +517,31 @@ async fn pause_holds_on_every_instance(db: TestDb) {
     assert!(err.contains("not paused"), "{err}");
 
     // Resume (by name, from the CLI): every paused event runs, none lost.
+    let one = db
+        .strings("SELECT CAST(id AS TEXT) FROM outbox_events WHERE name = 'probe.echo'")
+        .await
+        .remove(0);
     ok(&outrun(&db, &["events", "resume", "--name", "probe.echo"]));
     wait_for("the resumed events to be handled", || async {
         rows(&db, "probe.echo").await == 0
     })
     .await;
+    // Acting on an event an instance just finished: a clear 404.
+    for action in ["cancel", "replay"] {
+        let (status, answer) = http_as(
+            port,
+            "POST",
+            &format!("/v1/events/{one}/{action}"),
+            None,
+            Some(TOKEN),
+        )
+        .await;
+        let message = error_of(status, &answer, 404, "not_found");
+        assert!(
+            message.contains(&one) && message.contains("just finished"),
+            "{message}"
+        );
+    }
     let (_, answer) = http(port, "GET", "/v1/stats", None).await;
     assert_eq!(parse(&answer)["paused"], json!([]), "{answer}");
     let handled =
@@ -566,6 +589,212 @@ async fn pause_holds_for_limited_names(db: TestDb) {
     serve.stop();
 }
 
+// ---------------------------------------------------------------------------
+// Bulk operations
+
+async fn post(port: u16, path: &str, body: Value) -> (u16, Value) {
+    let (status, answer) = http_as(port, "POST", path, Some(&body.to_string()), Some(TOKEN)).await;
+    (status, parse(&answer))
+}
+
+async fn bulk_operations_with_filters(db: TestDb) {
+    let (serve, port, _dir) = start(&db, &format!("token = \"{TOKEN}\"")).await;
+    for i in 0..3 {
+        enqueue(
+            port,
+            json!({"name": "bulk.a", "payload": {"i": i}, "delay": "1h"}),
+        )
+        .await;
+    }
+    for i in 0..2 {
+        enqueue(
+            port,
+            json!({"name": "bulk.b", "payload": {"i": i}, "delay": "1h", "group_id": "g"}),
+        )
+        .await;
+    }
+    let before = stats(port).await;
+
+    // Dry runs count and change nothing.
+    let (status, v) = post(
+        port,
+        "/v1/events/cancel",
+        json!({"name": "bulk.a", "dry_run": true}),
+    )
+    .await;
+    assert_eq!(
+        (status, &v["matched"], &v["dry_run"]),
+        (200, &json!(3), &json!(true)),
+        "{v}"
+    );
+    let (status, v) = post(
+        port,
+        "/v1/events/cancel",
+        json!({"state": "scheduled", "dry_run": true}),
+    )
+    .await;
+    assert_eq!((status, &v["matched"]), (200, &json!(5)), "{v}");
+    assert_eq!(stats(port).await, before);
+
+    let (status, v) = post(port, "/v1/events/cancel", json!({"name": "bulk.a"})).await;
+    assert_eq!(
+        (status, &v["matched"], &v["cancelled"]),
+        (200, &json!(3), &json!(3)),
+        "{v}"
+    );
+    // No handler binds bulk.c: its events die at once.
+    for _ in 0..2 {
+        enqueue(port, json!({"name": "bulk.c", "payload": {}})).await;
+    }
+    wait_for("bulk.c to die", || async { stats(port).await["dead"] == 5 }).await;
+
+    let (_, v) = post(
+        port,
+        "/v1/events/replay",
+        json!({"error_contains": "no handler", "dry_run": true}),
+    )
+    .await;
+    assert_eq!(v["matched"], 2, "{v}");
+    let (_, v) = post(port, "/v1/events/purge", json!({"dry_run": true})).await;
+    assert_eq!(v["matched"], 5, "{v}");
+    let (_, v) = post(
+        port,
+        "/v1/events/purge",
+        json!({"since": "1h", "error_contains": "cancel", "dry_run": true}),
+    )
+    .await;
+    assert_eq!(v["matched"], 3, "{v}");
+    let (_, v) = post(
+        port,
+        "/v1/events/purge",
+        json!({"since": "2999-01-01T00:00:00Z", "dry_run": true}),
+    )
+    .await;
+    assert_eq!(v["matched"], 0, "{v}");
+
+    // Bad filters: 400 naming the problem; no token: 401; nothing changed.
+    let before = stats(port).await;
+    for (path, body, needle) in [
+        ("/v1/events/replay", json!({"state": "pending"}), "dead"),
+        (
+            "/v1/events/purge",
+            json!({"state": "live", "dry_run": true}),
+            "dead",
+        ),
+        ("/v1/events/cancel", json!({}), "condition"),
+        ("/v1/events/cancel", json!({"state": "dead"}), "live"),
+        ("/v1/events/cancel", json!({"group_id": "g"}), "name"),
+        (
+            "/v1/events/cancel",
+            json!({"name": "bulk.b", "since": "last week"}),
+            "since",
+        ),
+        ("/v1/events/replay", json!({"state": "asleep"}), "state"),
+        ("/v1/events/purge", json!({"nmae": "bulk.a"}), "nmae"),
+    ] {
+        let (status, answer) =
+            http_as(port, "POST", path, Some(&body.to_string()), Some(TOKEN)).await;
+        let message = error_of(status, &answer, 400, "bad_request");
+        assert!(message.contains(needle), "{path} {body}: {message}");
+    }
+    for path in ["/v1/events/replay", "/v1/events/purge", "/v1/events/cancel"] {
+        let (status, answer) = http(port, "POST", path, Some(r#"{"name":"bulk.b"}"#)).await;
+        error_of(status, &answer, 401, "unauthorized");
+    }
+    assert_eq!(stats(port).await, before);
+
+    // The CLI: same filters, --dry-run prints the count only.
+    let count = |args: &[&str]| ok(&outrun(&db, args)).trim().to_owned();
+    assert_eq!(
+        count(&[
+            "events",
+            "replay",
+            "--error-contains",
+            "no handler",
+            "--dry-run"
+        ]),
+        "2"
+    );
+    assert_eq!(
+        count(&[
+            "events",
+            "cancel",
+            "--name",
+            "bulk.b",
+            "--group",
+            "g",
+            "--dry-run"
+        ]),
+        "2"
+    );
+    assert_eq!(
+        count(&[
+            "events",
+            "purge",
+            "--dead",
+            "--name",
+            "bulk.c",
+            "--since",
+            "1h",
+            "--dry-run"
+        ]),
+        "2"
+    );
+    let err = fails(&outrun(&db, &["events", "cancel", "--state", "dead"]));
+    assert!(err.contains("live"), "{err}");
+    let err = fails(&outrun(&db, &["events", "replay", "--state", "running"]));
+    assert!(err.contains("dead"), "{err}");
+    let err = fails(&outrun(&db, &["events", "replay", "--since", "soon"]));
+    assert!(err.contains("since") && err.contains("RFC 3339"), "{err}");
+    assert_eq!(stats(port).await, before);
+
+    // And for real: replay the cancelled ones, purge bulk.c.
+    let out = outrun(
+        &db,
+        &[
+            "events",
+            "replay",
+            "--name",
+            "bulk.a",
+            "--error-contains",
+            "cancelled",
+        ],
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replayed 3"));
+    let out = outrun(&db, &["events", "purge", "--dead", "--name", "bulk.c"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("purged 2"));
+    assert_eq!(rows(&db, "bulk.c").await, 0);
+    // bulk.a ran again (and, with no handler, died again for that reason).
+    wait_for("the replayed events to run again", || async {
+        db.scalar(
+            "SELECT count(*) FROM outbox_events WHERE name = 'bulk.a' AND last_error LIKE 'no handler%'",
+        )
+        .await
+            == 3
+    })
+    .await;
+    assert_eq!(stats(port).await["scheduled"], 2);
+
+    // One event by id: 409 for a live event.
+    let id = db
+        .strings("SELECT CAST(id AS TEXT) FROM outbox_events WHERE name = 'bulk.b'")
+        .await
+        .remove(0);
+    let (status, answer) = http_as(
+        port,
+        "POST",
+        &format!("/v1/events/{id}/replay"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    let message = error_of(status, &answer, 409, "conflict");
+    assert!(message.contains("not dead"), "{message}");
+    serve.stop();
+}
+
 on_both_backends!(
     token_guards_every_change,
     errors_have_one_shape_and_name_the_parameter,
@@ -574,4 +803,5 @@ on_both_backends!(
     openapi_is_served_and_complete,
     pause_holds_on_every_instance,
     pause_holds_for_limited_names,
+    bulk_operations_with_filters,
 );

@@ -94,6 +94,7 @@ impl From<StoreError> for ApiError {
         let status = match &e {
             StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::BadFilter(_) => StatusCode::BAD_REQUEST,
             StoreError::NotDead(_) | StoreError::AlreadyDead { .. } | StoreError::CancelBusy(_) => {
                 StatusCode::CONFLICT
             }

@@ -90,6 +90,9 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(show))
         .routes(routes!(cancel))
         .routes(routes!(cancel_matching))
+        .routes(routes!(replay_matching))
+        .routes(routes!(purge_matching))
+        .routes(routes!(replay))
         .routes(routes!(handlers))
         .routes(routes!(pauses, pause))
         .routes(routes!(resume))
@@ -379,7 +382,9 @@ impl ListParams {
         };
         let since = match self.since.as_deref() {
             None | Some("") => None,
-            Some(s) => Some(parse_since(s).map_err(|e| ApiError::bad_param("since", e))?),
+            Some(s) => Some(
+                crate::store::query::parse_since(s).map_err(|e| ApiError::bad_param("since", e))?,
+            ),
         };
         let after = match self.cursor.as_deref() {
             None | Some("") => None,
@@ -410,20 +415,6 @@ impl ListParams {
             after,
         })
     }
-}
-
-/// RFC 3339, or an age (humantime) counted back from now.
-fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    let age = humantime::parse_duration(s).map_err(|_| {
-        format!("{s:?} is neither an RFC 3339 time (2026-11-30T12:00:00Z) nor an age (1h, 30m)")
-    })?;
-    chrono::Duration::from_std(age)
-        .ok()
-        .and_then(|d| Utc::now().checked_sub_signed(d))
-        .ok_or_else(|| format!("{s:?} reaches back too far"))
 }
 
 /// List events, filtered, a page at a time.
@@ -508,39 +499,208 @@ async fn cancel(
     }))
 }
 
-/// Body of `POST /v1/events/cancel`: which live events to cancel.
-#[derive(Deserialize, utoipa::ToSchema)]
+/// Body of the bulk operations (`POST /v1/events/cancel|replay|purge`):
+/// which events; every field narrows the selection.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CancelBody {
-    name: String,
+struct BulkBody {
+    /// cancel: `live` (default), `pending`, `scheduled` or `running`;
+    /// replay and purge: `dead` (default).
+    state: Option<StateFilter>,
+    name: Option<String>,
+    /// Only with `name`.
     group_id: Option<String>,
+    /// Only events whose last_error contains this text.
+    error_contains: Option<String>,
+    /// Created (dead events: died) at or after: RFC 3339 or an age (`1h`).
+    since: Option<String>,
+    /// Count what would change; change nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
-/// Cancel every live event with a name (and group).
+impl BulkBody {
+    fn filter(&self) -> Result<crate::store::Filter, ApiError> {
+        let since = match self.since.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(
+                crate::store::query::parse_since(s)
+                    .map_err(|e| ApiError::bad_request(format!("request body: `since`: {e}")))?,
+            ),
+        };
+        if self.group_id.is_some() && self.name.is_none() {
+            return Err(ApiError::bad_request(
+                "request body: `group_id` needs `name` (a group is only unique within an event name)",
+            ));
+        }
+        Ok(crate::store::Filter {
+            state: self.state,
+            name: self.name.clone(),
+            group_id: self.group_id.clone(),
+            error_contains: self.error_contains.clone(),
+            since,
+        })
+    }
+}
+
+/// What a bulk replay or purge did (or, dry, would do).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BulkOutcome {
+    pub dry_run: bool,
+    /// Events replayed or deleted (dry run: that would be).
+    pub matched: u64,
+}
+
+/// What a bulk cancel did (or, dry, would do).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CancelOutcome {
+    pub dry_run: bool,
+    /// Events cancelled (dry run: that would be).
+    pub matched: u64,
+    #[serde(flatten)]
+    pub done: crate::store::Cancelled,
+}
+
+/// Cancel the live events a filter selects (at least one condition).
 #[utoipa::path(
     post,
     path = "/v1/events/cancel",
     tag = "events",
     security(("bearer" = [])),
-    request_body = CancelBody,
+    request_body = BulkBody,
     responses(
-        (status = 200, description = "The counts.", body = crate::store::Cancelled),
-        (status = 400, description = "Not a cancel request.", body = ErrorBody),
+        (status = 200, description = "The counts.", body = CancelOutcome),
+        (status = 400, description = "Not a filter, no condition, or state dead.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
         (status = 422, description = "The name is not valid.", body = ErrorBody),
     )
 )]
 async fn cancel_matching(
     State(st): State<AdminState>,
-    ApiJson(b): ApiJson<CancelBody>,
-) -> Result<Json<crate::store::Cancelled>, ApiError> {
-    let done = st
-        .store
-        .cancel_matching(&b.name, b.group_id.as_deref())
-        .await?;
+    ApiJson(b): ApiJson<BulkBody>,
+) -> Result<Json<CancelOutcome>, ApiError> {
+    let filter = b.filter()?;
+    if b.dry_run {
+        if filter.state == Some(StateFilter::Dead) {
+            return Err(StoreError::BadFilter(
+                "cancel acts on live events; state dead selects none".into(),
+            )
+            .into());
+        }
+        let f = crate::store::Filter {
+            state: filter.state.or(Some(StateFilter::Live)),
+            ..filter
+        };
+        let matched = st.store.count_matching(&f).await?;
+        return Ok(Json(CancelOutcome {
+            dry_run: true,
+            matched,
+            done: Default::default(),
+        }));
+    }
+    let done = st.store.cancel_filtered(&filter).await?;
     metrics::counter!("outrun_events_dead_total", "reason" => "cancelled")
         .increment(done.cancelled);
-    Ok(Json(done))
+    Ok(Json(CancelOutcome {
+        dry_run: false,
+        matched: done.cancelled,
+        done,
+    }))
+}
+
+/// Replay the dead events a filter selects (all dead events for `{}`).
+#[utoipa::path(
+    post,
+    path = "/v1/events/replay",
+    tag = "events",
+    security(("bearer" = [])),
+    request_body = BulkBody,
+    responses(
+        (status = 200, description = "How many were replayed (or would be).", body = BulkOutcome),
+        (status = 400, description = "Not a filter, or a live state.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+    )
+)]
+async fn replay_matching(
+    State(st): State<AdminState>,
+    ApiJson(b): ApiJson<BulkBody>,
+) -> Result<Json<BulkOutcome>, ApiError> {
+    let filter = b.filter()?;
+    let matched = if b.dry_run {
+        dead_count(&st.store, filter).await?
+    } else {
+        st.store.replay_matching(&filter).await?
+    };
+    Ok(Json(BulkOutcome {
+        dry_run: b.dry_run,
+        matched,
+    }))
+}
+
+/// Delete the dead events a filter selects (all dead events for `{}`).
+#[utoipa::path(
+    post,
+    path = "/v1/events/purge",
+    tag = "events",
+    security(("bearer" = [])),
+    request_body = BulkBody,
+    responses(
+        (status = 200, description = "How many were deleted (or would be).", body = BulkOutcome),
+        (status = 400, description = "Not a filter, or a live state.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+    )
+)]
+async fn purge_matching(
+    State(st): State<AdminState>,
+    ApiJson(b): ApiJson<BulkBody>,
+) -> Result<Json<BulkOutcome>, ApiError> {
+    let filter = b.filter()?;
+    let matched = if b.dry_run {
+        dead_count(&st.store, filter).await?
+    } else {
+        st.store.purge_matching(&filter).await?
+    };
+    Ok(Json(BulkOutcome {
+        dry_run: b.dry_run,
+        matched,
+    }))
+}
+
+async fn dead_count(store: &Store, filter: crate::store::Filter) -> Result<u64, ApiError> {
+    if filter.state.is_some_and(|s| s != StateFilter::Dead) {
+        return Err(StoreError::BadFilter(
+            "replay and purge act on dead events only; leave the state out or say dead".into(),
+        )
+        .into());
+    }
+    let f = crate::store::Filter {
+        state: Some(StateFilter::Dead),
+        ..filter
+    };
+    Ok(store.count_matching(&f).await?)
+}
+
+/// Make one dead event live again (retry 0).
+#[utoipa::path(
+    post,
+    path = "/v1/events/{id}/replay",
+    tag = "events",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The event's id")),
+    responses(
+        (status = 200, description = "Replayed.", body = Enqueued),
+        (status = 400, description = "The id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 404, description = "No such event (handled and deleted, or never existed).", body = ErrorBody),
+        (status = 409, description = "Not dead (it is live: it runs anyway).", body = ErrorBody),
+    )
+)]
+async fn replay(
+    State(st): State<AdminState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Enqueued>, ApiError> {
+    st.store.replay(id).await?;
+    Ok(Json(Enqueued { id }))
 }
 
 /// The id of an enqueued event.

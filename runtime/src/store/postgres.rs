@@ -641,14 +641,16 @@ impl PgStore {
         q: &super::EventQuery,
         limit: i64,
     ) -> Result<Vec<(Event, i64)>> {
-        let (state, key, dir, cmp) = page_shape(q.state, "now()");
+        let (cond, key) =
+            super::query::filter_cond(q.state, "now()", ["$1", "$2", "$3", "$4"], true);
+        let (dir, cmp) = if q.state.is_dead() {
+            ("DESC", "<")
+        } else {
+            ("ASC", ">")
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM outbox_events
-             WHERE {state}
-               AND ($1::text IS NULL OR name = $1)
-               AND ($2::text IS NULL OR group_id = $2)
-               AND ($3::text IS NULL OR strpos(last_error, $3) > 0)
-               AND ($4::timestamptz IS NULL OR create_date >= $4)
+             WHERE {cond}
                AND ($5::timestamptz IS NULL OR ({key}, seq) {cmp} ($5, $6))
              ORDER BY {key} {dir}, seq {dir}
              LIMIT $7"
@@ -718,11 +720,20 @@ impl PgStore {
     /// tried again a few times before they count as busy.
     pub(super) async fn cancel(&self, target: CancelTarget<'_>) -> Result<Cancelled> {
         let cond = match target {
-            CancelTarget::Id(_) => "id = $1",
-            CancelTarget::Name { group_id: None, .. } => "name = $1",
+            CancelTarget::Id(_) => "id = $1".to_owned(),
+            CancelTarget::Name { group_id: None, .. } => "name = $1".to_owned(),
             CancelTarget::Name {
                 group_id: Some(_), ..
-            } => "name = $1 AND group_id = $2",
+            } => "name = $1 AND group_id = $2".to_owned(),
+            CancelTarget::Filter(f) => {
+                super::query::filter_cond(
+                    f.state.unwrap_or(super::StateFilter::Live),
+                    "now()",
+                    ["$1", "$2", "$3", "$4"],
+                    true,
+                )
+                .0
+            }
         };
         let cancel = format!(
             "WITH target AS (
@@ -765,6 +776,69 @@ impl PgStore {
         Ok(done)
     }
 
+    /// How many events `f` selects (state: live unless given).
+    pub(super) async fn count(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            f.state.unwrap_or(super::StateFilter::Live),
+            "now()",
+            ["$1", "$2", "$3", "$4"],
+            true,
+        );
+        let n: i64 = bind_filter(
+            sqlx::query_as::<_, (i64,)>(&format!(
+                "SELECT count(*) FROM outbox_events WHERE {cond}"
+            )),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .0;
+        Ok(n as u64)
+    }
+
+    /// Replay the dead events `f` selects.
+    pub(super) async fn replay_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "now()",
+            ["$1", "$2", "$3", "$4"],
+            true,
+        );
+        let n = bind_filter(
+            sqlx::query_as::<_, (i64,)>(&format!(
+                "WITH done AS ({REPLAY} WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
+            )),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .0;
+        if n > 0 {
+            self.notify().await?;
+        }
+        Ok(n as u64)
+    }
+
+    /// Delete the dead events `f` selects.
+    pub(super) async fn purge_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "now()",
+            ["$1", "$2", "$3", "$4"],
+            true,
+        );
+        let n = bind_filter(
+            sqlx::query_as::<_, (i64,)>(&format!(
+                "WITH done AS (DELETE FROM outbox_events WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
+            )),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .0;
+        Ok(n as u64)
+    }
+
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
         let n = sqlx::query(
             "DELETE FROM outbox_events
@@ -788,6 +862,17 @@ impl PgStore {
     }
 }
 
+/// Bind the four parameters of a [`super::query::filter_cond`].
+fn bind_filter<'q, O>(
+    q: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+    f: &'q super::Filter,
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    q.bind(f.name.as_deref())
+        .bind(f.group_id.as_deref())
+        .bind(f.error_contains.as_deref())
+        .bind(f.since)
+}
+
 /// Bind the parameters of a [`CancelTarget`]'s condition.
 fn bind_target<'q, O>(
     q: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
@@ -799,6 +884,7 @@ fn bind_target<'q, O>(
             None => q.bind(name),
             Some(g) => q.bind(name).bind(g),
         },
+        CancelTarget::Filter(f) => bind_filter(q, f),
     }
 }
 
@@ -1128,28 +1214,6 @@ fn numeric_to_string(b: &[u8]) -> Option<String> {
         s.push_str(&frac);
     }
     Some(s)
-}
-
-/// The condition, sort key, direction and keyset comparison of a page of
-/// events in `state` (`now`: the backend's expression for the current time).
-pub(super) fn page_shape(
-    state: super::StateFilter,
-    now: &str,
-) -> (String, &'static str, &'static str, &'static str) {
-    use super::StateFilter as S;
-    let free = format!("(locked_until IS NULL OR locked_until < {now})");
-    let cond = match state {
-        S::Live => "retry < max_retry".to_owned(),
-        S::Pending => format!("retry < max_retry AND available_at <= {now} AND {free}"),
-        S::Scheduled => format!("retry < max_retry AND available_at > {now} AND {free}"),
-        S::Running => format!("retry < max_retry AND locked_until >= {now}"),
-        S::Dead => "retry >= max_retry".to_owned(),
-    };
-    if state.is_dead() {
-        (cond, "COALESCE(dead_at, create_date)", "DESC", "<")
-    } else {
-        (cond, "create_date", "ASC", ">")
-    }
 }
 
 fn event_from_row(row: &PgRow) -> Result<Event> {

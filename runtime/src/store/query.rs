@@ -54,6 +54,89 @@ impl FromStr for StateFilter {
     }
 }
 
+/// Which events a bulk operation (`replay`, `cancel`, `purge`, or a
+/// count) acts on; every field narrows it. The same conditions as
+/// [`EventQuery`] without the paging.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub state: Option<StateFilter>,
+    pub name: Option<String>,
+    pub group_id: Option<String>,
+    /// `last_error` contains this text (case-sensitive).
+    pub error_contains: Option<String>,
+    /// Created at or after this moment; for dead events, died at or after.
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    /// Whether it narrows anything beyond the state.
+    pub fn narrows(&self) -> bool {
+        self.name.is_some()
+            || self.group_id.is_some()
+            || self.error_contains.is_some()
+            || self.since.is_some()
+    }
+}
+
+/// RFC 3339, or an age (`1h`, `30m`) counted back from now.
+pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let age = humantime::parse_duration(s).map_err(|_| {
+        format!("{s:?} is neither an RFC 3339 time (2026-11-30T12:00:00Z) nor an age (1h, 30m)")
+    })?;
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|d| Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| format!("{s:?} reaches back too far"))
+}
+
+/// The SQL condition of `state` and the four filter parameters `p` (name,
+/// group, error text, since), on either backend; `now` is the backend's
+/// expression for the current time. Also returns the listing's sort key.
+pub(crate) fn filter_cond(
+    state: StateFilter,
+    now: &str,
+    p: [&str; 4],
+    postgres: bool,
+) -> (String, &'static str) {
+    let free = format!("(locked_until IS NULL OR locked_until < {now})");
+    let cond = match state {
+        StateFilter::Live => "retry < max_retry".to_owned(),
+        StateFilter::Pending => format!("retry < max_retry AND available_at <= {now} AND {free}"),
+        StateFilter::Scheduled => {
+            format!("retry < max_retry AND available_at > {now} AND {free}")
+        }
+        StateFilter::Running => format!("retry < max_retry AND locked_until >= {now}"),
+        StateFilter::Dead => "retry >= max_retry".to_owned(),
+    };
+    // The dead index is on this expression.
+    let key = if state.is_dead() {
+        "COALESCE(dead_at, create_date)"
+    } else {
+        "create_date"
+    };
+    let (text, time) = if postgres {
+        ("::text", "::timestamptz")
+    } else {
+        ("", "")
+    };
+    let [n, g, e, t] = p;
+    let contains = if postgres {
+        format!("strpos(last_error, {e}) > 0")
+    } else {
+        format!("instr(last_error, {e}) > 0")
+    };
+    (
+        format!(
+            "{cond} AND ({n}{text} IS NULL OR name = {n}) AND ({g}{text} IS NULL OR group_id = {g}) \
+             AND ({e}{text} IS NULL OR {contains}) AND ({t}{time} IS NULL OR {key} >= {t})"
+        ),
+        key,
+    )
+}
+
 /// Filter of [`crate::Store::page`]. Live states come oldest first (by
 /// `create_date`, then insertion order), dead events newest dead first.
 #[derive(Debug, Clone)]
@@ -63,7 +146,7 @@ pub struct EventQuery {
     pub group_id: Option<String>,
     /// Only events whose `last_error` contains this text (case-sensitive).
     pub error_contains: Option<String>,
-    /// Only events created at or after this moment.
+    /// Only events created at or after this moment (dead ones: died).
     pub since: Option<DateTime<Utc>>,
     /// At most this many events (1..=1000).
     pub limit: i64,

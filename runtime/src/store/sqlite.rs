@@ -586,14 +586,15 @@ impl SqliteStore {
         // The time as a literal: a parameter left unused by some states
         // would be refused by SQLite's binding.
         let now = now_ms().to_string();
-        let (state, key, dir, cmp) = super::postgres::page_shape(q.state, &now);
+        let (cond, key) = super::query::filter_cond(q.state, &now, ["?1", "?2", "?3", "?4"], false);
+        let (dir, cmp) = if q.state.is_dead() {
+            ("DESC", "<")
+        } else {
+            ("ASC", ">")
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM outbox_events
-             WHERE {state}
-               AND (?1 IS NULL OR name = ?1)
-               AND (?2 IS NULL OR group_id = ?2)
-               AND (?3 IS NULL OR instr(last_error, ?3) > 0)
-               AND (?4 IS NULL OR create_date >= ?4)
+             WHERE {cond}
                AND (?5 IS NULL OR ({key}, rowid) {cmp} (?5, ?6))
              ORDER BY {key} {dir}, rowid {dir}
              LIMIT ?7"
@@ -661,11 +662,20 @@ impl SqliteStore {
     /// changes between counting the running events and cancelling.
     pub(super) async fn cancel(&self, target: CancelTarget<'_>) -> Result<Cancelled> {
         let cond = match target {
-            CancelTarget::Id(_) => "id = ?2",
-            CancelTarget::Name { group_id: None, .. } => "name = ?2",
+            CancelTarget::Id(_) => "id = ?2".to_owned(),
+            CancelTarget::Name { group_id: None, .. } => "name = ?2".to_owned(),
             CancelTarget::Name {
                 group_id: Some(_), ..
-            } => "name = ?2 AND group_id = ?3",
+            } => "name = ?2 AND group_id = ?3".to_owned(),
+            CancelTarget::Filter(f) => {
+                super::query::filter_cond(
+                    f.state.unwrap_or(super::StateFilter::Live),
+                    "?1",
+                    ["?2", "?3", "?4", "?5"],
+                    false,
+                )
+                .0
+            }
         };
         let running = format!(
             "SELECT count(*) FROM outbox_events
@@ -698,6 +708,64 @@ impl SqliteStore {
             running: running as u64,
             busy: 0,
         })
+    }
+
+    /// How many events `f` selects (state: live unless given).
+    pub(super) async fn count(&self, f: &super::Filter) -> Result<u64> {
+        let now = now_ms().to_string();
+        let (cond, _) = super::query::filter_cond(
+            f.state.unwrap_or(super::StateFilter::Live),
+            &now,
+            ["?1", "?2", "?3", "?4"],
+            false,
+        );
+        let n: i64 = bind_filter(
+            sqlx::query(&format!("SELECT count(*) FROM outbox_events WHERE {cond}")),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok(n as u64)
+    }
+
+    /// Replay the dead events `f` selects.
+    pub(super) async fn replay_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "?1",
+            ["?2", "?3", "?4", "?5"],
+            false,
+        );
+        let n = bind_filter(
+            sqlx::query(&format!("{REPLAY} WHERE {cond}")).bind(now_ms()),
+            f,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n)
+    }
+
+    /// Delete the dead events `f` selects.
+    pub(super) async fn purge_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "0",
+            ["?1", "?2", "?3", "?4"],
+            false,
+        );
+        let n = bind_filter(
+            sqlx::query(&format!("DELETE FROM outbox_events WHERE {cond}")),
+            f,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
@@ -754,7 +822,20 @@ fn bind_target<'q>(
             None => q.bind(name),
             Some(g) => q.bind(name).bind(g),
         },
+        CancelTarget::Filter(f) => bind_filter(q, f),
     }
+}
+
+/// Bind the four parameters of a [`super::query::filter_cond`] (name,
+/// group, error text, since in ms), after those bound already.
+fn bind_filter<'q>(
+    q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    f: &'q super::Filter,
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    q.bind(f.name.as_deref())
+        .bind(f.group_id.as_deref())
+        .bind(f.error_contains.as_deref())
+        .bind(f.since.map(|t| t.timestamp_millis()))
 }
 
 /// Make dead rows live again; `?1` is now. `last_error` stays for the record.
