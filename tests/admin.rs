@@ -795,6 +795,109 @@ async fn bulk_operations_with_filters(db: TestDb) {
     serve.stop();
 }
 
+// ---------------------------------------------------------------------------
+// Attempt history
+
+async fn attempt_history_is_recorded_and_bounded(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("outrun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nattempt_history = 3\ncleanup_interval = \"100ms\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n\n\
+             [[handler]]\nname = \"probe\"\nmodule = {:?}\nevents = [\"probe.fail\", \"probe.retry-after\", \"probe.echo\"]\n",
+            guest("probe")
+        ),
+    )
+    .unwrap();
+    let serve = Serve::ready(&db, &config).await;
+    let failing = enqueue(
+        port,
+        json!({"name": "probe.fail", "payload": {"message": "boom", "retryable": true}, "max_retry": 5}),
+    )
+    .await;
+    let deferring = enqueue(
+        port,
+        json!({"name": "probe.retry-after", "payload": {"ms": 30}}),
+    )
+    .await;
+    let fine = enqueue(port, json!({"name": "probe.echo", "payload": {}})).await;
+    wait_for("the failing event to die", || async {
+        let (_, body) = http(port, "GET", &format!("/v1/events/{failing}"), None).await;
+        parse(&body)["dead"] == true
+    })
+    .await;
+
+    // The last 3 of its 5 attempts, oldest first, with all they record.
+    let (status, body) = http(port, "GET", &format!("/v1/events/{failing}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let ev = parse(&body);
+    let attempts = ev["attempts"].as_array().unwrap();
+    let numbers: Vec<i64> = attempts
+        .iter()
+        .map(|a| a["attempt"].as_i64().unwrap())
+        .collect();
+    let outcomes: Vec<&str> = attempts
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (numbers, outcomes),
+        (vec![3, 4, 5], vec!["failed", "failed", "dead"]),
+        "{ev}"
+    );
+    for a in attempts {
+        assert_eq!(a["error"], "boom", "{a}");
+        assert_eq!(a["handler"], "probe", "{a}");
+        assert_eq!(a["version"].as_str().unwrap().len(), 64, "{a}");
+        assert!(a["instance"].as_str().is_some_and(|i| !i.is_empty()), "{a}");
+        assert!(
+            a["duration_ms"].as_i64().unwrap() >= 0 && a["started_at"].is_string(),
+            "{a}"
+        );
+    }
+    // The CLI shows the same.
+    let out = ok(&outrun(&db, &["events", "show", &failing, "--json"]));
+    assert_eq!(parse(&out)["attempts"], ev["attempts"], "{out}");
+
+    // Deferrals are attempts too, bounded the same way.
+    wait_for("the deferring event to defer a few times", || async {
+        let (_, body) = http(port, "GET", &format!("/v1/events/{deferring}"), None).await;
+        parse(&body)["deferrals"].as_i64().unwrap_or(0) >= 4
+    })
+    .await;
+    let (_, body) = http(port, "GET", &format!("/v1/events/{deferring}"), None).await;
+    let attempts = parse(&body)["attempts"].as_array().unwrap().clone();
+    assert!(
+        attempts.len() == 3 && attempts.iter().all(|a| a["outcome"] == "deferred"),
+        "{attempts:?}"
+    );
+    // A handled event leaves no history; a purged one loses it to the cleaner.
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM outrun_attempts WHERE CAST(event_id AS TEXT) = '{fine}'"
+        ))
+        .await,
+        0
+    );
+    ok(&outrun(
+        &db,
+        &["events", "purge", "--dead", "--name", "probe.fail"],
+    ));
+    wait_for("the purged event's attempts to be cleaned", || async {
+        db.scalar(&format!(
+            "SELECT count(*) FROM outrun_attempts WHERE CAST(event_id AS TEXT) = '{failing}'"
+        ))
+        .await
+            == 0
+    })
+    .await;
+    serve.stop();
+}
+
 on_both_backends!(
     token_guards_every_change,
     errors_have_one_shape_and_name_the_parameter,
@@ -804,4 +907,5 @@ on_both_backends!(
     pause_holds_on_every_instance,
     pause_holds_for_limited_names,
     bulk_operations_with_filters,
+    attempt_history_is_recorded_and_bounded,
 );

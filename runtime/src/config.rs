@@ -153,6 +153,9 @@ pub struct RuntimeConfig {
     /// touching the database (`auto`, the default): see the README's
     /// "Effects" section. `OUTRUN_EFFECT_SAVEPOINTS`.
     pub effect_savepoints: SavepointMode,
+    /// Failed, deferred and interrupted attempts kept per event in
+    /// `outrun_attempts` (0: none recorded). `OUTRUN_ATTEMPT_HISTORY`.
+    pub attempt_history: u32,
 }
 
 /// See [`RuntimeConfig::effect_savepoints`].
@@ -198,6 +201,7 @@ impl Default for RuntimeConfig {
             shutdown_grace: Duration::from_secs(30),
             effect_lanes: 0,
             effect_savepoints: SavepointMode::Auto,
+            attempt_history: 20,
         }
     }
 }
@@ -414,6 +418,7 @@ impl Config {
         over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
         over!("OUTRUN_EFFECT_LANES", r.effect_lanes, parse);
         over!("OUTRUN_EFFECT_SAVEPOINTS", r.effect_savepoints, parse);
+        over!("OUTRUN_ATTEMPT_HISTORY", r.attempt_history, parse);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
         }

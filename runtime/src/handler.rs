@@ -50,6 +50,12 @@ pub trait Handler: Send + Sync + 'static {
     /// follow-up events through `effects.emit()`; both are committed with the
     /// ack, or not at all.
     async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError>;
+
+    /// The version that runs (a WASM component's blake3, hex), for the
+    /// attempt history; `None` for handlers without one.
+    fn version(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Where an event name goes: the handler, and the limits of its binding.

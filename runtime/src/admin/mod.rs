@@ -441,14 +441,24 @@ async fn list(
     }))
 }
 
-/// One event.
+/// One event with its attempt history.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventDetail {
+    #[serde(flatten)]
+    pub event: EventView,
+    /// Its failed, deferred and interrupted attempts, oldest first (the
+    /// last `[runtime] attempt_history`).
+    pub attempts: Vec<crate::store::Attempt>,
+}
+
+/// One event, with its attempt history.
 #[utoipa::path(
     get,
     path = "/v1/events/{id}",
     tag = "events",
     params(("id" = Uuid, Path, description = "The event's id")),
     responses(
-        (status = 200, description = "The event.", body = EventView),
+        (status = 200, description = "The event and its attempts.", body = EventDetail),
         (status = 400, description = "The id is not a UUID.", body = ErrorBody),
         (status = 401, description = "Token required for reads.", body = ErrorBody),
         (status = 404, description = "No such event (it may have been handled and deleted).", body = ErrorBody),
@@ -457,9 +467,12 @@ async fn list(
 async fn show(
     State(st): State<AdminState>,
     ApiPath(id): ApiPath<Uuid>,
-) -> Result<Json<EventView>, ApiError> {
+) -> Result<Json<EventDetail>, ApiError> {
     let ev = st.store.get(id).await?.ok_or(StoreError::NotFound(id))?;
-    Ok(Json(EventView::from(&ev)))
+    Ok(Json(EventDetail {
+        event: EventView::from(&ev),
+        attempts: st.store.attempts(id).await?,
+    }))
 }
 
 /// What cancelling one event did.

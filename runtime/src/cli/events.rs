@@ -362,10 +362,12 @@ async fn run_on(
                 .get(id)
                 .await?
                 .with_context(|| format!("no event with id {id}"))?;
+            let mut v = event_json(&ev);
+            v["attempts"] = serde_json::to_value(store.attempts(id).await?)?;
             if json {
-                outln!("{}", serde_json::to_string(&event_json(&ev))?);
+                outln!("{}", serde_json::to_string(&v)?);
             } else {
-                outln!("{}", serde_json::to_string_pretty(&event_json(&ev))?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             }
         }
         Command::Replay {

@@ -187,6 +187,7 @@ impl Dispatcher {
             stopping: stop.clone(),
             observer: self.observer.clone(),
             limiter: self.limiter.clone(),
+            attempt_history: cfg.attempt_history,
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),

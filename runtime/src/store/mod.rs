@@ -7,6 +7,7 @@
 //! loop and the acker never make a per-event round trip that a batch could
 //! replace.
 
+pub mod attempts;
 pub mod lane;
 pub mod limits;
 pub mod migrate;
@@ -25,6 +26,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+pub use attempts::{Attempt, AttemptRecord};
 pub use migrate::MigrationReport;
 pub use pauses::Pause;
 pub use query::{Cursor, EventQuery, Filter, Page, StateFilter};

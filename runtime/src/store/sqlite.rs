@@ -385,9 +385,24 @@ impl SqliteStore {
     }
 
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
+        self.fail_with(lease, failure, None).await
+    }
+
+    /// [`Self::fail`], and with a record: the attempt's row inserted (and
+    /// the event's rows beyond `keep` dropped) in the same transaction.
+    pub(super) async fn fail_with(
+        &self,
+        lease: Lease,
+        failure: &Failure,
+        record: Option<&super::AttemptRecord>,
+    ) -> Result<bool> {
         let id = lease.id.to_string();
         let token = lease.token.to_string();
         let conn = self.writer.lock().await;
+        let tx = match record {
+            Some(_) => Some(conn.unchecked_transaction()?),
+            None => None,
+        };
         // `retry < max_retry`: an event cancelled (or marked dead by hand)
         // while it ran stays dead whatever its attempt's verdict.
         let n = match failure {
@@ -443,6 +458,36 @@ impl SqliteStore {
                     retry_at.timestamp_millis()
                 ])?,
         };
+        if let (Some(tx), Some(r)) = (tx, record) {
+            if n == 1 {
+                let a = &r.attempt;
+                tx.prepare_cached(
+                    "INSERT INTO outrun_attempts
+                         (event_id, attempt, started_at, duration_ms, handler, version, instance,
+                          outcome, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(rusqlite::params![
+                    id,
+                    a.attempt,
+                    a.started_at.timestamp_millis(),
+                    a.duration_ms,
+                    a.handler,
+                    a.version,
+                    a.instance,
+                    a.outcome,
+                    a.error,
+                ])?;
+                tx.prepare_cached(
+                    "DELETE FROM outrun_attempts
+                     WHERE event_id = ?1
+                       AND id NOT IN (SELECT id FROM outrun_attempts WHERE event_id = ?1
+                                      ORDER BY id DESC LIMIT ?2)",
+                )?
+                .execute(rusqlite::params![id, i64::from(r.keep.max(1))])?;
+            }
+            tx.commit()?;
+        }
         Ok(n == 1)
     }
 

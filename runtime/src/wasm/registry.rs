@@ -560,6 +560,10 @@ impl HandlerVersion {
 
 #[async_trait::async_trait]
 impl Handler for HandlerVersion {
+    fn version(&self) -> Option<String> {
+        Some(self.hash.to_hex().to_string())
+    }
+
     async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError> {
         let engine = self.pre.engine();
         let deadline = Instant::now() + self.timeout;
