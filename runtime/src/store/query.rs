@@ -211,7 +211,7 @@ impl Cursor {
 
     /// `None` for anything [`Cursor::encode`] did not produce.
     pub fn decode(s: &str) -> Option<Cursor> {
-        if s.is_empty() || s.len() % 2 != 0 || s.len() > 200 {
+        if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 200 {
             return None;
         }
         let bytes = (0..s.len())
