@@ -585,6 +585,7 @@ pub struct CancelOutcome {
         (status = 200, description = "The counts.", body = CancelOutcome),
         (status = 400, description = "Not a filter, no condition, or state dead.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json.", body = ErrorBody),
         (status = 422, description = "The name is not valid.", body = ErrorBody),
     )
 )]
@@ -632,6 +633,7 @@ async fn cancel_matching(
         (status = 200, description = "How many were replayed (or would be).", body = BulkOutcome),
         (status = 400, description = "Not a filter, or a live state.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json.", body = ErrorBody),
     )
 )]
 async fn replay_matching(
@@ -661,6 +663,7 @@ async fn replay_matching(
         (status = 200, description = "How many were deleted (or would be).", body = BulkOutcome),
         (status = 400, description = "Not a filter, or a live state.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json.", body = ErrorBody),
     )
 )]
 async fn purge_matching(
@@ -823,6 +826,7 @@ async fn pauses(State(st): State<AdminState>) -> Result<Json<Vec<crate::store::P
         (status = 200, description = "Paused.", body = PauseResult),
         (status = 400, description = "Neither or both of name and handler, or not JSON.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json.", body = ErrorBody),
         (status = 404, description = "Unknown name (no handler, no event; `force` pauses it anyway) or handler.", body = ErrorBody),
         (status = 422, description = "Not a valid event name.", body = ErrorBody),
     )
@@ -847,6 +851,7 @@ async fn pause(
         (status = 200, description = "Resumed: their events run from where they stopped.", body = PauseResult),
         (status = 400, description = "Neither or both of name and handler, or not JSON.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json.", body = ErrorBody),
         (status = 404, description = "Not paused, or no such handler.", body = ErrorBody),
     )
 )]
