@@ -6,7 +6,10 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{TestDb, fails, http, ok, outrun, wait_for};
+use common::{TestDb, fails, http, http_as, ok, outrun, wait_for};
+
+/// The admin token of the serve processes these tests start.
+const TOKEN: &str = "test-admin-token";
 use serde_json::Value;
 
 fn json(out: &Output) -> Value {
@@ -288,6 +291,7 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
     let mut serve = Command::new(env!("CARGO_BIN_EXE_outrun"))
         .args(["serve", "--admin", &format!("127.0.0.1:{port}")])
         .env("OUTRUN_DATABASE_URL", db.url())
+        .env("OUTRUN_ADMIN_TOKEN", TOKEN)
         .env("OUTRUN_POLL_INTERVAL", "50ms")
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -304,11 +308,12 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
     let (status, body) = http(port, "GET", "/healthz", None).await;
     assert_eq!((status, body.contains("ok")), (200, true), "{body}");
 
-    let (status, body) = http(
+    let (status, body) = http_as(
         port,
         "POST",
         "/v1/events",
         Some(r#"{"name":"later","payload":{"a":1},"delay":"1h","group_id":"g"}"#),
+        Some(TOKEN),
     )
     .await;
     assert_eq!(status, 201, "{body}");
@@ -329,25 +334,27 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
     );
 
     // Bad input: clear errors, nothing written.
-    let (status, body) = http(
+    let (status, body) = http_as(
         port,
         "POST",
         "/v1/events",
         Some(r#"{"name":"","payload":{}}"#),
+        Some(TOKEN),
     )
     .await;
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("name is empty"), "{body}");
-    let (status, body) = http(
+    let (status, body) = http_as(
         port,
         "POST",
         "/v1/events",
         Some(r#"{"name":"x","payload":{},"priority":1}"#),
+        Some(TOKEN),
     )
     .await;
     assert_eq!(status, 400, "unknown field: {body}");
     assert!(body.contains("priority"), "{body}");
-    let (status, _) = http(port, "POST", "/v1/events", Some("{not json")).await;
+    let (status, _) = http_as(port, "POST", "/v1/events", Some("{not json"), Some(TOKEN)).await;
     assert_eq!(status, 400);
     let (status, _) = http(
         port,
@@ -368,7 +375,14 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
     );
 
     // Cancel: one by id, then in bulk by name and group.
-    let (status, body) = http(port, "POST", &format!("/v1/events/{id}/cancel"), None).await;
+    let (status, body) = http_as(
+        port,
+        "POST",
+        &format!("/v1/events/{id}/cancel"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let c: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -382,26 +396,40 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
         (Some(true), Some("cancelled"))
     );
     assert!(ev["dead_at"].is_string() && ev["deferrals"] == 0, "{ev}");
-    let (status, body) = http(port, "POST", &format!("/v1/events/{id}/cancel"), None).await;
+    let (status, body) = http_as(
+        port,
+        "POST",
+        &format!("/v1/events/{id}/cancel"),
+        None,
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(status, 409, "already dead: {body}");
     assert!(body.contains("already dead"), "{body}");
-    let (status, _) = http(
+    let (status, _) = http_as(
         port,
         "POST",
         &format!("/v1/events/{}/cancel", uuid::Uuid::now_v7()),
         None,
+        Some(TOKEN),
     )
     .await;
     assert_eq!(status, 404);
     for group in ["g", "h", "g"] {
         let body = format!(r#"{{"name":"bulk","payload":{{}},"delay":"1h","group_id":"{group}"}}"#);
-        assert_eq!(http(port, "POST", "/v1/events", Some(&body)).await.0, 201);
+        assert_eq!(
+            http_as(port, "POST", "/v1/events", Some(&body), Some(TOKEN))
+                .await
+                .0,
+            201
+        );
     }
-    let (status, body) = http(
+    let (status, body) = http_as(
         port,
         "POST",
         "/v1/events/cancel",
         Some(r#"{"name":"bulk","group_id":"g"}"#),
+        Some(TOKEN),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -411,17 +439,32 @@ async fn admin_api_enqueues_and_reports(db: TestDb) {
         (Some(2), Some(0)),
         "{c}"
     );
-    let (status, body) = http(
+    let (status, body) = http_as(
         port,
         "POST",
         "/v1/events/cancel",
         Some(r#"{"group_id":"g"}"#),
+        Some(TOKEN),
     )
     .await;
     assert_eq!(status, 400, "the name is required: {body}");
-    let (status, body) = http(port, "POST", "/v1/events/cancel", Some(r#"{"name":""}"#)).await;
+    let (status, body) = http_as(
+        port,
+        "POST",
+        "/v1/events/cancel",
+        Some(r#"{"name":""}"#),
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(status, 422, "{body}");
-    let (status, _) = http(port, "POST", "/v1/events/not-a-uuid/cancel", None).await;
+    let (status, _) = http_as(
+        port,
+        "POST",
+        "/v1/events/not-a-uuid/cancel",
+        None,
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(status, 400);
     let (_, body) = http(port, "GET", "/v1/stats", None).await;
     let s: Value = serde_json::from_str(&body).unwrap();
@@ -1556,7 +1599,7 @@ async fn http_raw(port: u16, head: &str, body: &[u8]) -> (u16, String) {
         .unwrap();
     let (mut rx, mut tx) = s.into_split();
     let mut req = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{head}Content-Length: {}\r\n\r\n",
+        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\n{head}Content-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -1618,6 +1661,7 @@ async fn admin_api_refuses_oversized_and_non_json_bodies() {
         Command::new(env!("CARGO_BIN_EXE_outrun"))
             .args(["serve", "--admin", &format!("127.0.0.1:{port}")])
             .env("OUTRUN_DATABASE_URL", db.url())
+            .env("OUTRUN_ADMIN_TOKEN", TOKEN)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),

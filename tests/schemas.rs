@@ -10,7 +10,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Serve, TestDb, fails, free_port, guest, http, ok, outrun, outrun_command, wait_for};
+use common::{
+    Serve, TestDb, fails, free_port, guest, http_as, ok, outrun, outrun_command, wait_for,
+};
+
+/// The admin token of the serve this file starts.
+const TOKEN: &str = "test-admin-token";
 use outrun::{NewEvent, Schemas, StoreError};
 use serde_json::{Value, json};
 
@@ -365,7 +370,7 @@ async fn serve_checks_api_emit_and_dispatch(db: TestDb) {
     let config = write_config(
         dir.path(),
         &format!(
-            "{}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
+            "{}\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n\n\
              [[handler]]\nname = \"probe\"\nmodule = {:?}\nevents = [\"probe.emit\", \"probe.echo\", \"TaskSolved.v0\"]\n\
              [handler.allow]\nemit = [\"TaskSolved.v0\"]\n",
             schemas_section(&shipped_schemas(), false),
@@ -377,9 +382,9 @@ async fn serve_checks_api_emit_and_dispatch(db: TestDb) {
     // Admin API: 422 naming the rule; 201 for a good event.
     for (what, payload, pointer, keyword) in bad_payloads() {
         let body = json!({"name": "TaskSolved.v0", "payload": payload}).to_string();
-        let (status, answer) = http(port, "POST", "/v1/events", Some(&body)).await;
+        let (status, answer) = http_as(port, "POST", "/v1/events", Some(&body), Some(TOKEN)).await;
         assert_eq!(status, 422, "{what}: {answer}");
-        let error = serde_json::from_str::<Value>(&answer).unwrap()["error"]
+        let error = serde_json::from_str::<Value>(&answer).unwrap()["error"]["message"]
             .as_str()
             .unwrap()
             .to_owned();

@@ -162,6 +162,9 @@ pub struct RuntimeConfig {
     /// touching the database (`auto`, the default): see the README's
     /// "Effects" section. `OUTRUN_EFFECT_SAVEPOINTS`.
     pub effect_savepoints: SavepointMode,
+    /// Failed, deferred and interrupted attempts kept per event in
+    /// `outrun_attempts` (0: none recorded). `OUTRUN_ATTEMPT_HISTORY`.
+    pub attempt_history: u32,
 }
 
 /// See [`RuntimeConfig::effect_savepoints`].
@@ -207,16 +210,39 @@ impl Default for RuntimeConfig {
             shutdown_grace: Duration::from_secs(30),
             effect_lanes: 0,
             effect_savepoints: SavepointMode::Auto,
+            attempt_history: 20,
         }
     }
 }
 
 /// The admin HTTP server (metrics, health, events API).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// e.g. "127.0.0.1:9464"; none = no admin server. `OUTRUN_ADMIN_LISTEN`.
     pub listen: Option<String>,
+    /// The bearer token every mutating request (POST, PUT, DELETE) must
+    /// carry; without one they are refused. `OUTRUN_ADMIN_TOKEN`.
+    pub token: Option<String>,
+    /// Reads (GET under /v1) need the token too. Probes, /metrics and
+    /// /v1/openapi.json never do. `OUTRUN_ADMIN_TOKEN_FOR_READS`.
+    pub token_for_reads: bool,
+    /// Serve /metrics on this address instead of `listen` (e.g. a port the
+    /// scraper may reach while the admin API stays private).
+    /// `OUTRUN_ADMIN_METRICS_LISTEN`.
+    pub metrics_listen: Option<String>,
+}
+
+// By hand: the token must never reach a log line or an error message.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_for_reads", &self.token_for_reads)
+            .field("metrics_listen", &self.metrics_listen)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -419,11 +445,23 @@ impl Config {
         over!("OUTRUN_SHUTDOWN_GRACE", r.shutdown_grace, duration);
         over!("OUTRUN_EFFECT_LANES", r.effect_lanes, parse);
         over!("OUTRUN_EFFECT_SAVEPOINTS", r.effect_savepoints, parse);
+        over!("OUTRUN_ATTEMPT_HISTORY", r.attempt_history, parse);
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
         }
         if let Some(v) = env("OUTRUN_CACHE_KEEP") {
             self.cache_keep = parse("OUTRUN_CACHE_KEEP", &v)?;
+        }
+        if let Some(v) = env("OUTRUN_ADMIN_TOKEN") {
+            self.admin.token = (!v.trim().is_empty()).then_some(v);
+        }
+        over!(
+            "OUTRUN_ADMIN_TOKEN_FOR_READS",
+            self.admin.token_for_reads,
+            parse
+        );
+        if let Some(v) = env("OUTRUN_ADMIN_METRICS_LISTEN") {
+            self.admin.metrics_listen = (!v.trim().is_empty()).then_some(v);
         }
         if let Some(v) = env("OUTRUN_CACHE_DIR") {
             self.cache_dir = (!v.trim().is_empty()).then(|| PathBuf::from(v));

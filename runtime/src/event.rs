@@ -83,15 +83,22 @@ fn human(d: &Duration) -> humantime::FormattedDuration {
 /// An event to enqueue as it arrives over the wire (`POST /v1/events`, a
 /// line of `outrun enqueue --ndjson`): the payload is any JSON value, kept
 /// byte for byte; durations are humantime strings (`"5s"`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventRequest {
+    /// 1 to 100 characters.
     pub name: String,
+    /// Any JSON value, at most 1 MiB, stored byte for byte.
+    #[schema(value_type = serde_json::Value)]
     pub payload: Box<serde_json::value::RawValue>,
     pub group_id: Option<String>,
+    /// Run no earlier than this from now, e.g. `5s`, `1h`.
     #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>)]
     pub delay: Option<Duration>,
+    /// Dead (`expired`) if not handled within this, e.g. `1d`.
     #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>)]
     pub expires_in: Option<Duration>,
     pub max_retry: Option<i32>,
     pub idempotency_key: Option<String>,

@@ -51,7 +51,9 @@ pub trait Handler: Send + Sync + 'static {
     /// ack, or not at all.
     async fn handle(&self, event: &Event, effects: &mut Effects) -> Result<Outcome, HandlerError>;
 
-    /// The running version (a short content hash), for the attempt's span.
+    /// The version that runs (a WASM component's blake3, hex): the
+    /// attempt history stores it, the attempt's span shows its first 12
+    /// characters (as the logs do); `None` for handlers without one.
     fn version(&self) -> Option<Arc<str>> {
         None
     }

@@ -21,6 +21,7 @@ pub mod host;
 pub mod limits;
 pub mod maintenance;
 pub mod otel;
+pub mod pause;
 pub mod publish;
 pub mod schedule;
 pub mod schema;

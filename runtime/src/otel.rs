@@ -237,7 +237,9 @@ impl Otel {
             KeyValue::new("outrun.handler.name", handler.to_string()),
         ];
         if let Some(v) = version {
-            attributes.push(KeyValue::new("outrun.handler.version", v.to_string()));
+            // The short form the logs use ("handler loaded ... version=").
+            let short = v.get(..12).unwrap_or(v);
+            attributes.push(KeyValue::new("outrun.handler.version", short.to_string()));
         }
         let span = self
             .tracer

@@ -419,13 +419,27 @@ pub fn free_port() -> u16 {
 /// One HTTP/1.1 request to 127.0.0.1:`port` over a fresh connection;
 /// (status, body). 0 when nothing answers.
 pub async fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_as(port, method, path, body, None).await
+}
+
+/// [`http`] with `Authorization: Bearer <token>` when a token is given.
+pub async fn http_as(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return (0, String::new());
     };
     let body = body.unwrap_or("");
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut raw = Vec::new();

@@ -62,19 +62,27 @@ Examples:
         #[arg(long)]
         json: bool,
     },
-    /// Make dead events live again with retry = 0.
+    /// Make dead events live again with retry = 0: one by id, every dead
+    /// event, or those a filter selects.
     #[command(after_help = "\
 Examples:
   outrun events replay 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10
-  outrun events replay --all-dead")]
+  outrun events replay --all-dead
+  outrun events replay --name order.created --error-contains timeout --since 1h
+  outrun events replay --error-contains 'no handler' --dry-run   prints the count only")]
     Replay {
         /// The event to replay: its id (a UUID, as `events list --dead`
         /// prints it).
-        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        #[arg(conflicts_with_all = ["all_dead", "name", "since", "error_contains", "group", "state"])]
         id: Option<Uuid>,
         /// Replay every dead event.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["name", "since", "error_contains", "group", "state"])]
         all_dead: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print how many events would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Cancel live events: each becomes dead with last_error 'cancelled'
     /// (replay brings it back). A running event's attempt ends without
@@ -82,26 +90,64 @@ Examples:
     #[command(after_help = "\
 Examples:
   outrun events cancel 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10
-  outrun events cancel --name order.created --group order:42")]
+  outrun events cancel --name order.created --group order:42
+  outrun events cancel --state scheduled --error-contains 'HTTP 503' --dry-run")]
     Cancel {
         /// The event to cancel: its id (a UUID, as `events list` prints it).
-        #[arg(required_unless_present = "name", conflicts_with = "name")]
+        #[arg(
+            required_unless_present_any = ["name", "since", "error_contains", "state", "group"],
+            conflicts_with_all = ["name", "since", "error_contains", "state", "group"]
+        )]
         id: Option<Uuid>,
-        /// Cancel every live event with this name.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print how many events would be cancelled; change nothing.
         #[arg(long)]
-        name: Option<String>,
-        /// With --name: only the events of this group.
-        #[arg(long, requires = "name")]
-        group: Option<String>,
+        dry_run: bool,
         /// Print the counts as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
-    /// Delete dead events.
+    /// Stop claiming the events of a name (or of every name a handler
+    /// binds) on every instance, within a second; they wait untouched
+    /// until `resume`. Running events finish.
+    #[command(after_help = "\
+Examples:
+  outrun events pause --name order.created
+  outrun events pause --handler billing          every name billing binds
+  outrun events pause --name not.yet.written --force")]
+    Pause {
+        /// The event name to pause.
+        #[arg(long, required_unless_present = "handler", conflicts_with = "handler")]
+        name: Option<String>,
+        /// Pause every event name this [[handler]] (or relay:TOPIC) binds.
+        #[arg(long)]
+        handler: Option<String>,
+        /// Pause a name no handler binds and no event has yet.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Claim the events of a paused name (or handler) again, from where
+    /// they stopped.
+    #[command(after_help = "\
+Examples:
+  outrun events resume --name order.created
+  outrun events resume --handler billing")]
+    Resume {
+        /// The event name to resume.
+        #[arg(long, required_unless_present = "handler", conflicts_with = "handler")]
+        name: Option<String>,
+        /// Resume every event name this handler binds.
+        #[arg(long)]
+        handler: Option<String>,
+    },
+    /// Delete dead events: all, those dead for longer than --older-than,
+    /// or those a filter selects.
     #[command(after_help = "\
 Examples:
   outrun events purge --dead                   every dead event
-  outrun events purge --dead --older-than 7d   those dead for more than 7 days")]
+  outrun events purge --dead --older-than 7d   those dead for more than 7 days
+  outrun events purge --dead --name order.created --error-contains cancelled --dry-run")]
     Purge {
         /// Required: only dead events are ever purged.
         #[arg(long, required = true)]
@@ -109,13 +155,63 @@ Examples:
         /// Only those that died longer ago than this (e.g. 7d).
         #[arg(long, value_parser = super::parse_duration)]
         older_than: Option<Duration>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print how many events would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
+}
+
+/// The filters of the bulk commands.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only events with this name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Only events of this group (with --name).
+    #[arg(long, requires = "name")]
+    group: Option<String>,
+    /// Only events created (dead ones: died) at or after this: RFC 3339
+    /// (2026-11-30T12:00:00Z) or an age (1h, 30m).
+    #[arg(long, value_parser = parse_since_arg)]
+    since: Option<DateTime<Utc>>,
+    /// Only events whose last_error contains this text.
+    #[arg(long)]
+    error_contains: Option<String>,
+    /// live, pending, scheduled, running (cancel) or dead (replay, purge).
+    #[arg(long)]
+    state: Option<crate::store::StateFilter>,
+}
+
+fn parse_since_arg(s: &str) -> Result<DateTime<Utc>, String> {
+    crate::store::query::parse_since(s)
+}
+
+impl FilterArgs {
+    fn filter(self) -> crate::store::Filter {
+        crate::store::Filter {
+            state: self.state,
+            name: self.name,
+            group_id: self.group,
+            error_contains: self.error_contains,
+            since: self.since,
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.name.is_some()
+            || self.group.is_some()
+            || self.since.is_some()
+            || self.error_contains.is_some()
+            || self.state.is_some()
+    }
 }
 
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
     let store = super::connect(config).await?;
     let limits = crate::limits::Limits::from_config(config)?;
-    run_on(&store, cmd, &limits.limits)
+    run_on(&store, cmd, &limits.limits, &crate::pause::bindings(config))
         .await
         .map_err(hint_migrate)
 }
@@ -124,10 +220,33 @@ async fn run_on(
     store: &Store,
     cmd: Command,
     limits: &[crate::limits::Limit],
+    bindings: &[crate::pause::Binding],
 ) -> anyhow::Result<()> {
     match cmd {
+        Command::Pause {
+            name,
+            handler,
+            force,
+        } => {
+            let target = crate::pause::Target::from_parts(name, handler)?;
+            let done = crate::pause::pause(store, &target, bindings, force).await?;
+            if done.is_empty() {
+                eprintln!("already paused; nothing changed");
+            } else {
+                eprintln!(
+                    "paused {} (no instance claims these events until `outrun events resume`)",
+                    done.join(", ")
+                );
+            }
+        }
+        Command::Resume { name, handler } => {
+            let target = crate::pause::Target::from_parts(name, handler)?;
+            let done = crate::pause::resume(store, &target, bindings).await?;
+            eprintln!("resumed {}", done.join(", "));
+        }
         Command::Stats { by_name, json } => {
             let s = store.stats().await?;
+            let paused = store.paused_names().await?;
             // The config's [[limit]]s, as the database holds them now.
             let limit_states = store.limit_states(limits).await?;
             let names = if by_name {
@@ -145,8 +264,10 @@ async fn run_on(
                     by_name: Option<&'a [crate::store::NameStats]>,
                     #[serde(skip_serializing_if = "<[_]>::is_empty")]
                     limits: &'a [crate::store::limits::LimitState],
+                    paused: &'a [String],
                 }
                 let v = WithNames {
+                    paused: &paused,
                     stats: &s,
                     by_name: names.as_deref(),
                     limits: &limit_states,
@@ -161,6 +282,9 @@ async fn run_on(
                     s.dead,
                     age(s.oldest_pending_age_secs)
                 );
+                if !paused.is_empty() {
+                    outln!("paused: {}", paused.join(", "));
+                }
                 if let Some(names) = &names {
                     outln!();
                     outln!(
@@ -238,30 +362,72 @@ async fn run_on(
                 .get(id)
                 .await?
                 .with_context(|| format!("no event with id {id}"))?;
+            let mut v = event_json(&ev);
+            v["attempts"] = serde_json::to_value(store.attempts(id).await?)?;
             if json {
-                outln!("{}", serde_json::to_string(&event_json(&ev))?);
+                outln!("{}", serde_json::to_string(&v)?);
             } else {
-                outln!("{}", serde_json::to_string_pretty(&event_json(&ev))?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             }
         }
-        Command::Replay { id: Some(id), .. } => {
-            store.replay(id).await?;
-            eprintln!("replayed {id}");
-        }
-        Command::Replay { id: None, .. } => {
-            let n = store.replay_all_dead().await?;
-            eprintln!("replayed {n} dead events");
+        Command::Replay {
+            id,
+            all_dead,
+            filter,
+            dry_run,
+        } => {
+            let given = filter.given();
+            let filter = filter.filter();
+            if let Some(id) = id {
+                if dry_run {
+                    let ev = store.get(id).await?;
+                    outln!("{}", u64::from(ev.is_some_and(|e| e.is_dead())));
+                } else {
+                    store.replay(id).await?;
+                    eprintln!("replayed {id}");
+                }
+            } else if !given && !all_dead {
+                anyhow::bail!(
+                    "give an event id, --all-dead, or a filter (--name, --since, --error-contains, --group)"
+                );
+            } else if dry_run {
+                let f = crate::store::Filter {
+                    state: Some(crate::store::StateFilter::Dead),
+                    ..filter
+                };
+                outln!("{}", store.count_matching(&f).await?);
+            } else if all_dead {
+                let n = store.replay_all_dead().await?;
+                eprintln!("replayed {n} dead events");
+            } else {
+                let n = store.replay_matching(&filter).await?;
+                eprintln!("replayed {n} dead events");
+            }
         }
         Command::Cancel {
             id,
-            name,
-            group,
+            filter,
+            dry_run,
             json,
         } => {
-            let done = match (id, name) {
-                (Some(id), _) => store.cancel(id).await?,
-                (None, Some(name)) => store.cancel_matching(&name, group.as_deref()).await?,
-                (None, None) => anyhow::bail!("give an event id or --name (see --help)"),
+            let filter = filter.filter();
+            if dry_run {
+                let n = match id {
+                    Some(id) => u64::from(store.get(id).await?.is_some_and(|e| !e.is_dead())),
+                    None => {
+                        let f = crate::store::Filter {
+                            state: filter.state.or(Some(crate::store::StateFilter::Live)),
+                            ..filter
+                        };
+                        store.count_matching(&f).await?
+                    }
+                };
+                outln!("{n}");
+                return Ok(());
+            }
+            let done = match id {
+                Some(id) => store.cancel(id).await?,
+                None => store.cancel_filtered(&filter).await?,
             };
             if json {
                 let mut v = serde_json::to_value(done)?;
@@ -289,10 +455,36 @@ async fn run_on(
                 );
             }
         }
-        Command::Purge { older_than, .. } => {
+        Command::Purge {
+            older_than,
+            filter,
+            dry_run,
+            ..
+        } => {
+            let given = filter.given();
+            let filter = filter.filter();
             let before = older_than.map(|d| {
                 Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
             });
+            if given || dry_run {
+                if before.is_some() {
+                    anyhow::bail!(
+                        "--older-than does not combine with the filters or --dry-run; \
+                         select by --since, --name, --error-contains or --group instead"
+                    );
+                }
+                if dry_run {
+                    let f = crate::store::Filter {
+                        state: Some(crate::store::StateFilter::Dead),
+                        ..filter
+                    };
+                    outln!("{}", store.count_matching(&f).await?);
+                } else {
+                    let n = store.purge_matching(&filter).await?;
+                    eprintln!("purged {n} dead events");
+                }
+                return Ok(());
+            }
             let n = store.purge_dead(before).await?;
             eprintln!("purged {n} dead events");
         }
@@ -318,27 +510,7 @@ pub fn event_state(ev: &Event, now: DateTime<Utc>) -> &'static str {
 /// An event as JSON, with the payload embedded as JSON when it parses (it
 /// should; rows inserted by hand may not) and as a string otherwise.
 pub fn event_json(ev: &Event) -> Value {
-    let payload = serde_json::from_str::<Value>(&ev.payload)
-        .unwrap_or_else(|_| Value::String(ev.payload.clone()));
-    json!({
-        "id": ev.id,
-        "name": ev.name,
-        "payload": payload,
-        "group_id": ev.group_id,
-        "state": event_state(ev, Utc::now()),
-        "retry": ev.retry,
-        "max_retry": ev.max_retry,
-        "dead": ev.is_dead(),
-        "create_date": ev.create_date,
-        "available_at": ev.available_at,
-        "expires_at": ev.expires_at,
-        "locked_by": ev.locked_by,
-        "locked_until": ev.locked_until,
-        "last_error": ev.last_error,
-        "idempotency_key": ev.idempotency_key,
-        "dead_at": ev.dead_at,
-        "deferrals": ev.deferrals,
-    })
+    serde_json::to_value(crate::admin::EventView::from(ev)).unwrap_or(Value::Null)
 }
 
 /// The human listing. Live events show when they run (`available_at`:

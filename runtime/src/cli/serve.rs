@@ -53,7 +53,12 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         config.admin.listen = Some(a);
     }
     // Before anything records a metric (handler loading does).
-    let metrics = match &config.admin.listen {
+    let metrics = match config
+        .admin
+        .listen
+        .as_ref()
+        .or(config.admin.metrics_listen.as_ref())
+    {
         Some(_) => Some(crate::admin::exposition::install()?),
         None => None,
     };
@@ -310,7 +315,7 @@ async fn start_services(
         )
         .await
     }));
-    if let (Some(addr), Some(metrics)) = (&config.admin.listen, metrics) {
+    if let Some(metrics) = metrics {
         let loaded = loaded.clone();
         let state = crate::admin::AdminState {
             store: store.clone(),
@@ -318,8 +323,19 @@ async fn start_services(
             health: health.clone(),
             default_max_retry: r.max_retry,
             handlers: Arc::new(move || loaded.get().map(|r| r.handlers()).unwrap_or_default()),
+            auth: crate::admin::Auth::from_config(&config.admin),
+            metrics_elsewhere: false,
+            bindings: Arc::new(crate::pause::bindings(config)),
         };
-        tasks.push(crate::admin::serve(addr, state, stop).await?);
+        tasks.push(
+            crate::admin::serve(
+                config.admin.listen.as_deref(),
+                config.admin.metrics_listen.as_deref(),
+                state,
+                stop,
+            )
+            .await?,
+        );
     }
     Ok(tasks)
 }

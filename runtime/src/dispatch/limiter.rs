@@ -137,12 +137,36 @@ impl Limiter {
         worker: &str,
         want: usize,
         lease: Duration,
+        paused: &[String],
     ) -> Prepared {
         let mut out = Prepared::default();
         let first = self.turn.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.held.len() {
             let idx = (first + i) % self.held.len();
             let h = &self.held[idx];
+            // Paused names are not claimed (the ordinary claim skips them
+            // too); a limit whose names are all paused is not asked at all
+            // (its budget stays untouched).
+            let unpaused;
+            let limit = if paused.is_empty() || !h.limit.names.iter().any(|n| paused.contains(n)) {
+                &h.limit
+            } else {
+                let names: Vec<String> = h
+                    .limit
+                    .names
+                    .iter()
+                    .filter(|n| !paused.contains(n))
+                    .cloned()
+                    .collect();
+                if names.is_empty() {
+                    continue;
+                }
+                unpaused = Limit {
+                    names,
+                    ..h.limit.clone()
+                };
+                &unpaused
+            };
             if h.not_before
                 .lock()
                 .expect("limiter lock")
@@ -186,7 +210,7 @@ impl Limiter {
             if budget == 0 {
                 continue;
             }
-            match store.claim_limited(worker, &h.limit, budget, lease).await {
+            match store.claim_limited(worker, limit, budget, lease).await {
                 Ok(got) => {
                     if h.limit.rate.is_some() {
                         *h.tokens() += (budget - got.len()) as u64;

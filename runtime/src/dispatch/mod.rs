@@ -22,6 +22,7 @@ mod committer;
 mod inflight;
 mod limiter;
 mod observer;
+pub mod paused;
 mod worker;
 
 use std::future::Future;
@@ -195,6 +196,7 @@ impl Dispatcher {
             observer: self.observer.clone(),
             limiter: self.limiter.clone(),
             otel: self.otel.clone(),
+            attempt_history: cfg.attempt_history,
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),
@@ -203,6 +205,15 @@ impl Dispatcher {
                 None
             }
         };
+        // Paused names are known before the first claim.
+        let paused = Arc::new(paused::Paused::default());
+        paused.refresh(&self.store).await;
+        let paused_watch = tokio::spawn(paused::watch(
+            self.store.clone(),
+            paused.clone(),
+            cfg.poll_interval.min(paused::REFRESH_MAX),
+            stop.clone(),
+        ));
         tracing::info!(worker = %self.worker_id, backend = ?self.store.backend(), concurrency = cfg.concurrency, batch_size = cfg.batch_size, effect_lanes = lanes, "dispatch loop started");
 
         // Claimed events wait here for a worker. The claimer runs up to one
@@ -244,6 +255,7 @@ impl Dispatcher {
             let worker_id = self.worker_id.clone();
             let lease = cfg.lease_duration;
             let limiter = self.limiter.clone();
+            let paused = paused.names();
             async move {
                 // Limits first: each claims its names within its budget,
                 // or (not binding) leaves them to the ordinary claim.
@@ -251,7 +263,9 @@ impl Dispatcher {
                 let mut excluded = Vec::new();
                 let mut reserved = limiter::Reserved::default();
                 if let Some(limiter) = &limiter {
-                    let prepared = limiter.claim(&store, &worker_id, want, lease).await;
+                    let prepared = limiter
+                        .claim(&store, &worker_id, want, lease, &paused)
+                        .await;
                     match prepared.error {
                         Some(e) if prepared.claimed.is_empty() => {
                             limiter.settle(prepared.reserved, &[]);
@@ -273,6 +287,8 @@ impl Dispatcher {
                     }
                     return (want, signals, Ok(batch));
                 }
+                // Paused names join the exclusion.
+                excluded.extend(paused.iter().cloned());
                 let result = store
                     .claim_excluding(&worker_id, rest, lease, &skip, &excluded)
                     .await;
@@ -398,6 +414,12 @@ impl Dispatcher {
                     // It may sort before where the claims have got to.
                     self.store.rewind_claims();
                 }
+                // A paused name was resumed: its events may sort before
+                // where claims got to (the refresh rewound them).
+                _ = paused.resumed.notified() => {
+                    maybe_more = true;
+                    signals += 1;
+                }
                 // A rate limit's bucket has a token again.
                 _ = sleep_until(self.limiter.as_ref().and_then(|l| l.next_token_at())) => {
                     maybe_more = true;
@@ -409,6 +431,7 @@ impl Dispatcher {
                 }
             }
         }
+        paused_watch.abort();
         // Claims still in flight lease rows too: hold them, to be released
         // below with the rest.
         while let Some((_, _, result)) = claims.next().await {

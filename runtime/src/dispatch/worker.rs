@@ -36,6 +36,17 @@ pub struct WorkerContext {
     pub limiter: Option<Arc<super::limiter::Limiter>>,
     /// `[otel]`: a span per attempt. `None` costs one branch per event.
     pub otel: Option<Arc<crate::otel::Otel>>,
+    /// Attempts kept per event in `outrun_attempts` (0: none recorded).
+    pub attempt_history: u32,
+}
+
+/// An attempt that ran its handler, for its row in the attempt history.
+/// Borrows: nothing is copied unless the attempt fails.
+struct Ran<'a> {
+    started_at: chrono::DateTime<Utc>,
+    elapsed: Duration,
+    route: &'a Route,
+    event: &'a crate::event::Event,
 }
 
 impl WorkerContext {
@@ -72,18 +83,18 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     if let Some(error) = crate::schema::reason_to_bury(cx.store.schemas(), ev) {
         tracing::error!(event_id = %ev.id, name = %ev.name, "{error}; event is dead");
         metrics::counter!("outrun_events_dead_total", "reason" => "schema").increment(1);
-        settle(cx, lease, Failure::Dead { error }).await;
+        settle(cx, lease, Failure::Dead { error }, None).await;
         return false;
     }
     let Some(route) = cx.router.route(&ev.name) else {
         let reason = no_handler_reason(&ev.name);
         tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");
         metrics::counter!("outrun_events_dead_total", "reason" => "no_handler").increment(1);
-        settle(cx, lease, Failure::Dead { error: reason }).await;
+        settle(cx, lease, Failure::Dead { error: reason }, None).await;
         return false;
     };
     if ev.expires_at.is_some_and(|t| t <= Utc::now()) {
-        expired(cx, lease, &route, ev.id).await;
+        expired(cx, lease, &route, ev.id, None).await;
         return false;
     }
     // Wait for the handler's concurrency cap; shutdown wins over waiting.
@@ -109,11 +120,19 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         attempt
     });
     let started = Instant::now();
+    let started_at = Utc::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
     if let Some(span) = span {
         end_span(span, &route, ev, &result, &effects);
     }
+    let ran = Ran {
+        started_at,
+        elapsed,
+        route: &route,
+        event: ev,
+    };
+    let ran = Some(&ran);
     metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
         .record(elapsed.as_secs_f64());
 
@@ -132,7 +151,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         };
         tracing::info!(event_id = %ev.id, handler = %route.handler_name, "{why}; the event runs again without spending a retry");
         metrics::counter!("outrun_events_interrupted_total", "handler" => route.handler_name.clone()).increment(1);
-        interrupted(cx, lease, why).await;
+        interrupted(cx, lease, why, ran).await;
         return false;
     }
     match result {
@@ -150,18 +169,18 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 return false;
             }
             let grouped = ev.group_id.is_some() || cx.frees_room(&ev.name);
-            return commit(cx, lease, &route, effects, grouped).await;
+            return commit(cx, lease, &route, effects, grouped, ran).await;
         }
         Ok(Outcome::RetryAfter(delay)) => {
             discard(cx, effects).await;
             let at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             if ev.expires_at.is_some_and(|exp| at > exp) {
-                expired(cx, lease, &route, ev.id).await;
+                expired(cx, lease, &route, ev.id, ran).await;
             } else {
                 tracing::debug!(event_id = %ev.id, handler = %route.handler_name, delay_ms = delay.as_millis() as u64, "handler asked to retry later");
                 metrics::counter!("outrun_events_deferred_total", "handler" => route.handler_name.clone()).increment(1);
-                settle(cx, lease, Failure::Reschedule { at }).await;
+                settle(cx, lease, Failure::Reschedule { at }, ran).await;
             }
         }
         Err(err) => {
@@ -173,7 +192,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 // retry is spent and no hiccup can make it dead.
                 tracing::warn!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "a database error interrupted the event; it will run again without spending a retry");
                 metrics::counter!("outrun_events_interrupted_total", "handler" => route.handler_name.clone()).increment(1);
-                interrupted(cx, lease, err.message).await;
+                interrupted(cx, lease, err.message, ran).await;
                 return false;
             }
             let kind = if err.retryable {
@@ -205,7 +224,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 metrics::counter!("outrun_events_dead_total", "reason" => "rejected").increment(1);
                 Failure::Dead { error: err.message }
             };
-            settle(cx, lease, failure).await;
+            settle(cx, lease, failure, ran).await;
         }
     }
     false
@@ -282,6 +301,7 @@ async fn commit(
     route: &Route,
     effects: Effects,
     grouped: bool,
+    ran: Option<&Ran<'_>>,
 ) -> bool {
     let (tx, emitted) = effects.into_parts();
     let mut tx = match tx {
@@ -294,6 +314,7 @@ async fn commit(
                     cx,
                     lease,
                     format!("committing the handler's effects failed: {e}"),
+                    ran,
                 )
                 .await;
                 return false;
@@ -303,7 +324,7 @@ async fn commit(
             // Only `Effects::new` makes these, and the dispatcher does not.
             let _ = other.rollback().await;
             tracing::error!(event_id = %lease.id, "effects outside a lane reached the dispatcher; the event will run again");
-            interrupted(cx, lease, "internal: effects outside a lane".into()).await;
+            interrupted(cx, lease, "internal: effects outside a lane".into(), ran).await;
             return false;
         }
     };
@@ -314,7 +335,7 @@ async fn commit(
         let error = format!("enqueueing the handler's follow-up events failed: {e}");
         tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "{error}");
         if e.is_transient() {
-            interrupted(cx, lease, error).await;
+            interrupted(cx, lease, error, ran).await;
         } else {
             let retry_at = Utc::now()
                 + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
@@ -326,6 +347,7 @@ async fn commit(
                     retry_at,
                     max_retry: route.max_retry,
                 },
+                ran,
             )
             .await;
         }
@@ -357,13 +379,19 @@ async fn discard(cx: &WorkerContext, effects: Effects) {
 }
 
 /// Run the event again after a backoff without spending a retry.
-async fn interrupted(cx: &WorkerContext, lease: Lease, error: String) {
+async fn interrupted(cx: &WorkerContext, lease: Lease, error: String, ran: Option<&Ran<'_>>) {
     let retry_at = Utc::now()
         + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
-    settle(cx, lease, Failure::Interrupted { error, retry_at }).await;
+    settle(cx, lease, Failure::Interrupted { error, retry_at }, ran).await;
 }
 
-async fn expired(cx: &WorkerContext, lease: Lease, route: &Route, id: uuid::Uuid) {
+async fn expired(
+    cx: &WorkerContext,
+    lease: Lease,
+    route: &Route,
+    id: uuid::Uuid,
+    ran: Option<&Ran<'_>>,
+) {
     tracing::warn!(event_id = %id, handler = %route.handler_name, "event expired before it could run; it is dead");
     metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(1);
     settle(
@@ -372,13 +400,36 @@ async fn expired(cx: &WorkerContext, lease: Lease, route: &Route, id: uuid::Uuid
         Failure::Dead {
             error: "expired".into(),
         },
+        ran,
     )
     .await;
 }
 
 /// Record a verdict other than success; the lease goes with it.
-async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure) {
-    match cx.store.fail(lease, &failure).await {
+async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure, ran: Option<&Ran<'_>>) {
+    let recorded = match ran {
+        Some(r) if cx.attempt_history > 0 => {
+            let ev = r.event;
+            let last = ev.retry + 1 >= r.route.max_retry.unwrap_or(ev.max_retry);
+            let (outcome, error) = crate::store::Attempt::outcome_of(&failure, last);
+            let record = crate::store::AttemptRecord {
+                attempt: crate::store::Attempt {
+                    attempt: ev.attempt(),
+                    started_at: r.started_at,
+                    duration_ms: r.elapsed.as_millis().min(i64::MAX as u128) as i64,
+                    handler: Some(r.route.handler_name.to_string()),
+                    version: r.route.handler.version().map(|v| v.to_string()),
+                    instance: ev.locked_by.clone(),
+                    outcome: outcome.to_owned(),
+                    error,
+                },
+                keep: cx.attempt_history,
+            };
+            cx.store.fail_recorded(lease, &failure, &record).await
+        }
+        _ => cx.store.fail(lease, &failure).await,
+    };
+    match recorded {
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!(event_id = %lease.id, "the event was cancelled, or its lease lost to another runtime, before its verdict could be recorded")

@@ -1,7 +1,8 @@
 //! Deletes dead events whose retention has passed, counted from the moment
 //! each one died (`dead_at`; rows that died before outrun recorded it count
 //! from `create_date`, the seed's `retry >= max_retry and create_date <=
-//! :before`). Live events are never touched, however old.
+//! :before`). Live events are never touched, however old. Also deletes
+//! the attempt history of events that no longer exist.
 
 use std::time::Duration;
 
@@ -32,6 +33,15 @@ pub async fn run_once(store: &Store, retention: Duration) -> Result<u64, StoreEr
         }
     }
     metrics::counter!("outrun_dead_cleaned_total").increment(total);
+    // The attempt history of events that are gone (handled, purged,
+    // cleaned): the ack does not delete it, to keep the success path one
+    // statement.
+    loop {
+        let n = store.cleanup_attempts(BATCH).await?;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
     Ok(total)
 }
 

@@ -7,10 +7,13 @@
 //! loop and the acker never make a per-event round trip that a batch could
 //! replace.
 
+pub mod attempts;
 pub mod lane;
 pub mod limits;
 pub mod migrate;
+pub mod pauses;
 pub mod postgres;
+pub mod query;
 pub mod schedules;
 pub mod sqlite;
 mod transient;
@@ -23,7 +26,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
+pub use attempts::{Attempt, AttemptRecord};
 pub use migrate::MigrationReport;
+pub use pauses::Pause;
+pub use query::{Cursor, EventQuery, Filter, Page, StateFilter};
 pub use value::{SqlRows, SqlValue};
 
 /// Errors at the store boundary. Every variant names what failed and, where
@@ -68,8 +74,14 @@ pub enum StoreError {
          run `outrun migrate` (serve migrates at start unless --no-migrate)"
     )]
     MigrationsPending { applied: i64, needed: i64 },
-    #[error("no event with id {0}")]
+    #[error(
+        "no event with id {0}: handled events are deleted at once, so it may have just finished \
+         (or the id is wrong)"
+    )]
     NotFound(Uuid),
+    /// A bulk operation's filter that selects nothing it may act on.
+    #[error("{0}")]
+    BadFilter(String),
     #[error("event {0} is not dead; only dead events can be replayed")]
     NotDead(Uuid),
     #[error(
@@ -122,6 +134,16 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+fn dead_only(filter: &Filter, what: &str) -> Result<()> {
+    match filter.state {
+        None | Some(StateFilter::Dead) => Ok(()),
+        Some(s) => Err(StoreError::BadFilter(format!(
+            "{what} acts on dead events only; state {} selects none (leave the state out or say dead)",
+            serde_json::to_string(&s).unwrap_or_default()
+        ))),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -131,7 +153,7 @@ pub enum Backend {
 
 /// Counts by state. `pending`: ready now; `scheduled`: waiting for
 /// `available_at` (delay or backoff); `running`: leased; `dead`: `retry >= max_retry`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub pending: i64,
     pub scheduled: i64,
@@ -182,13 +204,15 @@ pub(crate) enum CancelTarget<'a> {
         name: &'a str,
         group_id: Option<&'a str>,
     },
+    /// Live events only (a dead state is refused before).
+    Filter(&'a Filter),
 }
 
 /// `last_error` of a cancelled event.
 pub const CANCELLED: &str = "cancelled";
 
 /// What a cancel did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Cancelled {
     /// Events now dead with `last_error = 'cancelled'`.
     pub cancelled: u64,
@@ -551,6 +575,24 @@ impl Store {
         each!(self, s => s.get(id).await)
     }
 
+    /// One page of the events `query` selects, in one statement (keyset
+    /// pagination; see [`query`]).
+    pub async fn page(&self, query: &EventQuery) -> Result<Page> {
+        let dead = query.state.is_dead();
+        let limit = query.limit.clamp(1, 1000);
+        // One row more than asked tells whether a next page exists.
+        let mut rows = each!(self, s => s.page(query, limit + 1).await)?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        let next = more
+            .then(|| rows.last().map(|(ev, seq)| Cursor::of(ev, *seq, dead)))
+            .flatten();
+        Ok(Page {
+            events: rows.into_iter().map(|(ev, _)| ev).collect(),
+            next,
+        })
+    }
+
     /// [`Stats`] per event name, by name, in one `GROUP BY` statement.
     pub async fn stats_by_name(&self) -> Result<Vec<NameStats>> {
         each!(self, s => s.stats_by_name().await)
@@ -597,6 +639,54 @@ impl Store {
     pub async fn cancel_matching(&self, name: &str, group_id: Option<&str>) -> Result<Cancelled> {
         crate::event::validate_name(name)?;
         let target = CancelTarget::Name { name, group_id };
+        each!(self, s => s.cancel(target).await)
+    }
+
+    /// How many events `filter` selects now (live ones unless its state
+    /// says otherwise): the count a bulk operation's dry run reports.
+    pub async fn count_matching(&self, filter: &Filter) -> Result<u64> {
+        each!(self, s => s.count(filter).await)
+    }
+
+    /// Replay the dead events `filter` selects (its state must be dead or
+    /// unset); returns how many.
+    pub async fn replay_matching(&self, filter: &Filter) -> Result<u64> {
+        dead_only(filter, "replay")?;
+        each!(self, s => s.replay_filtered(filter).await)
+    }
+
+    /// Delete the dead events `filter` selects (its state must be dead or
+    /// unset); returns how many.
+    pub async fn purge_matching(&self, filter: &Filter) -> Result<u64> {
+        dead_only(filter, "purge")?;
+        each!(self, s => s.purge_filtered(filter).await)
+    }
+
+    /// Cancel the live events `filter` selects, as [`Store::cancel`] does
+    /// one. Refuses a dead state, and a filter that selects every live
+    /// event (give at least one condition).
+    pub async fn cancel_filtered(&self, filter: &Filter) -> Result<Cancelled> {
+        if filter.state == Some(StateFilter::Dead) {
+            return Err(StoreError::BadFilter(
+                "cancel acts on live events; state dead selects none (replay or purge them)".into(),
+            ));
+        }
+        if filter.group_id.is_some() && filter.name.is_none() {
+            return Err(StoreError::BadFilter(
+                "a group is only unique within an event name: give the name with the group".into(),
+            ));
+        }
+        if !filter.narrows() && filter.state.is_none() {
+            return Err(StoreError::BadFilter(
+                "cancel needs a condition (name, group, error text, since or a live state); \
+                 it does not cancel every live event"
+                    .into(),
+            ));
+        }
+        if let Some(n) = &filter.name {
+            crate::event::validate_name(n)?;
+        }
+        let target = CancelTarget::Filter(filter);
         each!(self, s => s.cancel(target).await)
     }
 

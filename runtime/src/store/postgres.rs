@@ -453,59 +453,120 @@ impl PgStore {
     }
 
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
+        self.fail_with(lease, failure, None).await
+    }
+
+    /// [`Self::fail`], and with a record: the attempt's row inserted (and
+    /// the event's rows beyond `keep` dropped) by the same statement.
+    pub(super) async fn fail_with(
+        &self,
+        lease: Lease,
+        failure: &Failure,
+        record: Option<&super::AttemptRecord>,
+    ) -> Result<bool> {
         // `retry < max_retry`: an event cancelled (or marked dead by hand)
         // while it ran stays dead whatever its attempt's verdict.
-        let query = match failure {
-            Failure::Retry {
-                error,
-                retry_at,
-                max_retry,
-            } => sqlx::query(
-                // SET expressions see the old row, so `retry + 1` and the
-                // max_retry override are applied to the values before this update.
+        let (update, params) = match failure {
+            // SET expressions see the old row, so `retry + 1` and the
+            // max_retry override are applied to the values before this update.
+            Failure::Retry { .. } => (
                 "UPDATE outbox_events
                  SET max_retry = COALESCE($3, max_retry), retry = retry + 1, last_error = $4,
                      available_at = $5, locked_by = NULL, locked_until = NULL, lock_token = NULL,
                      dead_at = CASE WHEN retry + 1 >= COALESCE($3, max_retry) THEN now() END
                  WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
-            )
-            .bind(lease.id)
-            .bind(lease.token)
-            // The column is a SMALLINT; a larger override means "practically
-            // never dead", which the largest SMALLINT still says.
-            .bind(max_retry.map(|m| m.min(i32::from(i16::MAX)) as i16))
-            .bind(error.as_str())
-            .bind(*retry_at),
-            Failure::Dead { error } => sqlx::query(
+                5,
+            ),
+            Failure::Dead { .. } => (
                 "UPDATE outbox_events
                  SET retry = max_retry, last_error = $3, dead_at = now(),
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
                  WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
-            )
-            .bind(lease.id)
-            .bind(lease.token)
-            .bind(error.as_str()),
-            Failure::Reschedule { at } => sqlx::query(
+                3,
+            ),
+            Failure::Reschedule { .. } => (
                 "UPDATE outbox_events
                  SET available_at = $3, deferrals = deferrals + 1,
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
                  WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
-            )
-            .bind(lease.id)
-            .bind(lease.token)
-            .bind(*at),
-            Failure::Interrupted { error, retry_at } => sqlx::query(
+                3,
+            ),
+            Failure::Interrupted { .. } => (
                 "UPDATE outbox_events
                  SET last_error = $3, available_at = $4,
                      locked_by = NULL, locked_until = NULL, lock_token = NULL
                  WHERE id = $1 AND lock_token = $2 AND retry < max_retry",
-            )
-            .bind(lease.id)
-            .bind(lease.token)
-            .bind(error.as_str())
-            .bind(*retry_at),
+                4,
+            ),
         };
-        Ok(query.execute(&self.bookkeeping).await?.rows_affected() == 1)
+        let sql = match record {
+            None => update.to_owned(),
+            Some(_) => {
+                let p = |i: usize| format!("${}", params + i);
+                // Data-modifying CTEs see one snapshot: the DELETE sees the
+                // rows before this INSERT, so it keeps `keep - 1` of them.
+                format!(
+                    "WITH upd AS ({update} RETURNING id),
+                     ins AS (
+                         INSERT INTO outrun_attempts
+                             (event_id, attempt, started_at, duration_ms, handler, version,
+                              instance, outcome, error)
+                         SELECT id, {}, {}, {}, {}, {}, {}, {}, {} FROM upd),
+                     old AS (
+                         DELETE FROM outrun_attempts
+                         WHERE event_id = $1 AND EXISTS (SELECT 1 FROM upd)
+                           AND id NOT IN (SELECT id FROM outrun_attempts WHERE event_id = $1
+                                          ORDER BY id DESC LIMIT {}))
+                     SELECT count(*) FROM upd",
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4),
+                    p(5),
+                    p(6),
+                    p(7),
+                    p(8),
+                    p(9)
+                )
+            }
+        };
+        let mut query = sqlx::query(&sql).bind(lease.id).bind(lease.token);
+        query = match failure {
+            Failure::Retry {
+                error,
+                retry_at,
+                max_retry,
+            } => query
+                // The column is a SMALLINT; a larger override means
+                // "practically never dead", which the largest SMALLINT
+                // still says.
+                .bind(max_retry.map(|m| m.min(i32::from(i16::MAX)) as i16))
+                .bind(error.as_str())
+                .bind(*retry_at),
+            Failure::Dead { error } => query.bind(error.as_str()),
+            Failure::Reschedule { at } => query.bind(*at),
+            Failure::Interrupted { error, retry_at } => query.bind(error.as_str()).bind(*retry_at),
+        };
+        match record {
+            None => Ok(query.execute(&self.bookkeeping).await?.rows_affected() == 1),
+            Some(r) => {
+                let a = &r.attempt;
+                let n: i64 = query
+                    .bind(a.attempt)
+                    .bind(a.started_at)
+                    .bind(a.duration_ms)
+                    .bind(a.handler.as_deref())
+                    .bind(a.version.as_deref())
+                    .bind(a.instance.as_deref())
+                    .bind(a.outcome.as_str())
+                    .bind(a.error.as_deref())
+                    .bind(i64::from(r.keep.max(1) - 1))
+                    .fetch_one(&self.bookkeeping)
+                    .await?
+                    .try_get(0)?;
+                Ok(n == 1)
+            }
+        }
     }
 
     pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
@@ -630,6 +691,40 @@ impl PgStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    pub(super) async fn page(
+        &self,
+        q: &super::EventQuery,
+        limit: i64,
+    ) -> Result<Vec<(Event, i64)>> {
+        let (cond, key) =
+            super::query::filter_cond(q.state, "now()", ["$1", "$2", "$3", "$4"], true);
+        let (dir, cmp) = if q.state.is_dead() {
+            ("DESC", "<")
+        } else {
+            ("ASC", ">")
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox_events
+             WHERE {cond}
+               AND ($5::timestamptz IS NULL OR ({key}, seq) {cmp} ($5, $6))
+             ORDER BY {key} {dir}, seq {dir}
+             LIMIT $7"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(q.name.as_deref())
+            .bind(q.group_id.as_deref())
+            .bind(q.error_contains.as_deref())
+            .bind(q.since)
+            .bind(q.after.map(|c| c.at))
+            .bind(q.after.map(|c| c.seq))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((event_from_row(row)?, row.try_get::<i64, _>("seq")?)))
+            .collect()
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -680,11 +775,20 @@ impl PgStore {
     /// tried again a few times before they count as busy.
     pub(super) async fn cancel(&self, target: CancelTarget<'_>) -> Result<Cancelled> {
         let cond = match target {
-            CancelTarget::Id(_) => "id = $1",
-            CancelTarget::Name { group_id: None, .. } => "name = $1",
+            CancelTarget::Id(_) => "id = $1".to_owned(),
+            CancelTarget::Name { group_id: None, .. } => "name = $1".to_owned(),
             CancelTarget::Name {
                 group_id: Some(_), ..
-            } => "name = $1 AND group_id = $2",
+            } => "name = $1 AND group_id = $2".to_owned(),
+            CancelTarget::Filter(f) => {
+                super::query::filter_cond(
+                    f.state.unwrap_or(super::StateFilter::Live),
+                    "now()",
+                    ["$1", "$2", "$3", "$4"],
+                    true,
+                )
+                .0
+            }
         };
         let cancel = format!(
             "WITH target AS (
@@ -727,6 +831,69 @@ impl PgStore {
         Ok(done)
     }
 
+    /// How many events `f` selects (state: live unless given).
+    pub(super) async fn count(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            f.state.unwrap_or(super::StateFilter::Live),
+            "now()",
+            ["$1", "$2", "$3", "$4"],
+            true,
+        );
+        let n: i64 = bind_filter(
+            sqlx::query_as::<_, (i64,)>(&format!(
+                "SELECT count(*) FROM outbox_events WHERE {cond}"
+            )),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .0;
+        Ok(n as u64)
+    }
+
+    /// Replay the dead events `f` selects.
+    pub(super) async fn replay_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "now()",
+            ["$1", "$2", "$3", "$4"],
+            true,
+        );
+        let n = bind_filter(
+            sqlx::query_as::<_, (i64,)>(&format!(
+                "WITH done AS ({REPLAY} WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
+            )),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .0;
+        if n > 0 {
+            self.notify().await?;
+        }
+        Ok(n as u64)
+    }
+
+    /// Delete the dead events `f` selects.
+    pub(super) async fn purge_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "now()",
+            ["$1", "$2", "$3", "$4"],
+            true,
+        );
+        let n = bind_filter(
+            sqlx::query_as::<_, (i64,)>(&format!(
+                "WITH done AS (DELETE FROM outbox_events WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
+            )),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .0;
+        Ok(n as u64)
+    }
+
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
         let n = sqlx::query(
             "DELETE FROM outbox_events
@@ -750,6 +917,17 @@ impl PgStore {
     }
 }
 
+/// Bind the four parameters of a [`super::query::filter_cond`].
+fn bind_filter<'q, O>(
+    q: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+    f: &'q super::Filter,
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    q.bind(f.name.as_deref())
+        .bind(f.group_id.as_deref())
+        .bind(f.error_contains.as_deref())
+        .bind(f.since)
+}
+
 /// Bind the parameters of a [`CancelTarget`]'s condition.
 fn bind_target<'q, O>(
     q: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
@@ -761,6 +939,7 @@ fn bind_target<'q, O>(
             None => q.bind(name),
             Some(g) => q.bind(name).bind(g),
         },
+        CancelTarget::Filter(f) => bind_filter(q, f),
     }
 }
 

@@ -397,9 +397,24 @@ impl SqliteStore {
     }
 
     pub async fn fail(&self, lease: Lease, failure: &Failure) -> Result<bool> {
+        self.fail_with(lease, failure, None).await
+    }
+
+    /// [`Self::fail`], and with a record: the attempt's row inserted (and
+    /// the event's rows beyond `keep` dropped) in the same transaction.
+    pub(super) async fn fail_with(
+        &self,
+        lease: Lease,
+        failure: &Failure,
+        record: Option<&super::AttemptRecord>,
+    ) -> Result<bool> {
         let id = lease.id.to_string();
         let token = lease.token.to_string();
         let conn = self.writer.lock().await;
+        let tx = match record {
+            Some(_) => Some(conn.unchecked_transaction()?),
+            None => None,
+        };
         // `retry < max_retry`: an event cancelled (or marked dead by hand)
         // while it ran stays dead whatever its attempt's verdict.
         let n = match failure {
@@ -455,6 +470,36 @@ impl SqliteStore {
                     retry_at.timestamp_millis()
                 ])?,
         };
+        if let (Some(tx), Some(r)) = (tx, record) {
+            if n == 1 {
+                let a = &r.attempt;
+                tx.prepare_cached(
+                    "INSERT INTO outrun_attempts
+                         (event_id, attempt, started_at, duration_ms, handler, version, instance,
+                          outcome, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(rusqlite::params![
+                    id,
+                    a.attempt,
+                    a.started_at.timestamp_millis(),
+                    a.duration_ms,
+                    a.handler,
+                    a.version,
+                    a.instance,
+                    a.outcome,
+                    a.error,
+                ])?;
+                tx.prepare_cached(
+                    "DELETE FROM outrun_attempts
+                     WHERE event_id = ?1
+                       AND id NOT IN (SELECT id FROM outrun_attempts WHERE event_id = ?1
+                                      ORDER BY id DESC LIMIT ?2)",
+                )?
+                .execute(rusqlite::params![id, i64::from(r.keep.max(1))])?;
+            }
+            tx.commit()?;
+        }
         Ok(n == 1)
     }
 
@@ -590,6 +635,42 @@ impl SqliteStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    pub(super) async fn page(
+        &self,
+        q: &super::EventQuery,
+        limit: i64,
+    ) -> Result<Vec<(Event, i64)>> {
+        // The time as a literal: a parameter left unused by some states
+        // would be refused by SQLite's binding.
+        let now = now_ms().to_string();
+        let (cond, key) = super::query::filter_cond(q.state, &now, ["?1", "?2", "?3", "?4"], false);
+        let (dir, cmp) = if q.state.is_dead() {
+            ("DESC", "<")
+        } else {
+            ("ASC", ">")
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM outbox_events
+             WHERE {cond}
+               AND (?5 IS NULL OR ({key}, rowid) {cmp} (?5, ?6))
+             ORDER BY {key} {dir}, rowid {dir}
+             LIMIT ?7"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(q.name.as_deref())
+            .bind(q.group_id.as_deref())
+            .bind(q.error_contains.as_deref())
+            .bind(q.since.map(|t| t.timestamp_millis()))
+            .bind(q.after.map(|c| c.at.timestamp_millis()))
+            .bind(q.after.map(|c| c.seq))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((event_from_row(row)?, row.try_get::<i64, _>("seq")?)))
+            .collect()
+    }
+
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = ?1");
         let row = sqlx::query(&sql)
@@ -638,11 +719,20 @@ impl SqliteStore {
     /// changes between counting the running events and cancelling.
     pub(super) async fn cancel(&self, target: CancelTarget<'_>) -> Result<Cancelled> {
         let cond = match target {
-            CancelTarget::Id(_) => "id = ?2",
-            CancelTarget::Name { group_id: None, .. } => "name = ?2",
+            CancelTarget::Id(_) => "id = ?2".to_owned(),
+            CancelTarget::Name { group_id: None, .. } => "name = ?2".to_owned(),
             CancelTarget::Name {
                 group_id: Some(_), ..
-            } => "name = ?2 AND group_id = ?3",
+            } => "name = ?2 AND group_id = ?3".to_owned(),
+            CancelTarget::Filter(f) => {
+                super::query::filter_cond(
+                    f.state.unwrap_or(super::StateFilter::Live),
+                    "?1",
+                    ["?2", "?3", "?4", "?5"],
+                    false,
+                )
+                .0
+            }
         };
         let running = format!(
             "SELECT count(*) FROM outbox_events
@@ -675,6 +765,64 @@ impl SqliteStore {
             running: running as u64,
             busy: 0,
         })
+    }
+
+    /// How many events `f` selects (state: live unless given).
+    pub(super) async fn count(&self, f: &super::Filter) -> Result<u64> {
+        let now = now_ms().to_string();
+        let (cond, _) = super::query::filter_cond(
+            f.state.unwrap_or(super::StateFilter::Live),
+            &now,
+            ["?1", "?2", "?3", "?4"],
+            false,
+        );
+        let n: i64 = bind_filter(
+            sqlx::query(&format!("SELECT count(*) FROM outbox_events WHERE {cond}")),
+            f,
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok(n as u64)
+    }
+
+    /// Replay the dead events `f` selects.
+    pub(super) async fn replay_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "?1",
+            ["?2", "?3", "?4", "?5"],
+            false,
+        );
+        let n = bind_filter(
+            sqlx::query(&format!("{REPLAY} WHERE {cond}")).bind(now_ms()),
+            f,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n)
+    }
+
+    /// Delete the dead events `f` selects.
+    pub(super) async fn purge_filtered(&self, f: &super::Filter) -> Result<u64> {
+        let (cond, _) = super::query::filter_cond(
+            super::StateFilter::Dead,
+            "0",
+            ["?1", "?2", "?3", "?4"],
+            false,
+        );
+        let n = bind_filter(
+            sqlx::query(&format!("DELETE FROM outbox_events WHERE {cond}")),
+            f,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
     pub async fn purge_dead(&self, before: Option<DateTime<Utc>>) -> Result<u64> {
@@ -731,7 +879,20 @@ fn bind_target<'q>(
             None => q.bind(name),
             Some(g) => q.bind(name).bind(g),
         },
+        CancelTarget::Filter(f) => bind_filter(q, f),
     }
+}
+
+/// Bind the four parameters of a [`super::query::filter_cond`] (name,
+/// group, error text, since in ms), after those bound already.
+fn bind_filter<'q>(
+    q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    f: &'q super::Filter,
+) -> sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>> {
+    q.bind(f.name.as_deref())
+        .bind(f.group_id.as_deref())
+        .bind(f.error_contains.as_deref())
+        .bind(f.since.map(|t| t.timestamp_millis()))
 }
 
 /// Make dead rows live again; `?1` is now. `last_error` stays for the record.

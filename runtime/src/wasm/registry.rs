@@ -85,9 +85,10 @@ impl Default for HostServices {
 }
 
 /// One loaded handler, for `outrun handlers list` and the admin API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HandlerInfo {
     pub name: String,
+    #[schema(value_type = String)]
     pub module: PathBuf,
     /// blake3 of the `.wasm` currently serving (hex).
     pub hash: String,
@@ -1021,6 +1022,6 @@ impl Handler for HandlerVersion {
     }
 
     fn version(&self) -> Option<Arc<str>> {
-        Some(self.short.clone())
+        Some(Arc::from(self.hash.to_hex().as_str()))
     }
 }
