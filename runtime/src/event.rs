@@ -102,6 +102,8 @@ pub struct EventRequest {
     pub expires_in: Option<Duration>,
     pub max_retry: Option<i32>,
     pub idempotency_key: Option<String>,
+    /// The producer's W3C trace context (`00-<trace id>-<span id>-<flags>`);
+    /// with `[otel]` the event's attempts are spans of that trace.
     pub traceparent: Option<String>,
 }
 
