@@ -14,6 +14,8 @@
 # floors; EFFECTS_EVENTS (default 20000) for the sql/emit drains, the noop
 # drains they are compared with and the effects floors, at
 # EFFECTS_CONCURRENCY (default 16, also pgbench's client count);
+# POLYGLOT_EVENTS (default 2000) for the fresh-instance Python/JS drains
+# (their reuse drains take EFFECTS_EVENTS);
 # PGBENCH_SECONDS (default 10).
 #
 # Trying the script out without touching docs/benchmarks.md: ONLY="label ..."
@@ -36,6 +38,7 @@ BIG_RUNS=${BIG_RUNS:-$RUNS}
 EVENTS=${EVENTS:-100000}
 EFFECTS_EVENTS=${EFFECTS_EVENTS:-20000}
 EFFECTS_CONCURRENCY=${EFFECTS_CONCURRENCY:-16}
+POLYGLOT_EVENTS=${POLYGLOT_EVENTS:-2000}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-10}
 PAYLOAD_BYTES=200
 # The floors claim as many rows per statement as the bench's --batch-size.
@@ -100,7 +103,7 @@ run_one() {
   fi
   local config=()
   if [ -n "${BENCH_CONFIG:-}" ]; then config=(--config "$BENCH_CONFIG"); fi
-  "$bin" "${config[@]}" --database "$url" bench --module "$module" --cache-dir "$cache" --json "$@" >>"$work/$label.jsonl"
+  "$bin" "${config[@]}" --database "$url" bench --module "${BENCH_MODULE:-$module}" --cache-dir "$cache" --json "$@" >>"$work/$label.jsonl"
   if [ "$backend" = postgres ]; then pg_drop "$url"; fi
   tail -n1 "$work/$label.jsonl" >&2
 }
@@ -109,7 +112,7 @@ scenario() {
   local label=$1 backend=$2; shift 2
   wanted "$label" || return 0
   echo "== $label ($backend): outrun bench $*" >&2
-  printf '%s\t%s\t%s\n' "$label" outrun "${BENCH_CONFIG:+(config ${BENCH_CONFIG##*/}, written by scripts/bench.sh) }$*" >>"$work/commands.tsv"
+  printf '%s\t%s\t%s\n' "$label" outrun "${BENCH_CONFIG:+(config ${BENCH_CONFIG##*/}, written by scripts/bench.sh) }${BENCH_MODULE:+(--module $BENCH_MODULE instead) }$*" >>"$work/commands.tsv"
   for _ in $(seq "${SCENARIO_RUNS:-$RUNS}"); do run_one "$label" "$backend" "$@"; done
 }
 
@@ -340,6 +343,19 @@ for backend in sqlite pg; do
     done
   done
 done
+# Python and JavaScript (the bench guests of handlers/bench-{python,js}:
+# parse the payload, return): a new instance per event vs a warm pool.
+# Fresh instances cost milliseconds each, hence fewer events.
+if wanted sqlite-drain-python-fresh || wanted sqlite-drain-python-reuse ||
+  wanted sqlite-drain-js-fresh || wanted sqlite-drain-js-reuse; then
+  scripts/build-polyglot-guests.sh
+fi
+for lang in python js; do
+  BENCH_MODULE=target/guests/bench_$lang.wasm scenario sqlite-drain-$lang-fresh sqlite \
+    --events "$POLYGLOT_EVENTS" --concurrency "$EFFECTS_CONCURRENCY" --payload-bytes $PAYLOAD_BYTES --handler json --instances fresh
+  BENCH_MODULE=target/guests/bench_$lang.wasm scenario sqlite-drain-$lang-reuse sqlite \
+    --events "$EFFECTS_EVENTS" --concurrency "$EFFECTS_CONCURRENCY" --payload-bytes $PAYLOAD_BYTES --handler json --instances reuse
+done
 floor sqlite-floor-noop sqlite false "$EVENTS"
 floor sqlite-floor-sql  sqlite true  "$EFFECTS_EVENTS"
 floor pg-floor-noop     postgres false "$EVENTS"
@@ -474,6 +490,9 @@ for be in ("sqlite", "pg"):
     name = "SQLite" if be == "sqlite" else "PostgreSQL"
     ratio(f"{name} sql / noop", row(f"{be}-drain-sql"), base, 0.6)
     ratio(f"{name} emit / noop", row(f"{be}-drain-emit"), base, 0.6)
+for lang, name in (("python", "Python"), ("js", "JavaScript")):
+    ratio(f"{name} json, reused / fresh instances", row(f"sqlite-drain-{lang}-reuse"),
+          row(f"sqlite-drain-{lang}-fresh"), 5.0)
 for be, name in (("sqlite", "SQLite"), ("pg", "PostgreSQL")):
     plain = f"{be}-drain-plain"
     ratio(f"{name} noop, a rate limit that does not bind / none", row(f"{be}-drain-limit-rate"), row(plain), 0.95)

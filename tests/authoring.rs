@@ -90,6 +90,95 @@ fn handlers_export_writes_checkable_components() {
     );
 }
 
+/// A module built against an older WIT of outrun (its `outrun:handler`
+/// imports at version 0.0.9) is refused by `handlers check`, `handlers run`
+/// and `serve` with a message naming each mismatching interface and the fix.
+#[test]
+fn module_built_against_an_older_wit_is_refused_naming_the_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    // The bench guest with its sql and emit imports renamed to version
+    // 0.0.9: the import names are length-prefixed strings, and the new ones
+    // are as long as the old, so the component stays well-formed; the
+    // names are all that tells a module built against another wit/ apart.
+    let bytes = std::fs::read(common::guest("bench")).unwrap();
+    let mut old = bytes.clone();
+    for iface in ["sql", "emit"] {
+        let (from, to) = (
+            format!("outrun:handler/{iface}@0.1.0"),
+            format!("outrun:handler/{iface}@0.0.9"),
+        );
+        let at: Vec<usize> = old
+            .windows(from.len())
+            .enumerate()
+            .filter(|(_, w)| *w == from.as_bytes())
+            .map(|(i, _)| i)
+            .collect();
+        assert!(!at.is_empty(), "the bench guest imports {from}");
+        for i in at {
+            old[i..i + to.len()].copy_from_slice(to.as_bytes());
+        }
+    }
+    let module = dir.path().join("old.wasm");
+    std::fs::write(&module, &old).unwrap();
+    let module_s = module.to_str().unwrap();
+    let says = |err: &str| {
+        assert!(err.contains(module_s), "{err}");
+        assert!(
+            err.contains("built against an older version of outrun's WIT (outrun:handler@0.0.9)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("imports outrun:handler/emit@0.0.9, outrun:handler/sql@0.0.9")
+                || err.contains("imports outrun:handler/sql@0.0.9, outrun:handler/emit@0.0.9"),
+            "{err}"
+        );
+        assert!(err.contains("provides outrun:handler@0.1.0"), "{err}");
+        assert!(
+            err.contains("rebuild the handler against this outrun's wit/"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("wrong type"),
+            "linking's error instead: {err}"
+        );
+    };
+    says(&fails(&outrun_in(
+        dir.path(),
+        &["handlers", "check", module_s],
+    )));
+    says(&fails(&outrun_in(
+        dir.path(),
+        &[
+            "handlers",
+            "run",
+            module_s,
+            "--event",
+            "bench.noop",
+            "--payload",
+            "{}",
+        ],
+    )));
+
+    let db = TestDb::sqlite();
+    let config = dir.path().join("outrun.toml");
+    std::fs::write(
+        &config,
+        format!("[[handler]]\nname = \"old\"\nevents = [\"bench.noop\"]\nmodule = {module_s:?}\n"),
+    )
+    .unwrap();
+    let out = common::outrun_command(&db)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    // serve logs its start-up before loading the handlers; the error is
+    // its last line.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{stderr}");
+    says(last);
+}
+
 #[test]
 fn new_refuses_a_non_empty_dir_and_unknown_languages() {
     let dir = tempfile::tempdir().unwrap();

@@ -99,6 +99,7 @@ async fn drain_reports_all_keys(db: TestDb) {
     let r = report(&out);
     common_keys(&r, &db, "drain", 300);
     assert_eq!(r["handler"], "json", "{r}");
+    assert_eq!(r["instances"], "fresh", "{r}");
     assert_eq!(r["payload_bytes"], 200, "{r}");
     assert_eq!(r["latency_from"], "handler_start", "{r}");
     // 300 events at `events_per_sec` take `seconds`: the two agree.
@@ -290,7 +291,33 @@ async fn lost_effects_fail_the_run(db: TestDb) {
     }
 }
 
+/// `--instances reuse`: the bench guest served from a warm pool drains
+/// everything, and the report says which mode it measured.
+async fn reuse_instances_drain(db: TestDb) {
+    let r = report(&outrun(
+        &db,
+        &[
+            "bench",
+            "--events",
+            "200",
+            "--concurrency",
+            "8",
+            "--handler",
+            "json",
+            "--instances",
+            "reuse",
+            "--reuse-events",
+            "7",
+            "--json",
+        ],
+    ));
+    common_keys(&r, &db, "drain", 200);
+    assert_eq!(r["instances"], "reuse", "{r}");
+    assert_eq!(outbox_total(&db).await, 0, "the bench left rows behind");
+}
+
 on_both_backends!(
+    reuse_instances_drain,
     drain_reports_all_keys,
     latency_reports_all_keys,
     refuses_a_non_empty_outbox,
@@ -323,6 +350,41 @@ fn reload_reports_all_keys() {
     );
 }
 
+/// The Python and JavaScript bench guests (scripts/build-polyglot-guests.sh)
+/// stand in for the Rust one through `--module`, fresh and reused: the
+/// per-event cost of each language's engine is measured the same way.
+#[test]
+fn polyglot_bench_guests_drain_fresh_and_reused() {
+    // Shared with tests/polyglot.rs: these components take the longest to
+    // compile, so a warm artifact cache matters most here.
+    let cache = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-artifact-cache");
+    for stem in ["bench_python", "bench_js"] {
+        let module = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/guests")
+            .join(format!("{stem}.wasm"));
+        assert!(
+            module.exists(),
+            "{} is missing: run scripts/build-polyglot-guests.sh",
+            module.display()
+        );
+        for instances in ["fresh", "reuse"] {
+            let db = TestDb::sqlite();
+            let out = common::outrun_command(&db)
+                .args(["bench", "--events", "20", "--concurrency", "4"])
+                .args(["--handler", "json", "--instances", instances, "--json"])
+                .args(["--cache-dir", cache])
+                .arg("--module")
+                .arg(&module)
+                .output()
+                .expect("run outrun");
+            let r = report(&out);
+            assert_eq!(r["events"], 20, "{stem} {instances}: {r}");
+            assert_eq!(r["instances"], instances, "{stem} {instances}: {r}");
+            positive(&r, "events_per_sec");
+        }
+    }
+}
+
 #[test]
 fn bad_arguments_are_refused_in_one_line() {
     let db = TestDb::sqlite();
@@ -336,6 +398,11 @@ fn bad_arguments_are_refused_in_one_line() {
         ),
         (vec!["bench", "--mode", "sideways"], "sideways"),
         (vec!["bench", "--handler", "nope"], "nope"),
+        (vec!["bench", "--instances", "shared"], "shared"),
+        (
+            vec!["bench", "--instances", "reuse", "--reuse-events", "0"],
+            "--reuse-events",
+        ),
         (
             vec!["bench", "--module", "/nonexistent/bench.wasm"],
             "build-guests.sh",

@@ -293,6 +293,66 @@ fn kv_logs_and_http_fixtures_are_reported() {
 }
 
 /// Real HTTP to an allowed host; a host not allowed is denied and reported.
+/// `publish` calls are recorded and succeed without a broker (nothing is
+/// sent without --commit); a config handler without a broker keeps its
+/// topic grants, and a denied topic is recorded with its error.
+#[test]
+fn publish_calls_are_recorded_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = json!({"batch": true, "messages": [
+        {"topic": "orders", "id": "m1", "key": "k1", "headers": [["h", "v"]], "body": {"n": 1}},
+        {"topic": "audit", "id": "m2", "body": "hi"}
+    ]})
+    .to_string();
+    let args = ["--event", "probe.publish", "--payload", &payload];
+    let r = report(&run_bare(dir.path(), &[&args[..], &["--json"]].concat()));
+    assert_eq!(r["outcome"]["status"], "done", "{r}");
+    assert_eq!(
+        r["published"],
+        json!([
+            {"kind": "publish", "topic": "orders", "key": "k1",
+             "headers": [["message-id", "m1"], ["h", "v"]], "body": "{\"n\":1}", "sent": false},
+            {"kind": "publish", "topic": "audit",
+             "headers": [["message-id", "m2"]], "body": "\"hi\"", "sent": false}
+        ]),
+        "{r}"
+    );
+    let text = ok(&run_bare(dir.path(), &args));
+    assert!(
+        text.contains(r#"publish orders key "k1" headers [("message-id", "m1"), ("h", "v")] {"n":1} -> recorded, not sent"#),
+        "{text}"
+    );
+
+    // A [[handler]] of a config without a broker: its grants apply.
+    let config = dir.path().join("outrun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[handler]]\nname = \"p\"\nevents = [\"probe.publish\"]\nmodule = {:?}\n\n[handler.allow]\npublish = [\"orders\"]\n",
+            guest("probe").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(dir.path())
+        .env_remove("OUTRUN_DATABASE_URL")
+        .args(["--config", config.to_str().unwrap(), "handlers", "run", "p"])
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let r = report(&out);
+    assert_eq!(r["outcome"]["status"], "error", "{r}");
+    // The whole batch is checked before anything is produced: only the
+    // denied message is in the record, with its error.
+    assert_eq!(r["published"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["published"][0]["topic"], "audit", "{r}");
+    assert_eq!(r["published"][0]["sent"], false, "{r}");
+    let error = r["published"][0]["error"].as_str().unwrap();
+    assert!(error.starts_with("denied: "), "{r}");
+    assert!(error.contains("audit"), "{r}");
+}
+
 #[test]
 fn real_http_needs_allow_http() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -498,3 +498,207 @@ fn js_sdk_host_tests_pass() {
         "{all}"
     );
 }
+
+/// `outrun dev` as a child: stdout (the live lines) and stderr in files.
+struct Dev {
+    child: std::process::Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Dev {
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+    async fn wait_for_line(&self, what: &str, deadline: Duration) {
+        common::eventually(what, deadline, || async {
+            self.stdout().contains(what).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the hot-reload test edits in a language's new project.
+struct Edit {
+    /// The file with the tier logic.
+    file: &'static str,
+    /// (what, replacement): VIP customers become "platinum".
+    from: &'static str,
+    to: &'static str,
+    /// Appended to `file`: a syntax error.
+    broken: &'static str,
+    /// What the toolchain's error says about it.
+    error_says: &'static str,
+}
+
+async fn tier_of(db: &TestDb, order: i64) -> Option<String> {
+    db.strings(&format!(
+        "SELECT tier FROM order_tiers WHERE order_id = {order}"
+    ))
+    .await
+    .into_iter()
+    .next()
+}
+
+/// `outrun new --lang L` → `outrun dev` builds it with the language's
+/// toolchain and serves it; an edit is rebuilt and hot-reloaded; a broken
+/// edit prints the toolchain's error and the last good version serves on.
+async fn dev_hot_reloads(lang: &Lang, edit: &Edit) {
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&outrun_in(
+        tmp.path(),
+        &["new", "order-welcome", "--lang", lang.flag],
+    ));
+    let project = tmp.path().join("order-welcome");
+    let db = TestDb::sqlite();
+    ok(&common::outrun(&db, &["migrate"]));
+    db.exec(SCHEMA).await;
+    let port = customer_service();
+    let config = std::fs::read_to_string(project.join("outrun.toml")).unwrap();
+    let patched = config
+        .replace("sqlite://app.db?mode=rwc", db.url())
+        .replace(
+            "\"http://customers.local\"",
+            &format!("\"http://127.0.0.1:{port}\""),
+        )
+        .replace("[\"customers.local\"]", &format!("[\"127.0.0.1:{port}\"]"));
+    assert_ne!(config, patched, "the template's outrun.toml changed shape");
+    std::fs::write(project.join("outrun.toml"), patched).unwrap();
+
+    let path = format!(
+        "{}:{}",
+        toolchain_bin(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (out, err) = (tmp.path().join("dev.out"), tmp.path().join("dev.err"));
+    let child = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(&project)
+        .args(["dev", "--config", "outrun.toml"])
+        .envs(FAST_ENV)
+        .env("PATH", path)
+        .env_remove("OUTRUN_DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let dev = Dev { child, out, err };
+    dev.wait_for_line("dev: built order-welcome", Duration::from_secs(300))
+        .await;
+    common::eventually("dev to serve", Duration::from_secs(300), || async {
+        dev.stderr().contains("dispatch loop started").then_some(())
+    })
+    .await;
+
+    let enqueue = |order: i64| {
+        let payload = format!(r#"{{"order_id":{order},"customer_id":7,"amount_cents":500}}"#);
+        ok(&common::outrun(
+            &db,
+            &["enqueue", "order.created", "--payload", &payload],
+        ));
+    };
+    enqueue(1);
+    let first = common::eventually("order 1 handled", Duration::from_secs(120), || {
+        tier_of(&db, 1)
+    })
+    .await;
+    assert_eq!(first, "gold", "the customer service says vip");
+    dev.wait_for_line("-> order-welcome attempt 1 done", Duration::from_secs(10))
+        .await;
+
+    // An edit is rebuilt with the toolchain and hot-reloaded.
+    let file = project.join(edit.file);
+    let source = std::fs::read_to_string(&file).unwrap();
+    assert!(source.contains(edit.from), "{} changed shape", edit.file);
+    std::fs::write(&file, source.replace(edit.from, edit.to)).unwrap();
+    dev.wait_for_line("dev: reloaded order-welcome", Duration::from_secs(300))
+        .await;
+    enqueue(2);
+    let second = common::eventually("order 2 handled", Duration::from_secs(120), || {
+        tier_of(&db, 2)
+    })
+    .await;
+    assert_eq!(second, "platinum", "the edited version serves");
+
+    // A broken edit: the toolchain's error is shown, the old version serves.
+    let edited = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{edited}{}", edit.broken)).unwrap();
+    dev.wait_for_line(
+        "dev: build of order-welcome failed",
+        Duration::from_secs(300),
+    )
+    .await;
+    let stdout = dev.stdout();
+    assert!(stdout.contains("keeps serving"), "{stdout}");
+    assert!(
+        stdout.contains(edit.error_says),
+        "the toolchain's error is shown: {stdout}"
+    );
+    enqueue(3);
+    let third = common::eventually("order 3 handled", Duration::from_secs(120), || {
+        tier_of(&db, 3)
+    })
+    .await;
+    assert_eq!(third, "platinum", "the last good version keeps serving");
+    // Build outputs (target/, __pycache__) did not trigger builds of their
+    // own: one start-up build, the edit, the broken edit.
+    let stdout = dev.stdout();
+    assert_eq!(
+        stdout.matches("changed; building").count(),
+        2,
+        "rebuilt in a loop: {stdout}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &dev.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut dev = dev;
+    let status = dev.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "dev exited with {status}; stderr:\n{}",
+        dev.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_dev_hot_reloads_an_edit_and_survives_a_broken_one() {
+    dev_hot_reloads(
+        &PYTHON,
+        &Edit {
+            file: "app.py",
+            from: r#"return "gold" if vip"#,
+            to: r#"return "platinum" if vip"#,
+            broken: "\ndef broken(:\n",
+            error_says: "SyntaxError: invalid syntax (app.py, line",
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_dev_hot_reloads_an_edit_and_survives_a_broken_one() {
+    dev_hot_reloads(
+        &JS,
+        &Edit {
+            file: "logic.js",
+            from: "? 'gold'",
+            to: "? 'platinum'",
+            broken: "\nfunction broken( {\n",
+            error_says: "SyntaxError",
+        },
+    )
+    .await;
+}

@@ -1201,3 +1201,49 @@ async fn bench_publish_reports_the_handler_and_the_producer_alone() {
     );
     assert!(err.contains("OUTRUN_KAFKA_BROKERS"), "{err}");
 }
+
+/// `outrun handlers run` of a configured handler: without --commit its
+/// publish calls are recorded and nothing reaches the broker; with --commit
+/// they are sent to the config's broker, and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_run_sends_publish_calls_only_with_commit() {
+    let broker = Broker::any();
+    let topic = broker.topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = probe_config(dir.path(), &kafka_section(&broker, "10s"), &[&topic]);
+    let run = |id: &str, commit: bool| {
+        let payload = json!({"messages": [probe_message(&topic, id, Some("k"), json!({"n": 1}))]})
+            .to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrun"));
+        cmd.current_dir(dir.path())
+            .env_remove("OUTRUN_DATABASE_URL")
+            .arg("--config")
+            .arg(&config)
+            .args(["handlers", "run", "probe", "--event", "probe.publish"])
+            .args(["--payload", &payload, "--json"]);
+        if commit {
+            cmd.arg("--commit");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let recorded = run("m-recorded", false);
+    assert_eq!(
+        recorded["published"][0]["topic"],
+        topic.as_str(),
+        "{recorded}"
+    );
+    assert_eq!(recorded["published"][0]["sent"], false, "{recorded}");
+    let sent = run("m-sent", true);
+    assert_eq!(sent["published"][0]["sent"], true, "{sent}");
+    assert!(sent["published"][0]["error"].is_null(), "{sent}");
+
+    let records = broker.read_all(&topic, 1).await;
+    let ids: Vec<&str> = records.iter().map(|r| r.id()).collect();
+    assert_eq!(ids, ["m-sent"], "only the --commit run reached the broker");
+}

@@ -124,8 +124,21 @@ pub struct Args {
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
     /// The bench guest component [default: the one this binary carries].
+    /// Any component bound to the `bench.*` events can stand in: the
+    /// Python and JavaScript bench guests (target/guests/bench_python.wasm,
+    /// bench_js.wasm, built by scripts/build-polyglot-guests.sh) parse the
+    /// payload of every event, so they serve `--handler noop|json`.
     #[arg(long, env = "OUTRUN_BENCH_MODULE", value_name = "PATH")]
     pub module: Option<PathBuf>,
+    /// The handler's `instances`: `fresh` (a new instance per event) or
+    /// `reuse` (a warm pool of `--concurrency` instances, each recycled
+    /// after `--reuse-events` events).
+    #[arg(long, value_enum, default_value_t = crate::wasm::InstanceMode::Fresh)]
+    pub instances: crate::wasm::InstanceMode,
+    /// `--instances reuse`: events a warm instance serves before it is
+    /// replaced (the handler's `reuse_events`).
+    #[arg(long, default_value_t = crate::wasm::spec::DEFAULT_REUSE_EVENTS)]
+    pub reuse_events: u32,
     /// Compiled-artifact cache [default: outrun-bench-cache in the system
     /// temp directory], so repeated runs do not recompile the guest.
     #[arg(long, value_name = "DIR")]
@@ -173,6 +186,8 @@ pub struct Report {
     pub backend: Backend,
     pub mode: Mode,
     pub handler: HandlerKind,
+    /// The handler's instance mode (`fresh`, `reuse`).
+    pub instances: crate::wasm::InstanceMode,
     pub events: u64,
     pub concurrency: usize,
     pub batch_size: usize,
@@ -239,6 +254,9 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
     }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    if args.instances == crate::wasm::InstanceMode::Reuse && args.reuse_events == 0 {
+        bail!("--reuse-events must be at least 1 (the events a warm instance serves)");
     }
     if !(args.rate.is_finite() && args.rate > 0.0) {
         bail!("--rate must be a positive number of events per second");
@@ -521,11 +539,18 @@ async fn load_handler(
     args: &Args,
     target: &Option<PublishTarget>,
 ) -> anyhow::Result<(Arc<Registry>, f64, bool)> {
-    let spec = bench_spec(
+    let mut spec = bench_spec(
         args.module().to_path_buf(),
         args.handler,
         target.as_ref().map(|t| t.topic.as_str()),
     );
+    spec.instances = args.instances;
+    spec.reuse_events = args.reuse_events;
+    if args.instances == crate::wasm::InstanceMode::Reuse {
+        // The warm pool keeps `concurrency` idle instances (8 without it):
+        // one per worker, so no event waits for a fresh one in steady state.
+        spec.concurrency = Some(args.concurrency);
+    }
     let services = HostServices {
         cache_dir: Some(
             args.cache_dir
@@ -679,6 +704,7 @@ async fn drain(
         backend: store.backend(),
         mode: Mode::Drain,
         handler: args.handler,
+        instances: args.instances,
         events,
         concurrency: args.concurrency,
         batch_size: args.batch_size,
@@ -784,6 +810,7 @@ async fn latency(
         backend: store.backend(),
         mode: Mode::Latency,
         handler: args.handler,
+        instances: args.instances,
         events,
         concurrency: args.concurrency,
         batch_size: args.batch_size,
@@ -1045,8 +1072,15 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn print_text(r: &Report) {
     println!(
-        "{:?} {:?}, handler {:?}: {} events, {}-byte payload, concurrency {}, batch {}",
-        r.backend, r.mode, r.handler, r.events, r.payload_bytes, r.concurrency, r.batch_size
+        "{:?} {:?}, handler {:?} ({:?} instances): {} events, {}-byte payload, concurrency {}, batch {}",
+        r.backend,
+        r.mode,
+        r.handler,
+        r.instances,
+        r.events,
+        r.payload_bytes,
+        r.concurrency,
+        r.batch_size
     );
     println!(
         "enqueue: {:.0} events/s ({:.2} s)",

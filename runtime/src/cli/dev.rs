@@ -106,6 +106,10 @@ async fn build(w: &Watched) -> Result<Duration, String> {
         .arg("-c")
         .arg(&w.build)
         .current_dir(&w.source)
+        // componentize-py reports a Python SyntaxError as an anyhow error,
+        // which RUST_BACKTRACE=1 in the author's shell turns into 40 lines
+        // of backtrace that push the error itself out of the tail shown.
+        .env("RUST_LIB_BACKTRACE", "0")
         .stdin(std::process::Stdio::null())
         .output()
         .await

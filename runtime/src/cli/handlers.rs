@@ -170,8 +170,9 @@ pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
             let info =
                 tokio::task::spawn_blocking(move || crate::wasm::check_file(&path)).await??;
             outln!(
-                "ok: {} implements outrun:handler/handler@0.1.0 (version {}, {} bytes)",
+                "ok: {} implements outrun:handler/handler@{} (version {}, {} bytes)",
                 info.path.display(),
+                crate::wasm::registry::WIT_VERSION,
                 &info.hash[..12],
                 info.size
             );

@@ -240,7 +240,7 @@ impl Limiter {
             let h = &self.held[idx];
             let used = more
                 .iter()
-                .filter(|c| h.limit.names.iter().any(|n| *n == c.event.name))
+                .filter(|c| h.limit.names.contains(&c.event.name))
                 .count() as u64;
             *h.tokens() += n.saturating_sub(used);
             if used > 0 {

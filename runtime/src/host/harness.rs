@@ -18,6 +18,11 @@ pub struct Harness {
     pub fixtures: Option<Arc<HttpFixtures>>,
     /// Every event name may be emitted (the run records, it does not route).
     pub emit_any: bool,
+    /// Every topic may be published to (a bare module has no grants).
+    pub publish_any: bool,
+    /// Send `publish` calls to the broker; otherwise they are only
+    /// recorded (and succeed), as SQL is rolled back unless `--commit`.
+    pub send_publish: bool,
 }
 
 impl std::fmt::Debug for Harness {
@@ -25,6 +30,8 @@ impl std::fmt::Debug for Harness {
         f.debug_struct("Harness")
             .field("fixtures", &self.fixtures.as_ref().map(|x| &x.source))
             .field("emit_any", &self.emit_any)
+            .field("publish_any", &self.publish_any)
+            .field("send_publish", &self.send_publish)
             .finish()
     }
 }
@@ -70,6 +77,44 @@ pub enum Call {
         context: String,
         message: String,
     },
+    Publish {
+        topic: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<(String, String)>,
+        /// The body as text when it is UTF-8 (else `body_hex`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body_hex: Option<String>,
+        /// Whether it went to the broker (else recorded only).
+        sent: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+impl Call {
+    /// The record of one published message.
+    pub fn publish(m: &crate::publish::Message, sent: bool, error: Option<String>) -> Call {
+        let (body, body_hex) = match std::str::from_utf8(&m.body) {
+            Ok(text) => (Some(text.to_string()), None),
+            Err(_) => (
+                None,
+                Some(m.body.iter().map(|b| format!("{b:02x}")).collect()),
+            ),
+        };
+        Call::Publish {
+            topic: m.topic.clone(),
+            key: m.key.clone(),
+            headers: m.headers.clone(),
+            body,
+            body_hex,
+            sent,
+            error,
+        }
+    }
 }
 
 /// A capability error as the run prints it: `denied: ...`.

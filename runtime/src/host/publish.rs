@@ -6,13 +6,16 @@
 //! `wit/handler.wit` for the at-least-once contract).
 
 use super::bindings::outrun::handler::publish::{Host, Message as WitMessage};
+use super::harness::Call;
 use super::{CapError, HostState};
 use crate::publish::{Message, PublishError, topic_allowed};
 
 impl HostState {
     async fn publish_messages(&mut self, messages: Vec<Message>) -> Result<(), CapError> {
+        let harness = self.caps.harness.as_ref();
+        let any = harness.is_some_and(|h| h.publish_any);
         for m in &messages {
-            if !topic_allowed(&self.caps.publish, &m.topic) {
+            if !any && !topic_allowed(&self.caps.publish, &m.topic) {
                 let publisher = self
                     .caps
                     .publisher
@@ -20,12 +23,22 @@ impl HostState {
                     .map_or("none", |p| p.backend_name());
                 metrics::counter!("outrun_publish_errors_total", "handler" => self.caps.handler.to_string(), "backend" => publisher, "kind" => "denied")
                     .increment(1);
-                return Err(self.caps.deny(
+                let err = self.caps.deny(
                     &self.event_id,
                     &format!("publish to topic {:?}", m.topic),
                     &format!("{:?} to publish", m.topic),
-                ));
+                );
+                self.caps
+                    .record(|| Call::publish(m, false, Some(super::harness::cap_error_text(&err))));
+                return Err(err);
             }
+        }
+        // `outrun handlers run` without sending: the calls are the result.
+        if harness.is_some_and(|h| !h.send_publish) {
+            for m in &messages {
+                self.caps.record(|| Call::publish(m, false, None));
+            }
+            return Ok(());
         }
         let Some(publisher) = &self.caps.publisher else {
             // The registry refuses a publish grant without a backend; an
@@ -35,14 +48,22 @@ impl HostState {
                     .into(),
             ));
         };
-        match publisher
+        // Kept only for the harness's record (the publisher takes them).
+        let recorded = self.caps.harness.is_some().then(|| messages.clone());
+        let result = match publisher
             .publish(&self.caps.handler, messages, Some(self.deadline))
             .await
         {
             Ok(_) => Ok(()),
             Err(PublishError::Invalid(m)) => Err(CapError::Invalid(m)),
             Err(PublishError::Unavailable(m)) => Err(CapError::Unavailable(m)),
+        };
+        for m in recorded.iter().flatten() {
+            let error = result.as_ref().err().map(super::harness::cap_error_text);
+            self.caps
+                .record(|| Call::publish(m, result.is_ok(), error.clone()));
         }
+        result
     }
 }
 

@@ -268,7 +268,9 @@ impl Registry {
                     ByteSize(MAX_MEMORY)
                 )));
             }
-            if !spec.allow.publish.is_empty() && services.publisher.is_none() {
+            // `handlers run` records publish calls without a broker.
+            let recording = services.harness.as_ref().is_some_and(|h| !h.send_publish);
+            if !spec.allow.publish.is_empty() && services.publisher.is_none() && !recording {
                 return Err(bad(
                     "is granted publish, but no broker is configured: add [publish.kafka] brokers or [publish.nats] url to the config".into(),
                 ));
@@ -751,12 +753,69 @@ pub(crate) fn prepare(
     }
     .map_err(|e| invalid(format!("not a valid component: {e:#}")))?;
     let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
-        invalid(format!("does not fit outrun's `handler` world (outrun:handler@0.1.0): {e:#}; handlers may import only wasi:cli/io/clocks/random, wasi:http/outgoing-handler, wasi:config/store, wasi:logging and outrun:handler/{{emit,sql,kv,publish}}"))
+        let imports = component
+            .component_type()
+            .imports(engine)
+            .map(|(name, _)| name.to_string())
+            .collect::<Vec<_>>();
+        invalid(
+            wit_version_mismatch(&imports).unwrap_or_else(|| {
+                format!("does not fit outrun's `handler` world (outrun:handler@{WIT_VERSION}): {e:#}; handlers may import only wasi:cli/io/clocks/random, wasi:http/outgoing-handler, wasi:config/store, wasi:logging and outrun:handler/{{emit,sql,kv,publish}}")
+            }),
+        )
     })?;
     let pre = HandlerPre::new(instance_pre).map_err(|e| {
-        invalid(format!("does not export `handle: func(event) -> result<outcome, handler-error>` of world outrun:handler/handler@0.1.0: {e:#}"))
+        invalid(format!("does not export `handle: func(event) -> result<outcome, handler-error>` of world outrun:handler/handler@{WIT_VERSION}: {e:#}"))
     })?;
     Ok((hash, pre, source))
+}
+
+/// The version of the `outrun:handler` package (wit/handler.wit) this
+/// outrun provides.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// When a component imports `outrun:handler` interfaces of another version
+/// than [`WIT_VERSION`] (it was built against an older or newer wit/), a
+/// message naming each such interface and the fix; linking's own error
+/// ("instance export `execute` has the wrong type") does not say why.
+fn wit_version_mismatch(imports: &[String]) -> Option<String> {
+    let mut versions = Vec::new();
+    let mismatched: Vec<&str> = imports
+        .iter()
+        .filter_map(|name| {
+            let (_, version) = name.strip_prefix("outrun:handler/")?.split_once('@')?;
+            if version == WIT_VERSION {
+                return None;
+            }
+            if !versions.contains(&version) {
+                versions.push(version);
+            }
+            Some(name.as_str())
+        })
+        .collect();
+    if mismatched.is_empty() {
+        return None;
+    }
+    let key = |v: &str| -> Vec<u64> {
+        v.split(['-', '+'])
+            .next()
+            .unwrap_or(v)
+            .split('.')
+            .map(|n| n.parse().unwrap_or(0))
+            .collect()
+    };
+    let age = if versions.iter().all(|v| key(v) < key(WIT_VERSION)) {
+        "an older"
+    } else if versions.iter().all(|v| key(v) > key(WIT_VERSION)) {
+        "a newer"
+    } else {
+        "another"
+    };
+    Some(format!(
+        "was built against {age} version of outrun's WIT (outrun:handler@{}): it imports {}, but this outrun provides outrun:handler@{WIT_VERSION}; rebuild the handler against this outrun's wit/ (the wit/ of its checkout, or of a project made by `outrun new`)",
+        versions.join(", outrun:handler@"),
+        mismatched.join(", "),
+    ))
 }
 
 /// Reject what is obviously not a component with a message that says what
@@ -1023,5 +1082,43 @@ impl Handler for HandlerVersion {
 
     fn version(&self) -> Option<Arc<str>> {
         Some(Arc::from(self.hash.to_hex().as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wit_version_is_the_one_of_wit_handler() {
+        let wit = include_str!("../../../wit/handler.wit");
+        assert!(
+            wit.contains(&format!("package outrun:handler@{WIT_VERSION};")),
+            "WIT_VERSION {WIT_VERSION} is not the package version of wit/handler.wit"
+        );
+    }
+
+    #[test]
+    fn wit_version_mismatch_names_each_interface() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let current = format!("outrun:handler/sql@{WIT_VERSION}");
+        assert_eq!(
+            wit_version_mismatch(&names(&[&current, "wasi:io/poll@0.2.0"])),
+            None
+        );
+        let old = wit_version_mismatch(&names(&[
+            "outrun:handler/sql@0.0.9",
+            "outrun:handler/emit@0.0.9",
+            &format!("outrun:handler/kv@{WIT_VERSION}"),
+        ]))
+        .unwrap();
+        assert!(old.contains("an older version"), "{old}");
+        assert!(
+            old.contains("imports outrun:handler/sql@0.0.9, outrun:handler/emit@0.0.9,"),
+            "{old}"
+        );
+        assert!(!old.contains("outrun:handler/kv"), "{old}");
+        let new = wit_version_mismatch(&names(&["outrun:handler/sql@2.0.0-rc.1"])).unwrap();
+        assert!(new.contains("a newer version"), "{new}");
     }
 }

@@ -65,7 +65,9 @@ pub struct HandlerSpec {
 pub const DEFAULT_REUSE_EVENTS: u32 = 1000;
 
 /// How a handler's events get their instance.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceMode {
     /// A new instance per event: nothing an event leaves in the guest's

@@ -93,6 +93,9 @@ struct Report {
     http: Vec<Call>,
     logs: Vec<Call>,
     emitted: Vec<NewEvent>,
+    /// `publish` calls: `sent` false when recorded only (without --commit
+    /// or without a broker in the config).
+    published: Vec<Call>,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,17 +148,22 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let (spec, base_dir) = handler_spec(config, &args, fixtures.as_deref())?;
+    // Messages go to the config's broker only with --commit (as SQL writes
+    // are kept only then); otherwise publish calls are recorded and succeed.
+    let publisher = if spec.allow.publish.is_empty() || !args.commit {
+        None
+    } else {
+        crate::publish::Publisher::connect(&config.publish).await?
+    };
+    let bare = config.handler.iter().all(|h| h.name != args.module);
     let harness = Harness {
         recorder: Recorder::default(),
         fixtures,
         // A config handler keeps its own grants; a bare module may emit
-        // anything, and the report shows what it emitted.
-        emit_any: config.handler.iter().all(|h| h.name != args.module),
-    };
-    let publisher = if spec.allow.publish.is_empty() {
-        None
-    } else {
-        crate::publish::Publisher::connect(&config.publish).await?
+        // and publish anything, and the report shows what it did.
+        emit_any: bare,
+        publish_any: bare,
+        send_publish: publisher.is_some(),
     };
     let services = HostServices {
         kv: KvSettings {
@@ -250,6 +258,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<()> {
         http: of(|c| matches!(c, Call::Http { .. })),
         logs: of(|c| matches!(c, Call::Log { .. })),
         emitted,
+        published: of(|c| matches!(c, Call::Publish { .. })),
     };
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
@@ -466,6 +475,36 @@ fn print_report(r: &Report, calls: &[Call], asked_commit: bool) -> anyhow::Resul
                     format!(" [{context}]")
                 };
                 outln!("log     {level}{context}: {message}");
+            }
+            Call::Publish {
+                topic,
+                key,
+                headers,
+                body,
+                body_hex,
+                sent,
+                error,
+            } => {
+                let key = key
+                    .as_ref()
+                    .map(|k| format!(" key {k:?}"))
+                    .unwrap_or_default();
+                let headers = if headers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" headers {headers:?}")
+                };
+                let body = match (body, body_hex) {
+                    (Some(text), _) => text.clone(),
+                    (None, Some(hex)) => format!("0x{hex}"),
+                    (None, None) => String::new(),
+                };
+                let what = match (error, sent) {
+                    (Some(e), _) => format!("error: {e}"),
+                    (None, true) => "sent".into(),
+                    (None, false) => "recorded, not sent".into(),
+                };
+                outln!("publish {topic}{key}{headers} {body} -> {what}");
             }
         }
     }
