@@ -62,6 +62,17 @@ impl Health {
         self.phase.store(phase as u8, Ordering::Release);
     }
 
+    /// Loading → Serving, unless serve is already stopping (a compile that
+    /// finishes during shutdown must not make it ready again).
+    pub fn loaded(&self) {
+        let _ = self.phase.compare_exchange(
+            Phase::Loading as u8,
+            Phase::Serving as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Loading,

@@ -113,12 +113,19 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
             r = prepare_registry(&config, publisher.clone(), store.schemas()) => {
                 let (registry, compile) = r?;
                 let compiled = registry.clone();
+                let ready = health.clone();
                 tokio::spawn(async move {
                     match compile.run().await {
                         // Only serve prunes (at start and after reloads):
                         // a one-off command must not evict what a server
                         // of another config uses.
-                        Ok(()) => compiled.prune_cache(),
+                        Ok(()) => {
+                            compiled.prune_cache();
+                            // Ready once every handler runs: a rolling
+                            // deploy that waits for /readyz must not stop
+                            // the old instance while this one compiles.
+                            ready.loaded();
+                        }
                         Err(e) => {
                             let _ = compile_failed_tx.send(e.into());
                         }
@@ -171,7 +178,9 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
         None => None,
     };
     tracing::info!(database = %redact_url(&config.database_url), worker = dispatcher.worker_id(), "outrun serving");
-    health.set_phase(Phase::Serving);
+    if config.handler.is_empty() {
+        health.loaded();
+    }
     let stopping = health.clone();
     let failed = Arc::new(std::sync::Mutex::new(None));
     let failure = failed.clone();
