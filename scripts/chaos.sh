@@ -126,8 +126,8 @@ fi
 
 # ---------------------------------------------------------------- build ----
 case $PROFILE in
-debug) BIN=$ROOT/target/debug/outrun BUILD=(cargo build -p outrun) ;;
-release) BIN=$ROOT/target/release/outrun BUILD=(cargo build --release -p outrun) ;;
+debug) BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/outrun BUILD=(cargo build -p outrun) ;;
+release) BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/outrun BUILD=(cargo build --release -p outrun) ;;
 *) die "PROFILE must be debug or release, not '$PROFILE'" ;;
 esac
 # Only the probe guest is needed (scripts/build-guests.sh builds them all).
@@ -141,7 +141,7 @@ if [ -z "${CHAOS_SKIP_BUILD:-}" ]; then
   "${BUILD[@]}"
   "${GUEST_BUILD[@]}"
 fi
-PROBE_BUILT=$ROOT/target/wasm32-wasip2/guest/probe.wasm
+PROBE_BUILT=${CARGO_TARGET_DIR:-$ROOT/target}/wasm32-wasip2/guest/probe.wasm
 [ -x "$BIN" ] || die "no binary at $BIN (unset CHAOS_SKIP_BUILD to build it)"
 [ -f "$PROBE_BUILT" ] || die "no guest at $PROBE_BUILT (unset CHAOS_SKIP_BUILD to build it)"
 
