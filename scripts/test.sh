@@ -9,6 +9,7 @@
 # runs alone, after the parallel tests; OUTRUN_SKIP_CHAOS=1 leaves it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/install-test-tools.sh
 scripts/build-guests.sh
 scripts/build-polyglot-guests.sh
 cargo nextest run --workspace --no-fail-fast "$@"
