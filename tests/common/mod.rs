@@ -316,8 +316,9 @@ pub const FAST_ENV: [(&str, &str); 6] = [
 ];
 
 impl Serve {
-    /// Start serve on `config` and wait until its dispatch loop runs (the
-    /// handlers are compiled and the hot-reload watcher is live by then).
+    /// Start serve on `config` and wait until its dispatch loop runs and
+    /// every handler has compiled (handlers compile in parallel after the
+    /// loop starts; `/readyz` is ready from then on).
     pub async fn ready(db: &TestDb, config: &std::path::Path) -> Serve {
         let log = config.with_extension("log");
         let file = std::fs::File::create(&log).unwrap();
@@ -333,8 +334,13 @@ impl Serve {
             .spawn()
             .expect("start outrun serve");
         let serve = Serve { child, log };
+        let has_handlers = std::fs::read_to_string(config)
+            .map(|c| c.contains("[[handler]]"))
+            .unwrap_or(false);
         wait_for("outrun serve to start serving", || async {
-            serve.log().contains("dispatch loop started")
+            let log = serve.log();
+            log.contains("dispatch loop started")
+                && (!has_handlers || log.contains("every handler compiled"))
         })
         .await;
         serve

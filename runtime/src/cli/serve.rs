@@ -125,6 +125,7 @@ pub(crate) async fn run_with(mut config: Config, args: Args, hooks: Hooks) -> an
                             // deploy that waits for /readyz must not stop
                             // the old instance while this one compiles.
                             ready.loaded();
+                            tracing::info!("every handler compiled: ready");
                         }
                         Err(e) => {
                             let _ = compile_failed_tx.send(e.into());
