@@ -43,7 +43,9 @@ pub struct WorkerContext {
 /// An attempt that ran its handler, for its row in the attempt history.
 /// Borrows: nothing is copied unless the attempt fails.
 struct Ran<'a> {
-    started_at: chrono::DateTime<Utc>,
+    /// When the handler started; its wall-clock time is derived only for a
+    /// failure's record, so the success path reads no extra clock.
+    started: Instant,
     elapsed: Duration,
     route: &'a Route,
     event: &'a crate::event::Event,
@@ -120,14 +122,13 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         attempt
     });
     let started = Instant::now();
-    let started_at = Utc::now();
     let result = invoke(&route, ev, &mut effects).await;
     let elapsed = started.elapsed();
     if let Some(span) = span {
         end_span(span, &route, ev, &result, &effects);
     }
     let ran = Ran {
-        started_at,
+        started,
         elapsed,
         route: &route,
         event: ev,
@@ -415,7 +416,8 @@ async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure, ran: Option<
             let record = crate::store::AttemptRecord {
                 attempt: crate::store::Attempt {
                     attempt: ev.attempt(),
-                    started_at: r.started_at,
+                    started_at: Utc::now()
+                        - chrono::Duration::from_std(r.started.elapsed()).unwrap_or_default(),
                     duration_ms: r.elapsed.as_millis().min(i64::MAX as u128) as i64,
                     handler: Some(r.route.handler_name.to_string()),
                     version: r.route.handler.version().map(|v| v.to_string()),

@@ -853,29 +853,21 @@ impl PgStore {
 
     /// Replay the dead events `f` selects.
     pub(super) async fn replay_filtered(&self, f: &super::Filter) -> Result<u64> {
-        let (cond, _) = super::query::filter_cond(
-            super::StateFilter::Dead,
-            "now()",
-            ["$1", "$2", "$3", "$4"],
-            true,
-        );
-        let n = bind_filter(
-            sqlx::query_as::<_, (i64,)>(&format!(
-                "WITH done AS ({REPLAY} WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
-            )),
-            f,
-        )
-        .fetch_one(&self.pool)
-        .await?
-        .0;
+        let n = self.on_dead_filtered(REPLAY, f).await?;
         if n > 0 {
             self.notify().await?;
         }
-        Ok(n as u64)
+        Ok(n)
     }
 
     /// Delete the dead events `f` selects.
     pub(super) async fn purge_filtered(&self, f: &super::Filter) -> Result<u64> {
+        self.on_dead_filtered("DELETE FROM outbox_events", f).await
+    }
+
+    /// Run `dml` (an UPDATE or DELETE of `outbox_events`, without WHERE) on
+    /// the dead events `f` selects; how many rows it touched.
+    async fn on_dead_filtered(&self, dml: &str, f: &super::Filter) -> Result<u64> {
         let (cond, _) = super::query::filter_cond(
             super::StateFilter::Dead,
             "now()",
@@ -884,7 +876,7 @@ impl PgStore {
         );
         let n = bind_filter(
             sqlx::query_as::<_, (i64,)>(&format!(
-                "WITH done AS (DELETE FROM outbox_events WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
+                "WITH done AS ({dml} WHERE {cond} RETURNING 1) SELECT count(*) FROM done"
             )),
             f,
         )
