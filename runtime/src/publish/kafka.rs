@@ -45,6 +45,11 @@ pub struct KafkaBackend {
 }
 
 impl KafkaBackend {
+    /// The brokers, as the config names them (for error messages).
+    pub(crate) fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
     pub fn new(settings: &KafkaSettings, timeout: Duration) -> Result<Self, PublishSetupError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", settings.brokers.trim());

@@ -304,10 +304,18 @@ impl Publisher {
         let slack = Duration::from_millis(500);
         let result = match tokio::time::timeout(limit + slack, sent).await {
             Ok(r) => r,
-            Err(_) => Err(PublishError::Unavailable(format!(
-                "{backend}: the broker did not acknowledge {count} message(s) within {}; the event will be retried",
-                humantime::format_duration(limit)
-            ))),
+            Err(_) => {
+                // Named as the backends' own errors name it, so an operator
+                // (and a test) finds the same broker in every message.
+                let target = match &self.inner.backend {
+                    Backend::Kafka(k) => format!("kafka (brokers {})", k.brokers()),
+                    Backend::Nats(n) => format!("nats ({})", n.url()),
+                };
+                Err(PublishError::Unavailable(format!(
+                    "{target}: the broker did not acknowledge {count} message(s) within {}; the event will be retried",
+                    humantime::format_duration(limit)
+                )))
+            }
         };
         match result {
             Ok(duplicates) => {

@@ -26,6 +26,11 @@ pub struct NatsBackend {
 }
 
 impl NatsBackend {
+    /// The server URL, as the config names it (for error messages).
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Connects in the background: a server that is down at start-up makes
     /// publishes `unavailable` until it is up, it does not stop the start.
     pub async fn connect(
