@@ -822,10 +822,13 @@ async fn shutdown_grace_cancels_and_releases(db: TestDb) {
 
 /// Inserts the payload's `k`; the table's CHECK refuses one value. A
 /// failed statement is the event's fault (`reject`); a transient database
-/// error is a retry. Counts the attempts at `k = 13`.
+/// error is a retry. Counts the attempts at `k = 13`. With `emit`, each
+/// event also emits a follow-up `inserted` (delayed by an hour, so it stays
+/// in the table to be counted).
 #[derive(Clone, Default)]
 struct InsertK {
     thirteen: Arc<AtomicUsize>,
+    emit: bool,
 }
 
 #[async_trait::async_trait]
@@ -843,6 +846,12 @@ impl Handler for InsertK {
                 HandlerError::reject(e.to_string())
             }
         };
+        if self.emit {
+            let mut follow_up = NewEvent::new("inserted", format!("{{\"k\":{k}}}"));
+            follow_up.delay = Some(Duration::from_secs(3600));
+            fx.emit(follow_up)
+                .map_err(|e| HandlerError::reject(e.to_string()))?;
+        }
         let tx = fx.tx().await.map_err(fail)?;
         tx.execute(
             "INSERT INTO batch_rows (k) VALUES ($1)",
@@ -858,7 +867,8 @@ impl Handler for InsertK {
 }
 
 /// Many events share a lane's transaction; one whose statement fails is
-/// rolled back alone, and every other event's row is there exactly once.
+/// rolled back alone, and every other event's row and follow-up event are
+/// there exactly once (follow-ups wait in memory for the lane's commit).
 /// With `effect_savepoints = auto` (the default) the failing event first
 /// ran without a savepoint, so its failure rolled back the batch it was in
 /// (whose events ran again) and it ran again itself, with a savepoint.
@@ -874,7 +884,10 @@ async fn failing_statement_with_savepoints_always(db: TestDb) {
 
 async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: SavepointMode) {
     let store = db.store().await;
-    let handler = InsertK::default();
+    let handler = InsertK {
+        emit: true,
+        ..Default::default()
+    };
     db.exec("CREATE TABLE batch_rows (k INTEGER NOT NULL CHECK (k <> 13))")
         .await;
     let events: Vec<_> = (0..300)
@@ -892,8 +905,10 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
         },
     );
     wait_for("299 events done and one dead", || async {
-        let s = store.stats().await.unwrap();
-        s.pending + s.scheduled + s.running == 0 && s.dead == 1
+        db.scalar("SELECT count(*) FROM outbox_events WHERE name = 'insert' AND retry < max_retry")
+            .await
+            == 0
+            && store.stats().await.unwrap().dead == 1
     })
     .await;
     run.stop().await;
@@ -920,6 +935,24 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
     assert_eq!(
         db.scalar("SELECT count(*) FROM batch_rows WHERE k = 13")
             .await,
+        0
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outbox_events WHERE name = 'inserted'")
+            .await,
+        299,
+        "one follow-up per event done"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(DISTINCT payload) FROM outbox_events WHERE name = 'inserted'")
+            .await,
+        299
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM outbox_events WHERE name = 'inserted' AND payload = '{\"k\":13}'"
+        )
+        .await,
         0
     );
     // Without a savepoint the first failure is not the event's verdict:

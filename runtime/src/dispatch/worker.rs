@@ -329,8 +329,12 @@ async fn commit(
             return false;
         }
     };
+    // Only follow-ups due now are worth waking the claimer for (a claim per
+    // commit costs the bookkeeping connection, on SQLite the only one);
+    // delayed ones are found by the poll.
+    let due_now = emitted.iter().any(|e| e.delay.is_none_or(|d| d.is_zero()));
     if !emitted.is_empty()
-        && let Err(e) = tx.lane.enqueue_all(&emitted, cx.default_max_retry).await
+        && let Err(e) = tx.lane.enqueue_all(emitted, cx.default_max_retry).await
     {
         cx.committer.undo(tx).await;
         let error = format!("enqueueing the handler's follow-up events failed: {e}");
@@ -357,10 +361,7 @@ async fn commit(
     let kept = Kept {
         lease,
         grouped,
-        // Only follow-ups due now are worth waking the claimer for (a
-        // claim per commit costs the bookkeeping connection, on SQLite the
-        // only one); delayed ones are found by the poll.
-        emitted: emitted.iter().any(|e| e.delay.is_none_or(|d| d.is_zero())),
+        emitted: due_now,
     };
     cx.committer.keep(tx, kept).await;
     false

@@ -10,12 +10,18 @@
 //!
 //! ```text
 //! BEGIN
-//!   SAVEPOINT e1; handler 1's SQL; its emits
+//!   SAVEPOINT e1; handler 1's SQL
 //!   SAVEPOINT e2; handler 2's SQL ... handler 2 fails → ROLLBACK TO SAVEPOINT e2
 //!   SAVEPOINT e3; ...
-//!   DELETE events 1 and 3, fenced by their tokens   -- one statement
+//!   INSERT events 1 and 3's follow-ups, DELETE events 1 and 3,
+//!     fenced by their tokens                        -- one statement
 //! COMMIT                      -- events 1 and 3 with all their effects
 //! ```
+//!
+//! Follow-up events wait in memory for the commit (on PostgreSQL; SQLite
+//! inserts them in place, a call rather than a round trip): no handler is
+//! told an emitted event's id, so nothing needs them earlier, and an
+//! emit-only handler's event costs the lane no round trip at all.
 //!
 //! The kept events' rows are deleted in one statement just before the
 //! commit, checked against their fencing tokens: if any row is no longer
@@ -87,6 +93,16 @@ pub struct Lane {
     /// event must run again whatever its handler decides.
     poisoned: bool,
     kept: Vec<Kept>,
+    /// Follow-up events of the kept events (and of the one in the lane,
+    /// from `current_emits_from` on), inserted by the commit's one
+    /// statement (PostgreSQL): an emit costs no round trip of its own.
+    deferred: Vec<(NewEvent, i32)>,
+    current_emits_from: usize,
+    /// Emits wait for the commit. Turned off for the life of the lane if a
+    /// commit with emits fails for a reason that is not transient: the
+    /// events then insert their emits one by one, so the one at fault gets
+    /// the error instead of every batch running again.
+    defer_emits: bool,
 }
 
 /// How the event in the lane can be undone.
@@ -104,7 +120,6 @@ enum Current {
 impl Lane {
     pub fn new(store: Store) -> Self {
         Self {
-            store,
             conn: None,
             open: false,
             next_savepoint: 0,
@@ -112,6 +127,10 @@ impl Lane {
             current_transient: false,
             poisoned: false,
             kept: Vec::new(),
+            deferred: Vec::new(),
+            current_emits_from: 0,
+            defer_emits: matches!(store, Store::Postgres(_)),
+            store,
         }
     }
 
@@ -178,6 +197,7 @@ impl Lane {
             Ok(()) => {
                 self.open = true;
                 self.current = Some(current);
+                self.current_emits_from = self.deferred.len();
                 self.current_transient = false;
                 self.poisoned = false;
                 Ok(())
@@ -255,11 +275,23 @@ impl Lane {
         r.map_err(|e| self.note(e))
     }
 
-    /// Insert the event's follow-up events.
-    pub async fn enqueue_all(&mut self, events: &[NewEvent], default_max_retry: i32) -> Result<()> {
+    /// The event's follow-up events: validated now, inserted by the
+    /// commit (PostgreSQL), or inserted now (SQLite, where an insert is a
+    /// call, not a round trip; and after a failed deferred commit).
+    pub async fn enqueue_all(&mut self, events: Vec<NewEvent>, default_max_retry: i32) -> Result<()> {
         self.refuse_if_poisoned()?;
+        self.conn_for_event()?;
+        if self.defer_emits {
+            for ev in &events {
+                ev.validate()?;
+                super::effective_max_retry(ev, default_max_retry)?;
+            }
+            self.deferred
+                .extend(events.into_iter().map(|ev| (ev, default_max_retry)));
+            return Ok(());
+        }
         let mut result = Ok(());
-        for ev in events {
+        for ev in &events {
             let r = match self.conn_for_event()? {
                 LaneConn::Postgres(c) => {
                     super::postgres::enqueue_with_default(c, ev, default_max_retry)
@@ -312,11 +344,12 @@ impl Lane {
             (Ok(()), Some(_)) => {
                 self.open = false;
                 self.next_savepoint = 0;
+                self.deferred.clear();
                 if matches!(self.conn, Some(LaneConn::Sqlite(_))) {
                     self.conn = None;
                 }
             }
-            (Ok(()), None) => {}
+            (Ok(()), None) => self.deferred.truncate(self.current_emits_from),
         }
         bare
     }
@@ -334,11 +367,12 @@ impl Lane {
     pub async fn commit(&mut self) -> (Vec<Kept>, Result<()>) {
         debug_assert!(self.current.is_none(), "an event is still in the lane");
         let kept = std::mem::take(&mut self.kept);
+        let deferred = std::mem::take(&mut self.deferred);
         if !self.open {
             return (kept, Ok(()));
         }
         let r = match self.conn.as_mut() {
-            Some(c) => finish(c, &kept).await,
+            Some(c) => finish(c, &kept, &deferred).await,
             None => Ok(true),
         };
         match r {
@@ -357,6 +391,10 @@ impl Lane {
                 }
             }
             Err(e) => {
+                if !deferred.is_empty() && !e.is_transient() && self.defer_emits {
+                    tracing::warn!(error = %e, "a lane commit with {} follow-up events failed; this lane inserts follow-ups one by one from now on, so the event at fault gets the error", deferred.len());
+                    self.defer_emits = false;
+                }
                 self.abandon();
                 (kept, Err(e))
             }
@@ -382,6 +420,7 @@ impl Lane {
         self.current = None;
         self.poisoned = false;
         self.next_savepoint = 0;
+        self.deferred.clear();
         match self.conn.take() {
             // The writer is the only one: it stays, without the
             // transaction.
@@ -398,12 +437,18 @@ impl Lane {
 /// key whatever the planner's statistics say. Tokens are per claim, so
 /// `lock_token = ANY` is as strict a fence as pairing them: a row another
 /// runtime claimed since carries a token none of our claims issued.
-fn finish<'c>(conn: &'c mut LaneConn, kept: &'c [Kept]) -> BoxFuture<'c, Result<bool>> {
+fn finish<'c>(
+    conn: &'c mut LaneConn,
+    kept: &'c [Kept],
+    emitted: &'c [(NewEvent, i32)],
+) -> BoxFuture<'c, Result<bool>> {
     match conn {
         LaneConn::Postgres(c) => Box::pin(async move {
             let (ids, tokens): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) =
                 kept.iter().map(|k| (k.lease.id, k.lease.token)).unzip();
-            let deleted = if kept.is_empty() {
+            let deleted = if !emitted.is_empty() {
+                super::postgres::lane_finish_with_emits(c, emitted, ids, tokens).await?
+            } else if kept.is_empty() {
                 0
             } else {
                 sqlx::Executor::execute(
@@ -423,6 +468,7 @@ fn finish<'c>(conn: &'c mut LaneConn, kept: &'c [Kept]) -> BoxFuture<'c, Result<
             Ok(ok)
         }),
         LaneConn::Sqlite(c) => {
+            debug_assert!(emitted.is_empty(), "SQLite lanes insert emits at once");
             let r = (|| {
                 let deleted = if kept.is_empty() {
                     0

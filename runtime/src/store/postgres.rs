@@ -1020,6 +1020,63 @@ fn enqueue_batch_sql(traced: bool) -> String {
     )
 }
 
+/// A lane's commit with the follow-up events its kept handlers emitted:
+/// one statement inserts them all (as [`ENQUEUE_BATCH`] does, without
+/// reporting ids, which no handler is told) and deletes the kept events'
+/// rows, fenced by their tokens. Rows affected: the deleted ones.
+static LANE_FINISH: LazyLock<String> = LazyLock::new(|| lane_finish_sql(false));
+static LANE_FINISH_TRACED: LazyLock<String> = LazyLock::new(|| lane_finish_sql(true));
+
+fn lane_finish_sql(traced: bool) -> String {
+    let insert = enqueue_batch_sql(traced);
+    let insert = insert
+        .strip_suffix("RETURNING id")
+        .expect("the batch insert ends in RETURNING id")
+        .trim_end();
+    let (ids, tokens) = if traced { ("$10", "$11") } else { ("$9", "$10") };
+    format!(
+        "WITH emitted AS ({insert})
+         DELETE FROM outbox_events
+         WHERE id = ANY({ids}::uuid[]) AND lock_token = ANY({tokens}::uuid[]) AND retry < max_retry"
+    )
+}
+
+/// Insert `emitted` (validated when they were deferred) and delete the
+/// kept events' rows in one statement; the number of rows deleted.
+pub(super) async fn lane_finish_with_emits(
+    conn: &mut PgConnection,
+    emitted: &[(NewEvent, i32)],
+    ids: Vec<Uuid>,
+    tokens: Vec<Uuid>,
+) -> Result<u64> {
+    let mut cols = BatchColumns::default();
+    for (ev, default_max_retry) in emitted {
+        cols.push(ev, *default_max_retry)?;
+    }
+    let traced = cols.traceparents.iter().any(Option::is_some);
+    let mut q = sqlx::query(if traced {
+        &LANE_FINISH_TRACED
+    } else {
+        &LANE_FINISH
+    })
+    .bind(&cols.ids)
+    .bind(&cols.names)
+    .bind(&cols.payloads)
+    .bind(&cols.groups)
+    .bind(&cols.max_retries)
+    .bind(&cols.delays_us)
+    .bind(&cols.ttls_us)
+    .bind(&cols.keys);
+    if traced {
+        q = q.bind(&cols.traceparents);
+    }
+    Ok(q.bind(ids)
+        .bind(tokens)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}
+
 /// Enqueue inside the caller's transaction or connection (`&mut *tx`).
 /// Validates first; same idempotency key as a live event → that event's id.
 pub async fn enqueue(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid> {
