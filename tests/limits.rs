@@ -245,7 +245,123 @@ fn bad_limits_name_the_limit_and_the_field() {
     assert!(err.contains("nope"), "{err}");
 }
 
+/// The claim itself, as two instances would run it: with room for the
+/// whole budget whatever the keys (no key computed), with keys that bind
+/// (never more than `per_key` of a key leased, counted across claims), and
+/// many claims racing on one limit from two stores (each sees the leases
+/// of the claim before it).
+async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
+    use outrun::limits::{KeySource, Limit, PerKey};
+    let a = db.store().await;
+    let b = db.connect().await;
+    let lease = Duration::from_secs(60);
+    let limit = |n: u32| Limit {
+        id: format!("event:k{n}"),
+        names: vec![format!("k{n}")],
+        rate: None,
+        per_key: Some(PerKey {
+            key: KeySource::parse("/c").unwrap(),
+            n,
+        }),
+    };
+    let enqueue = |name: String, keys: Vec<&'static str>| {
+        let a = a.clone();
+        async move {
+            let events: Vec<NewEvent> = keys
+                .iter()
+                .map(|k| NewEvent::new(name.clone(), json!({ "c": k }).to_string()))
+                .collect();
+            a.enqueue_batch(&events, 5).await.unwrap();
+        }
+    };
+    let key_counts = |claimed: &[outrun::event::Claimed]| {
+        let mut m: HashMap<String, usize> = HashMap::new();
+        for c in claimed {
+            let v: serde_json::Value = serde_json::from_str(&c.event.payload).unwrap();
+            *m.entry(v["c"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+        m
+    };
+
+    // Room for all: 5 of one key under per_key 10.
+    enqueue("k10".into(), vec!["a"; 5]).await;
+    let got = a.claim_limited("w1", &limit(10), 5, lease).await.unwrap();
+    assert_eq!(got.len(), 5, "{got:?}");
+
+    // Keys bind: 5 of a, 3 of b, per_key 2 → 2 + 2, then nothing more.
+    enqueue("k2".into(), vec!["a", "a", "a", "a", "a", "b", "b", "b"]).await;
+    let got = a.claim_limited("w1", &limit(2), 10, lease).await.unwrap();
+    assert_eq!(
+        key_counts(&got),
+        HashMap::from([("a".to_owned(), 2), ("b".to_owned(), 2)]),
+        "{got:?}"
+    );
+    let more = b.claim_limited("w2", &limit(2), 10, lease).await.unwrap();
+    assert!(more.is_empty(), "the other instance sees the leases: {more:?}");
+
+    // Racing claims from two stores, one key, per_key 3, budget 2 each:
+    // never more than 3 leased, whatever the interleaving.
+    for round in 0..10 {
+        let name = format!("k3r{round}");
+        enqueue(name.clone(), vec!["x"; 12]).await;
+        let lim = Limit {
+            names: vec![name.clone()],
+            id: format!("event:{name}"),
+            ..limit(3)
+        };
+        let (x, y, z) = tokio::join!(
+            a.claim_limited("w1", &lim, 2, lease),
+            b.claim_limited("w2", &lim, 2, lease),
+            a.claim_limited("w3", &lim, 2, lease),
+        );
+        let total = x.unwrap().len() + y.unwrap().len() + z.unwrap().len();
+        assert_eq!(total, 3, "round {round}: per_key 3 of one key, claimed {total}");
+    }
+
+    // The lost-update case, made certain on PostgreSQL: another instance's
+    // claim holds the limit's lock and has leased 3 events of key y when
+    // ours starts; ours must wait for it and count those 3 (a count from
+    // the statement's own snapshot would see none and take 2 more).
+    if db.is_postgres() {
+        use sqlx::Connection;
+        enqueue("k3y".into(), vec!["y"; 6]).await;
+        let lim = Limit {
+            names: vec!["k3y".into()],
+            id: "event:k3y".into(),
+            ..limit(3)
+        };
+        // The limit's row exists once any claim of it ran.
+        assert!(b.claim_limited("w2", &lim, 1, lease).await.unwrap().len() == 1);
+        let mut other = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query("SELECT 1 FROM outrun_limits WHERE name = 'event:k3y' FOR UPDATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE outbox_events SET locked_by = 'other', lock_token = gen_random_uuid(),
+                 locked_until = now() + interval '1 minute', available_at = now() + interval '1 minute'
+             WHERE id IN (SELECT id FROM outbox_events WHERE name = 'k3y' AND lock_token IS NULL
+                          ORDER BY seq LIMIT 2)",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let ours = {
+            let a = a.clone();
+            let lim = lim.clone();
+            tokio::spawn(async move { a.claim_limited("w1", &lim, 2, lease).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!ours.is_finished(), "our claim waits for the other's lock");
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        let got = ours.await.unwrap().unwrap();
+        assert!(got.is_empty(), "3 of y leased already (1 + the other's 2): {got:?}");
+    }
+}
+
 on_both_backends!(
     rate_limit_holds_across_instances,
     per_key_concurrency_without_head_of_line_blocking,
+    per_key_claims_count_the_leases_of_every_claim,
 );

@@ -1,12 +1,15 @@
 //! Limits on PostgreSQL (see `store/limits.rs`).
 //!
 //! A grant refills and spends a bucket in one `UPDATE` of its row. A
-//! per-key claim is a transaction that locks the limit's row first, so the
-//! claims of one limit run one at a time across instances and each sees
-//! the leases of the one before (committed), then counts the leased events
-//! per key and claims in one statement. A claim of a rate limit without a
-//! key needs no lock: `SKIP LOCKED` keeps claims apart, and the tokens were
-//! granted before.
+//! per-key claim is one statement that first locks the limit's row, so the
+//! claims of one limit run one at a time across instances, and counts the
+//! leased events (in total, then per key only if the total could bind)
+//! after the lock, so each claim sees the leases of the one before. The
+//! counting happens in outrun's PL/pgSQL functions (migration
+//! 20261204000000): a statement's own snapshot predates its wait for the
+//! lock; a function's statements take fresh ones. A claim of a rate limit
+//! without a key needs no lock: `SKIP LOCKED` keeps claims apart, and the
+//! tokens were granted before.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -25,12 +28,16 @@ const POINTER_KEY: &str = "COALESCE(e.payload::jsonb #>> $7::text[], $8)";
 const GROUP_KEY: &str = "COALESCE(e.group_id, $8)";
 
 static CLAIM_NO_KEY: LazyLock<String> = LazyLock::new(|| limited_claim_sql(None));
-static CLAIM_POINTER: LazyLock<String> = LazyLock::new(|| limited_claim_sql(Some(POINTER_KEY)));
-static CLAIM_GROUP: LazyLock<String> = LazyLock::new(|| limited_claim_sql(Some(GROUP_KEY)));
+static CLAIM_POINTER: LazyLock<String> =
+    LazyLock::new(|| limited_claim_sql(Some((POINTER_KEY, false))));
+static CLAIM_GROUP: LazyLock<String> = LazyLock::new(|| limited_claim_sql(Some((GROUP_KEY, true))));
 
-/// The claim of a limit's names (`$2`), at most `$3` events; with a key,
-/// at most `$6` leased events per key, looking at `$9` candidate rows.
-fn limited_claim_sql(key: Option<&str>) -> String {
+/// The claim of a limit's names (`$2`), at most `$3` events; with a key
+/// (its expression, and whether it is the group id), at most `$6` leased
+/// events per key, looking at `$9` candidate rows, under the lock of the
+/// limit `$10`. When the events leased now plus `$3` cannot exceed `$6`,
+/// even were they all one key, no key is computed (no payload parsed).
+fn limited_claim_sql(key: Option<(&str, bool)>) -> String {
     let ready = "e.retry < e.max_retry
                AND e.available_at <= now()
                AND (e.expires_at IS NULL OR e.expires_at > now())
@@ -48,30 +55,40 @@ fn limited_claim_sql(key: Option<&str>) -> String {
              LIMIT $3
              FOR UPDATE SKIP LOCKED)"
         ),
-        // Leased rows have their lease's end as available_at (see the
-        // module docs of postgres.rs), so the claim index finds them.
-        Some(key) => format!(
-            "running AS (
-             SELECT {key} AS k, count(*) AS n FROM outbox_events e
-             WHERE e.retry < e.max_retry AND e.available_at > now()
-               AND e.lock_token IS NOT NULL AND e.locked_until > now()
-               AND e.name = ANY($2::text[]) AND cardinality($7::text[]) >= 0
-             GROUP BY 1),
+        // `gate` and `running` are evaluated once each, `running` (and
+        // everything keyed) only when the gate is shut: a one-time filter
+        // false skips the subplan.
+        Some((key, by_group)) => format!(
+            "gate AS MATERIALIZED (
+             SELECT outrun_limit_leased($10, $2::text[]) + $3 <= $6 AS open),
+         running AS MATERIALIZED (
+             SELECT r.k, r.n FROM outrun_limit_running($10, $2::text[], $7::text[], {by_group}, $8) r
+             WHERE NOT (SELECT open FROM gate)),
+         unkeyed AS (
+             SELECT e.id, e.available_at FROM outbox_events e
+             WHERE (SELECT open FROM gate) AND {ready}
+             ORDER BY e.available_at, e.seq
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED),
          cand AS (
              SELECT e.id, e.seq, e.available_at, {key} AS k FROM outbox_events e
-             WHERE {ready}
+             WHERE NOT (SELECT open FROM gate) AND {ready}
                AND NOT EXISTS (SELECT 1 FROM running r WHERE r.k = {key} AND r.n >= $6)
              ORDER BY e.available_at, e.seq
              LIMIT $9
              FOR UPDATE SKIP LOCKED),
-         pick AS (
+         keyed AS (
              SELECT c.id, c.available_at FROM (
                  SELECT cand.*, row_number() OVER (PARTITION BY cand.k ORDER BY cand.available_at, cand.seq) AS rn
                  FROM cand) c
              LEFT JOIN running r ON r.k = c.k
              WHERE c.rn + COALESCE(r.n, 0) <= $6
              ORDER BY c.available_at, c.seq
-             LIMIT $3)"
+             LIMIT $3),
+         pick AS (
+             SELECT id, available_at FROM unkeyed
+             UNION ALL
+             SELECT id, available_at FROM keyed)"
         ),
     };
     format!(
@@ -98,13 +115,6 @@ const GRANT: &str = "UPDATE outrun_limits l SET
      FROM (SELECT clock_timestamp() AS t) n
      WHERE l.name = $1
      RETURNING l.granted, l.tokens";
-
-/// Events of the limit's names (`$1`) leased now, anywhere. Leased rows
-/// sort at their lease's end in the claim index.
-const LEASED: &str = "SELECT count(*) FROM outbox_events e
-     WHERE e.retry < e.max_retry AND e.available_at > now()
-       AND e.lock_token IS NOT NULL AND e.locked_until > now()
-       AND e.name = ANY($1::text[])";
 
 /// Claimed rows, oldest first (RETURNING order is unspecified).
 fn finish(rows: Vec<sqlx::postgres::PgRow>, token: Uuid) -> Result<Vec<Claimed>> {
@@ -181,40 +191,7 @@ impl PgStore {
                     KeySource::Pointer { segments, .. } => (&*CLAIM_POINTER, segments.clone()),
                     KeySource::Group => (&*CLAIM_GROUP, Vec::new()),
                 };
-                let mut tx = self.bookkeeping.begin().await?;
-                let locked = sqlx::query("SELECT 1 FROM outrun_limits WHERE name = $1 FOR UPDATE")
-                    .bind(&limit.id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if locked.is_none() {
-                    // First claim of this limit anywhere: make its row, then lock it.
-                    self.ensure_limit_row(&limit.id, limit.rate.map_or(0.0, |r| r.burst))
-                        .await?;
-                    sqlx::query("SELECT 1 FROM outrun_limits WHERE name = $1 FOR UPDATE")
-                        .bind(&limit.id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                // Every key together has this many leased: if the claim
-                // cannot take any key past `per_key` even were they all one
-                // key, it needs no keys (no payload parsed, no count per key).
-                let leased: i64 = sqlx::query_scalar(LEASED)
-                    .bind(&limit.names)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if leased.saturating_add(budget_i64) <= i64::from(p.n) {
-                    let rows = sqlx::query(&CLAIM_NO_KEY)
-                        .bind(worker)
-                        .bind(&limit.names)
-                        .bind(budget_i64)
-                        .bind(duration_us(lease))
-                        .bind(token)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                    return finish(rows, token);
-                }
-                let rows = sqlx::query(sql)
+                sqlx::query(sql)
                     .bind(worker)
                     .bind(&limit.names)
                     .bind(budget_i64)
@@ -224,10 +201,9 @@ impl PgStore {
                     .bind(segments)
                     .bind(FALLBACK_KEY)
                     .bind(i64::try_from(budget.saturating_mul(SCAN_FACTOR)).unwrap_or(i64::MAX))
-                    .fetch_all(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                rows
+                    .bind(&limit.id)
+                    .fetch_all(&self.bookkeeping)
+                    .await?
             }
         };
         finish(rows, token)
