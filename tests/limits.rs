@@ -297,7 +297,10 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
         "{got:?}"
     );
     let more = b.claim_limited("w2", &limit(2), 10, lease).await.unwrap();
-    assert!(more.is_empty(), "the other instance sees the leases: {more:?}");
+    assert!(
+        more.is_empty(),
+        "the other instance sees the leases: {more:?}"
+    );
 
     // Racing claims from two stores, one key, per_key 3, budget 2 each:
     // never more than 3 leased, whatever the interleaving.
@@ -315,7 +318,10 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
             a.claim_limited("w3", &lim, 2, lease),
         );
         let total = x.unwrap().len() + y.unwrap().len() + z.unwrap().len();
-        assert_eq!(total, 3, "round {round}: per_key 3 of one key, claimed {total}");
+        assert_eq!(
+            total, 3,
+            "round {round}: per_key 3 of one key, claimed {total}"
+        );
     }
 
     // The lost-update case, made certain on PostgreSQL: another instance's
@@ -356,7 +362,10 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
         assert!(!ours.is_finished(), "our claim waits for the other's lock");
         sqlx::query("COMMIT").execute(&mut other).await.unwrap();
         let got = ours.await.unwrap().unwrap();
-        assert!(got.is_empty(), "3 of y leased already (1 + the other's 2): {got:?}");
+        assert!(
+            got.is_empty(),
+            "3 of y leased already (1 + the other's 2): {got:?}"
+        );
     }
 }
 

@@ -20,8 +20,11 @@ use crate::store::limits::{LimitState, SCAN_FACTOR};
 const POINTER_KEY: &str = "COALESCE(outrun_json_pointer(e.payload, ?5), ?6)";
 const GROUP_KEY: &str = "COALESCE(e.group_id, ?6)";
 
-/// Row ids of the events to claim: ready events of the names `?2`, at most
-/// `?3`; with a key at most `?4` leased per key, among `?7` candidates.
+/// The events to claim: ready events of the names `?2`, at most `?3`;
+/// with a key (row ids only) at most `?4` leased per key, among `?7`
+/// candidates; without one, the claimed rows themselves, as the ordinary
+/// claim selects them (one statement fewer on the path a limit that does
+/// not bind takes every time).
 fn pick_sql(key: Option<&str>) -> String {
     let ready = "e.retry < e.max_retry
            AND e.available_at <= ?1
@@ -34,7 +37,10 @@ fn pick_sql(key: Option<&str>) -> String {
                  AND p.retry < p.max_retry))";
     match key {
         None => format!(
-            "SELECT e.rowid FROM outbox_events e WHERE {ready}
+            "SELECT e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
+                    e.create_date, e.available_at, e.expires_at, e.last_error,
+                    e.idempotency_key, e.deferrals, e.traceparent
+             FROM outbox_events e WHERE {ready}
              ORDER BY e.available_at, e.rowid LIMIT ?3"
         ),
         Some(key) => format!(
@@ -144,8 +150,9 @@ impl SqliteStore {
                     };
                     let rowids: Vec<i64> = {
                         let mut stmt = conn.prepare_cached(&sql)?;
-                        let mut found = if !cannot_bind {
-                            stmt.query(rusqlite::params![
+                        let mut ids = Vec::new();
+                        if !cannot_bind {
+                            let mut found = stmt.query(rusqlite::params![
                                 now,
                                 names,
                                 n as i64,
@@ -153,19 +160,24 @@ impl SqliteStore {
                                 pointer,
                                 FALLBACK_KEY,
                                 (n * SCAN_FACTOR) as i64,
-                            ])?
+                            ])?;
+                            while let Some(r) = found.next()? {
+                                ids.push(r.get(0)?);
+                            }
                         } else {
-                            stmt.query(rusqlite::params![now, names, n as i64])?
-                        };
-                        let mut ids = Vec::new();
-                        while let Some(r) = found.next()? {
-                            ids.push(r.get(0)?);
+                            let mut found = stmt.query(rusqlite::params![now, names, n as i64])?;
+                            while let Some(r) = found.next()? {
+                                let rowid: i64 = r.get(0)?;
+                                ids.push(rowid);
+                                rows.push((rowid, ClaimRow::read(r)?));
+                            }
                         }
                         ids
                     };
                     if !rowids.is_empty() {
                         let ids = serde_json::to_string(&rowids).expect("integers serialise");
-                        {
+                        // The keyed pick found row ids only.
+                        if rows.is_empty() {
                             let mut select = conn.prepare_cached(
                                 "SELECT e.rowid, e.id, e.name, e.payload, e.group_id, e.retry, e.max_retry,
                                         e.create_date, e.available_at, e.expires_at, e.last_error,
