@@ -290,6 +290,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/events"),
     ("post", "/v1/events"),
     ("get", "/v1/events/{id}"),
+    ("get", "/v1/events/{id}/attempts"),
     ("post", "/v1/events/{id}/cancel"),
     ("post", "/v1/events/cancel"),
     ("post", "/v1/events/replay"),
@@ -898,7 +899,112 @@ async fn attempt_history_is_recorded_and_bounded(db: TestDb) {
     serve.stop();
 }
 
+/// `[runtime] keep_done`: a handled event's last attempt (and its failed
+/// ones) stays queryable for that long, whether it was acked in a batch
+/// (no effects) or committed in a lane (it emitted), then the cleaner
+/// drops them.
+async fn keep_done_answers_did_my_event_run(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("outrun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nkeep_done = \"4s\"\ncleanup_interval = \"200ms\"\n\
+             backoff_base = \"100ms\"\nbackoff_max = \"200ms\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n\n\
+             [[handler]]\nname = \"probe\"\nmodule = {:?}\n\
+             events = [\"probe.flaky\", \"probe.emit\", \"probe.echo\"]\n\
+             [handler.allow]\nemit = [\"keep.follow-up\"]\n",
+            guest("probe")
+        ),
+    )
+    .unwrap();
+    let serve = Serve::ready(&db, &config).await;
+    let flaky = enqueue(
+        port,
+        json!({"name": "probe.flaky", "payload": {"succeed_on_attempt": 2}}),
+    )
+    .await;
+    let emitting = enqueue(
+        port,
+        json!({"name": "probe.emit", "payload": {"name": "keep.follow-up", "payload": {},
+                "options": {"delay_ms": 3600000}}}),
+    )
+    .await;
+    let gone = |id: String| async move {
+        let (status, _) = http(port, "GET", &format!("/v1/events/{id}"), None).await;
+        status == 404
+    };
+    wait_for("both events handled", || async {
+        gone(flaky.clone()).await && gone(emitting.clone()).await
+    })
+    .await;
+    let outcomes = |out: &str| -> Vec<(i64, String)> {
+        parse(out)["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["attempt"].as_i64().unwrap(),
+                    a["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // The records are written just after the commit: wait for them.
+    wait_for("the records of both", || async {
+        let f = outrun(&db, &["events", "show", &flaky, "--json"]);
+        let e = outrun(&db, &["events", "show", &emitting, "--json"]);
+        f.status.success() && e.status.success()
+    })
+    .await;
+    let out = ok(&outrun(&db, &["events", "show", &flaky, "--json"]));
+    assert_eq!(parse(&out)["state"], "done", "{out}");
+    assert_eq!(
+        outcomes(&out),
+        vec![(1, "failed".to_owned()), (2, "done".to_owned())],
+        "{out}"
+    );
+    let done = &parse(&out)["attempts"][1];
+    assert_eq!(done["handler"], "probe", "{done}");
+    assert_eq!(done["version"].as_str().unwrap().len(), 64, "{done}");
+    let out = ok(&outrun(&db, &["events", "show", &emitting, "--json"]));
+    assert_eq!(outcomes(&out), vec![(1, "done".to_owned())], "{out}");
+    // The API has them too.
+    let (status, body) = http(port, "GET", &format!("/v1/events/{flaky}/attempts"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(parse(&body).as_array().unwrap().len(), 2, "{body}");
+    let (status, body) = http(
+        port,
+        "GET",
+        &format!("/v1/events/{}/attempts", uuid::Uuid::now_v7()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Past keep_done the cleaner drops them, and show says why it knows nothing.
+    wait_for("the records to expire", || async {
+        !outrun(&db, &["events", "show", &flaky, "--json"])
+            .status
+            .success()
+    })
+    .await;
+    let err = fails(&outrun(&db, &["events", "show", &emitting]));
+    assert!(err.contains("keep_done"), "{err}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outrun_attempts").await,
+        0,
+        "nothing left behind"
+    );
+    serve.stop();
+}
+
 on_both_backends!(
+    keep_done_answers_did_my_event_run,
     token_guards_every_change,
     errors_have_one_shape_and_name_the_parameter,
     list_filters_and_pages,

@@ -165,6 +165,13 @@ pub struct RuntimeConfig {
     /// Failed, deferred and interrupted attempts kept per event in
     /// `outrun_attempts` (0: none recorded). `OUTRUN_ATTEMPT_HISTORY`.
     pub attempt_history: u32,
+    /// Keep a record of each handled event's last attempt (and its failed
+    /// ones) in `outrun_attempts` for this long after its row is deleted,
+    /// so `outrun events show ID` can answer "did my event run?". Off by
+    /// default: it costs an insert per handled event. `OUTRUN_KEEP_DONE`
+    /// (`off` turns it off).
+    #[serde(with = "humantime_serde")]
+    pub keep_done: Option<Duration>,
 }
 
 /// See [`RuntimeConfig::effect_savepoints`].
@@ -211,6 +218,7 @@ impl Default for RuntimeConfig {
             effect_lanes: 0,
             effect_savepoints: SavepointMode::Auto,
             attempt_history: 20,
+            keep_done: None,
         }
     }
 }
@@ -446,6 +454,12 @@ impl Config {
         over!("OUTRUN_EFFECT_LANES", r.effect_lanes, parse);
         over!("OUTRUN_EFFECT_SAVEPOINTS", r.effect_savepoints, parse);
         over!("OUTRUN_ATTEMPT_HISTORY", r.attempt_history, parse);
+        if let Some(v) = env("OUTRUN_KEEP_DONE") {
+            r.keep_done = match v.trim() {
+                "" | "off" => None,
+                d => Some(duration("OUTRUN_KEEP_DONE", d)?),
+            };
+        }
         if let Some(v) = env("OUTRUN_ADMIN_LISTEN") {
             self.admin.listen = (!v.trim().is_empty()).then_some(v);
         }
@@ -535,6 +549,12 @@ impl Config {
         }
         if r.poll_interval.is_zero() {
             return bad("runtime.poll_interval", "must be more than 0");
+        }
+        if r.keep_done.is_some_and(|d| d < Duration::from_secs(1)) {
+            return bad(
+                "runtime.keep_done",
+                "must be at least 1s (leave it out to keep no record of handled events)",
+            );
         }
         if !(0.0..=1.0).contains(&r.backoff_jitter) {
             return bad("runtime.backoff_jitter", "must be between 0.0 and 1.0");
@@ -640,6 +660,35 @@ mod tests {
         assert_eq!(c.runtime.backoff_base, Duration::from_millis(250));
         assert_eq!(c.runtime.dead_retention, Duration::from_secs(2 * 86400));
         assert_eq!(c.runtime.batch_size, RuntimeConfig::default().batch_size);
+    }
+
+    #[test]
+    fn keep_done_is_off_unless_set_and_bounded() {
+        assert_eq!(load_text("").unwrap().runtime.keep_done, None);
+        let c = load_text("[runtime]\nkeep_done = \"1h\"\n").unwrap();
+        assert_eq!(c.runtime.keep_done, Some(Duration::from_secs(3600)));
+        let err = load_text("[runtime]\nkeep_done = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtime.keep_done"), "{err}");
+        let err = load_text("[runtime]\nkeep_done = \"forever\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keep_done") || err.contains("forever"),
+            "{err}"
+        );
+        let env = |k: &str| (k == "OUTRUN_KEEP_DONE").then(|| "off".to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outrun.toml");
+        std::fs::write(&path, "[runtime]\nkeep_done = \"1h\"\n").unwrap();
+        assert_eq!(
+            Config::load_with_env(Some(&path), env)
+                .unwrap()
+                .runtime
+                .keep_done,
+            None
+        );
     }
 
     #[test]

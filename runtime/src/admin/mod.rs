@@ -88,6 +88,7 @@ fn api_router() -> OpenApiRouter<AdminState> {
         .routes(routes!(stats))
         .routes(routes!(list, enqueue))
         .routes(routes!(show))
+        .routes(routes!(attempts))
         .routes(routes!(cancel))
         .routes(routes!(cancel_matching))
         .routes(routes!(replay_matching))
@@ -473,6 +474,31 @@ async fn show(
         event: EventView::from(&ev),
         attempts: st.store.attempts(id).await?,
     }))
+}
+
+/// An event's recorded attempts, also after its row is gone: a handled
+/// event's (outcome `done`) for as long as `[runtime] keep_done` keeps it.
+#[utoipa::path(
+    get,
+    path = "/v1/events/{id}/attempts",
+    tag = "events",
+    params(("id" = Uuid, Path, description = "The event's id")),
+    responses(
+        (status = 200, description = "Its attempts, oldest first.", body = Vec<crate::store::Attempt>),
+        (status = 400, description = "The id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "Token required for reads.", body = ErrorBody),
+        (status = 404, description = "No such event and no record of it.", body = ErrorBody),
+    )
+)]
+async fn attempts(
+    State(st): State<AdminState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Vec<crate::store::Attempt>>, ApiError> {
+    let attempts = st.store.attempts(id).await?;
+    if attempts.is_empty() && st.store.get(id).await?.is_none() {
+        return Err(StoreError::NotFound(id).into());
+    }
+    Ok(Json(attempts))
 }
 
 /// What cancelling one event did.

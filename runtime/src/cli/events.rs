@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -358,12 +357,28 @@ async fn run_on(
             }
         }
         Command::Show { id, json } => {
-            let ev = store
-                .get(id)
-                .await?
-                .with_context(|| format!("no event with id {id}"))?;
-            let mut v = event_json(&ev);
-            v["attempts"] = serde_json::to_value(store.attempts(id).await?)?;
+            let v = match store.get(id).await? {
+                Some(ev) => {
+                    let mut v = event_json(&ev);
+                    v["attempts"] = serde_json::to_value(store.attempts(id).await?)?;
+                    v
+                }
+                // Handled events are deleted; `[runtime] keep_done` keeps
+                // their attempts for a while.
+                None => {
+                    let attempts = store.attempts(id).await?;
+                    if !attempts.iter().any(|a| a.outcome == "done") {
+                        anyhow::bail!(
+                            "no event with id {id}: it was never enqueued, or it was handled (handled events are deleted at once; set [runtime] keep_done = \"1h\" to keep a record of them) or purged"
+                        );
+                    }
+                    serde_json::json!({
+                        "id": id,
+                        "state": "done",
+                        "attempts": attempts,
+                    })
+                }
+            };
             if json {
                 outln!("{}", serde_json::to_string(&v)?);
             } else {

@@ -292,6 +292,7 @@ async fn start_services(
         tokio::spawn(crate::maintenance::cleaner::run(
             store.clone(),
             r.dead_retention,
+            r.keep_done,
             r.cleanup_interval,
             stop.clone(),
         )),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{Notify, mpsc};
 
 use crate::event::Lease;
-use crate::store::Store;
+use crate::store::{Attempt, Store};
 
 use super::DispatchObserver;
 use super::inflight::Inflight;
@@ -18,11 +18,13 @@ const MAX_BATCH: usize = 512;
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A finished event waiting for its DELETE.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Ack {
     pub lease: Lease,
     /// Its group's next event becomes claimable once this DELETE commits.
     pub grouped: bool,
+    /// Its attempt's record, with `[runtime] keep_done`.
+    pub done: Option<Box<Attempt>>,
 }
 
 /// Drain `rx` until every sender is gone, acking in batches. After a batch
@@ -34,12 +36,20 @@ pub async fn run(
     mut rx: mpsc::UnboundedReceiver<Ack>,
     unblocked: Arc<Notify>,
     observer: Option<Arc<dyn DispatchObserver>>,
+    done: Option<mpsc::UnboundedSender<super::done::Committed>>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut records = Vec::new();
     let mut grouped = false;
+    let take = |a: Ack, batch: &mut Vec<Lease>, records: &mut Vec<(uuid::Uuid, Attempt)>| {
+        if let Some(r) = a.done {
+            records.push((a.lease.id, *r));
+        }
+        batch.push(a.lease);
+        a.grouped
+    };
     while let Some(first) = rx.recv().await {
-        grouped |= first.grouped;
-        batch.push(first.lease);
+        grouped |= take(first, &mut batch, &mut records);
         // Linger briefly for more: a DELETE costs about as much for one row
         // as for dozens, and at full speed acks arrive every few µs. Not
         // when a group's successor waits for this DELETE to become
@@ -51,10 +61,7 @@ pub async fn run(
             tokio::select! {
                 biased;
                 next = rx.recv() => match next {
-                    Some(a) => {
-                        grouped |= a.grouped;
-                        batch.push(a.lease);
-                    }
+                    Some(a) => grouped |= take(a, &mut batch, &mut records),
                     None => break,
                 },
                 _ = &mut linger => break,
@@ -62,10 +69,7 @@ pub async fn run(
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(a) => {
-                    grouped |= a.grouped;
-                    batch.push(a.lease);
-                }
+                Ok(a) => grouped |= take(a, &mut batch, &mut records),
                 Err(_) => break,
             }
         }
@@ -79,6 +83,15 @@ pub async fn run(
                     );
                 }
                 metrics::counter!("outrun_acks_total").increment(acked.len() as u64);
+                if let Some(done) = &done
+                    && !records.is_empty()
+                {
+                    let _ = done.send(super::done::of_committed(
+                        records.drain(..),
+                        &acked,
+                        batch.len(),
+                    ));
+                }
                 if let Some(o) = &observer {
                     o.on_acked(&acked);
                 }
@@ -91,6 +104,7 @@ pub async fn run(
         }
         inflight.remove_all(&ids);
         batch.clear();
+        records.clear();
         if std::mem::take(&mut grouped) {
             unblocked.notify_one();
         }

@@ -83,6 +83,8 @@ pub struct Committer {
     /// Handlers that failed an event entered without a savepoint: their
     /// events get one from now on.
     failed_bare: std::sync::RwLock<HashSet<Arc<str>>>,
+    /// `[runtime] keep_done`: where committed events' records go.
+    done: Option<tokio::sync::mpsc::UnboundedSender<super::done::Committed>>,
 }
 
 impl Committer {
@@ -109,7 +111,17 @@ impl Committer {
             backoff,
             savepoints,
             failed_bare: Default::default(),
+            done: None,
         }
+    }
+
+    /// `[runtime] keep_done`: send the records of committed events here.
+    pub fn with_done(
+        mut self,
+        done: Option<tokio::sync::mpsc::UnboundedSender<super::done::Committed>>,
+    ) -> Self {
+        self.done = done;
+        self
     }
 
     /// Whether an event of `handler` enters its lane with a savepoint.
@@ -220,8 +232,9 @@ impl Committer {
     /// The event in `tx` succeeded: keep its effects for the lane's next
     /// commit (now, if the lane is full or a group waits for it).
     pub async fn keep(&self, mut tx: LaneTx, kept: Kept) {
+        let grouped = kept.grouped;
         tx.lane.keep(kept);
-        if kept.grouped || tx.lane.kept() >= MAX_KEPT {
+        if grouped || tx.lane.kept() >= MAX_KEPT {
             self.commit(&mut tx.lane).await;
         }
         self.release(tx).await;
@@ -286,6 +299,15 @@ impl Committer {
                 }
                 if kept.iter().any(|k| k.grouped || k.emitted) {
                     self.unblocked.notify_one();
+                }
+                if let Some(done) = &self.done {
+                    let records: super::done::Committed = kept
+                        .into_iter()
+                        .filter_map(|k| k.done.map(|r| (k.lease.id, *r)))
+                        .collect();
+                    if !records.is_empty() {
+                        let _ = done.send(records);
+                    }
                 }
             }
             Err(StoreError::LeaseLost) => {

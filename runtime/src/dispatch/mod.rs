@@ -19,6 +19,7 @@
 mod acker;
 mod backoff;
 mod committer;
+mod done;
 mod inflight;
 mod limiter;
 mod observer;
@@ -136,12 +137,23 @@ impl Dispatcher {
         let inflight = Inflight::default();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let unblocked = Arc::new(tokio::sync::Notify::new());
+        let (done_tx, done_task) = match cfg.keep_done {
+            Some(_) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (
+                    Some(tx),
+                    Some(tokio::spawn(done::run(self.store.clone(), rx))),
+                )
+            }
+            None => (None, None),
+        };
         let acker = tokio::spawn(acker::run(
             self.store.clone(),
             inflight.clone(),
             ack_rx,
             unblocked.clone(),
             self.observer.clone(),
+            done_tx.clone(),
         ));
         let extender_stop = CancellationToken::new();
         let extender = tokio::spawn(inflight::extend_leases(
@@ -174,15 +186,18 @@ impl Dispatcher {
             0 => committer::default_lanes(&self.store, cfg.concurrency),
             n => n,
         };
-        let committer = Arc::new(committer::Committer::new(
-            self.store.clone(),
-            lanes,
-            inflight.clone(),
-            unblocked.clone(),
-            self.observer.clone(),
-            backoff,
-            cfg.effect_savepoints,
-        ));
+        let committer = Arc::new(
+            committer::Committer::new(
+                self.store.clone(),
+                lanes,
+                inflight.clone(),
+                unblocked.clone(),
+                self.observer.clone(),
+                backoff,
+                cfg.effect_savepoints,
+            )
+            .with_done(done_tx),
+        );
         let lingerers = tokio::spawn(committer.clone().run_lingerers(extender_stop.clone()));
         let cx = Arc::new(worker::WorkerContext {
             store: self.store.clone(),
@@ -197,6 +212,7 @@ impl Dispatcher {
             limiter: self.limiter.clone(),
             otel: self.otel.clone(),
             attempt_history: cfg.attempt_history,
+            keep_done: cfg.keep_done.is_some(),
         });
         let mut wakeups = match self.store.wakeups().await {
             Ok(w) => Some(w),
@@ -477,6 +493,16 @@ impl Dispatcher {
         let _ = lingerers.await;
         // Anything a lingerer still had (it stopped mid-linger).
         committer.flush().await;
+        // The keep_done records of the last commits: the task ends once the
+        // acker and the committer, its senders, are gone.
+        drop(committer);
+        if let Some(task) = done_task
+            && tokio::time::timeout(std::time::Duration::from_secs(5), task)
+                .await
+                .is_err()
+        {
+            tracing::warn!("the last keep_done records were not written within 5 s");
+        }
         if let Some(checkpointer) = checkpointer {
             let _ = checkpointer.await;
         }

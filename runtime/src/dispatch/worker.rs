@@ -38,6 +38,8 @@ pub struct WorkerContext {
     pub otel: Option<Arc<crate::otel::Otel>>,
     /// Attempts kept per event in `outrun_attempts` (0: none recorded).
     pub attempt_history: u32,
+    /// `[runtime] keep_done`: handled events' attempts are recorded too.
+    pub keep_done: bool,
 }
 
 /// An attempt that ran its handler, for its row in the attempt history.
@@ -163,6 +165,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 let ack = super::acker::Ack {
                     lease,
                     grouped: ev.group_id.is_some() || cx.frees_room(&ev.name),
+                    done: ran.and_then(|r| done_record(cx, r)),
                 };
                 if cx.acks.send(ack).is_err() {
                     release(cx, lease).await;
@@ -362,6 +365,7 @@ async fn commit(
         lease,
         grouped,
         emitted: due_now,
+        done: ran.and_then(|r| done_record(cx, r)),
     };
     cx.committer.keep(tx, kept).await;
     false
@@ -407,6 +411,28 @@ async fn expired(
     .await;
 }
 
+/// The record of a handled event's attempt, with `[runtime] keep_done`.
+fn done_record(cx: &WorkerContext, r: &Ran<'_>) -> Option<Box<crate::store::Attempt>> {
+    if !cx.keep_done {
+        return None;
+    }
+    Some(Box::new(attempt_of(r, "done", None)))
+}
+
+fn attempt_of(r: &Ran<'_>, outcome: &str, error: Option<String>) -> crate::store::Attempt {
+    crate::store::Attempt {
+        attempt: r.event.attempt(),
+        started_at: Utc::now()
+            - chrono::Duration::from_std(r.started.elapsed()).unwrap_or_default(),
+        duration_ms: r.elapsed.as_millis().min(i64::MAX as u128) as i64,
+        handler: Some(r.route.handler_name.to_string()),
+        version: r.route.handler.version().map(|v| v.to_string()),
+        instance: r.event.locked_by.clone(),
+        outcome: outcome.to_owned(),
+        error,
+    }
+}
+
 /// Record a verdict other than success; the lease goes with it.
 async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure, ran: Option<&Ran<'_>>) {
     let recorded = match ran {
@@ -415,17 +441,7 @@ async fn settle(cx: &WorkerContext, lease: Lease, failure: Failure, ran: Option<
             let last = ev.retry + 1 >= r.route.max_retry.unwrap_or(ev.max_retry);
             let (outcome, error) = crate::store::Attempt::outcome_of(&failure, last);
             let record = crate::store::AttemptRecord {
-                attempt: crate::store::Attempt {
-                    attempt: ev.attempt(),
-                    started_at: Utc::now()
-                        - chrono::Duration::from_std(r.started.elapsed()).unwrap_or_default(),
-                    duration_ms: r.elapsed.as_millis().min(i64::MAX as u128) as i64,
-                    handler: Some(r.route.handler_name.to_string()),
-                    version: r.route.handler.version().map(|v| v.to_string()),
-                    instance: ev.locked_by.clone(),
-                    outcome: outcome.to_owned(),
-                    error,
-                },
+                attempt: attempt_of(r, outcome, error),
                 keep: cx.attempt_history,
             };
             cx.store.fail_recorded(lease, &failure, &record).await

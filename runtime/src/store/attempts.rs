@@ -4,6 +4,15 @@
 //! oldest rows beyond the configured number, so a failure costs no extra
 //! round trip and the success path none at all. Rows of events that are
 //! gone (handled, purged) are deleted by the cleaner.
+//!
+//! With `[runtime] keep_done`, a handled event's last attempt is recorded
+//! too (outcome `done`), by a batched insert right after the commit that
+//! deleted its row, and kept with the event's other rows for that long:
+//! "did my event run?" has an answer after the row is gone. Best effort: a
+//! crash between that commit and the insert loses the record (never the
+//! event or its effects).
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -143,30 +152,131 @@ impl Store {
         }
     }
 
+    /// Record handled events' last attempts (outcome `done`; see the
+    /// module docs), in one statement.
+    pub async fn record_done(&self, done: &[(Uuid, Attempt)]) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Sqlite(s) => {
+                let rows: Vec<serde_json::Value> = done
+                    .iter()
+                    .map(|(id, a)| {
+                        serde_json::json!([
+                            id.to_string(),
+                            a.attempt,
+                            a.started_at.timestamp_millis(),
+                            a.duration_ms,
+                            a.handler,
+                            a.version,
+                            a.instance,
+                        ])
+                    })
+                    .collect();
+                s.record_done(serde_json::Value::Array(rows).to_string())
+                    .await?;
+            }
+            Store::Postgres(s) => {
+                let mut ids = Vec::with_capacity(done.len());
+                let mut attempts = Vec::with_capacity(done.len());
+                let mut started = Vec::with_capacity(done.len());
+                let mut durations = Vec::with_capacity(done.len());
+                let mut handlers = Vec::with_capacity(done.len());
+                let mut versions = Vec::with_capacity(done.len());
+                let mut instances = Vec::with_capacity(done.len());
+                for (id, a) in done {
+                    ids.push(*id);
+                    attempts.push(a.attempt);
+                    started.push(a.started_at);
+                    durations.push(a.duration_ms);
+                    handlers.push(a.handler.clone());
+                    versions.push(a.version.clone());
+                    instances.push(a.instance.clone());
+                }
+                sqlx::query(
+                    "INSERT INTO outrun_attempts
+                         (event_id, attempt, started_at, duration_ms, handler, version, instance, outcome)
+                     SELECT t.*, 'done' FROM unnest($1::uuid[], $2::int4[], $3::timestamptz[],
+                                                    $4::int8[], $5::text[], $6::text[], $7::text[]) AS t",
+                )
+                .bind(ids)
+                .bind(attempts)
+                .bind(started)
+                .bind(durations)
+                .bind(handlers)
+                .bind(versions)
+                .bind(instances)
+                .execute(s.pool())
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Delete the attempts of events that no longer exist (handled or
-    /// purged), at most `limit`; returns how many.
-    pub async fn cleanup_attempts(&self, limit: i64) -> Result<u64> {
+    /// purged), at most `limit`; returns how many. Those of an event with
+    /// a `done` record younger than `keep_done` stay; older `done` records
+    /// go with the rest of their event's rows.
+    pub async fn cleanup_attempts(&self, limit: i64, keep_done: Option<Duration>) -> Result<u64> {
+        let keep_us = keep_done.map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let keep_ms = keep_us / 1000;
         Ok(match self {
-            Store::Sqlite(s) => sqlx::query(
-                "DELETE FROM outrun_attempts WHERE id IN (
-                     SELECT a.id FROM outrun_attempts a
-                     WHERE NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.id = a.event_id)
-                     LIMIT ?1)",
-            )
-            .bind(limit)
-            .execute(s.pool())
-            .await?
-            .rows_affected(),
-            Store::Postgres(s) => sqlx::query(
-                "DELETE FROM outrun_attempts WHERE id IN (
-                     SELECT a.id FROM outrun_attempts a
-                     WHERE NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.id = a.event_id)
-                     LIMIT $1)",
-            )
-            .bind(limit)
-            .execute(s.pool())
-            .await?
-            .rows_affected(),
+            Store::Sqlite(s) => {
+                let before = super::sqlite::now_ms().saturating_sub(keep_ms);
+                let expired = sqlx::query(
+                    "DELETE FROM outrun_attempts WHERE event_id IN (
+                         SELECT event_id FROM outrun_attempts
+                         WHERE outcome = 'done' AND started_at < ?2
+                         LIMIT ?1)",
+                )
+                .bind(limit)
+                .bind(before)
+                .execute(s.pool())
+                .await?
+                .rows_affected();
+                expired
+                    + sqlx::query(
+                        "DELETE FROM outrun_attempts WHERE id IN (
+                             SELECT a.id FROM outrun_attempts a
+                             WHERE a.outcome <> 'done'
+                               AND NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.id = a.event_id)
+                               AND NOT EXISTS (SELECT 1 FROM outrun_attempts d
+                                               WHERE d.event_id = a.event_id AND d.outcome = 'done')
+                             LIMIT ?1)",
+                    )
+                    .bind(limit)
+                    .execute(s.pool())
+                    .await?
+                    .rows_affected()
+            }
+            Store::Postgres(s) => {
+                let expired = sqlx::query(
+                    "DELETE FROM outrun_attempts WHERE event_id IN (
+                         SELECT event_id FROM outrun_attempts
+                         WHERE outcome = 'done' AND started_at < now() - $2 * interval '1 microsecond'
+                         LIMIT $1)",
+                )
+                .bind(limit)
+                .bind(keep_us)
+                .execute(s.pool())
+                .await?
+                .rows_affected();
+                expired
+                    + sqlx::query(
+                        "DELETE FROM outrun_attempts WHERE id IN (
+                             SELECT a.id FROM outrun_attempts a
+                             WHERE a.outcome <> 'done'
+                               AND NOT EXISTS (SELECT 1 FROM outbox_events e WHERE e.id = a.event_id)
+                               AND NOT EXISTS (SELECT 1 FROM outrun_attempts d
+                                               WHERE d.event_id = a.event_id AND d.outcome = 'done')
+                             LIMIT $1)",
+                    )
+                    .bind(limit)
+                    .execute(s.pool())
+                    .await?
+                    .rows_affected()
+            }
         })
     }
 }

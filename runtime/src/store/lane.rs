@@ -60,7 +60,7 @@ use crate::event::{Lease, NewEvent};
 
 /// An event whose effects sit in a lane's open transaction, waiting for the
 /// commit.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Kept {
     pub lease: Lease,
     /// Its group's next event becomes claimable once this commits.
@@ -68,6 +68,8 @@ pub struct Kept {
     /// It emitted follow-up events that are due now; they become claimable
     /// once this commits, so the claimer is woken.
     pub emitted: bool,
+    /// Its attempt's record, with `[runtime] keep_done`.
+    pub done: Option<Box<super::Attempt>>,
 }
 
 enum LaneConn {
@@ -278,7 +280,11 @@ impl Lane {
     /// The event's follow-up events: validated now, inserted by the
     /// commit (PostgreSQL), or inserted now (SQLite, where an insert is a
     /// call, not a round trip; and after a failed deferred commit).
-    pub async fn enqueue_all(&mut self, events: Vec<NewEvent>, default_max_retry: i32) -> Result<()> {
+    pub async fn enqueue_all(
+        &mut self,
+        events: Vec<NewEvent>,
+        default_max_retry: i32,
+    ) -> Result<()> {
         self.refuse_if_poisoned()?;
         self.conn_for_event()?;
         if self.defer_emits {

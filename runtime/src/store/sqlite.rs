@@ -503,6 +503,25 @@ impl SqliteStore {
         Ok(n == 1)
     }
 
+    /// Insert `done` attempt records (a JSON array of
+    /// `[event_id, attempt, started_at_ms, duration_ms, handler, version,
+    /// instance]`) on the writer, as every runtime write goes.
+    pub(super) async fn record_done(&self, rows: String) -> Result<()> {
+        self.writer
+            .run(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO outrun_attempts
+                         (event_id, attempt, started_at, duration_ms, handler, version, instance, outcome)
+                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+                            value ->> 5, value ->> 6, 'done'
+                     FROM json_each(?1)",
+                )?
+                .execute([rows])?;
+                Ok(())
+            })
+            .await
+    }
+
     pub async fn release(&self, leases: &[Lease]) -> Result<u64> {
         if leases.is_empty() {
             return Ok(0);
@@ -1140,7 +1159,7 @@ fn clamp_i32(v: i64) -> i32 {
     v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
