@@ -59,6 +59,82 @@ fn bench_runs_from_an_empty_directory() {
     assert_eq!(r["events"], 200, "{r}");
 }
 
+/// `cargo install --path runtime` as the README says, then the installed
+/// binary alone: `outrun demo` and `outrun bench` from an empty directory
+/// under /tmp, with an environment that names nothing of the checkout (no
+/// OUTRUN_* variables, a fresh HOME for the artifact cache). The install
+/// reuses this workspace's debug build (CARGO_TARGET_DIR): it must not
+/// compile wasmtime again. Its first run in a target directory compiles
+/// the few small crates whose features the workspace build unifies
+/// differently (the guests' host builds add some), about 3 minutes on 2
+/// cores; later runs relink only what changed.
+#[test]
+fn cargo_install_runs_demo_and_bench_without_the_checkout() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let mut install = Command::new(cargo());
+    install
+        .current_dir(&workspace)
+        .args(["install", "--path", "runtime", "--debug", "--locked", "--offline"])
+        .arg("--root")
+        .arg(root.path());
+    // The variables cargo and nextest set for this test would be new to the
+    // build scripts and crates that read them, and each change relinks
+    // outrun: the install runs in the environment of a person's shell.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME")
+            || key.starts_with("NEXTEST")
+            || key.starts_with("__CARGO")
+            || (key.starts_with("RUST") && key != "RUSTUP_HOME" && key != "RUSTUP_TOOLCHAIN")
+            || key == "OUT_DIR"
+        {
+            install.env_remove(key.as_ref());
+        }
+    }
+    let out = install
+        .env("CARGO_TARGET_DIR", workspace.join("target"))
+        .output()
+        .expect("run cargo install");
+    let log = assert_ok(&out, "cargo install --path runtime");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "cargo install took {:.1} s:\n{log}{stderr}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        !stderr.contains("Compiling wasmtime "),
+        "cargo install rebuilt wasmtime instead of reusing the workspace's build:\n{stderr}"
+    );
+    let outrun = root.path().join("bin/outrun");
+    assert!(outrun.is_file(), "{} not installed", outrun.display());
+
+    let run = |dir: &Path, home: &Path, args: &[&str]| {
+        Command::new(&outrun)
+            .current_dir(dir)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", home)
+            .output()
+            .expect("run the installed outrun")
+    };
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run(dir.path(), home.path(), &["demo"]));
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        home.path(),
+        &["bench", "--events", "200", "--json"],
+    );
+    let r: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(r["events"], 200, "{r}");
+}
+
 #[test]
 fn handlers_export_writes_checkable_components() {
     let dir = tempfile::tempdir().unwrap();
