@@ -76,7 +76,14 @@ fn cargo_install_runs_demo_and_bench_without_the_checkout() {
     let mut install = Command::new(cargo());
     install
         .current_dir(&workspace)
-        .args(["install", "--path", "runtime", "--debug", "--locked", "--offline"])
+        .args([
+            "install",
+            "--path",
+            "runtime",
+            "--debug",
+            "--locked",
+            "--offline",
+        ])
         .arg("--root")
         .arg(root.path());
     // The variables cargo and nextest set for this test would be new to the
@@ -778,7 +785,9 @@ module = "q.wasm"
     )
     .unwrap();
     let config_s = config.to_str().unwrap();
-    let p_a: Vec<String> = (0..2).map(|_| enqueue_rejected(&db, "probe.fail")).collect();
+    let p_a: Vec<String> = (0..2)
+        .map(|_| enqueue_rejected(&db, "probe.fail"))
+        .collect();
     let q_a = enqueue_rejected(&db, "q/probe.fail");
     // Cancelled before any version ran it: no attempt, never replayed.
     let cancelled = enqueue_rejected(&db, "probe.fail");
@@ -896,14 +905,22 @@ build = 'mkdir -p target && cp "$(cat version.txt)" target/probe.wasm'
             root.join(file).display()
         )
     };
-    dev.wait_for_log(&ignored("dev.out", "dev's own output"), Duration::from_secs(30))
-        .await;
+    dev.wait_for_log(
+        &ignored("dev.out", "dev's own output"),
+        Duration::from_secs(30),
+    )
+    .await;
     common::eventually("dev to serve", Duration::from_secs(120), || async {
-        dev.stderr().contains("every handler compiled").then_some(())
+        dev.stderr()
+            .contains("every handler compiled")
+            .then_some(())
     })
     .await;
-    dev.wait_for_log(&ignored("dev.err", "dev's own output"), Duration::from_secs(30))
-        .await;
+    dev.wait_for_log(
+        &ignored("dev.err", "dev's own output"),
+        Duration::from_secs(30),
+    )
+    .await;
 
     for (file, why) in [
         ("notes.log", "a log"),

@@ -1146,7 +1146,10 @@ async fn list_shows_state_and_run_at_dead_newest_first(db: TestDb) {
 async fn list_filters_and_pages(db: TestDb) {
     ok(&outrun(&db, &["migrate"]));
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let a1 = enqueue_id(&db, &["a", "--payload", "{}", "--group", "g1", "--traceparent", tp]);
+    let a1 = enqueue_id(
+        &db,
+        &["a", "--payload", "{}", "--group", "g1", "--traceparent", tp],
+    );
     let a2 = enqueue_id(&db, &["a", "--payload", "{}", "--group", "g2"]);
     let b = enqueue_id(&db, &["b", "--payload", "{}", "--delay", "1h"]);
     let c = enqueue_id(&db, &["c", "--payload", "{}"]);
@@ -1165,14 +1168,20 @@ async fn list_filters_and_pages(db: TestDb) {
             .collect()
     };
     assert_eq!(ids(&[]), [a1.as_str(), a2.as_str(), b.as_str()]);
-    assert_eq!(ids(&["--state", "live"]), [a1.as_str(), a2.as_str(), b.as_str()]);
+    assert_eq!(
+        ids(&["--state", "live"]),
+        [a1.as_str(), a2.as_str(), b.as_str()]
+    );
     assert_eq!(ids(&["--state", "scheduled"]), [b.as_str()]);
     assert_eq!(ids(&["--state", "pending"]), [a1.as_str(), a2.as_str()]);
     assert!(ids(&["--state", "running"]).is_empty());
     assert_eq!(ids(&["--name", "a", "--group", "g2"]), [a2.as_str()]);
     assert_eq!(ids(&["--group", "g1"]), [a1.as_str()]);
     assert_eq!(ids(&["--state", "dead"]).len(), 2);
-    assert_eq!(ids(&["--dead", "--name", "d", "--error-contains", "cancel"]), [d.as_str()]);
+    assert_eq!(
+        ids(&["--dead", "--name", "d", "--error-contains", "cancel"]),
+        [d.as_str()]
+    );
     assert!(ids(&["--dead", "--error-contains", "timeout"]).is_empty());
     assert_eq!(ids(&["--since", "1h"]).len(), 3);
     assert!(ids(&["--since", "2099-01-01T00:00:00Z"]).is_empty());
@@ -1211,17 +1220,39 @@ async fn list_filters_and_pages(db: TestDb) {
 
     // Bad input: one line naming the flag.
     let err = fails(&outrun(&db, &["events", "list", "--state", "limbo"]));
-    assert!(err.contains("--state") && err.contains("unknown state \"limbo\""), "{err}");
-    assert!(err.contains("live, pending, scheduled, running, dead"), "{err}");
-    let err = fails(&outrun(&db, &["events", "list", "--cursor", "not-a-cursor"]));
-    assert!(err.contains("--cursor") && err.contains("not a cursor outrun printed"), "{err}");
+    assert!(
+        err.contains("--state") && err.contains("unknown state \"limbo\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("live, pending, scheduled, running, dead"),
+        "{err}"
+    );
+    let err = fails(&outrun(
+        &db,
+        &["events", "list", "--cursor", "not-a-cursor"],
+    ));
+    assert!(
+        err.contains("--cursor") && err.contains("not a cursor outrun printed"),
+        "{err}"
+    );
     let out = outrun(&db, &["events", "list", "--dead", "--limit", "1"]);
     ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let dead_cursor = stderr.split("--cursor ").nth(1).expect("a next page").trim();
+    let dead_cursor = stderr
+        .split("--cursor ")
+        .nth(1)
+        .expect("a next page")
+        .trim();
     let err = fails(&outrun(&db, &["events", "list", "--cursor", dead_cursor]));
-    assert!(err.contains("--cursor belongs to a listing of dead events"), "{err}");
-    let err = fails(&outrun(&db, &["events", "list", "--dead", "--state", "live"]));
+    assert!(
+        err.contains("--cursor belongs to a listing of dead events"),
+        "{err}"
+    );
+    let err = fails(&outrun(
+        &db,
+        &["events", "list", "--dead", "--state", "live"],
+    ));
     assert!(err.contains("--dead") && err.contains("--state"), "{err}");
     let err = fails(&outrun(&db, &["events", "list", "--limit", "0"]));
     assert!(err.contains("--limit"), "{err}");

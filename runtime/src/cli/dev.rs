@@ -12,8 +12,8 @@
 //! logs, databases, editor swap files and dev's own redirected output are
 //! not, or `outrun dev > dev.log` in the project would rebuild in a loop.
 
-use std::path::{Path, PathBuf};
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,6 @@ pub struct Args {
 /// Changes closer together than this are one rebuild (an editor's save is
 /// several file events; `cargo fmt` touches many files).
 const DEBOUNCE: Duration = Duration::from_millis(300);
-
 
 /// One handler `dev` rebuilds.
 #[derive(Debug, Clone)]
@@ -414,10 +413,7 @@ async fn rebuild(w: &Watched, registry: &Arc<Registry>, store: Option<&Store>) {
         }
     }
     if let Some(store) = store {
-        match store
-            .count_other_versions(&w.events, &after.hash())
-            .await
-        {
+        match store.count_other_versions(&w.events, &after.hash()).await {
             Ok(0) => {}
             Ok(n) => say(format!(
                 "dev: {n} dead event(s) of {} from earlier versions; press r + Enter to replay them",
@@ -445,7 +441,10 @@ async fn replay_on_key(store: Store, handlers: Vec<Watched>, registry: Arc<Regis
             let Some(current) = registry.current(&w.name) else {
                 continue;
             };
-            match store.replay_other_versions(&w.events, &current.hash()).await {
+            match store
+                .replay_other_versions(&w.events, &current.hash())
+                .await
+            {
                 Ok(n) => say(format!(
                     "dev: replayed {n} dead event(s) of {} from earlier versions",
                     w.name
@@ -552,7 +551,12 @@ mod tests {
                 "{output}"
             );
         }
-        for source in ["/p/app.py", "/p/outrun_sdk/sql.py", "/p/src/lib.rs", "/p/Cargo.toml"] {
+        for source in [
+            "/p/app.py",
+            "/p/outrun_sdk/sql.py",
+            "/p/src/lib.rs",
+            "/p/Cargo.toml",
+        ] {
             assert_eq!(
                 classify(&w, Path::new(source), &OwnOutput::default()),
                 Change::Source,

@@ -183,22 +183,26 @@ impl Store {
             return Ok(0);
         }
         let n: i64 = match self {
-            Store::Sqlite(s) => sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM outbox_events WHERE {}",
-                other_versions_cond(false)
-            ))
-            .bind(serde_json::to_string(names).unwrap_or_default())
-            .bind(current)
-            .fetch_one(s.pool())
-            .await?,
-            Store::Postgres(s) => sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM outbox_events WHERE {}",
-                other_versions_cond(true)
-            ))
-            .bind(names)
-            .bind(current)
-            .fetch_one(s.pool())
-            .await?,
+            Store::Sqlite(s) => {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM outbox_events WHERE {}",
+                    other_versions_cond(false)
+                ))
+                .bind(serde_json::to_string(names).unwrap_or_default())
+                .bind(current)
+                .fetch_one(s.pool())
+                .await?
+            }
+            Store::Postgres(s) => {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM outbox_events WHERE {}",
+                    other_versions_cond(true)
+                ))
+                .bind(names)
+                .bind(current)
+                .fetch_one(s.pool())
+                .await?
+            }
         };
         Ok(n as u64)
     }
