@@ -278,7 +278,11 @@ impl Lane {
     /// The event's follow-up events: validated now, inserted by the
     /// commit (PostgreSQL), or inserted now (SQLite, where an insert is a
     /// call, not a round trip; and after a failed deferred commit).
-    pub async fn enqueue_all(&mut self, events: Vec<NewEvent>, default_max_retry: i32) -> Result<()> {
+    pub async fn enqueue_all(
+        &mut self,
+        events: Vec<NewEvent>,
+        default_max_retry: i32,
+    ) -> Result<()> {
         self.refuse_if_poisoned()?;
         self.conn_for_event()?;
         if self.defer_emits {

@@ -792,7 +792,9 @@ impl AckTx {
     ) -> Result<Vec<Uuid>> {
         if let AckTx::Lane(tx) = self {
             // The lane returns no ids: nobody reads them on this path.
-            tx.lane.enqueue_all(events.to_vec(), default_max_retry).await?;
+            tx.lane
+                .enqueue_all(events.to_vec(), default_max_retry)
+                .await?;
             return Ok(Vec::new());
         }
         let mut ids = Vec::with_capacity(events.len());

@@ -1033,7 +1033,11 @@ fn lane_finish_sql(traced: bool) -> String {
         .strip_suffix("RETURNING id")
         .expect("the batch insert ends in RETURNING id")
         .trim_end();
-    let (ids, tokens) = if traced { ("$10", "$11") } else { ("$9", "$10") };
+    let (ids, tokens) = if traced {
+        ("$10", "$11")
+    } else {
+        ("$9", "$10")
+    };
     format!(
         "WITH emitted AS ({insert})
          DELETE FROM outbox_events
