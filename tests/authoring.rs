@@ -59,6 +59,89 @@ fn bench_runs_from_an_empty_directory() {
     assert_eq!(r["events"], 200, "{r}");
 }
 
+/// `cargo install --path runtime` as the README says, then the installed
+/// binary alone: `outrun demo` and `outrun bench` from an empty directory
+/// under /tmp, with an environment that names nothing of the checkout (no
+/// OUTRUN_* variables, a fresh HOME for the artifact cache). The install
+/// reuses this workspace's debug build (CARGO_TARGET_DIR): it must not
+/// compile wasmtime again. Its first run in a target directory compiles
+/// the few small crates whose features the workspace build unifies
+/// differently (the guests' host builds add some), about 3 minutes on 2
+/// cores; later runs relink only what changed.
+#[test]
+fn cargo_install_runs_demo_and_bench_without_the_checkout() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let mut install = Command::new(cargo());
+    install
+        .current_dir(&workspace)
+        .args([
+            "install",
+            "--path",
+            "runtime",
+            "--debug",
+            "--locked",
+            "--offline",
+        ])
+        .arg("--root")
+        .arg(root.path());
+    // The variables cargo and nextest set for this test would be new to the
+    // build scripts and crates that read them, and each change relinks
+    // outrun: the install runs in the environment of a person's shell.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME")
+            || key.starts_with("NEXTEST")
+            || key.starts_with("__CARGO")
+            || (key.starts_with("RUST") && key != "RUSTUP_HOME" && key != "RUSTUP_TOOLCHAIN")
+            || key == "OUT_DIR"
+        {
+            install.env_remove(key.as_ref());
+        }
+    }
+    let out = install
+        .env("CARGO_TARGET_DIR", workspace.join("target"))
+        .output()
+        .expect("run cargo install");
+    let log = assert_ok(&out, "cargo install --path runtime");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "cargo install took {:.1} s:\n{log}{stderr}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        !stderr.contains("Compiling wasmtime "),
+        "cargo install rebuilt wasmtime instead of reusing the workspace's build:\n{stderr}"
+    );
+    let outrun = root.path().join("bin/outrun");
+    assert!(outrun.is_file(), "{} not installed", outrun.display());
+
+    let run = |dir: &Path, home: &Path, args: &[&str]| {
+        Command::new(&outrun)
+            .current_dir(dir)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", home)
+            .output()
+            .expect("run the installed outrun")
+    };
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&run(dir.path(), home.path(), &["demo"]));
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        home.path(),
+        &["bench", "--events", "200", "--json"],
+    );
+    let r: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(r["events"], 200, "{r}");
+}
+
 #[test]
 fn handlers_export_writes_checkable_components() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,6 +364,12 @@ impl Dev {
     async fn wait_for_line(&self, what: &str, deadline: Duration) {
         common::eventually(what, deadline, || async {
             self.stdout().contains(what).then_some(())
+        })
+        .await;
+    }
+    async fn wait_for_log(&self, what: &str, deadline: Duration) {
+        common::eventually(what, deadline, || async {
+            self.stderr().contains(what).then_some(())
         })
         .await;
     }
@@ -577,13 +666,13 @@ sql = true
     dev.wait_for_line("dev: reloaded p", Duration::from_secs(60))
         .await;
     dev.wait_for_line(
-        "1 dead event(s) of p since the previous version loaded; press r + Enter",
+        "1 dead event(s) of p from earlier versions; press r + Enter",
         Duration::from_secs(10),
     )
     .await;
     stdin.write_all(b"r\n").unwrap();
     dev.wait_for_line(
-        "dev: replayed 1 dead event(s) of p",
+        "dev: replayed 1 dead event(s) of p from earlier versions",
         Duration::from_secs(10),
     )
     .await;
@@ -626,4 +715,253 @@ sql = true
     .await;
     assert_eq!(version, "2", "the last good build keeps serving");
     drop(stdin);
+}
+
+// --------------------------------------------- replay --since-reload
+
+on_both_backends!(replay_since_reload_replays_what_earlier_versions_killed);
+
+/// Enqueue `name` with a payload that makes the probe reject it; its id.
+fn enqueue_rejected(db: &TestDb, name: &str) -> String {
+    ok(&common::outrun(
+        db,
+        &[
+            "enqueue",
+            name,
+            "--payload",
+            r#"{"message":"boom","retryable":false}"#,
+        ],
+    ))
+    .trim()
+    .to_string()
+}
+
+/// Whether event `id` is dead now.
+async fn is_dead(db: &TestDb, id: &str) -> bool {
+    db.scalar(&format!(
+        "SELECT COUNT(*) FROM outbox_events WHERE id = '{id}' AND retry >= max_retry"
+    ))
+    .await
+        == 1
+}
+
+/// Serve `config` until `dead` dead events exist, then stop.
+async fn serve_until_dead(db: &TestDb, config: &Path, dead: i64) {
+    let serve = common::Serve::ready(db, config).await;
+    common::wait_for(&format!("{dead} dead events"), || async {
+        db.scalar("SELECT COUNT(*) FROM outbox_events WHERE retry >= max_retry")
+            .await
+            == dead
+    })
+    .await;
+    serve.stop();
+}
+
+/// Two handlers run version A of the probe and kill events; both modules
+/// are replaced by version B, which kills one more. `replay --since-reload`
+/// replays exactly the events A killed: per handler with --handler, not
+/// B's, not an event that died without an attempt (no handler ran it).
+async fn replay_since_reload_replays_what_earlier_versions_killed(db: TestDb) {
+    ok(&common::outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let (p_module, q_module) = (dir.path().join("p.wasm"), dir.path().join("q.wasm"));
+    for m in [&p_module, &q_module] {
+        std::fs::copy(common::guest("probe"), m).unwrap();
+    }
+    let config = dir.path().join("outrun.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[handler]]
+name = "p"
+events = ["probe.fail"]
+module = "p.wasm"
+
+[[handler]]
+name = "q"
+events = ["q/probe.fail"]
+module = "q.wasm"
+"#,
+    )
+    .unwrap();
+    let config_s = config.to_str().unwrap();
+    let p_a: Vec<String> = (0..2)
+        .map(|_| enqueue_rejected(&db, "probe.fail"))
+        .collect();
+    let q_a = enqueue_rejected(&db, "q/probe.fail");
+    // Cancelled before any version ran it: no attempt, never replayed.
+    let cancelled = enqueue_rejected(&db, "probe.fail");
+    ok(&common::outrun(&db, &["events", "cancel", &cancelled]));
+    serve_until_dead(&db, &config, 4).await;
+
+    for m in [&p_module, &q_module] {
+        std::fs::copy(common::guest("probe_v2"), m).unwrap();
+    }
+    let p_b = enqueue_rejected(&db, "probe.fail");
+    serve_until_dead(&db, &config, 5).await;
+
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["events", "replay", "--since-reload", "--config", config_s];
+        args.extend_from_slice(extra);
+        common::outrun(&db, &args)
+    };
+    assert_eq!(ok(&replay(&["--dry-run"])).trim(), "3");
+    assert_eq!(ok(&replay(&["--handler", "p", "--dry-run"])).trim(), "2");
+    for id in p_a.iter().chain([&q_a, &p_b, &cancelled]) {
+        assert!(is_dead(&db, id).await, "a dry run changes nothing");
+    }
+
+    let out = replay(&["--handler", "p"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("replayed 2 dead events of p"), "{stderr}");
+    for id in &p_a {
+        assert!(!is_dead(&db, id).await, "{id}: killed by p's version A");
+    }
+    for id in [&q_a, &p_b, &cancelled] {
+        assert!(is_dead(&db, id).await, "{id} stays dead");
+    }
+
+    // Every handler: q's event of version A too, and nothing else.
+    let out = replay(&[]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("replayed 0 dead events of p"), "{stderr}");
+    assert!(stderr.contains("replayed 1 dead events of q"), "{stderr}");
+    assert!(!is_dead(&db, &q_a).await);
+    for id in [&p_b, &cancelled] {
+        assert!(is_dead(&db, id).await, "{id} stays dead");
+    }
+
+    // Bad input names the flag and the fix.
+    let err = fails(&replay(&["--handler", "nope"]));
+    assert!(err.contains("--handler nope"), "{err}");
+    assert!(err.contains("it has p, q"), "{err}");
+    std::fs::remove_file(&q_module).unwrap();
+    let err = fails(&replay(&["--dry-run"]));
+    assert!(err.contains("handler q: cannot read its module"), "{err}");
+    let err = fails(&common::outrun(
+        &db,
+        &["events", "replay", "--handler", "p"],
+    ));
+    assert!(err.contains("--since-reload"), "{err}");
+}
+
+/// `outrun dev > dev.out` run inside the project: its own output, logs,
+/// editor swap files, build outputs and databases in the watched directory
+/// do not rebuild (each is logged as not a source, once); a source change
+/// does, once. Each reload prunes the artifact cache down to `cache_keep`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_ignores_what_is_not_a_source_and_prunes_the_cache() {
+    let db = TestDb::sqlite();
+    ok(&common::outrun(&db, &["migrate"]));
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(&project).unwrap();
+    let (v1, v2) = (common::guest("probe"), common::guest("probe_v2"));
+    std::fs::write(project.join("version.txt"), v1.to_str().unwrap()).unwrap();
+    std::fs::write(
+        project.join("outrun.toml"),
+        r#"
+[[handler]]
+name = "p"
+events = ["probe.echo"]
+module = "target/probe.wasm"
+source = "."
+build = 'mkdir -p target && cp "$(cat version.txt)" target/probe.wasm'
+"#,
+    )
+    .unwrap();
+    // Both of dev's outputs go into the watched directory, under names no
+    // pattern knows: only "this is dev's own output" keeps them out.
+    let out_path = project.join("dev.out");
+    let err_path = project.join("dev.err");
+    let child = Command::new(env!("CARGO_BIN_EXE_outrun"))
+        .current_dir(&project)
+        .args(["dev", "--config", "outrun.toml", "--database", db.url()])
+        .envs(FAST_ENV)
+        .env("OUTRUN_LOG", "info,outrun::cli::dev=debug")
+        .env("OUTRUN_CACHE_DIR", &cache)
+        .env("OUTRUN_CACHE_KEEP", "0")
+        .env_remove("OUTRUN_DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let dev = Dev {
+        child,
+        out: out_path,
+        err: err_path,
+    };
+    dev.wait_for_line("dev: watching", Duration::from_secs(60))
+        .await;
+    let root = project.canonicalize().unwrap();
+    let ignored = |file: &str, why: &str| {
+        format!(
+            "not a source, no rebuild: {} ({why})",
+            root.join(file).display()
+        )
+    };
+    dev.wait_for_log(
+        &ignored("dev.out", "dev's own output"),
+        Duration::from_secs(30),
+    )
+    .await;
+    common::eventually("dev to serve", Duration::from_secs(120), || async {
+        dev.stderr()
+            .contains("every handler compiled")
+            .then_some(())
+    })
+    .await;
+    dev.wait_for_log(
+        &ignored("dev.err", "dev's own output"),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    for (file, why) in [
+        ("notes.log", "a log"),
+        (".lib.rs.swp", "a dot file"),
+        ("lib.rs.swp", "an editor's swap or backup file"),
+        ("lib.rs~", "an editor's swap or backup file"),
+        ("4913", "an editor's swap or backup file"),
+        ("app.db", "a database"),
+        ("copy.wasm", "build output"),
+    ] {
+        std::fs::write(project.join(file), "x").unwrap();
+        dev.wait_for_log(&ignored(file, why), Duration::from_secs(30))
+            .await;
+    }
+    let artifacts = || {
+        std::fs::read_dir(&cache)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    common::wait_for("one artifact in the cache", || async { artifacts() == 1 }).await;
+
+    // A source change rebuilds, once; each reload prunes the other version.
+    for (i, version) in [&v2, &v1].into_iter().enumerate() {
+        std::fs::write(project.join("version.txt"), version.to_str().unwrap()).unwrap();
+        common::eventually("the reload", Duration::from_secs(60), || async {
+            (dev.stdout().matches("dev: reloaded p").count() == i + 1).then_some(())
+        })
+        .await;
+        common::wait_for("the cache pruned to the version in use", || async {
+            artifacts() == 1
+        })
+        .await;
+    }
+    let stdout = dev.stdout();
+    assert_eq!(
+        stdout.matches("dev: p changed; building").count(),
+        2,
+        "one build per source change, none for the rest:\n{stdout}"
+    );
 }

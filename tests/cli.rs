@@ -217,6 +217,7 @@ on_both_backends!(
     list_shows_state_and_run_at_dead_newest_first,
     stats_by_name,
     serve_logs_in_json,
+    list_filters_and_pages,
 );
 
 #[test]
@@ -1137,6 +1138,124 @@ async fn list_shows_state_and_run_at_dead_newest_first(db: TestDb) {
     let text = ok(&outrun(&db, &["events", "list", "--dead", "--limit", "1"]));
     assert!(text.lines().next().unwrap().contains("died"), "{text}");
     assert!(text.contains(&a) && !text.contains(&c), "{text}");
+}
+
+/// `events list` filters by state, name, group, error text and age, and
+/// pages with the cursor it prints on stderr; `events show` prints the
+/// traceparent. Bad filter input names the flag.
+async fn list_filters_and_pages(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a1 = enqueue_id(
+        &db,
+        &["a", "--payload", "{}", "--group", "g1", "--traceparent", tp],
+    );
+    let a2 = enqueue_id(&db, &["a", "--payload", "{}", "--group", "g2"]);
+    let b = enqueue_id(&db, &["b", "--payload", "{}", "--delay", "1h"]);
+    let c = enqueue_id(&db, &["c", "--payload", "{}"]);
+    let d = enqueue_id(&db, &["d", "--payload", "{}"]);
+    for id in [&c, &d] {
+        ok(&outrun(&db, &["events", "cancel", id]));
+    }
+    let ids = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["events", "list", "--json"];
+        all.extend_from_slice(args);
+        json(&outrun(&db, &all))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&[]), [a1.as_str(), a2.as_str(), b.as_str()]);
+    assert_eq!(
+        ids(&["--state", "live"]),
+        [a1.as_str(), a2.as_str(), b.as_str()]
+    );
+    assert_eq!(ids(&["--state", "scheduled"]), [b.as_str()]);
+    assert_eq!(ids(&["--state", "pending"]), [a1.as_str(), a2.as_str()]);
+    assert!(ids(&["--state", "running"]).is_empty());
+    assert_eq!(ids(&["--name", "a", "--group", "g2"]), [a2.as_str()]);
+    assert_eq!(ids(&["--group", "g1"]), [a1.as_str()]);
+    assert_eq!(ids(&["--state", "dead"]).len(), 2);
+    assert_eq!(
+        ids(&["--dead", "--name", "d", "--error-contains", "cancel"]),
+        [d.as_str()]
+    );
+    assert!(ids(&["--dead", "--error-contains", "timeout"]).is_empty());
+    assert_eq!(ids(&["--since", "1h"]).len(), 3);
+    assert!(ids(&["--since", "2099-01-01T00:00:00Z"]).is_empty());
+
+    // Pages of one: each names the next with --cursor on stderr; the last
+    // names none. Together they are the whole listing, in order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = vec!["events", "list", "--json", "--limit", "1"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let out = outrun(&db, &args);
+        let page = json(&out);
+        assert_eq!(page.as_array().unwrap().len(), 1, "{page}");
+        seen.push(page[0]["id"].as_str().unwrap().to_string());
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        match stderr.split("--cursor ").nth(1) {
+            Some(next) => cursor = Some(next.trim().to_string()),
+            None => {
+                assert!(stderr.is_empty(), "{stderr}");
+                break;
+            }
+        }
+        assert!(seen.len() <= 3, "the listing never ends: {seen:?}");
+    }
+    assert_eq!(seen, [a1.as_str(), a2.as_str(), b.as_str()]);
+
+    // show: the traceparent, when the event has one.
+    let shown = json(&outrun(&db, &["events", "show", &a1, "--json"]));
+    assert_eq!(shown["traceparent"], tp, "{shown}");
+    assert!(ok(&outrun(&db, &["events", "show", &a1])).contains(tp));
+    let shown = json(&outrun(&db, &["events", "show", &a2, "--json"]));
+    assert!(shown.get("traceparent").is_none(), "{shown}");
+
+    // Bad input: one line naming the flag.
+    let err = fails(&outrun(&db, &["events", "list", "--state", "limbo"]));
+    assert!(
+        err.contains("--state") && err.contains("unknown state \"limbo\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("live, pending, scheduled, running, dead"),
+        "{err}"
+    );
+    let err = fails(&outrun(
+        &db,
+        &["events", "list", "--cursor", "not-a-cursor"],
+    ));
+    assert!(
+        err.contains("--cursor") && err.contains("not a cursor outrun printed"),
+        "{err}"
+    );
+    let out = outrun(&db, &["events", "list", "--dead", "--limit", "1"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let dead_cursor = stderr
+        .split("--cursor ")
+        .nth(1)
+        .expect("a next page")
+        .trim();
+    let err = fails(&outrun(&db, &["events", "list", "--cursor", dead_cursor]));
+    assert!(
+        err.contains("--cursor belongs to a listing of dead events"),
+        "{err}"
+    );
+    let err = fails(&outrun(
+        &db,
+        &["events", "list", "--dead", "--state", "live"],
+    ));
+    assert!(err.contains("--dead") && err.contains("--state"), "{err}");
+    let err = fails(&outrun(&db, &["events", "list", "--limit", "0"]));
+    assert!(err.contains("--limit"), "{err}");
 }
 
 async fn stats_by_name(db: TestDb) {

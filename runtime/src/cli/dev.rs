@@ -4,22 +4,27 @@
 //! crate) and the result hot-reloaded; a failed build prints the compiler's
 //! error and the old version keeps serving. Every event gets a live line
 //! (name, id, outcome, duration, error) and every reload one (version, build
-//! time, reload time). After a reload, the dead events the previous version
-//! left can be replayed with `r` + Enter.
+//! time, reload time). After a reload, the dead events earlier versions
+//! left can be replayed with `r` + Enter (what `outrun events replay
+//! --since-reload` does).
+//!
+//! The watcher owns the question "is this a source change?": build outputs,
+//! logs, databases, editor swap files and dev's own redirected output are
+//! not, or `outrun dev > dev.log` in the project would rebuild in a loop.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use chrono::{DateTime, Utc};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::event::Event;
 use crate::handler::{Effects, Handler, HandlerError, Outcome, Route, Router};
-use crate::store::{ListFilter, Store};
+use crate::store::Store;
 use crate::wasm::{Registry, Reloaded};
 
 #[derive(Debug, clap::Args)]
@@ -35,10 +40,6 @@ pub struct Args {
 /// Changes closer together than this are one rebuild (an editor's save is
 /// several file events; `cargo fmt` touches many files).
 const DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// What `r` replays: the index of the handler reloaded last, and when the
-/// version it replaced was loaded (its dead events since then).
-type Replayable = Arc<Mutex<Option<(usize, DateTime<Utc>)>>>;
 
 /// One handler `dev` rebuilds.
 #[derive(Debug, Clone)]
@@ -159,16 +160,34 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
     let serving = tokio::spawn(super::serve::run_with(config, serve_args, hooks));
 
     let (tx, mut changes) = mpsc::unbounded_channel::<usize>();
+    let own = OwnOutput::of_stdio();
     let mut watcher = notify::recommended_watcher({
         let handlers = handlers.clone();
+        // Each ignored path is logged once: a log on stderr that is itself
+        // redirected into the watched directory must not feed itself.
+        let mut told: HashSet<PathBuf> = HashSet::new();
         move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
             if matches!(event.kind, notify::EventKind::Access(_)) {
                 return;
             }
             for path in &event.paths {
-                if let Some(i) = handlers.iter().position(|w| is_source_change(w, path)) {
-                    let _ = tx.send(i);
+                for (i, w) in handlers.iter().enumerate() {
+                    match classify(w, path, &own) {
+                        Change::Source => {
+                            let _ = tx.send(i);
+                        }
+                        Change::Ignored(why) => {
+                            if told.insert(path.clone()) {
+                                tracing::debug!(
+                                    handler = %w.name,
+                                    "dev: not a source, no rebuild: {} ({why})",
+                                    path.display()
+                                );
+                            }
+                        }
+                        Change::Elsewhere => {}
+                    }
                 }
             }
         }
@@ -186,9 +205,6 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
         ));
     }
 
-    // What `r` replays: the events of the handler reloaded last, dead since
-    // its previous version was loaded.
-    let replayable: Replayable = Arc::default();
     // Connected once serve has loaded the handlers (it has migrated, and
     // created a SQLite file, by then).
     let mut store: Option<Store> = None;
@@ -215,52 +231,135 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<()> {
                     if store.is_none() {
                         match super::connect(&store_config).await {
                             Ok(s) => {
-                                tokio::spawn(replay_on_key(s.clone(), handlers.clone(), replayable.clone()));
+                                tokio::spawn(replay_on_key(s.clone(), handlers.clone(), registry.clone()));
                                 store = Some(s);
                             }
                             Err(e) => say(format!("dev: no replay of dead events: {}", super::error_line(&e))),
                         }
                     }
-                    rebuild(&handlers[i], &registry, store.as_ref(), i, &replayable).await;
+                    rebuild(&handlers[i], &registry, store.as_ref()).await;
                 }
             }
         }
     }
 }
 
-/// A change inside `source` that is not a build output: componentize-py
-/// writes `__pycache__` next to the sources it compiles, and npm fills
-/// `node_modules`, so neither may trigger another build. Nor may a SQLite
-/// database in the project (the templates' `app.db`): serve writes it all
-/// the time, which would rebuild in a loop.
-fn is_source_change(w: &Watched, path: &Path) -> bool {
-    let Ok(rel) = path.strip_prefix(&w.source) else {
-        return false;
-    };
-    let database = path.file_name().is_some_and(|f| {
-        let f = f.to_string_lossy();
-        [".db", ".sqlite", ".sqlite3"].iter().any(|ext| {
-            f.ends_with(ext)
-                || ["-wal", "-shm", "-journal"]
-                    .iter()
-                    .any(|s| f.ends_with(&format!("{ext}{s}")))
-        })
-    });
-    !database
-        && !rel.components().any(|c| {
-            let c = c.as_os_str().to_string_lossy();
-            c == "target" || c == "__pycache__" || c == "node_modules" || c.starts_with('.')
-        })
-        && path != w.module
+/// What a changed path is to one watched handler.
+#[derive(Debug, PartialEq, Eq)]
+enum Change {
+    /// A source of the handler: rebuild.
+    Source,
+    /// Inside its `source` directory, but not a source (why).
+    Ignored(&'static str),
+    /// Not inside its `source` directory.
+    Elsewhere,
 }
 
-async fn rebuild(
-    w: &Watched,
-    registry: &Arc<Registry>,
-    store: Option<&Store>,
-    index: usize,
-    replayable: &Replayable,
-) {
+/// The files dev's own stdout and stderr are redirected to (device and
+/// inode), whatever their names: `outrun dev > dev.out` in the project
+/// writes a line per event, and each line would otherwise be a change.
+#[derive(Debug, Default)]
+struct OwnOutput(Vec<(u64, u64)>);
+
+impl OwnOutput {
+    fn of_stdio() -> OwnOutput {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsFd;
+            use std::os::unix::fs::MetadataExt;
+            let id = |fd: std::os::fd::BorrowedFd<'_>| {
+                let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+                let m = file.metadata().ok()?;
+                m.is_file().then(|| (m.dev(), m.ino()))
+            };
+            OwnOutput(
+                [id(std::io::stdout().as_fd()), id(std::io::stderr().as_fd())]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            )
+        }
+        #[cfg(not(unix))]
+        OwnOutput::default()
+    }
+
+    fn is(&self, path: &Path) -> bool {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            !self.0.is_empty()
+                && std::fs::metadata(path).is_ok_and(|m| self.0.contains(&(m.dev(), m.ino())))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            false
+        }
+    }
+}
+
+/// Whether a change at `path` is a source change of `w`. Not sources:
+/// build outputs (`target/`, the module, any `.wasm`, componentize-py's
+/// `__pycache__`, npm's `node_modules`), dot files and directories (`.git`,
+/// editors' `.#x` locks), editor swap and backup files (`x.swp`, `x~`,
+/// `#x#`, vim's `4913` probe), logs, SQLite databases (the templates'
+/// `app.db`, which serve writes all the time) and dev's own redirected
+/// output. A denylist, not an allowlist: a handler may be built from any
+/// kind of file, and a missed rebuild is worse than a spurious one.
+fn classify(w: &Watched, path: &Path, own: &OwnOutput) -> Change {
+    let Ok(rel) = path.strip_prefix(&w.source) else {
+        return Change::Elsewhere;
+    };
+    if path == w.module {
+        return Change::Ignored("the handler's module");
+    }
+    if rel.components().any(|c| {
+        let c = c.as_os_str().to_string_lossy();
+        c == "target" || c == "__pycache__" || c == "node_modules"
+    }) {
+        return Change::Ignored("build output");
+    }
+    if rel
+        .components()
+        .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+    {
+        return Change::Ignored("a dot file");
+    }
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let database = [".db", ".sqlite", ".sqlite3"].iter().any(|ext| {
+        file.ends_with(ext)
+            || ["-wal", "-shm", "-journal"]
+                .iter()
+                .any(|s| file.ends_with(&format!("{ext}{s}")))
+    });
+    if database {
+        return Change::Ignored("a database");
+    }
+    if file.ends_with(".wasm") || file.ends_with(".pyc") {
+        return Change::Ignored("build output");
+    }
+    if file.ends_with(".log") {
+        return Change::Ignored("a log");
+    }
+    let swap = [".swp", ".swo", ".swx", ".tmp", ".bak", ".orig"]
+        .iter()
+        .any(|ext| file.ends_with(ext))
+        || file.ends_with('~')
+        || (file.len() > 1 && file.starts_with('#') && file.ends_with('#'))
+        || file == "4913";
+    if swap {
+        return Change::Ignored("an editor's swap or backup file");
+    }
+    if own.is(path) {
+        return Change::Ignored("dev's own output");
+    }
+    Change::Source
+}
+
+async fn rebuild(w: &Watched, registry: &Arc<Registry>, store: Option<&Store>) {
     let Some(before) = registry.current(&w.name) else {
         return;
     };
@@ -313,75 +412,48 @@ async fn rebuild(
             return;
         }
     }
-    let since = before.loaded_at();
-    *replayable.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, since));
     if let Some(store) = store {
-        match dead_since(store, w, since).await {
-            Ok(dead) if !dead.is_empty() => say(format!(
-                "dev: {} dead event(s) of {} since the previous version loaded; press r + Enter to replay them",
-                dead.len(),
+        match store.count_other_versions(&w.events, &after.hash()).await {
+            Ok(0) => {}
+            Ok(n) => say(format!(
+                "dev: {n} dead event(s) of {} from earlier versions; press r + Enter to replay them",
                 w.name
             )),
-            Ok(_) => {}
             Err(e) => say(format!(
-                "dev: cannot list dead events: {}",
-                super::error_line(&e)
+                "dev: cannot count dead events: {}",
+                super::error_line(&e.into())
             )),
         }
     }
 }
 
-/// Dead events of the handler's event names that died at or after `since`.
-async fn dead_since(
-    store: &Store,
-    w: &Watched,
-    since: DateTime<Utc>,
-) -> anyhow::Result<Vec<Event>> {
-    let mut out = Vec::new();
-    for name in &w.events {
-        let events = store
-            .list(&ListFilter {
-                dead: true,
-                name: Some(name.clone()),
-                limit: 10_000,
-            })
-            .await?;
-        out.extend(
-            events
-                .into_iter()
-                .filter(|e| e.dead_at.is_some_and(|d| d >= since)),
-        );
-    }
-    Ok(out)
-}
-
-/// `r` + Enter on stdin: replay what the last reload made replayable.
-async fn replay_on_key(store: Store, handlers: Vec<Watched>, replayable: Replayable) {
+/// `r` + Enter on stdin: replay the dead events of every watched handler
+/// whose last attempt ran on a version other than the one serving now, as
+/// `outrun events replay --since-reload` does.
+async fn replay_on_key(store: Store, handlers: Vec<Watched>, registry: Arc<Registry>) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         if line.trim() != "r" {
             continue;
         }
-        let Some((i, since)) = *replayable.lock().unwrap_or_else(|p| p.into_inner()) else {
-            say("dev: nothing to replay yet (no reload so far)".into());
-            continue;
-        };
-        let w = &handlers[i];
-        match dead_since(&store, w, since).await {
-            Ok(dead) => {
-                let mut replayed = 0;
-                for e in dead {
-                    if store.replay(e.id).await.is_ok() {
-                        replayed += 1;
-                    }
-                }
-                say(format!(
-                    "dev: replayed {replayed} dead event(s) of {}",
+        for w in &handlers {
+            let Some(current) = registry.current(&w.name) else {
+                continue;
+            };
+            match store
+                .replay_other_versions(&w.events, &current.hash())
+                .await
+            {
+                Ok(n) => say(format!(
+                    "dev: replayed {n} dead event(s) of {} from earlier versions",
                     w.name
-                ));
+                )),
+                Err(e) => say(format!(
+                    "dev: replay failed: {}",
+                    super::error_line(&e.into())
+                )),
             }
-            Err(e) => say(format!("dev: replay failed: {}", super::error_line(&e))),
         }
     }
 }
@@ -431,6 +503,12 @@ impl Handler for Fed {
         ));
         result
     }
+
+    // The attempt history records it; the `r` key and `--since-reload`
+    // compare it with the version serving now.
+    fn version(&self) -> Option<Arc<str>> {
+        self.inner.version()
+    }
 }
 
 #[cfg(test)]
@@ -457,11 +535,33 @@ mod tests {
             "/p/app.db-wal",
             "/p/app.db-shm",
             "/p/data/x.sqlite3-journal",
+            "/p/dev.log",
+            "/p/src/.lib.rs.swp",
+            "/p/src/lib.rs.swp",
+            "/p/src/lib.rs~",
+            "/p/src/#lib.rs#",
+            "/p/src/4913",
+            "/p/dist/h.wasm",
         ] {
-            assert!(!is_source_change(&w, Path::new(output)), "{output}");
+            assert!(
+                matches!(
+                    classify(&w, Path::new(output), &OwnOutput::default()),
+                    Change::Ignored(_) | Change::Elsewhere
+                ),
+                "{output}"
+            );
         }
-        for source in ["/p/app.py", "/p/outrun_sdk/sql.py", "/p/src/lib.rs"] {
-            assert!(is_source_change(&w, Path::new(source)), "{source}");
+        for source in [
+            "/p/app.py",
+            "/p/outrun_sdk/sql.py",
+            "/p/src/lib.rs",
+            "/p/Cargo.toml",
+        ] {
+            assert_eq!(
+                classify(&w, Path::new(source), &OwnOutput::default()),
+                Change::Source,
+                "{source}"
+            );
         }
     }
 }

@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::event::Event;
-use crate::store::{ListFilter, Store};
+use crate::store::Store;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -29,22 +30,43 @@ Examples:
         json: bool,
     },
     /// Live events, oldest first, with their state and when they run; or
-    /// dead ones with --dead, newest dead first, with when they died.
+    /// dead ones (--dead, --state dead), newest dead first, with when they
+    /// died. A page at a time: when more match, the command to get the next
+    /// page is printed on stderr (`--cursor`).
     #[command(after_help = "\
 Examples:
   outrun events list                       live events, oldest first
   outrun events list --dead --limit 10     the ten most recent dead letters
-  outrun events list --name order.created --json")]
+  outrun events list --state scheduled --name order.created --json
+  outrun events list --dead --error-contains timeout --since 1h
+  outrun events list --dead --limit 10 --cursor 63317c647c...   the next page")]
     List {
-        /// Only dead events (retry >= max_retry), newest dead first.
-        #[arg(long)]
+        /// Only dead events (retry >= max_retry), newest dead first; the
+        /// same as --state dead.
+        #[arg(long, conflicts_with = "state")]
         dead: bool,
+        /// live (default), pending, scheduled, running or dead.
+        #[arg(long)]
+        state: Option<crate::store::StateFilter>,
         /// Only events with this name.
         #[arg(long)]
         name: Option<String>,
+        /// Only events of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only events whose last_error contains this text (case-sensitive).
+        #[arg(long)]
+        error_contains: Option<String>,
+        /// Only events created (dead ones: died) at or after this: RFC 3339
+        /// (2026-11-30T12:00:00Z) or an age (1h, 30m).
+        #[arg(long, value_parser = parse_since_arg)]
+        since: Option<DateTime<Utc>>,
         /// Most events to list.
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// Continue after the previous page: the cursor it printed.
+        #[arg(long, value_parser = parse_cursor_arg)]
+        cursor: Option<crate::store::Cursor>,
         /// Print a JSON array of events on stdout instead of a table.
         #[arg(long)]
         json: bool,
@@ -68,15 +90,26 @@ Examples:
   outrun events replay 01934b7e-6f1c-7cc3-9a51-3f0d6c2b8e10
   outrun events replay --all-dead
   outrun events replay --name order.created --error-contains timeout --since 1h
-  outrun events replay --error-contains 'no handler' --dry-run   prints the count only")]
+  outrun events replay --error-contains 'no handler' --dry-run   prints the count only
+  outrun events replay --since-reload --config outrun.toml      what the previous versions killed
+  outrun events replay --since-reload --handler billing --dry-run")]
     Replay {
         /// The event to replay: its id (a UUID, as `events list --dead`
         /// prints it).
-        #[arg(conflicts_with_all = ["all_dead", "name", "since", "error_contains", "group", "state"])]
+        #[arg(conflicts_with_all = ["all_dead", "since_reload", "name", "since", "error_contains", "group", "state"])]
         id: Option<Uuid>,
         /// Replay every dead event.
-        #[arg(long, conflicts_with_all = ["name", "since", "error_contains", "group", "state"])]
+        #[arg(long, conflicts_with_all = ["since_reload", "name", "since", "error_contains", "group", "state"])]
         all_dead: bool,
+        /// Replay the dead events of each [[handler]]'s event names whose
+        /// last attempt ran on another version of the handler than the
+        /// module the config names now: after a reload, the dead letters
+        /// the earlier versions produced.
+        #[arg(long, conflicts_with_all = ["name", "since", "error_contains", "group", "state"])]
+        since_reload: bool,
+        /// With --since-reload: only this [[handler]] (default: every one).
+        #[arg(long, requires = "since_reload")]
+        handler: Option<String>,
         #[command(flatten)]
         filter: FilterArgs,
         /// Print how many events would be replayed; change nothing.
@@ -187,6 +220,76 @@ fn parse_since_arg(s: &str) -> Result<DateTime<Utc>, String> {
     crate::store::query::parse_since(s)
 }
 
+fn parse_cursor_arg(s: &str) -> Result<crate::store::Cursor, String> {
+    crate::store::Cursor::decode(s).ok_or_else(|| {
+        "not a cursor outrun printed; pass the one printed after the previous page unchanged, \
+         or leave --cursor out for the first page"
+            .to_owned()
+    })
+}
+
+/// A configured handler's event names and the version of its module file
+/// now: the blake3 (hex) of its bytes, as the registry names versions.
+#[derive(Debug)]
+struct CurrentVersion {
+    name: String,
+    events: Vec<String>,
+    version: String,
+}
+
+/// The handlers `--since-reload` acts on: every [[handler]] of the config,
+/// or the one named.
+fn current_versions(config: &Config, only: Option<&str>) -> anyhow::Result<Vec<CurrentVersion>> {
+    let from = config
+        .source
+        .as_deref()
+        .map_or_else(|| "the config".to_owned(), |p| p.display().to_string());
+    if config.handler.is_empty() {
+        anyhow::bail!(
+            "--since-reload compares dead events with the handlers' modules, and {from} has no [[handler]]; \
+             give the config that serves them with --config FILE (or OUTRUN_CONFIG)"
+        );
+    }
+    let base = config.base_dir();
+    let specs: Vec<_> = match only {
+        None => config.handler.iter().collect(),
+        Some(h) => {
+            let found: Vec<_> = config.handler.iter().filter(|s| s.name == h).collect();
+            if found.is_empty() {
+                anyhow::bail!(
+                    "--handler {h}: {from} has no [[handler]] named {h:?}; it has {}",
+                    config
+                        .handler
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            found
+        }
+    };
+    specs
+        .into_iter()
+        .map(|spec| {
+            let module = crate::wasm::resolve(&base, &spec.module);
+            let bytes = std::fs::read(&module).with_context(|| {
+                format!(
+                    "handler {}: cannot read its module {} to learn its current version; \
+                     check `module` in its [[handler]] (relative to the config file)",
+                    spec.name,
+                    module.display()
+                )
+            })?;
+            Ok(CurrentVersion {
+                name: spec.name.clone(),
+                events: spec.events.clone(),
+                version: blake3::hash(&bytes).to_hex().to_string(),
+            })
+        })
+        .collect()
+}
+
 impl FilterArgs {
     fn filter(self) -> crate::store::Filter {
         crate::store::Filter {
@@ -210,14 +313,21 @@ impl FilterArgs {
 pub async fn run(config: &Config, cmd: Command) -> anyhow::Result<()> {
     let store = super::connect(config).await?;
     let limits = crate::limits::Limits::from_config(config)?;
-    run_on(&store, cmd, &limits.limits, &crate::pause::bindings(config))
-        .await
-        .map_err(hint_migrate)
+    run_on(
+        &store,
+        cmd,
+        config,
+        &limits.limits,
+        &crate::pause::bindings(config),
+    )
+    .await
+    .map_err(hint_migrate)
 }
 
 async fn run_on(
     store: &Store,
     cmd: Command,
+    config: &Config,
     limits: &[crate::limits::Limit],
     bindings: &[crate::pause::Binding],
 ) -> anyhow::Result<()> {
@@ -341,19 +451,68 @@ async fn run_on(
         }
         Command::List {
             dead,
+            state,
             name,
+            group,
+            error_contains,
+            since,
             limit,
+            cursor,
             json,
         } => {
             if limit < 1 {
                 anyhow::bail!("--limit must be at least 1");
             }
-            let events = store.list(&ListFilter { dead, name, limit }).await?;
+            let state = if dead {
+                crate::store::StateFilter::Dead
+            } else {
+                state.unwrap_or(crate::store::StateFilter::Live)
+            };
+            if let Some(c) = &cursor
+                && c.dead != state.is_dead()
+            {
+                anyhow::bail!(
+                    "--cursor belongs to a listing of {} events, and this one lists {} events; \
+                     keep the filters of the page that printed it",
+                    if c.dead { "dead" } else { "live" },
+                    if state.is_dead() { "dead" } else { "live" }
+                );
+            }
+            let mut query = crate::store::EventQuery {
+                state,
+                name,
+                group_id: group,
+                error_contains,
+                since,
+                limit: 0,
+                after: cursor,
+            };
+            // The store's pages hold at most 1000 events; a larger --limit
+            // is several pages, each continuing where the last ended.
+            let mut events = Vec::new();
+            let mut next = None;
+            while (events.len() as i64) < limit {
+                query.limit = (limit - events.len() as i64).min(1000);
+                let page = store.page(&query).await?;
+                events.extend(page.events);
+                next = page.next;
+                match next {
+                    Some(c) => query.after = Some(c),
+                    None => break,
+                }
+            }
             if json {
                 let rows: Vec<Value> = events.iter().map(event_json).collect();
                 outln!("{}", serde_json::to_string(&rows)?);
             } else {
-                print_table(&events, dead)?;
+                print_table(&events, state.is_dead())?;
+            }
+            if let Some(c) = next {
+                // stderr, so stdout stays the table or the JSON array.
+                eprintln!(
+                    "more events match; the next page: the same command with --cursor {}",
+                    c.encode()
+                );
             }
         }
         Command::Show { id, json } => {
@@ -388,12 +547,32 @@ async fn run_on(
         Command::Replay {
             id,
             all_dead,
+            since_reload,
+            handler,
             filter,
             dry_run,
         } => {
             let given = filter.given();
             let filter = filter.filter();
-            if let Some(id) = id {
+            if since_reload {
+                let handlers = current_versions(config, handler.as_deref())?;
+                let mut total = 0;
+                for h in &handlers {
+                    if dry_run {
+                        total += store.count_other_versions(&h.events, &h.version).await?;
+                    } else {
+                        let n = store.replay_other_versions(&h.events, &h.version).await?;
+                        eprintln!(
+                            "replayed {n} dead events of {} (their last attempt ran on a version other than {})",
+                            h.name,
+                            &h.version[..12]
+                        );
+                    }
+                }
+                if dry_run {
+                    outln!("{total}");
+                }
+            } else if let Some(id) = id {
                 if dry_run {
                     let ev = store.get(id).await?;
                     outln!("{}", u64::from(ev.is_some_and(|e| e.is_dead())));
@@ -403,7 +582,7 @@ async fn run_on(
                 }
             } else if !given && !all_dead {
                 anyhow::bail!(
-                    "give an event id, --all-dead, or a filter (--name, --since, --error-contains, --group)"
+                    "give an event id, --all-dead, --since-reload, or a filter (--name, --since, --error-contains, --group)"
                 );
             } else if dry_run {
                 let f = crate::store::Filter {
@@ -525,7 +704,12 @@ pub fn event_state(ev: &Event, now: DateTime<Utc>) -> &'static str {
 /// An event as JSON, with the payload embedded as JSON when it parses (it
 /// should; rows inserted by hand may not) and as a string otherwise.
 pub fn event_json(ev: &Event) -> Value {
-    serde_json::to_value(crate::admin::EventView::from(ev)).unwrap_or(Value::Null)
+    let mut v = serde_json::to_value(crate::admin::EventView::from(ev)).unwrap_or(Value::Null);
+    // Only when set: most events carry none.
+    if let Some(tp) = &ev.traceparent {
+        v["traceparent"] = json!(tp);
+    }
+    v
 }
 
 /// The human listing. Live events show when they run (`available_at`:

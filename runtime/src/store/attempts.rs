@@ -11,6 +11,11 @@
 //! "did my event run?" has an answer after the row is gone. Best effort: a
 //! crash between that commit and the insert loses the record (never the
 //! event or its effects).
+//!
+//! The history also answers "which dead letters did the previous version
+//! of a handler produce?" (`outrun events replay --since-reload`, the `r`
+//! key of `outrun dev`): the dead events whose last attempt ran on another
+//! version than the one now in place.
 
 use std::time::Duration;
 
@@ -278,5 +283,152 @@ impl Store {
                     .rows_affected()
             }
         })
+    }
+
+    /// How many dead events named one of `names` had their last recorded
+    /// attempt run on a handler version (blake3 hex of the module) other
+    /// than `current`: what [`Store::replay_other_versions`] would replay.
+    pub async fn count_other_versions(&self, names: &[String], current: &str) -> Result<u64> {
+        if names.is_empty() {
+            return Ok(0);
+        }
+        let n: i64 = match self {
+            Store::Sqlite(s) => {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM outbox_events WHERE {}",
+                    other_versions_cond(false)
+                ))
+                .bind(serde_json::to_string(names).unwrap_or_default())
+                .bind(current)
+                .fetch_one(s.pool())
+                .await?
+            }
+            Store::Postgres(s) => {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM outbox_events WHERE {}",
+                    other_versions_cond(true)
+                ))
+                .bind(names)
+                .bind(current)
+                .fetch_one(s.pool())
+                .await?
+            }
+        };
+        Ok(n as u64)
+    }
+
+    /// Replay (as [`Store::replay`] does one) the dead events that
+    /// [`Store::count_other_versions`] counts, in one statement; returns how
+    /// many.
+    pub async fn replay_other_versions(&self, names: &[String], current: &str) -> Result<u64> {
+        if names.is_empty() {
+            return Ok(0);
+        }
+        let n = match self {
+            Store::Sqlite(s) => {
+                // REPLAY binds the time as ?1.
+                let cond = other_versions_cond(false)
+                    .replace("?2", "?3")
+                    .replace("?1", "?2");
+                let n = sqlx::query(&format!("{} WHERE {cond}", super::sqlite::REPLAY))
+                    .bind(super::sqlite::now_ms())
+                    .bind(serde_json::to_string(names).unwrap_or_default())
+                    .bind(current)
+                    .execute(s.pool())
+                    .await?
+                    .rows_affected();
+                if n > 0 {
+                    s.wake();
+                }
+                n
+            }
+            Store::Postgres(s) => {
+                let n = sqlx::query(&format!(
+                    "{} WHERE {}",
+                    super::postgres::REPLAY,
+                    other_versions_cond(true)
+                ))
+                .bind(names)
+                .bind(current)
+                .execute(s.pool())
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    s.notify().await?;
+                }
+                n
+            }
+        };
+        Ok(n)
+    }
+}
+
+/// The condition of [`Store::count_other_versions`]: parameter 1 the names
+/// (PostgreSQL: a text array; SQLite: a JSON array), 2 the current
+/// version. `retry >= max_retry` is the predicate of the partial index
+/// `outbox_events_dead`, so the rows come from that index and live events
+/// are never read; each candidate's last attempt is one probe of
+/// `outrun_attempts_event`. An event with no recorded attempt (dead with no
+/// handler, expired, or cancelled before it ran) or whose last attempt
+/// recorded no version is not counted: no version of the handler produced
+/// it.
+fn other_versions_cond(postgres: bool) -> String {
+    let (names, current) = if postgres {
+        ("name = ANY($1)", "$2")
+    } else {
+        ("name IN (SELECT value FROM json_each(?1))", "?2")
+    };
+    format!(
+        "retry >= max_retry AND {names}
+         AND (SELECT a.version FROM outrun_attempts a
+              WHERE a.event_id = outbox_events.id ORDER BY a.id DESC LIMIT 1) <> {current}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `--since-reload` query reads dead rows through the dead partial
+    /// index, never the live ones, and each candidate's last attempt
+    /// through `outrun_attempts_event`. (PostgreSQL picks the same plan
+    /// once the table has statistics; its planner's choice on a test's
+    /// empty table would prove nothing.)
+    #[tokio::test]
+    async fn other_versions_read_the_dead_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::connect(&url, &Default::default()).await.unwrap();
+        store.migrate().await.unwrap();
+        let Store::Sqlite(s) = &store else {
+            unreachable!()
+        };
+        let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+            "EXPLAIN QUERY PLAN SELECT count(*) FROM outbox_events WHERE {}",
+            other_versions_cond(false)
+        ))
+        .bind(r#"["a"]"#)
+        .bind("v")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+        let plan: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("USING INDEX outbox_events_dead")),
+            "{plan:?}"
+        );
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("USING INDEX outrun_attempts_event")),
+            "{plan:?}"
+        );
+        assert_eq!(
+            store
+                .count_other_versions(&["a".into()], "v")
+                .await
+                .unwrap(),
+            0
+        );
     }
 }

@@ -900,7 +900,7 @@ impl PgStore {
 
     /// Wake listeners for rows that became ready without an INSERT (the
     /// trigger covers inserts). Sent after the change committed.
-    async fn notify(&self) -> Result<()> {
+    pub(super) async fn notify(&self) -> Result<()> {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(CHANNEL)
             .execute(&self.pool)
@@ -962,7 +962,7 @@ fn stats_from_row(row: &PgRow) -> Result<Stats> {
 }
 
 /// Make dead rows live again. `last_error` stays for the record.
-const REPLAY: &str = "UPDATE outbox_events
+pub(super) const REPLAY: &str = "UPDATE outbox_events
      SET retry = 0, available_at = now(), expires_at = NULL, dead_at = NULL,
          locked_by = NULL, locked_until = NULL, lock_token = NULL";
 

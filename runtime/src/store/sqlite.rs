@@ -152,7 +152,7 @@ impl SqliteStore {
         self.wake.subscribe()
     }
 
-    fn wake(&self) {
+    pub(super) fn wake(&self) {
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -915,7 +915,7 @@ fn bind_filter<'q>(
 }
 
 /// Make dead rows live again; `?1` is now. `last_error` stays for the record.
-const REPLAY: &str = "UPDATE outbox_events
+pub(super) const REPLAY: &str = "UPDATE outbox_events
      SET retry = 0, available_at = ?1, expires_at = NULL, dead_at = NULL,
          locked_by = NULL, locked_until = NULL, lock_token = NULL";
 
