@@ -100,8 +100,14 @@ fn cargo_install_runs_demo_and_bench_without_the_checkout() {
             install.env_remove(key.as_ref());
         }
     }
+    // The target directory this test was built in (<target>/debug/deps/
+    // holds the test binary), wherever CARGO_TARGET_DIR put it.
+    let target = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .unwrap_or_else(|| workspace.join("target"));
     let out = install
-        .env("CARGO_TARGET_DIR", workspace.join("target"))
+        .env("CARGO_TARGET_DIR", &target)
         .output()
         .expect("run cargo install");
     let log = assert_ok(&out, "cargo install --path runtime");
