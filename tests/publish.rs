@@ -184,6 +184,14 @@ impl Broker {
         self.tansu.as_mut().expect("a private broker").spawn();
     }
 
+    /// What a private broker wrote to stderr (warnings and errors).
+    fn log(&self) -> String {
+        self.tansu
+            .as_ref()
+            .map(|t| std::fs::read_to_string(t.log.path()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
     fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.addr);
@@ -576,7 +584,11 @@ async fn a_broker_that_is_down_makes_the_event_retry_until_it_is_back() {
     broker.start();
     // memory:// forgot every topic: make it again, as it was.
     broker.create_topic(&topic, 1).await;
-    wait_gone(&store, &serve, id).await;
+    let done = std::panic::AssertUnwindSafe(wait_gone(&store, &serve, id));
+    if let Err(panic) = futures::FutureExt::catch_unwind(done).await {
+        eprintln!("the broker's log:\n{}", broker.log());
+        std::panic::resume_unwind(panic);
+    }
     let records = broker.read_all(&topic, 1).await;
     let ids: Vec<&str> = records.iter().map(Record::id).collect();
     assert!(

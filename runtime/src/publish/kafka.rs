@@ -10,8 +10,9 @@
 //! longer first build (cmake, ~7 min at low priority) and two apt packages
 //! at build time. See the README, "Publishing".
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rdkafka::config::ClientConfig;
@@ -36,12 +37,27 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("log.connection.close", "false"),
 ];
 
+/// Failed calls in a row, with nothing delivered in between, after which
+/// the producer is replaced (when they also span [`KafkaBackend::stuck_after`]).
+const STUCK_FAILURES: u32 = 5;
+
 pub struct KafkaBackend {
     config: ClientConfig,
     /// Replaced after a fatal error (an idempotent producer that lost its
-    /// sequence state refuses everything from then on).
+    /// sequence state refuses everything from then on), and when it has
+    /// delivered nothing for a while (see [`KafkaBackend::note_failure`]).
     producer: ArcSwap<FutureProducer>,
     brokers: String,
+    /// Calls that failed since the last one that delivered.
+    failures: AtomicU32,
+    /// When the current run of failures began.
+    failing_since: Mutex<Option<Instant>>,
+    /// How long a run of failures must last before the producer counts as
+    /// stuck: a few message timeouts, so a broker that is merely down for a
+    /// moment keeps its producer.
+    stuck_after: Duration,
+    /// Producers replaced because they delivered nothing for a while.
+    renewals: AtomicU32,
 }
 
 impl KafkaBackend {
@@ -85,6 +101,10 @@ impl KafkaBackend {
             config,
             producer: ArcSwap::from_pointee(producer),
             brokers: settings.brokers.trim().to_string(),
+            failures: AtomicU32::new(0),
+            failing_since: Mutex::new(None),
+            stuck_after: (timeout * 3).max(Duration::from_secs(5)),
+            renewals: AtomicU32::new(0),
         })
     }
 
@@ -130,11 +150,69 @@ impl KafkaBackend {
             };
             failed.get_or_insert(outcome);
         }
-        match failed {
-            None => Ok(0),
+        let result = match failed {
+            None => {
+                self.note_success();
+                Ok(0)
+            }
             Some(e) => {
-                self.renew_if_fatal(&producer);
+                if !self.renew_if_fatal(&producer) && matches!(e, PublishError::Unavailable(_)) {
+                    self.note_failure(&producer);
+                }
                 Err(e)
+            }
+        };
+        // A replaced producer's last owner drops it: that purges and
+        // flushes (up to 0.5 s) and joins its polling thread, which must
+        // not hold up an async worker.
+        if !Arc::ptr_eq(&self.producer.load(), &producer) {
+            tokio::task::spawn_blocking(move || drop(producer));
+        }
+        result
+    }
+
+    fn note_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            *self.failing_since.lock().expect("not poisoned") = None;
+        }
+    }
+
+    /// A producer can stay wedged after its broker comes back: an
+    /// idempotent producer whose broker restarted without its state (a
+    /// producer id the broker no longer knows) has been seen to time out
+    /// every message for good. So when nothing has been delivered for
+    /// [`STUCK_FAILURES`] calls in a row spanning `stuck_after`, start
+    /// afresh (new connections, metadata and producer id). While the
+    /// broker is really down that costs a client every `stuck_after`;
+    /// messages the old one still held are retried by their events, under
+    /// the same message ids.
+    fn note_failure(&self, failed: &Arc<FutureProducer>) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = Instant::now();
+        let since = *self
+            .failing_since
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert(now);
+        if n < STUCK_FAILURES || now.duration_since(since) < self.stuck_after {
+            return;
+        }
+        if !Arc::ptr_eq(&self.producer.load(), failed) {
+            return;
+        }
+        match create(&self.config) {
+            Ok(p) => {
+                tracing::warn!(brokers = %self.brokers, failures = n, "the Kafka producer has delivered nothing for {} s ({n} calls in a row); replaced it with a new one", now.duration_since(since).as_secs());
+                self.producer.store(Arc::new(p));
+                self.renewals.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outrun_publish_producer_renewals_total", "backend" => "kafka")
+                    .increment(1);
+                self.failures.store(0, Ordering::Relaxed);
+                *self.failing_since.lock().expect("not poisoned") = None;
+            }
+            Err(e) => {
+                tracing::error!(brokers = %self.brokers, "the Kafka producer has delivered nothing for {n} calls and a new one cannot be created: {e}")
             }
         }
     }
@@ -161,12 +239,13 @@ impl KafkaBackend {
 
     /// After a fatal error the producer refuses everything: replace it
     /// (once; concurrent failures see the new one already in place).
-    fn renew_if_fatal(&self, failed: &Arc<FutureProducer>) {
+    /// True when it had a fatal error.
+    fn renew_if_fatal(&self, failed: &Arc<FutureProducer>) -> bool {
         let Some((code, reason)) = failed.client().fatal_error() else {
-            return;
+            return false;
         };
         if !Arc::ptr_eq(&self.producer.load(), failed) {
-            return;
+            return true;
         }
         match create(&self.config) {
             Ok(p) => {
@@ -177,6 +256,7 @@ impl KafkaBackend {
                 tracing::error!(brokers = %self.brokers, "the Kafka producer hit a fatal error ({code:?}: {reason}) and a new one cannot be created: {e}")
             }
         }
+        true
     }
 
     /// Deliver what is still queued (messages whose publish call stopped
@@ -204,4 +284,48 @@ fn create(config: &ClientConfig) -> Result<FutureProducer, PublishSetupError> {
     config
         .create()
         .map_err(|e| PublishSetupError::Kafka(format!("cannot create the producer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A producer that delivers nothing is replaced once failures have
+    /// lasted `stuck_after` (5 s at least), not before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_producer_that_delivers_nothing_is_replaced() {
+        // Nothing listens on a port just bound and dropped.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let settings = KafkaSettings {
+            brokers: format!("127.0.0.1:{port}"),
+            properties: Default::default(),
+        };
+        let backend = KafkaBackend::new(&settings, Duration::from_millis(200)).unwrap();
+        let first = backend.producer.load_full();
+        let started = Instant::now();
+        let message = || Message {
+            topic: "t".into(),
+            key: None,
+            headers: vec![("message-id".into(), "m1".into())],
+            body: b"{}".to_vec(),
+        };
+        while backend.renewals.load(Ordering::Relaxed) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "not replaced after 30 s of failures"
+            );
+            let err = backend.send_all(vec![message()]).await.unwrap_err();
+            assert!(matches!(err, PublishError::Unavailable(_)), "{err:?}");
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "replaced after {:?}, before failures had lasted 5 s",
+            started.elapsed()
+        );
+        assert!(!Arc::ptr_eq(&first, &backend.producer.load_full()));
+    }
 }
