@@ -126,6 +126,11 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         "Time from handing one publish call's messages to the broker client until the broker acknowledged all of them, by backend.",
     ),
     (
+        "outrun_publish_producer_renewals_total",
+        Kind::Counter,
+        "Kafka producers replaced because their publish calls kept timing out while the broker was reachable again (5 failed calls spanning at least 3 x the publish timeout), by backend.",
+    ),
+    (
         "outrun_schedule_enqueued_total",
         Kind::Counter,
         "Events this instance enqueued for [[schedule]] ticks, by schedule (each tick is enqueued by one instance only).",
