@@ -252,7 +252,7 @@ fn by_name(db: &TestDb) -> HashMap<String, (i64, i64)> {
             let c = |k: &str| n[k].as_i64().unwrap();
             (
                 n["name"].as_str().unwrap().to_owned(),
-                (c("pending") + c("scheduled") + c("running"), c("dead")),
+                (c("live"), c("dead")),
             )
         })
         .collect()

@@ -1290,11 +1290,21 @@ async fn stats_by_name(db: TestDb) {
         ),
         (Some("beta"), Some(0), Some(1), Some(0))
     );
+    // live = pending + scheduled + running: "is every event of a name handled?"
+    assert_eq!(
+        (
+            by[0]["live"].as_i64(),
+            by[1]["live"].as_i64(),
+            v["live"].as_i64()
+        ),
+        (Some(1), Some(1), Some(2)),
+        "{v}"
+    );
     let text = ok(&outrun(&db, &["events", "stats", "--by-name"]));
     let alpha = text.lines().find(|l| l.starts_with("alpha")).expect(&text);
     assert_eq!(
-        alpha.split_whitespace().take(5).collect::<Vec<_>>(),
-        ["alpha", "1", "0", "0", "1"],
+        alpha.split_whitespace().take(6).collect::<Vec<_>>(),
+        ["alpha", "1", "1", "0", "0", "1"],
         "{text}"
     );
     // Without --by-name, the JSON is as before.

@@ -285,18 +285,30 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
 
     // Room for all: 5 of one key under per_key 10.
     enqueue("k10".into(), vec!["a"; 5]).await;
-    let got = a.claim_limited("w1", &limit(10), 5, lease).await.unwrap();
+    let got = a
+        .claim_limited("w1", &limit(10), 5, lease)
+        .await
+        .unwrap()
+        .events;
     assert_eq!(got.len(), 5, "{got:?}");
 
     // Keys bind: 5 of a, 3 of b, per_key 2 → 2 + 2, then nothing more.
     enqueue("k2".into(), vec!["a", "a", "a", "a", "a", "b", "b", "b"]).await;
-    let got = a.claim_limited("w1", &limit(2), 10, lease).await.unwrap();
+    let got = a
+        .claim_limited("w1", &limit(2), 10, lease)
+        .await
+        .unwrap()
+        .events;
     assert_eq!(
         key_counts(&got),
         HashMap::from([("a".to_owned(), 2), ("b".to_owned(), 2)]),
         "{got:?}"
     );
-    let more = b.claim_limited("w2", &limit(2), 10, lease).await.unwrap();
+    let more = b
+        .claim_limited("w2", &limit(2), 10, lease)
+        .await
+        .unwrap()
+        .events;
     assert!(
         more.is_empty(),
         "the other instance sees the leases: {more:?}"
@@ -317,7 +329,7 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
             b.claim_limited("w2", &lim, 2, lease),
             a.claim_limited("w3", &lim, 2, lease),
         );
-        let total = x.unwrap().len() + y.unwrap().len() + z.unwrap().len();
+        let total = x.unwrap().events.len() + y.unwrap().events.len() + z.unwrap().events.len();
         assert_eq!(
             total, 3,
             "round {round}: per_key 3 of one key, claimed {total}"
@@ -337,10 +349,17 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
             ..limit(3)
         };
         // The limit's row exists once any claim of it ran.
-        assert!(b.claim_limited("w2", &lim, 1, lease).await.unwrap().len() == 1);
+        assert!(
+            b.claim_limited("w2", &lim, 1, lease)
+                .await
+                .unwrap()
+                .events
+                .len()
+                == 1
+        );
         let mut other = sqlx::PgConnection::connect(db.url()).await.unwrap();
         sqlx::query("BEGIN").execute(&mut other).await.unwrap();
-        sqlx::query("SELECT 1 FROM outrun_limits WHERE name = 'event:k3y' FOR UPDATE")
+        sqlx::query("SELECT outrun_limit_lock('event:k3y')")
             .execute(&mut other)
             .await
             .unwrap();
@@ -361,11 +380,72 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!ours.is_finished(), "our claim waits for the other's lock");
         sqlx::query("COMMIT").execute(&mut other).await.unwrap();
-        let got = ours.await.unwrap().unwrap();
+        let got = ours.await.unwrap().unwrap().events;
         assert!(
             got.is_empty(),
             "3 of y leased already (1 + the other's 2): {got:?}"
         );
+
+        // Claims far from per_key share: one that holds a slot does not
+        // make another wait, and neither computes keys.
+        let far = Limit {
+            names: vec!["k3y".into()],
+            id: "event:k3y".into(),
+            ..limit(100_000)
+        };
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query(
+            "SELECT 1 FROM outrun_limit_slots WHERE name = 'event:k3y' AND slot = 0 FOR UPDATE",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let shared = tokio::time::timeout(
+            Duration::from_secs(10),
+            a.claim_limited("w1", &far, 2, lease),
+        )
+        .await
+        .expect("a claim far from per_key takes a free slot, it does not wait for slot 0")
+        .unwrap();
+        assert_eq!(
+            (shared.events.len(), shared.keyed),
+            (2, false),
+            "{shared:?}"
+        );
+        // One that could bind needs every slot: it waits.
+        let near = {
+            let a = a.clone();
+            let lim = lim.clone();
+            tokio::spawn(async move { a.claim_limited("w1", &lim, 1, lease).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !near.is_finished(),
+            "a claim that can bind waits for every slot"
+        );
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        let got = near.await.unwrap().unwrap();
+        assert!(got.events.is_empty(), "5 of y leased: {got:?}");
+
+        // With every slot held elsewhere, a far claim waits too: sharing is
+        // bounded (that bound is what keeps it from overshooting per_key).
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query("SELECT outrun_limit_lock('event:k3y')")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let waiting = {
+            let a = a.clone();
+            tokio::spawn(async move { a.claim_limited("w1", &far, 1, lease).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "no free slot: the claim waits for all"
+        );
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!((got.events.len(), got.keyed), (1, false), "{got:?}");
     }
 }
 

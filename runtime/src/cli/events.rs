@@ -384,7 +384,8 @@ async fn run_on(
                 outln!("{}", serde_json::to_string(&v)?);
             } else {
                 outln!(
-                    "pending {}  scheduled {}  running {}  dead {}  oldest pending {}",
+                    "live {}  pending {}  scheduled {}  running {}  dead {}  oldest pending {}",
+                    s.live,
                     s.pending,
                     s.scheduled,
                     s.running,
@@ -397,8 +398,9 @@ async fn run_on(
                 if let Some(names) = &names {
                     outln!();
                     outln!(
-                        "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  oldest pending",
+                        "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  oldest pending",
                         "name",
+                        "live",
                         "pending",
                         "scheduled",
                         "running",
@@ -406,8 +408,9 @@ async fn run_on(
                     );
                     for n in names {
                         outln!(
-                            "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
+                            "{:<32}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
                             n.name,
+                            n.stats.live,
                             n.stats.pending,
                             n.stats.scheduled,
                             n.stats.running,

@@ -211,14 +211,16 @@ impl Limiter {
                 continue;
             }
             match store.claim_limited(worker, limit, budget, lease).await {
-                Ok(got) => {
+                Ok(crate::store::Limited { events: got, keyed }) => {
                     if h.limit.rate.is_some() {
                         *h.tokens() += (budget - got.len()) as u64;
                     }
                     if !got.is_empty() {
                         metrics::counter!("outrun_limit_claimed_total", "limit" => h.limit.id.clone())
                             .increment(got.len() as u64);
-                        self.check_keys(h, &got);
+                        if keyed {
+                            self.check_keys(h, &got);
+                        }
                     }
                     out.claimed.extend(got);
                 }

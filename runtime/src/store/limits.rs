@@ -1,7 +1,9 @@
 //! The store's side of `[[limit]]`: `outrun_limits` holds each rate
 //! limit's token bucket, from which instances take grants of tokens
-//! ([`Store::grant_tokens`], one statement), and its row is the lock that
-//! makes the per-key claims of one limit take turns across instances
+//! ([`Store::grant_tokens`], one statement); per-key claims count the
+//! leased events under a lock (PostgreSQL: the limit's rows in
+//! `outrun_limit_slots`; SQLite: the one writer), so no two claims of a
+//! limit count past each other across instances
 //! ([`Store::claim_limited`]). See [`crate::limits`] and
 //! `dispatch/limiter.rs` for how the claimer spends grants.
 
@@ -25,6 +27,17 @@ pub struct Grant {
     pub granted: u64,
     /// The bucket ran dry (nothing granted): no token for this long.
     pub wait: Option<Duration>,
+}
+
+/// What [`Store::claim_limited`] claimed.
+#[derive(Debug, Default)]
+pub struct Limited {
+    /// Leased, oldest first.
+    pub events: Vec<Claimed>,
+    /// The claim computed keys (a per-key limit that could bind): only
+    /// then did an event's missing key matter, so only then is it worth
+    /// parsing payloads to warn about one.
+    pub keyed: bool,
 }
 
 /// A limit's state in the database, for listings.
@@ -65,8 +78,9 @@ impl Store {
 
     /// Claim up to `budget` ready events of `limit`'s names; for a per-key
     /// limit no more events of a key than `per_key` minus those leased
-    /// already, anywhere (the claims of one per-key limit take turns on
-    /// its row lock, so each counts the leases of the one before).
+    /// already, anywhere (the claims of one per-key limit hold locks of
+    /// its slots while they count, so each counts the leases of every
+    /// claim that could push a key past `per_key`).
     /// Otherwise as [`Store::claim`] (ready, live, group heads, oldest
     /// first). Rate tokens are not touched: `budget` is what the caller
     /// may spend.
@@ -76,9 +90,9 @@ impl Store {
         limit: &Limit,
         budget: usize,
         lease: Duration,
-    ) -> Result<Vec<Claimed>> {
+    ) -> Result<Limited> {
         if budget == 0 {
-            return Ok(Vec::new());
+            return Ok(Limited::default());
         }
         match self {
             Store::Sqlite(s) => s.claim_limited(worker, limit, budget, lease).await,

@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::event::{Claimed, Event, InvalidEvent, Lease, NewEvent};
 pub use attempts::{Attempt, AttemptRecord};
+pub use limits::Limited;
 pub use migrate::MigrationReport;
 pub use pauses::Pause;
 pub use query::{Cursor, EventQuery, Filter, Page, StateFilter};
@@ -155,6 +156,9 @@ pub enum Backend {
 /// `available_at` (delay or backoff); `running`: leased; `dead`: `retry >= max_retry`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Stats {
+    /// Events not handled yet: pending + scheduled + running ("has every
+    /// old-version event been handled?" is `live == 0` for its name).
+    pub live: i64,
     pub pending: i64,
     pub scheduled: i64,
     pub running: i64,

@@ -89,6 +89,9 @@ pub struct PgStore {
     /// How lanes connect (see `lane.rs`).
     lane_options: Arc<PgConnectOptions>,
     cursor: Arc<Mutex<ClaimCursor>>,
+    /// The same for each limit's own claims (`store/postgres/limits.rs`),
+    /// by limit id.
+    pub(super) limit_cursors: Arc<Mutex<HashMap<String, ClaimCursor>>>,
     /// Checked by [`super::Store::enqueue`]; see [`super::Store::with_schemas`].
     pub(super) schemas: Option<Arc<crate::schema::Schemas>>,
 }
@@ -111,12 +114,51 @@ pub struct PgStore {
 /// whenever names are skipped, and at least every [`RESCAN_EVERY`], which
 /// bounds how long such a row waits behind a backlog.
 #[derive(Debug, Default)]
-struct ClaimCursor {
+pub(super) struct ClaimCursor {
     after: Option<(DateTime<Utc>, i64)>,
     scanned_from_head: Option<Instant>,
     /// Bumped by every rewind: a claim that was already running when the
     /// rewind came must not set the cursor again from its result.
     rewinds: u64,
+}
+
+impl ClaimCursor {
+    /// Where the next claim starts (`None`: the head), and the rewinds so
+    /// far for [`ClaimCursor::advance`]. `may_resume` is false when the
+    /// claim skips names (rows it skipped sort before the cursor).
+    pub(super) fn start(&self, may_resume: bool) -> (Option<(DateTime<Utc>, i64)>, u64) {
+        let fresh = self
+            .scanned_from_head
+            .is_some_and(|t| t.elapsed() < RESCAN_EVERY);
+        (self.after.filter(|_| fresh && may_resume), self.rewinds)
+    }
+
+    /// After a claim that started at the head (`from_head`) or after the
+    /// cursor and took rows up to `last`: resume after them only while
+    /// claims come back `full` (a backlog). A short claim means the
+    /// claimable rows ran out, and the next claim starts from the head,
+    /// where rows that sort before the cursor wait.
+    pub(super) fn advance(
+        &mut self,
+        from_head: bool,
+        rewinds: u64,
+        last: Option<(DateTime<Utc>, i64)>,
+        full: bool,
+    ) {
+        if from_head {
+            self.scanned_from_head = Some(Instant::now());
+        }
+        self.after = match last {
+            _ if self.rewinds != rewinds => None,
+            Some(reached) if full => Some(self.after.map_or(reached, |a| a.max(reached))),
+            _ => None,
+        };
+    }
+
+    fn rewind(&mut self) {
+        self.after = None;
+        self.rewinds += 1;
+    }
 }
 
 /// The claim, from the head of the claim index or after the cursor
@@ -238,6 +280,7 @@ impl PgStore {
             bookkeeping,
             lane_options: Arc::new(options.options(super::lane::lane_settings())),
             cursor: Arc::default(),
+            limit_cursors: Arc::default(),
             schemas: None,
         })
     }
@@ -245,9 +288,15 @@ impl PgStore {
     /// Make the next claim scan from the head of the claim index: work may
     /// have become claimable before the cursor.
     pub fn rewind(&self) {
-        let mut c = self.cursor.lock().expect("claim cursor lock");
-        c.after = None;
-        c.rewinds += 1;
+        self.cursor.lock().expect("claim cursor lock").rewind();
+        for c in self
+            .limit_cursors
+            .lock()
+            .expect("limit cursors lock")
+            .values_mut()
+        {
+            c.rewind();
+        }
     }
 
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
@@ -354,16 +403,11 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let token = Uuid::new_v4();
-        let (after, rewinds) = {
-            let c = self.cursor.lock().expect("claim cursor lock");
-            let fresh = c
-                .scanned_from_head
-                .is_some_and(|t| t.elapsed() < RESCAN_EVERY);
-            (
-                c.after.filter(|_| fresh && skip_names.is_empty()),
-                c.rewinds,
-            )
-        };
+        let (after, rewinds) = self
+            .cursor
+            .lock()
+            .expect("claim cursor lock")
+            .start(skip_names.is_empty());
         let sql = if after.is_some() {
             &*CLAIM_AFTER_CURSOR
         } else {
@@ -389,24 +433,12 @@ impl PgStore {
             .map(|r| Ok((event_from_row(r)?, r.try_get::<i64, _>("seq")?)))
             .collect::<Result<Vec<_>>>()?;
         claimed.sort_by_key(|(e, seq)| (e.available_at, *seq));
-        {
-            let mut c = self.cursor.lock().expect("claim cursor lock");
-            if after.is_none() {
-                c.scanned_from_head = Some(Instant::now());
-            }
-            // Resume after this batch only while claims come back full (a
-            // backlog): a short claim means the claimable rows ran out, and
-            // the next claim starts from the head, where rows that sort
-            // before the cursor wait.
-            c.after = match claimed.last() {
-                _ if c.rewinds != rewinds => None,
-                Some((last, seq)) if claimed.len() == limit => {
-                    let reached = (last.available_at, *seq);
-                    Some(c.after.map_or(reached, |a| a.max(reached)))
-                }
-                _ => None,
-            };
-        }
+        self.cursor.lock().expect("claim cursor lock").advance(
+            after.is_none(),
+            rewinds,
+            claimed.last().map(|(e, seq)| (e.available_at, *seq)),
+            claimed.len() == limit,
+        );
         Ok(claimed
             .into_iter()
             .map(|(event, seq)| Claimed { event, token, seq })
@@ -952,10 +984,16 @@ const STATS_COLUMNS: &str = "
           AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest";
 
 fn stats_from_row(row: &PgRow) -> Result<Stats> {
+    let (pending, scheduled, running): (i64, i64, i64) = (
+        row.try_get("pending")?,
+        row.try_get("scheduled")?,
+        row.try_get("running")?,
+    );
     Ok(Stats {
-        pending: row.try_get("pending")?,
-        scheduled: row.try_get("scheduled")?,
-        running: row.try_get("running")?,
+        live: pending + scheduled + running,
+        pending,
+        scheduled,
+        running,
         dead: row.try_get("dead")?,
         oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
     })

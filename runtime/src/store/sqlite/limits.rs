@@ -14,7 +14,7 @@ use super::{ClaimRow, SqliteStore, duration_ms, now_ms};
 use crate::event::Claimed;
 use crate::limits::{FALLBACK_KEY, KeySource, Limit, Rate};
 use crate::store::Result;
-use crate::store::limits::{LimitState, SCAN_FACTOR};
+use crate::store::limits::{LimitState, Limited, SCAN_FACTOR};
 
 /// `?5` is the pointer, `?6` the fallback key.
 const POINTER_KEY: &str = "COALESCE(outrun_json_pointer(e.payload, ?5), ?6)";
@@ -107,16 +107,17 @@ impl SqliteStore {
         limit: &Limit,
         budget: usize,
         lease: Duration,
-    ) -> Result<Vec<Claimed>> {
+    ) -> Result<Limited> {
         let limit = limit.clone();
         let worker_name = worker.to_string();
         let now = now_ms();
         let locked_until = now.saturating_add(duration_ms(lease));
         let token = uuid::Uuid::new_v4();
-        let rows = self
+        let (rows, keyed) = self
             .writer
             .run_tx(move |conn| {
                 let n = budget;
+                let mut keyed = false;
                 let mut rows: Vec<(i64, ClaimRow)> = Vec::new();
                 if n > 0 {
                     let names = serde_json::to_string(&limit.names).expect("strings serialise");
@@ -148,6 +149,7 @@ impl SqliteStore {
                             }
                         },
                     };
+                    keyed = !cannot_bind;
                     let rowids: Vec<i64> = {
                         let mut stmt = conn.prepare_cached(&sql)?;
                         let mut ids = Vec::new();
@@ -204,10 +206,11 @@ impl SqliteStore {
                         ])?;
                     }
                 }
-                Ok(rows)
+                Ok((rows, keyed))
             })
             .await?;
-        rows.into_iter()
+        let events = rows
+            .into_iter()
             .map(|(seq, r)| {
                 Ok(Claimed {
                     event: r.into_event(worker, locked_until)?,
@@ -215,7 +218,8 @@ impl SqliteStore {
                     seq,
                 })
             })
-            .collect::<Result<Vec<_>>>()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Limited { events, keyed })
     }
 
     pub(crate) async fn limit_state(&self, limit: &Limit) -> Result<LimitState> {
