@@ -86,6 +86,45 @@ async fn explain(c: &mut sqlx::PgConnection, p: &Probe<'_>, analyze: bool) -> Va
         .unwrap_or_else(|e| panic!("EXPLAIN of {}: {e}\n{sql}", p.what))
 }
 
+/// The generic plan (no values known), as a prepared statement gets it
+/// under `plan_cache_mode = force_generic_plan`: PREPARE with the bind
+/// types, then EXPLAIN EXECUTE with the values as literals.
+async fn explain_generic(c: &mut sqlx::PgConnection, p: &Probe<'_>) -> Value {
+    let (types, args): (Vec<&str>, Vec<String>) = p
+        .binds
+        .iter()
+        .map(|b| match *b {
+            Bind::Text(v) => ("text", v.map_or("NULL".into(), |v| format!("'{v}'"))),
+            Bind::Time(v) => (
+                "timestamptz",
+                v.map_or("NULL".into(), |v| format!("'{}'", v.to_rfc3339())),
+            ),
+            Bind::Int(v) => ("bigint", v.map_or("NULL".into(), |v| v.to_string())),
+            Bind::Id(v) => ("uuid", format!("'{v}'")),
+        })
+        .unzip();
+    for sql in [
+        "SET plan_cache_mode = force_generic_plan".to_string(),
+        format!("PREPARE probe ({}) AS {}", types.join(", "), p.sql),
+    ] {
+        sqlx::query(&sql)
+            .execute(&mut *c)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{sql}", p.what));
+    }
+    let plan: Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (FORMAT JSON) EXECUTE probe ({})",
+        args.join(", ")
+    ))
+    .fetch_one(&mut *c)
+    .await
+    .unwrap_or_else(|e| panic!("EXPLAIN EXECUTE of {}: {e}", p.what));
+    for sql in ["DEALLOCATE probe", "RESET plan_cache_mode"] {
+        sqlx::query(sql).execute(&mut *c).await.unwrap();
+    }
+    plan
+}
+
 /// Every node of a plan, depth first.
 fn nodes(plan: &Value, out: &mut Vec<Value>) {
     out.push(plan.clone());
@@ -214,15 +253,7 @@ async fn dashboard_queries_use_indexes_on_a_million_events() {
         // The plan a request gets (custom, with its values), and the generic
         // plan PostgreSQL may switch a prepared statement to after five runs.
         let custom = explain(&mut c, p, !p.sql.starts_with("UPDATE")).await;
-        sqlx::query("SET plan_cache_mode = force_generic_plan")
-            .execute(&mut c)
-            .await
-            .unwrap();
-        let generic = explain(&mut c, p, false).await;
-        sqlx::query("RESET plan_cache_mode")
-            .execute(&mut c)
-            .await
-            .unwrap();
+        let generic = explain_generic(&mut c, p).await;
         for (kind, plan) in [("custom", &custom), ("generic", &generic)] {
             let root = &plan[0]["Plan"];
             let mut all = Vec::new();
@@ -285,6 +316,8 @@ fn artifacts_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let dir = target.join("ui-artifacts");
+    // Screenshots of an earlier run must not pass for this one's.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -377,7 +410,7 @@ async fn dashboard_in_a_browser() {
     for i in 0..2 {
         db.exec(&format!(
             "INSERT INTO outbox_events (name, payload, retry, max_retry, dead_at, last_error)
-             VALUES ('probe.version', '{{\"dead\":{i}}}', 1, 1, now() - interval '{i} minutes', 'inventory service unavailable (HTTP 503)')"
+             VALUES ('probe.version', '{{\"sleep_ms\":{i}}}', 1, 1, now() - interval '{i} minutes', 'inventory service unavailable (HTTP 503)')"
         ))
         .await;
     }

@@ -133,10 +133,9 @@ impl Timeline {
         let us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
         b.attempts.fetch_add(1, Relaxed);
         b.latency_us_sum.fetch_add(us, Relaxed);
-        let ms = us / 1000;
         let i = LATENCY_BOUNDS_MS
             .iter()
-            .position(|&bound| ms < bound || (ms == bound && us % 1000 == 0))
+            .position(|&bound| us <= bound * 1000)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
         b.latency[i].fetch_add(1, Relaxed);
     }

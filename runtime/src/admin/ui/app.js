@@ -69,9 +69,12 @@ function explain(err, what) {
   if (err.status === 401) {
     return "this action needs the admin token: enter it above (" + err.message + ")";
   }
-  if ((err.status === 404 || err.status === 409) && what && what.eventId) {
-    return "event " + what.eventId + " is gone or changed: another instance finished or removed it, or it is no longer " +
-      (what.needs || "in that state") + " (" + err.message + ")";
+  if (err.status === 404 && what && what.eventId) {
+    return "event " + what.eventId + " is gone: another instance finished or removed it (" + err.message + ")";
+  }
+  if (err.status === 409 && what && what.eventId) {
+    return "event " + what.eventId + " changed meanwhile and is no longer " + (what.needs || "in that state") +
+      " (another instance or person acted on it): " + err.message;
   }
   return err.message;
 }
@@ -164,7 +167,7 @@ pages.overview = function (main) {
         ["scheduled", t.scheduled],
         ["running", t.running],
         ["dead", t.dead],
-        ["oldest pending", age(t.oldest_pending_age_secs)],
+        ["oldest pending", t.pending ? age(t.oldest_pending_age_secs) : "–"],
         ["paused names", o.paused.length],
       ].map(([l, n]) => h("div", { class: "card" }, h("div", { class: "n", "data-total": l }, n), h("div", { class: "l" }, l))),
     );
@@ -182,7 +185,7 @@ pages.overview = function (main) {
           h("td", { class: "num", "data-col": "running" }, n.running),
           h("td", { class: "num", "data-col": "dead" },
             n.dead ? h("a", { href: "#/dead?name=" + encodeURIComponent(n.name) }, n.dead) : 0),
-          h("td", { class: "num" }, age(n.oldest_pending_age_secs)),
+          h("td", { class: "num" }, n.pending ? age(n.oldest_pending_age_secs) : "–"),
           h("td", {}, n.paused ? badge("paused") : "claimed"),
           h("td", {}, h("button", {
             "data-action": n.paused ? "resume" : "pause",
@@ -194,7 +197,7 @@ pages.overview = function (main) {
         h("td", { class: "num" }, t.pending + t.scheduled + t.running),
         h("td", { class: "num" }, t.pending), h("td", { class: "num" }, t.scheduled),
         h("td", { class: "num" }, t.running), h("td", { class: "num" }, t.dead),
-        h("td", { class: "num" }, age(t.oldest_pending_age_secs)), h("td", {}), h("td", {})),
+        h("td", { class: "num" }, t.pending ? age(t.oldest_pending_age_secs) : "–"), h("td", {}), h("td", {})),
     );
     document.getElementById("charts-title").textContent =
       "Last hour on this instance (" + o.instance + "; each instance counts its own handler runs)";
