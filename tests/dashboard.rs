@@ -309,6 +309,111 @@ async fn dashboard_queries_use_indexes_on_a_million_events() {
 }
 
 // ---------------------------------------------------------------------------
+// The page's files and the overview route, without a browser
+
+/// One GET; the whole answer (status line, headers, body).
+async fn get_raw(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the admin port");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+async fn files_and_overview(db: TestDb) {
+    ok(&outrun(&db, &["migrate"]));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("outrun.toml");
+    // Reads need the token here too: the page's files must not.
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\ntoken_for_reads = true\n"
+        ),
+    )
+    .unwrap();
+    let serve = Serve::ready(&db, &config).await;
+    for (path, kind) in [
+        ("/ui", "text/html"),
+        ("/ui/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let raw = get_raw(port, path).await.to_lowercase();
+        assert!(raw.starts_with("http/1.1 200"), "{path}: {raw}");
+        assert!(
+            raw.contains(&format!("content-type: {kind}")),
+            "{path}: {raw}"
+        );
+        // Nothing but this server: no CDN, no inline script.
+        assert!(
+            raw.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+            "{path}: {raw}"
+        );
+        for outside in [
+            "src=\"http",
+            "href=\"http",
+            "url(http",
+            "@import",
+            "fetch(\"http",
+        ] {
+            assert!(
+                !raw.contains(outside),
+                "{path} loads from another server: {outside}"
+            );
+        }
+    }
+    let raw = get_raw(port, "/ui/secrets.txt").await;
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
+    assert!(
+        raw.contains(r#""code":"not_found""#),
+        "the error shape: {raw}"
+    );
+
+    // The overview: the first request starts a count, a later one has it.
+    let (status, _) = common::http(port, "GET", "/v1/overview", None).await;
+    assert_eq!(status, 401, "token_for_reads guards the overview");
+    let (status, body) = http_as(
+        port,
+        "POST",
+        "/v1/events",
+        Some(r#"{"name": "later", "payload": {}, "delay": "1h"}"#),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let overview = common::eventually("a counted overview", Duration::from_secs(30), || async {
+        let (status, body) = http_as(port, "GET", "/v1/overview", None, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        (!v["counted_at"].is_null()).then_some(v)
+    })
+    .await;
+    assert_eq!(overview["names"][0]["name"], "later", "{overview}");
+    assert_eq!(overview["names"][0]["scheduled"], 1, "{overview}");
+    assert_eq!(overview["totals"]["scheduled"], 1, "{overview}");
+    assert!(overview["age_secs"].as_f64().unwrap() < 30.0, "{overview}");
+    assert_eq!(
+        overview["timeline"].as_array().unwrap().len(),
+        60,
+        "{overview}"
+    );
+    assert!(
+        overview["instance"].as_str().unwrap().contains("pid"),
+        "{overview}"
+    );
+    serve.stop();
+}
+
+on_both_backends!(files_and_overview);
+
+// ---------------------------------------------------------------------------
 // In a browser
 
 fn artifacts_dir() -> PathBuf {

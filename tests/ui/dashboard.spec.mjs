@@ -158,6 +158,14 @@ try {
     return a.status === 200 && a.body.some((x) => x.outcome === "done") && a.body;
   });
   check(true, `the replayed dead letter ran: ${JSON.stringify(attempts.at(-1))}`);
+  // The overview's throughput chart counts it (this instance ran it).
+  await page.goto(`${UI}#/`);
+  const acked = await until("the chart to count the ack", async () => {
+    const n = Number(await page.getAttribute("[data-acked-hour]", "data-acked-hour"));
+    return n >= 1 && n;
+  });
+  check(true, `the throughput chart counts ${acked} acked this hour`);
+  await page.goto(`${UI}#/dead`);
 
   // Bulk: the dry run counts what a bulk replay would take, then No.
   await page.fill('#filters input[name="error"]', "card declined");

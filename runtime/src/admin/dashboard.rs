@@ -3,11 +3,12 @@
 //! JSON API, and the one route it adds, `GET /v1/overview`.
 //!
 //! The overview's per-name counts group the whole outbox, which on a large
-//! table takes a while (about a second per million rows). So a request
-//! never counts: [`poll_overview`] does, every [`OVERVIEW_INTERVAL`] (longer
-//! when a count is slow), and only while someone has asked for the overview
-//! in the last [`IDLE_AFTER`]; the answer carries the count's age. An
-//! instance nobody looks at never runs the query.
+//! table takes a while (300 ms for a million rows on 2 cores, growing with
+//! the table). So a request never counts: [`poll_overview`] does, every
+//! [`OVERVIEW_INTERVAL`] (longer when a count is slow), and only while
+//! someone has asked for the overview in the last [`IDLE_AFTER`]; the
+//! answer carries the count's age. An instance nobody looks at never runs
+//! the query.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};

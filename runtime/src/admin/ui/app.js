@@ -59,13 +59,18 @@ async function api(method, path, body) {
   }
   if (!res.ok) {
     const err = (data && data.error) || {};
-    throw new ApiError(res.status, err.code || "error", err.message || res.statusText);
+    const e = new ApiError(res.status, err.code || "error", err.message || res.statusText);
+    e.method = method;
+    throw e;
   }
   return data;
 }
 
 // What an API error means to the person who clicked, for the flash line.
 function explain(err, what) {
+  if (err.status === 401 && err.method === "GET") {
+    return "this server wants the admin token for reading too ([admin] token_for_reads): enter it above (" + err.message + ")";
+  }
   if (err.status === 401) {
     return "this action needs the admin token: enter it above (" + err.message + ")";
   }
