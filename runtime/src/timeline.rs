@@ -104,8 +104,7 @@ impl Timeline {
     fn bucket(&self, minute: u64) -> &Bucket {
         let b = &self.buckets[(minute % MINUTES as u64) as usize];
         let seen = b.minute.load(Relaxed);
-        if seen != minute
-            && seen < minute
+        if seen < minute
             && b.minute
                 .compare_exchange(seen, minute, Relaxed, Relaxed)
                 .is_ok()

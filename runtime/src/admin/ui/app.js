@@ -410,8 +410,9 @@ pages.event = function (main, id) {
   const actions = h("div", { class: "actions" });
   const attempts = h("div", {});
   const payload = h("pre", { id: "payload" });
+  const payloadPart = h("div", {}, h("h2", {}, "Payload"), payload);
   main.append(h("h1", {}, "Event ", h("span", { class: "mono" }, id)), actions, box,
-    h("h2", {}, "Payload"), payload, h("h2", {}, "Attempts"), attempts);
+    payloadPart, h("h2", {}, "Attempts"), attempts);
   let gone = false;
 
   async function act(kind, needs) {
@@ -436,6 +437,7 @@ pages.event = function (main, id) {
         box.replaceChildren(h("p", { id: "gone" }, "Event " + id + " is gone: it was handled and deleted, or purged (another instance may have finished it)."));
         actions.replaceChildren();
         payload.textContent = "";
+        payloadPart.hidden = true;
       }
       try {
         const a = await api("GET", "/v1/events/" + id + "/attempts");
@@ -446,6 +448,7 @@ pages.event = function (main, id) {
       return;
     }
     gone = false;
+    payloadPart.hidden = false;
     box.replaceChildren(h("dl", { class: "kv" },
       ...[
         ["name", e.name], ["state", badge(e.state)], ["group", e.group_id || "–"],
