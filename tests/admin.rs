@@ -287,6 +287,7 @@ async fn metrics_on_their_own_listener(db: TestDb) {
 /// Every route the admin API has, as the OpenAPI document must list it.
 const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/stats"),
+    ("get", "/v1/overview"),
     ("get", "/v1/events"),
     ("post", "/v1/events"),
     ("get", "/v1/events/{id}"),

@@ -27,6 +27,7 @@ pub mod schedule;
 pub mod schema;
 pub mod shipped;
 pub mod store;
+pub mod timeline;
 pub mod wasm;
 
 pub use event::{Claimed, Event, InvalidEvent, Lease, NewEvent};

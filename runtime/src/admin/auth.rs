@@ -28,12 +28,15 @@ impl Auth {
     }
 }
 
-/// Paths any caller may read: probes, metrics and the API's description.
+/// Paths any caller may read: probes, metrics, the API's description and
+/// the dashboard's files (they hold no data; the page asks for the token
+/// when the API wants it).
 fn always_open(path: &str) -> bool {
     matches!(
         path,
         "/livez" | "/readyz" | "/healthz" | "/metrics" | "/v1/openapi.json"
-    )
+    ) || path == "/ui"
+        || path.starts_with("/ui/")
 }
 
 pub async fn require_token(State(auth): State<Auth>, req: Request, next: Next) -> Response {

@@ -448,6 +448,7 @@ mod tests {
             hash: "0123456789abcdef".into(),
             loaded_at: chrono::Utc::now(),
             events: vec![],
+            ..Default::default()
         }];
         let up = render(&handle, &health, &handlers);
         assert!(up.contains("outrun_db_up 1\n"), "{up}");

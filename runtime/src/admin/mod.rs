@@ -6,6 +6,7 @@
 //! more than a trivial query.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod exposition;
 pub mod health;
@@ -52,6 +53,10 @@ pub struct AdminState {
     /// Which names each configured handler and relay binds (for pause by
     /// handler, and to tell a typo from a name).
     pub bindings: Arc<Vec<crate::pause::Binding>>,
+    /// The `[[limit]]`s of the config, shown with the handlers they cover.
+    pub limits: Arc<Vec<crate::limits::Limit>>,
+    /// The dashboard overview's per-name counts (see [`dashboard`]).
+    pub overview: Arc<dashboard::OverviewCache>,
 }
 
 /// The admin API's description; the paths come from the routes themselves
@@ -86,6 +91,7 @@ impl utoipa::Modify for BearerScheme {
 fn api_router() -> OpenApiRouter<AdminState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(stats))
+        .routes(routes!(dashboard::overview))
         .routes(routes!(list, enqueue))
         .routes(routes!(show))
         .routes(routes!(attempts))
@@ -157,7 +163,8 @@ pub fn router(state: AdminState) -> axum::Router {
                 }
             }),
         )
-        .merge(api);
+        .merge(api)
+        .merge(dashboard::routes());
     if !state.metrics_elsewhere {
         app = app.route("/metrics", get(metrics_text));
     }
@@ -202,6 +209,11 @@ pub async fn serve(
         state.health.clone(),
         stop.clone(),
     ));
+    let counter = tokio::spawn(dashboard::poll_overview(
+        state.store.clone(),
+        state.overview.clone(),
+        stop.clone(),
+    ));
     Ok(tokio::spawn(async move {
         let runs = servers.into_iter().map(|(what, listener, app)| {
             let stop = stop.clone();
@@ -216,6 +228,7 @@ pub async fn serve(
         });
         futures::future::join_all(runs).await;
         poller.abort();
+        counter.abort();
     }))
 }
 
@@ -779,18 +792,56 @@ async fn enqueue(
     Ok((StatusCode::CREATED, Json(Enqueued { id })))
 }
 
-/// The handlers serving now, with their versions.
+/// A handler as `GET /v1/handlers` gives it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HandlerView {
+    #[serde(flatten)]
+    pub info: HandlerInfo,
+    /// The `[[limit]]`s covering some of its events (rate and per-key
+    /// concurrency, across instances).
+    pub rate_limits: Vec<LimitView>,
+}
+
+/// One `[[limit]]`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LimitView {
+    /// `handler:NAME` or `event:NAME`.
+    pub id: String,
+    /// The event names it covers.
+    pub names: Vec<String>,
+    /// "100/s burst 100, 2 per /customer".
+    pub describe: String,
+}
+
+/// The handlers serving now: versions, reload history, limits and granted
+/// capabilities.
 #[utoipa::path(
     get,
     path = "/v1/handlers",
     tag = "handlers",
     responses(
-        (status = 200, description = "The handlers serving now (empty while they load).", body = Vec<HandlerInfo>),
+        (status = 200, description = "The handlers serving now (empty while they load).", body = Vec<HandlerView>),
         (status = 401, description = "Token required for reads.", body = ErrorBody),
     )
 )]
-async fn handlers(State(st): State<AdminState>) -> Json<Vec<HandlerInfo>> {
-    Json((st.handlers)())
+async fn handlers(State(st): State<AdminState>) -> Json<Vec<HandlerView>> {
+    let views = (st.handlers)()
+        .into_iter()
+        .map(|info| {
+            let rate_limits = st
+                .limits
+                .iter()
+                .filter(|l| l.names.iter().any(|n| info.events.contains(n)))
+                .map(|l| LimitView {
+                    id: l.id.clone(),
+                    names: l.names.clone(),
+                    describe: l.describe(),
+                })
+                .collect();
+            HandlerView { info, rate_limits }
+        })
+        .collect();
+    Json(views)
 }
 
 impl From<crate::pause::PauseError> for ApiError {

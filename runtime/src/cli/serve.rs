@@ -337,6 +337,13 @@ async fn start_services(
             auth: crate::admin::Auth::from_config(&config.admin),
             metrics_elsewhere: false,
             bindings: Arc::new(crate::pause::bindings(config)),
+            // Already validated when the dispatcher was built.
+            limits: Arc::new(
+                crate::limits::Limits::from_config(config)
+                    .map(|l| l.limits)
+                    .unwrap_or_default(),
+            ),
+            overview: Default::default(),
         };
         tasks.push(
             crate::admin::serve(

@@ -83,6 +83,7 @@ pub async fn run(
                     );
                 }
                 metrics::counter!("outrun_acks_total").increment(acked.len() as u64);
+                crate::timeline::TIMELINE.acked(acked.len() as u64);
                 if let Some(done) = &done
                     && !records.is_empty()
                 {

@@ -87,6 +87,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     if let Some(error) = crate::schema::reason_to_bury(cx.store.schemas(), ev) {
         tracing::error!(event_id = %ev.id, name = %ev.name, "{error}; event is dead");
         metrics::counter!("outrun_events_dead_total", "reason" => "schema").increment(1);
+        crate::timeline::TIMELINE.dead(1);
         settle(cx, lease, Failure::Dead { error }, None).await;
         return false;
     }
@@ -94,6 +95,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
         let reason = no_handler_reason(&ev.name);
         tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");
         metrics::counter!("outrun_events_dead_total", "reason" => "no_handler").increment(1);
+        crate::timeline::TIMELINE.dead(1);
         settle(cx, lease, Failure::Dead { error: reason }, None).await;
         return false;
     };
@@ -138,6 +140,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     let ran = Some(&ran);
     metrics::histogram!("outrun_handler_duration_seconds", "handler" => route.handler_name.clone())
         .record(elapsed.as_secs_f64());
+    crate::timeline::TIMELINE.attempt(elapsed);
 
     if effects.must_rerun() {
         // A statement failed where only rolling back the lane's whole
@@ -205,6 +208,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 "rejected"
             };
             metrics::counter!("outrun_events_failed_total", "handler" => route.handler_name.clone(), "kind" => kind).increment(1);
+            crate::timeline::TIMELINE.failed();
             let failure = if err.retryable {
                 let failures = ev.retry + 1;
                 let max = route.max_retry.unwrap_or(ev.max_retry);
@@ -212,6 +216,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                     tracing::error!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed its last attempt and is dead");
                     metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted")
                         .increment(1);
+                    crate::timeline::TIMELINE.dead(1);
                 } else {
                     tracing::warn!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed; will retry");
                 }
@@ -226,6 +231,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
             } else {
                 tracing::error!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "handler rejected the event; it is dead");
                 metrics::counter!("outrun_events_dead_total", "reason" => "rejected").increment(1);
+                crate::timeline::TIMELINE.dead(1);
                 Failure::Dead { error: err.message }
             };
             settle(cx, lease, failure, ran).await;
@@ -400,6 +406,7 @@ async fn expired(
 ) {
     tracing::warn!(event_id = %id, handler = %route.handler_name, "event expired before it could run; it is dead");
     metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(1);
+    crate::timeline::TIMELINE.dead(1);
     settle(
         cx,
         lease,

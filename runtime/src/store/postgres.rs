@@ -55,6 +55,40 @@ mod schedules;
 /// The LISTEN/NOTIFY channel the insert trigger and replays signal.
 pub const CHANNEL: &str = "outrun_events";
 
+/// The statement of [`Store::page`](super::Store::page) for `state`:
+/// binds name, group, error text, since, cursor time, cursor seq, limit.
+/// Public so tests/dashboard.rs can show its plan on a large table.
+#[doc(hidden)]
+pub fn page_sql(state: super::StateFilter) -> String {
+    let (cond, key) = super::query::filter_cond(state, "now()", ["$1", "$2", "$3", "$4"], true);
+    let (dir, cmp) = if state.is_dead() {
+        ("DESC", "<")
+    } else {
+        ("ASC", ">")
+    };
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM outbox_events
+         WHERE {cond}
+           AND ($5::timestamptz IS NULL OR ({key}, seq) {cmp} ($5, $6))
+         ORDER BY {key} {dir}, seq {dir}
+         LIMIT $7"
+    )
+}
+
+/// The statement of [`Store::count_matching`](super::Store::count_matching)
+/// (a bulk dry run): binds name, group, error text, since.
+#[doc(hidden)]
+pub fn count_sql(state: super::StateFilter) -> String {
+    let (cond, _) = super::query::filter_cond(state, "now()", ["$1", "$2", "$3", "$4"], true);
+    format!("SELECT count(*) FROM outbox_events WHERE {cond}")
+}
+
+/// The statement `SELECT` of [`Store::get`](super::Store::get): binds the id.
+#[doc(hidden)]
+pub fn get_sql() -> String {
+    format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = $1")
+}
+
 const EVENT_COLUMNS: &str = "seq, id, name, payload, group_id, retry, max_retry, create_date, \
      available_at, expires_at, locked_by, locked_until, last_error, idempotency_key, dead_at, \
      deferrals, traceparent";
@@ -728,20 +762,7 @@ impl PgStore {
         q: &super::EventQuery,
         limit: i64,
     ) -> Result<Vec<(Event, i64)>> {
-        let (cond, key) =
-            super::query::filter_cond(q.state, "now()", ["$1", "$2", "$3", "$4"], true);
-        let (dir, cmp) = if q.state.is_dead() {
-            ("DESC", "<")
-        } else {
-            ("ASC", ">")
-        };
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM outbox_events
-             WHERE {cond}
-               AND ($5::timestamptz IS NULL OR ({key}, seq) {cmp} ($5, $6))
-             ORDER BY {key} {dir}, seq {dir}
-             LIMIT $7"
-        );
+        let sql = page_sql(q.state);
         let rows = sqlx::query(&sql)
             .bind(q.name.as_deref())
             .bind(q.group_id.as_deref())
@@ -758,8 +779,7 @@ impl PgStore {
     }
 
     pub async fn get(&self, id: Uuid) -> Result<Option<Event>> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM outbox_events WHERE id = $1");
-        let row = sqlx::query(&sql)
+        let row = sqlx::query(&get_sql())
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -865,21 +885,11 @@ impl PgStore {
 
     /// How many events `f` selects (state: live unless given).
     pub(super) async fn count(&self, f: &super::Filter) -> Result<u64> {
-        let (cond, _) = super::query::filter_cond(
-            f.state.unwrap_or(super::StateFilter::Live),
-            "now()",
-            ["$1", "$2", "$3", "$4"],
-            true,
-        );
-        let n: i64 = bind_filter(
-            sqlx::query_as::<_, (i64,)>(&format!(
-                "SELECT count(*) FROM outbox_events WHERE {cond}"
-            )),
-            f,
-        )
-        .fetch_one(&self.pool)
-        .await?
-        .0;
+        let sql = count_sql(f.state.unwrap_or(super::StateFilter::Live));
+        let n: i64 = bind_filter(sqlx::query_as::<_, (i64,)>(&sql), f)
+            .fetch_one(&self.pool)
+            .await?
+            .0;
         Ok(n as u64)
     }
 

@@ -85,7 +85,7 @@ impl Default for HostServices {
 }
 
 /// One loaded handler, for `outrun handlers list` and the admin API.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct HandlerInfo {
     pub name: String,
     #[schema(value_type = String)]
@@ -94,6 +94,53 @@ pub struct HandlerInfo {
     pub hash: String,
     pub loaded_at: DateTime<Utc>,
     pub events: Vec<String>,
+    /// Hot reloads of this handler in this process, oldest first (the
+    /// last [`RELOADS_KEPT`]).
+    pub reloads: Vec<ReloadRecord>,
+    /// What its `[[handler]]` entry grants (`allow`).
+    pub capabilities: Granted,
+    /// The per-attempt limits of its `[[handler]]` entry.
+    pub settings: HandlerSettings,
+}
+
+/// Reloads each handler remembers for the dashboard.
+pub const RELOADS_KEPT: usize = 10;
+
+/// One hot reload that swapped in a new version.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct ReloadRecord {
+    pub at: DateTime<Utc>,
+    /// Short hash (12 hex digits) of the version replaced.
+    pub old: String,
+    /// Short hash of the version serving from then on.
+    pub new: String,
+    /// From noticing the change to serving, in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// A handler's capabilities. `config` values are left out (they may be
+/// secrets); their keys are listed.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct Granted {
+    pub emit: Vec<String>,
+    pub kv: Option<String>,
+    pub http: Vec<String>,
+    pub sql: bool,
+    pub publish: Vec<String>,
+    pub config_keys: Vec<String>,
+}
+
+/// The limits of one attempt, from the `[[handler]]` entry.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct HandlerSettings {
+    pub timeout_ms: u64,
+    pub memory_bytes: u64,
+    /// Events of this handler running at once on this instance (none: no cap).
+    pub concurrency: Option<usize>,
+    /// Overrides the event's max_retry when set.
+    pub max_retry: Option<i32>,
+    /// `fresh` or `reuse`.
+    pub instances: String,
 }
 
 /// The result of [`check_file`].
@@ -116,6 +163,8 @@ pub(crate) struct Slot {
     pub(crate) caps: Arc<Capabilities>,
     pub(crate) permits: Option<Arc<Semaphore>>,
     pub(crate) current: Arc<Serving>,
+    /// The last [`RELOADS_KEPT`] reloads, for the dashboard.
+    pub(crate) reloads: std::sync::Mutex<std::collections::VecDeque<ReloadRecord>>,
 }
 
 /// The version a handler serves, empty while its first version compiles.
@@ -364,6 +413,7 @@ impl Registry {
                 caps,
                 permits,
                 current: Arc::new(Serving::compiling()),
+                reloads: Default::default(),
             });
         }
         let ticker = EpochTicker::start(&engine)?;
@@ -391,12 +441,37 @@ impl Registry {
             .iter()
             .filter_map(|s| {
                 let v = s.current.load_full()?;
+                let allow = &s.spec.allow;
                 Some(HandlerInfo {
                     name: s.spec.name.clone(),
                     module: s.module.clone(),
                     hash: v.hash.to_hex().to_string(),
                     loaded_at: v.loaded_at,
                     events: s.spec.events.clone(),
+                    reloads: s
+                        .reloads
+                        .lock()
+                        .map(|r| r.iter().cloned().collect())
+                        .unwrap_or_default(),
+                    capabilities: Granted {
+                        emit: allow.emit.clone(),
+                        kv: allow.kv.clone(),
+                        http: allow.http.clone(),
+                        sql: allow.sql,
+                        publish: allow.publish.clone(),
+                        config_keys: allow.config.keys().cloned().collect(),
+                    },
+                    settings: HandlerSettings {
+                        timeout_ms: s.spec.timeout.as_millis() as u64,
+                        memory_bytes: s.spec.memory.bytes(),
+                        concurrency: s.spec.concurrency,
+                        max_retry: s.spec.max_retry,
+                        instances: match s.spec.instances {
+                            InstanceMode::Fresh => "fresh",
+                            InstanceMode::Reuse => "reuse",
+                        }
+                        .to_owned(),
+                    },
                 })
             })
             .collect()

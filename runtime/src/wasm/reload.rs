@@ -100,6 +100,17 @@ impl Registry {
         metrics::counter!("outrun_handler_reloads_total", "handler" => name.clone()).increment(1);
         metrics::gauge!("outrun_handler_reload_seconds", "handler" => name)
             .set(elapsed.as_secs_f64());
+        if let Ok(mut kept) = slot.reloads.lock() {
+            if kept.len() >= super::registry::RELOADS_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(super::registry::ReloadRecord {
+                at: chrono::Utc::now(),
+                old: old.short.to_string(),
+                new: new.clone(),
+                elapsed_ms: elapsed.as_millis() as u64,
+            });
+        }
         self.prune_cache();
         Ok(Reloaded::Swapped {
             old: old.short.to_string(),
