@@ -392,12 +392,18 @@ async fn files_and_overview(db: TestDb) {
         let (status, body) = http_as(port, "GET", "/v1/overview", None, Some(TOKEN)).await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        (!v["counted_at"].is_null()).then_some(v)
+        (!v["counted_at"].is_null()).then_some((v, body))
     })
     .await;
+    let (overview, raw) = overview;
     assert_eq!(overview["names"][0]["name"], "later", "{overview}");
     assert_eq!(overview["names"][0]["scheduled"], 1, "{overview}");
     assert_eq!(overview["totals"]["scheduled"], 1, "{overview}");
+    // live (pending + scheduled + running) in the name's row and in the
+    // totals, once each: serde_json would keep the last of two keys.
+    assert_eq!(overview["names"][0]["live"], 1, "{overview}");
+    assert_eq!(overview["totals"]["live"], 1, "{overview}");
+    assert_eq!(raw.matches("\"live\":").count(), 2, "{raw}");
     assert!(overview["age_secs"].as_f64().unwrap() < 30.0, "{overview}");
     assert_eq!(
         overview["timeline"].as_array().unwrap().len(),

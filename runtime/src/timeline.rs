@@ -67,6 +67,19 @@ pub struct Timeline {
 /// The process's ring, fed by the dispatcher.
 pub static TIMELINE: Timeline = Timeline::new();
 
+/// `n` events became dead for `reason`: the Prometheus counter and this
+/// minute of the ring, together, so neither misses a path.
+pub fn events_dead(reason: &'static str, n: u64) {
+    metrics::counter!("outrun_events_dead_total", "reason" => reason).increment(n);
+    TIMELINE.dead(n);
+}
+
+/// `n` events were acknowledged (deleted after their handler succeeded).
+pub fn events_acked(n: u64) {
+    metrics::counter!("outrun_acks_total").increment(n);
+    TIMELINE.acked(n);
+}
+
 fn unix_minute() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

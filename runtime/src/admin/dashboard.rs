@@ -129,8 +129,6 @@ pub async fn poll_overview(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NameOverview {
     pub name: String,
-    /// pending + scheduled + running.
-    pub live: i64,
     #[serde(flatten)]
     pub stats: Stats,
     /// No instance claims its events (`outrun events pause`).
@@ -183,7 +181,6 @@ pub(super) async fn overview(State(st): State<AdminState>) -> Result<Json<Overvi
                 .iter()
                 .map(|n| NameOverview {
                     name: n.name.clone(),
-                    live: n.stats.pending + n.stats.scheduled + n.stats.running,
                     stats: n.stats.clone(),
                     paused: paused.contains(&n.name),
                 })
@@ -194,7 +191,6 @@ pub(super) async fn overview(State(st): State<AdminState>) -> Result<Json<Overvi
         if !names.iter().any(|n| &n.name == p) {
             names.push(NameOverview {
                 name: p.clone(),
-                live: 0,
                 stats: Stats::default(),
                 paused: true,
             });
@@ -203,13 +199,7 @@ pub(super) async fn overview(State(st): State<AdminState>) -> Result<Json<Overvi
     names.sort_by(|a, b| a.name.cmp(&b.name));
     let mut totals = Stats::default();
     for n in &names {
-        totals.pending += n.stats.pending;
-        totals.scheduled += n.stats.scheduled;
-        totals.running += n.stats.running;
-        totals.dead += n.stats.dead;
-        totals.oldest_pending_age_secs = totals
-            .oldest_pending_age_secs
-            .max(n.stats.oldest_pending_age_secs);
+        totals.add(&n.stats);
     }
     Ok(Json(Overview {
         counted_at: counted.as_ref().map(|c| c.at),

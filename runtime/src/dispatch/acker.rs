@@ -82,8 +82,7 @@ pub async fn run(
                         "events finished after they were cancelled or their lease was lost (another runtime may run them again)"
                     );
                 }
-                metrics::counter!("outrun_acks_total").increment(acked.len() as u64);
-                crate::timeline::TIMELINE.acked(acked.len() as u64);
+                crate::timeline::events_acked(acked.len() as u64);
                 if let Some(done) = &done
                     && !records.is_empty()
                 {

@@ -292,8 +292,7 @@ impl Committer {
             Ok(()) => {
                 let ids: Vec<_> = kept.iter().map(|k| k.lease.id).collect();
                 self.inflight.remove_all(&ids);
-                metrics::counter!("outrun_acks_total").increment(ids.len() as u64);
-                crate::timeline::TIMELINE.acked(ids.len() as u64);
+                crate::timeline::events_acked(ids.len() as u64);
                 metrics::histogram!("outrun_effects_commit_events").record(ids.len() as f64);
                 if let Some(o) = &self.observer {
                     o.on_acked(&ids);

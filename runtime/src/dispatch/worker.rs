@@ -86,16 +86,14 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
     // (say, an unknown version) even when no handler binds it.
     if let Some(error) = crate::schema::reason_to_bury(cx.store.schemas(), ev) {
         tracing::error!(event_id = %ev.id, name = %ev.name, "{error}; event is dead");
-        metrics::counter!("outrun_events_dead_total", "reason" => "schema").increment(1);
-        crate::timeline::TIMELINE.dead(1);
+        crate::timeline::events_dead("schema", 1);
         settle(cx, lease, Failure::Dead { error }, None).await;
         return false;
     }
     let Some(route) = cx.router.route(&ev.name) else {
         let reason = no_handler_reason(&ev.name);
         tracing::error!(event_id = %ev.id, name = %ev.name, "{reason}; event is dead");
-        metrics::counter!("outrun_events_dead_total", "reason" => "no_handler").increment(1);
-        crate::timeline::TIMELINE.dead(1);
+        crate::timeline::events_dead("no_handler", 1);
         settle(cx, lease, Failure::Dead { error: reason }, None).await;
         return false;
     };
@@ -214,9 +212,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 let max = route.max_retry.unwrap_or(ev.max_retry);
                 if failures >= max {
                     tracing::error!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed its last attempt and is dead");
-                    metrics::counter!("outrun_events_dead_total", "reason" => "retries_exhausted")
-                        .increment(1);
-                    crate::timeline::TIMELINE.dead(1);
+                    crate::timeline::events_dead("retries_exhausted", 1);
                 } else {
                     tracing::warn!(event_id = %ev.id, handler = %route.handler_name, attempt = failures, error = %err.message, "event failed; will retry");
                 }
@@ -230,8 +226,7 @@ async fn handle(cx: &Arc<WorkerContext>, claimed: Claimed) -> bool {
                 }
             } else {
                 tracing::error!(event_id = %ev.id, handler = %route.handler_name, error = %err.message, "handler rejected the event; it is dead");
-                metrics::counter!("outrun_events_dead_total", "reason" => "rejected").increment(1);
-                crate::timeline::TIMELINE.dead(1);
+                crate::timeline::events_dead("rejected", 1);
                 Failure::Dead { error: err.message }
             };
             settle(cx, lease, failure, ran).await;
@@ -405,8 +400,7 @@ async fn expired(
     ran: Option<&Ran<'_>>,
 ) {
     tracing::warn!(event_id = %id, handler = %route.handler_name, "event expired before it could run; it is dead");
-    metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(1);
-    crate::timeline::TIMELINE.dead(1);
+    crate::timeline::events_dead("expired", 1);
     settle(
         cx,
         lease,

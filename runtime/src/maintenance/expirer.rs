@@ -19,8 +19,7 @@ pub async fn run_once(store: &Store) -> Result<u64, StoreError> {
         }
     }
     if total > 0 {
-        metrics::counter!("outrun_events_dead_total", "reason" => "expired").increment(total);
-        crate::timeline::TIMELINE.dead(total);
+        crate::timeline::events_dead("expired", total);
         tracing::warn!(
             events = total,
             "events expired before they could run; they are dead with reason 'expired'"

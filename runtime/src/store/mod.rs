@@ -167,6 +167,32 @@ pub struct Stats {
     pub oldest_pending_age_secs: f64,
 }
 
+impl Stats {
+    /// The counts as the backends read them; `live` follows from them.
+    pub fn new(pending: i64, scheduled: i64, running: i64, dead: i64, oldest_age: f64) -> Self {
+        Stats {
+            live: pending + scheduled + running,
+            pending,
+            scheduled,
+            running,
+            dead,
+            oldest_pending_age_secs: oldest_age,
+        }
+    }
+
+    /// Add `other`'s counts (the oldest pending age is the older one).
+    pub fn add(&mut self, other: &Stats) {
+        *self = Stats::new(
+            self.pending + other.pending,
+            self.scheduled + other.scheduled,
+            self.running + other.running,
+            self.dead + other.dead,
+            self.oldest_pending_age_secs
+                .max(other.oldest_pending_age_secs),
+        );
+    }
+}
+
 /// [`Stats`] of the events of one name (see [`Store::stats_by_name`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NameStats {

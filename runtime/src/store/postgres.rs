@@ -994,19 +994,13 @@ const STATS_COLUMNS: &str = "
           AND (locked_until IS NULL OR locked_until < now())))::float8, 0) AS oldest";
 
 fn stats_from_row(row: &PgRow) -> Result<Stats> {
-    let (pending, scheduled, running): (i64, i64, i64) = (
+    Ok(Stats::new(
         row.try_get("pending")?,
         row.try_get("scheduled")?,
         row.try_get("running")?,
-    );
-    Ok(Stats {
-        live: pending + scheduled + running,
-        pending,
-        scheduled,
-        running,
-        dead: row.try_get("dead")?,
-        oldest_pending_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
-    })
+        row.try_get("dead")?,
+        row.try_get::<f64, _>("oldest")?.max(0.0),
+    ))
 }
 
 /// Make dead rows live again. `last_error` stays for the record.

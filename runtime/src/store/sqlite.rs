@@ -873,19 +873,13 @@ const STATS_COLUMNS: &str = "
 
 fn stats_from_row(row: &SqliteRow, now: i64) -> Result<Stats> {
     let oldest: Option<i64> = row.try_get("oldest")?;
-    let (pending, scheduled, running): (i64, i64, i64) = (
+    Ok(Stats::new(
         row.try_get("pending")?,
         row.try_get("scheduled")?,
         row.try_get("running")?,
-    );
-    Ok(Stats {
-        live: pending + scheduled + running,
-        pending,
-        scheduled,
-        running,
-        dead: row.try_get("dead")?,
-        oldest_pending_age_secs: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
-    })
+        row.try_get("dead")?,
+        oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+    ))
 }
 
 const LEASED_ROWIDS: &str = "SELECT e.rowid FROM json_each(?1) AS t, json_each(t.value) AS r
