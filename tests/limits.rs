@@ -446,6 +446,56 @@ async fn per_key_claims_count_the_leases_of_every_claim(db: TestDb) {
         sqlx::query("COMMIT").execute(&mut other).await.unwrap();
         let got = waiting.await.unwrap().unwrap();
         assert_eq!((got.events.len(), got.keyed), (1, false), "{got:?}");
+
+        // Shared claims judge by an upper bound of the leased events that
+        // the claims keep in the slots: each adds its budget, and a claim
+        // that would bring it within 4 x 1024 of per_key counts instead,
+        // which resets the bound to what is leased (acks lower it).
+        enqueue("kb".into(), vec!["z"; 20]).await;
+        let bounded = Limit {
+            names: vec!["kb".into()],
+            id: "event:kb".into(),
+            ..limit(4096 + 6)
+        };
+        let bound = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT sum(bound)::int8 FROM outrun_limit_slots WHERE name = 'event:kb'",
+            )
+            .fetch_one(&mut sqlx::PgConnection::connect(db.url()).await.unwrap())
+            .await
+            .unwrap()
+        };
+        let mut bounds = Vec::new();
+        for _ in 0..4 {
+            let got = a.claim_limited("w1", &bounded, 2, lease).await.unwrap();
+            assert_eq!((got.events.len(), got.keyed), (2, false), "{got:?}");
+            bounds.push(bound().await);
+        }
+        // The first claim counted (no bound yet): 0 leased + its 2; then
+        // +2 each while 4096 + the bound fit 4102.
+        assert_eq!(bounds, vec![2, 4, 6, 8]);
+        // Six of the eight leased events are acked.
+        sqlx::query(
+            "DELETE FROM outbox_events WHERE id IN (
+                 SELECT id FROM outbox_events WHERE name = 'kb' AND lock_token IS NOT NULL
+                 ORDER BY seq LIMIT 6)",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let got = b.claim_limited("w2", &bounded, 2, lease).await.unwrap();
+        assert_eq!(got.events.len(), 2, "{got:?}");
+        assert_eq!(bound().await, 2 + 2, "8 + 4096 > 4102: counted 2 leased");
+
+        // A claim that locks every slot without a budget (a binary of the
+        // previous version) leaves the bound unknown: the next claim counts.
+        sqlx::query("SELECT outrun_limit_lock('event:kb')")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        assert!(bound().await > 1 << 59, "poisoned");
+        a.claim_limited("w1", &bounded, 2, lease).await.unwrap();
+        assert_eq!(bound().await, 4 + 2, "counted 4 leased, plus its 2");
     }
 }
 

@@ -2,15 +2,18 @@
 //!
 //! A grant refills and spends a bucket in one `UPDATE` of its row. A
 //! per-key claim is one statement that first takes locks of the limit's
-//! slots (`outrun_limit_slots`), then counts the leased events with a
-//! fresh snapshot, so each claim sees the leases of every claim that held
-//! a conflicting lock before it. A claim far enough from `per_key` holds
+//! slots (`outrun_limit_slots`). A claim far enough from `per_key` holds
 //! one of 4 slots and claims without keys beside up to 3 others (an
 //! instance keeps two claims in flight; one at a time cost a per-key limit
-//! that never binds ~20% of the drain); any other claim holds all 4 and
+//! that never binds ~20% of the drain), judging "far enough" by an upper
+//! bound of the leased events that the claims keep in the slots (counting
+//! them on every claim cost ~10%). Any other claim holds all 4, counts the
+//! leased events with a fresh snapshot, so it sees the leases of every
+//! claim that held a conflicting lock before it, resets the bound, and
 //! counts per key when the limit can bind. The locking and counting happen
-//! in outrun's PL/pgSQL functions (migrations 20261204000000 and
-//! 20261205000100, which also says why the shared way cannot overshoot):
+//! in outrun's PL/pgSQL functions (migrations 20261204000000,
+//! 20261205000100 and 20261206000000, which say why the shared way cannot
+//! overshoot):
 //! a statement's own snapshot predates its wait for a lock; a function's
 //! statements take fresh ones. A claim of a rate limit without a key needs
 //! no lock: `SKIP LOCKED` keeps claims apart, and the tokens were granted
