@@ -21,8 +21,30 @@ use crate::limits::{FALLBACK_KEY, KeySource, Limit, Limits};
 use crate::store::{Store, StoreError};
 
 /// A grant asks for this many claims' worth of tokens, so a rate limit
-/// that does not bind costs one small statement every few claims.
+/// that does not bind costs one small statement every few claims...
 const GRANT_CLAIMS: u64 = 4;
+
+/// ...or for up to this many claims' worth, as long as that is no more
+/// than [`GRANT_SPAN`] of the rate. A grant is a round trip in the claim's
+/// path: one every 4 claims cost a rate limit far above the drain's speed
+/// ~4% of a PostgreSQL drain (0.95 of the plain drain; 0.99 with one every
+/// 64). Tokens an instance holds are taken from the shared bucket but not
+/// yet spent, so a rate the drain can reach is still granted in small
+/// pieces that the instances share.
+const GRANT_CLAIMS_MAX: u64 = 64;
+
+/// The most of a rate's time one grant asks for beyond `GRANT_CLAIMS`.
+const GRANT_SPAN_SECONDS: f64 = 0.1;
+
+/// Tokens a grant asks for when the instance holds `have` and a claim
+/// wants `want`.
+fn grant_ask(rate: &crate::limits::Rate, want: u64, have: u64) -> u64 {
+    let span = (rate.per_second * GRANT_SPAN_SECONDS) as u64;
+    let target = want
+        .saturating_mul(GRANT_CLAIMS)
+        .max(span.min(want.saturating_mul(GRANT_CLAIMS_MAX)));
+    target.saturating_sub(have)
+}
 
 /// What the claimer keeps per limit.
 struct Held {
@@ -194,7 +216,7 @@ impl Limiter {
             if let Some(rate) = &h.limit.rate {
                 let have = *h.tokens();
                 if have < want as u64 {
-                    let ask = (want as u64).saturating_mul(GRANT_CLAIMS) - have;
+                    let ask = grant_ask(rate, want as u64, have);
                     match store.grant_tokens(&h.limit, rate, ask).await {
                         Ok(g) => {
                             *h.tokens() += g.granted;
@@ -344,5 +366,18 @@ mod tests {
         let got = far.claim(&store, "w", 2, lease, &[]).await;
         assert!(got.claimed.is_empty());
         assert!(far.frees_room("k"), "an empty claim may have met busy keys");
+    }
+
+    #[test]
+    fn grants_cover_a_few_claims_or_a_tenth_of_a_second_of_a_fast_rate() {
+        let rate = |r: &str| crate::limits::Rate::parse(r).unwrap();
+        // A rate the drain can reach: 4 claims' worth, as before.
+        assert_eq!(grant_ask(&rate("100/s"), 256, 0), 1024);
+        assert_eq!(grant_ask(&rate("20000/s"), 256, 0), 2000);
+        // Far above it: up to 64 claims' worth.
+        assert_eq!(grant_ask(&rate("1000000/s"), 256, 0), 64 * 256);
+        // What the instance holds counts.
+        assert_eq!(grant_ask(&rate("100/s"), 256, 100), 924);
+        assert_eq!(grant_ask(&rate("100/s"), 256, 5000), 0);
     }
 }
