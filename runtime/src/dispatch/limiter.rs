@@ -25,7 +25,7 @@ use crate::store::{Store, StoreError};
 const GRANT_CLAIMS: u64 = 4;
 
 /// ...or for up to this many claims' worth, as long as that is no more
-/// than [`GRANT_SPAN`] of the rate. A grant is a round trip in the claim's
+/// than [`GRANT_SPAN_SECONDS`] of the rate. A grant is a round trip in the claim's
 /// path: one every 4 claims cost a rate limit far above the drain's speed
 /// ~4% of a PostgreSQL drain (0.95 of the plain drain; 0.99 with one every
 /// 64). Tokens an instance holds are taken from the shared bucket but not
