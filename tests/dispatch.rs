@@ -1019,6 +1019,59 @@ async fn group_successor_sees_its_predecessors_effects(db: TestDb) {
     assert_eq!(db.scalar("SELECT count(*) FROM chain").await, 100);
 }
 
+/// Handlers that read a value and write it back changed, with other events'
+/// handlers running at the same time, lose no update: on SQLite, where the
+/// events share one transaction, a handler caught running a statement after
+/// another event's, between two of its own, runs again, alone (PostgreSQL
+/// lanes are separate transactions, so there it takes the row lock).
+async fn read_modify_write_handlers_lose_no_update(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE counter (n BIGINT NOT NULL)").await;
+    db.exec("INSERT INTO counter (n) VALUES (0)").await;
+    db.exec("CREATE TABLE seen (n BIGINT NOT NULL)").await;
+    struct Increment {
+        read: &'static str,
+    }
+    #[async_trait::async_trait]
+    impl Handler for Increment {
+        async fn handle(&self, _: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+            let err = |e: outrun::store::StoreError| HandlerError::retry(e.to_string());
+            let tx = fx.tx().await.map_err(err)?;
+            let rows = tx.query(self.read, &[]).await.map_err(err)?;
+            let SqlValue::Int(n) = rows.rows[0][0] else {
+                return Err(HandlerError::reject("counter is not an integer"));
+            };
+            // Let the other events' handlers run their statements now.
+            tokio::task::yield_now().await;
+            tx.execute("UPDATE counter SET n = $1", &[SqlValue::Int(n + 1)])
+                .await
+                .map_err(err)?;
+            tx.execute("INSERT INTO seen (n) VALUES ($1)", &[SqlValue::Int(n + 1)])
+                .await
+                .map_err(err)?;
+            Ok(Outcome::Done)
+        }
+    }
+    let read = if db.is_postgres() {
+        "SELECT n FROM counter FOR UPDATE"
+    } else {
+        "SELECT n FROM counter"
+    };
+    let events: Vec<NewEvent> = (0..200).map(|_| NewEvent::new("inc", "{}")).collect();
+    store.enqueue_batch(&events, 5).await.unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("inc", Increment { read }),
+        fast(),
+    );
+    wait_for("200 increments drained", || async { drained(&store).await }).await;
+    run.stop().await;
+    assert_eq!(store.stats().await.unwrap().dead, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM counter WHERE n = 200").await, 1);
+    assert_eq!(db.scalar("SELECT count(DISTINCT n) FROM seen").await, 200);
+    assert_eq!(db.scalar("SELECT count(*) FROM seen").await, 200);
+}
+
 /// The database kills the connection a handler's statement runs on: the
 /// event runs again without spending a retry (it has only one), and its
 /// row is there exactly once in the end.
@@ -1146,6 +1199,7 @@ on_both_backends!(
     failing_statement_in_a_batch_fails_only_its_event,
     failing_statement_with_savepoints_always,
     group_successor_sees_its_predecessors_effects,
+    read_modify_write_handlers_lose_no_update,
     cancelling_running_events_discards_their_attempts,
 );
 

@@ -262,14 +262,23 @@ impl Effects {
     /// deadlock, a serialization failure, a busy database): if it failed, it
     /// was not the event's fault.
     pub fn saw_transient(&self) -> bool {
-        self.transient || matches!(&self.tx, Some(AckTx::Lane(t)) if t.lane.saw_transient())
+        self.transient
+            || match &self.tx {
+                Some(AckTx::Lane(t)) => t.lane.saw_transient(),
+                Some(AckTx::Shared(t)) => t.saw_transient(),
+                _ => false,
+            }
     }
 
     /// The attempt must run again whatever its handler decided: one of its
     /// statements failed in a lane transaction that can now only be rolled
     /// back whole (see `crate::store::lane`).
     pub fn must_rerun(&self) -> bool {
-        matches!(&self.tx, Some(AckTx::Lane(t)) if t.lane.must_rerun())
+        match &self.tx {
+            Some(AckTx::Lane(t)) => t.lane.must_rerun(),
+            Some(AckTx::Shared(t)) => t.must_rerun(),
+            _ => false,
+        }
     }
 
     /// Take the transaction (if any) and the emitted events, for the ack.

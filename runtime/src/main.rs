@@ -1,3 +1,4 @@
 fn main() {
+    outrun::store::sqlite::tune_library();
     outrun::cli::main()
 }

@@ -81,6 +81,11 @@ pub const RECORDED: &[(&str, Kind, &str)] = &[
         "Handlers whose event failed without a savepoint (runtime.effect_savepoints = auto), rolling back its lane's batch; their events get savepoints from then on.",
     ),
     (
+        "outrun_effects_interleaved_total",
+        Kind::Counter,
+        "SQLite: handlers whose event ran a statement after another event's, between two of its own, in the shared effects transaction; their events run their statements alone from then on.",
+    ),
+    (
         "outrun_dead_cleaned_total",
         Kind::Counter,
         "Dead events deleted after runtime.dead_retention.",

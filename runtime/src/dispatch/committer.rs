@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SavepointMode;
 use crate::handler::EffectsLanes;
 use crate::store::lane::{Kept, Lane, LaneTx};
+use crate::store::shared::{KeepOutcome, Shared};
 use crate::store::{AckTx, Failure, Store, StoreError};
 
 use super::DispatchObserver;
@@ -57,6 +58,19 @@ pub const MAX_KEPT: usize = 60;
 /// How long a lane waits for company after its first kept event.
 pub const LINGER: Duration = Duration::from_millis(2);
 
+/// Why events are rerun whose transaction another event's failure took.
+const ROLLED_BACK_WITH_ANOTHER: &str =
+    "rolled back with a batch in which another event failed without a savepoint";
+
+/// SQLite's shared transaction, unless `OUTRUN_EFFECT_SHARED=off` asks for
+/// lanes only (for comparing the two).
+fn shared_effects(store: &Store) -> Option<Shared> {
+    if std::env::var("OUTRUN_EFFECT_SHARED").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    store.shared_effects()
+}
+
 /// Lanes when the config leaves it to the runtime: SQLite has one writer;
 /// on PostgreSQL a few sessions keep the server's cores busy while each
 /// lane waits for its round trips.
@@ -70,6 +84,9 @@ pub fn default_lanes(store: &Store, concurrency: usize) -> usize {
 pub struct Committer {
     store: Store,
     lanes: Vec<Arc<Mutex<Lane>>>,
+    /// SQLite: the one transaction that events betting on success share
+    /// (see `store::shared`); events with savepoints use the lane.
+    shared: Option<Arc<Shared>>,
     /// One permit per lane: waiting here is waiting for any free lane.
     free: Arc<Semaphore>,
     /// Wakes a lane's lingerer after its first kept event.
@@ -83,6 +100,10 @@ pub struct Committer {
     /// Handlers that failed an event entered without a savepoint: their
     /// events get one from now on.
     failed_bare: std::sync::RwLock<HashSet<Arc<str>>>,
+    /// SQLite: handlers whose events were caught running a statement after
+    /// another event's, between two of their own: their events run their
+    /// statements alone from now on (see `store::shared`).
+    alone: std::sync::RwLock<HashSet<Arc<str>>>,
     /// `[runtime] keep_done`: where committed events' records go.
     done: Option<tokio::sync::mpsc::UnboundedSender<super::done::Committed>>,
 }
@@ -102,6 +123,7 @@ impl Committer {
             lanes: (0..n)
                 .map(|_| Arc::new(Mutex::new(Lane::new(store.clone()))))
                 .collect(),
+            shared: shared_effects(&store).map(Arc::new),
             store,
             free: Arc::new(Semaphore::new(n)),
             kicks: (0..n).map(|_| Arc::new(Notify::new())).collect(),
@@ -111,6 +133,7 @@ impl Committer {
             backoff,
             savepoints,
             failed_bare: Default::default(),
+            alone: Default::default(),
             done: None,
         }
     }
@@ -146,6 +169,16 @@ impl Committer {
         }
     }
 
+    /// An event of `handler` was interleaved with another's in SQLite's
+    /// shared transaction: its events run their statements alone.
+    fn runs_alone(&self, handler: Arc<str>) {
+        let mut set = self.alone.write().expect("policy lock");
+        if set.insert(handler.clone()) {
+            tracing::info!(handler = %handler, "an event of this handler ran a statement after another event's, between two of its own; its events run their statements alone from now on, so what they read cannot change under them");
+            metrics::counter!("outrun_effects_interleaved_total").increment(1);
+        }
+    }
+
     /// Commit each lane [`LINGER`] after its first kept event, and recover
     /// lanes whose holder was cancelled mid-event, until `stop`.
     pub async fn run_lingerers(self: Arc<Self>, stop: CancellationToken) {
@@ -165,6 +198,31 @@ impl Committer {
                     if lane.is_open() {
                         this.commit(&mut lane).await;
                     }
+                }
+            });
+        }
+        if let Some(shared) = self.shared.clone() {
+            let this = self.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = shared.kicked() => {}
+                    }
+                    this.reschedule(
+                        shared.take_orphans(),
+                        "the transaction was rolled back when an event in it was cancelled",
+                    )
+                    .await;
+                    tokio::time::sleep(LINGER).await;
+                    if let Some((kept, result)) = shared.close() {
+                        this.settle(kept, result).await;
+                    }
+                    this.reschedule(
+                        shared.take_orphans(),
+                        "the transaction was rolled back when an event in it was cancelled",
+                    )
+                    .await;
                 }
             });
         }
@@ -231,7 +289,37 @@ impl Committer {
 
     /// The event in `tx` succeeded: keep its effects for the lane's next
     /// commit (now, if the lane is full or a group waits for it).
-    pub async fn keep(&self, mut tx: LaneTx, kept: Kept) {
+    pub async fn keep(&self, tx: AckTx, kept: Kept) {
+        let mut tx = match tx {
+            AckTx::Lane(tx) => tx,
+            AckTx::Shared(mut tx) => {
+                let shared = self.shared.as_ref().expect("shared members come from it");
+                // An event that kept nothing there yet (its statements
+                // failed to start and its handler carried on) still needs
+                // its delete committed.
+                if let Err(e) = tx.join().await {
+                    let why = format!("committing the handler's effects failed: {e}");
+                    self.reschedule(vec![kept], &why).await;
+                    return;
+                }
+                match shared.keep(tx, kept) {
+                    KeepOutcome::Waiting { first } => {
+                        if first {
+                            shared.start_linger();
+                        }
+                    }
+                    KeepOutcome::Committed((kept, result)) => self.settle(kept, result).await,
+                    KeepOutcome::Lost(kept) => {
+                        self.reschedule(vec![kept], ROLLED_BACK_WITH_ANOTHER).await
+                    }
+                }
+                return;
+            }
+            other => {
+                drop(other);
+                unreachable!("only the committer's transactions are kept")
+            }
+        };
         let grouped = kept.grouped;
         tx.lane.keep(kept);
         if grouped || tx.lane.kept() >= MAX_KEPT {
@@ -241,7 +329,31 @@ impl Committer {
     }
 
     /// The event in `tx` failed: undo its effects, keep the others'.
-    pub async fn undo(&self, mut tx: LaneTx) {
+    pub async fn undo(&self, tx: AckTx) {
+        let mut tx = match tx {
+            AckTx::Lane(tx) => tx,
+            AckTx::Shared(tx) => {
+                let shared = self.shared.as_ref().expect("shared members come from it");
+                let database_fault = tx.saw_transient();
+                let handler = tx.handler().clone();
+                let interleaved = tx.was_interleaved();
+                let undone = shared.undo(tx);
+                if interleaved {
+                    self.runs_alone(handler);
+                } else if undone.rolled_back && !database_fault {
+                    self.failed_without_savepoint(handler);
+                }
+                self.reschedule(undone.lost, ROLLED_BACK_WITH_ANOTHER).await;
+                if let Some((kept, result)) = undone.committed {
+                    self.settle(kept, result).await;
+                }
+                return;
+            }
+            other => {
+                drop(other);
+                unreachable!("only the committer's transactions are undone")
+            }
+        };
         // A dropped connection or a deadlock says nothing about the
         // handler: its events keep betting on success.
         let database_fault = tx.lane.saw_transient();
@@ -250,7 +362,7 @@ impl Committer {
                 if !database_fault {
                     self.failed_without_savepoint(handler);
                 }
-                "rolled back with a batch in which another event failed without a savepoint"
+                ROLLED_BACK_WITH_ANOTHER
             }
             None => "the lane's transaction was lost",
         };
@@ -261,15 +373,22 @@ impl Committer {
 
     /// A lane for an event of `handler`: for its first statement, or for
     /// its emits when it reached its verdict without one.
-    pub async fn enter_lane(&self, handler: &Arc<str>) -> Result<LaneTx, StoreError> {
+    pub async fn enter_lane(&self, handler: &Arc<str>) -> Result<AckTx, StoreError> {
+        let savepoint = self.wants_savepoint(handler);
+        if let Some(shared) = &self.shared
+            && !savepoint
+        {
+            let alone = self.alone.read().expect("policy lock").contains(handler);
+            return Ok(AckTx::Shared(shared.enter(handler.clone(), alone)));
+        }
         let mut tx = self.acquire().await;
-        let entered = if self.wants_savepoint(handler) {
+        let entered = if savepoint {
             tx.lane.enter().await
         } else {
             tx.lane.enter_bare(handler.clone()).await
         };
         match entered {
-            Ok(()) => Ok(tx),
+            Ok(()) => Ok(AckTx::Lane(tx)),
             Err(e) => {
                 let lost = tx.lane.take_abandoned();
                 self.release(tx).await;
@@ -282,6 +401,12 @@ impl Committer {
 
     async fn commit(&self, lane: &mut Lane) {
         let (kept, result) = lane.commit().await;
+        self.settle(kept, result).await;
+    }
+
+    /// Tell everyone what a commit of `kept` came to; events whose effects
+    /// did not commit run again.
+    async fn settle(&self, kept: Vec<Kept>, result: Result<(), StoreError>) {
         if kept.is_empty() {
             if let Err(e) = result {
                 tracing::warn!(error = %e, "closing an empty effects transaction failed");
@@ -355,6 +480,16 @@ impl Committer {
     /// Commit whatever the lanes hold (shutdown), undoing events still in
     /// them.
     pub async fn flush(&self) {
+        if let Some(shared) = &self.shared {
+            if let Some((kept, result)) = shared.close() {
+                self.settle(kept, result).await;
+            }
+            self.reschedule(
+                shared.take_orphans(),
+                "the transaction was rolled back when an event in it was cancelled",
+            )
+            .await;
+        }
         for lane in &self.lanes {
             let mut lane = lane.clone().lock_owned().await;
             self.recover(&mut lane).await;
@@ -368,6 +503,6 @@ impl Committer {
 #[async_trait::async_trait]
 impl EffectsLanes for Committer {
     async fn enter(&self, handler: &Arc<str>) -> Result<AckTx, StoreError> {
-        Ok(AckTx::Lane(self.enter_lane(handler).await?))
+        self.enter_lane(handler).await
     }
 }

@@ -310,7 +310,7 @@ async fn commit(
 ) -> bool {
     let (tx, emitted) = effects.into_parts();
     let mut tx = match tx {
-        Some(AckTx::Lane(tx)) => tx,
+        Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_))) => tx,
         None => match cx.committer.enter_lane(&route.handler_name).await {
             Ok(tx) => tx,
             Err(e) => {
@@ -338,7 +338,11 @@ async fn commit(
     // delayed ones are found by the poll.
     let due_now = emitted.iter().any(|e| e.delay.is_none_or(|d| d.is_zero()));
     if !emitted.is_empty()
-        && let Err(e) = tx.lane.enqueue_all(emitted, cx.default_max_retry).await
+        && let Err(e) = match &mut tx {
+            AckTx::Lane(t) => t.lane.enqueue_all(emitted, cx.default_max_retry).await,
+            AckTx::Shared(t) => t.enqueue_all(&emitted, cx.default_max_retry).await,
+            _ => unreachable!("matched above"),
+        }
     {
         cx.committer.undo(tx).await;
         let error = format!("enqueueing the handler's follow-up events failed: {e}");
@@ -375,7 +379,7 @@ async fn commit(
 /// Undo a failed attempt's writes (its savepoint, or its own transaction).
 async fn discard(cx: &WorkerContext, effects: Effects) {
     match effects.into_parts() {
-        (Some(AckTx::Lane(tx)), _) => cx.committer.undo(tx).await,
+        (Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_))), _) => cx.committer.undo(tx).await,
         (Some(tx), _) => {
             if let Err(e) = tx.rollback().await {
                 tracing::warn!(error = %e, "rolling back a failed attempt's transaction failed (the connection drops it anyway)");

@@ -475,29 +475,7 @@ fn finish<'c>(
         }),
         LaneConn::Sqlite(c) => {
             debug_assert!(emitted.is_empty(), "SQLite lanes insert emits at once");
-            let r = (|| {
-                let deleted = if kept.is_empty() {
-                    0
-                } else {
-                    let rowids: Vec<i64> = kept.iter().map(|k| k.lease.seq).collect();
-                    let tokens: Vec<String> =
-                        kept.iter().map(|k| k.lease.token.to_string()).collect();
-                    c.prepare_cached(
-                        "DELETE FROM outbox_events
-                         WHERE rowid IN (SELECT value FROM json_each(?1))
-                           AND lock_token IN (SELECT value FROM json_each(?2))
-                           AND retry < max_retry",
-                    )?
-                    .execute([
-                        serde_json::to_string(&rowids).expect("integers serialize"),
-                        serde_json::to_string(&tokens).expect("strings serialize"),
-                    ])?
-                };
-                let ok = deleted == kept.len();
-                c.execute_batch(if ok { "COMMIT" } else { "ROLLBACK" })?;
-                Ok(ok)
-            })();
-            Box::pin(std::future::ready(r))
+            Box::pin(std::future::ready(super::sqlite::finish_kept(c, kept)))
         }
     }
 }

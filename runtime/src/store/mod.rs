@@ -15,6 +15,7 @@ pub mod pauses;
 pub mod postgres;
 pub mod query;
 pub mod schedules;
+pub mod shared;
 pub mod sqlite;
 mod transient;
 mod value;
@@ -111,6 +112,17 @@ pub enum StoreError {
          the event runs again (with a savepoint, so a failed statement no longer ends it)"
     )]
     Poisoned,
+    #[error(
+        "the transaction this event's statements ran in was rolled back because another event \
+         in it failed; the event runs again, without spending a retry"
+    )]
+    RolledBack,
+    #[error(
+        "another event's statement ran between two statements of this event in the shared \
+         SQLite transaction, so what it read may have changed under it; the event runs again, \
+         without spending a retry, and its handler's events run their statements alone from now on"
+    )]
+    Interleaved,
     #[error(
         "column {column:?} has type {type_name}, which the sql capability cannot return; \
          cast it in the query (for example `{column}::text`)"
@@ -546,6 +558,15 @@ impl Store {
     /// The statement that opens a lane's transaction (see [`lane`]),
     /// followed by `; ` so the event's first statement can share its round
     /// trip. SQLite takes the write lock up front (see `sqlite.rs`).
+    /// SQLite's shared effects transaction (see [`shared`]); none on
+    /// PostgreSQL, whose lanes are sessions of their own.
+    pub(crate) fn shared_effects(&self) -> Option<shared::Shared> {
+        match self {
+            Store::Sqlite(s) => Some(shared::Shared::new(s.writer())),
+            Store::Postgres(_) => None,
+        }
+    }
+
     pub(crate) fn lane_begin(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "BEGIN IMMEDIATE; ",
@@ -793,6 +814,9 @@ pub enum AckTx {
     /// The event's savepoint in a lane the dispatcher commits in groups
     /// (see [`lane`]); its row is deleted with the others' at the commit.
     Lane(lane::LaneTx),
+    /// The event's membership of SQLite's shared effects transaction (see
+    /// [`shared`]); committed in groups like a lane's.
+    Shared(shared::SharedTx),
 }
 
 impl AckTx {
@@ -802,6 +826,7 @@ impl AckTx {
             AckTx::Sqlite(tx) => sqlite::query(tx.conn(), statement, params),
             AckTx::Postgres(tx) => postgres::query(tx, statement, params).await,
             AckTx::Lane(tx) => tx.query(statement, params).await,
+            AckTx::Shared(tx) => tx.query(statement, params).await,
         }
     }
 
@@ -811,6 +836,7 @@ impl AckTx {
             AckTx::Sqlite(tx) => sqlite::execute(tx.conn(), statement, params),
             AckTx::Postgres(tx) => postgres::execute(tx, statement, params).await,
             AckTx::Lane(tx) => tx.execute(statement, params).await,
+            AckTx::Shared(tx) => tx.execute(statement, params).await,
         }
     }
 
@@ -827,6 +853,10 @@ impl AckTx {
                 .await?;
             return Ok(Vec::new());
         }
+        if let AckTx::Shared(tx) = self {
+            tx.enqueue_all(events, default_max_retry).await?;
+            return Ok(Vec::new());
+        }
         let mut ids = Vec::with_capacity(events.len());
         for ev in events {
             ids.push(match self {
@@ -834,7 +864,7 @@ impl AckTx {
                 AckTx::Postgres(tx) => {
                     postgres::enqueue_with_default(tx, ev, default_max_retry).await?
                 }
-                AckTx::Lane(_) => unreachable!("handled above"),
+                AckTx::Lane(_) | AckTx::Shared(_) => unreachable!("handled above"),
             });
         }
         Ok(ids)
@@ -853,6 +883,9 @@ impl AckTx {
                 let _ = tx.lane.undo().await;
                 Err(StoreError::NotInLane)
             }
+            // Dropped: undone (the dispatcher's lingerer reschedules
+            // whatever that rolls back with it).
+            AckTx::Shared(_) => Err(StoreError::NotInLane),
         }
     }
 
@@ -866,6 +899,7 @@ impl AckTx {
                 tx.lane.undo().await;
                 return Err(StoreError::NotInLane);
             }
+            AckTx::Shared(_) => return Err(StoreError::NotInLane),
         }
         Ok(())
     }
@@ -877,6 +911,7 @@ impl AckTx {
             AckTx::Lane(mut tx) => {
                 let _ = tx.lane.undo().await;
             }
+            AckTx::Shared(tx) => drop(tx),
         }
         Ok(())
     }

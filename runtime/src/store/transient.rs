@@ -20,7 +20,7 @@ impl StoreError {
         match self {
             StoreError::Db(e) | StoreError::Connect { source: e, .. } => is_transient(e),
             StoreError::Sqlite(e) => sqlite_result_code(e).is_some_and(transient_sqlite_result),
-            StoreError::Poisoned => true,
+            StoreError::Poisoned | StoreError::RolledBack | StoreError::Interleaved => true,
             _ => false,
         }
     }
