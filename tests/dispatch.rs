@@ -1067,7 +1067,11 @@ async fn read_modify_write_handlers_lose_no_update(db: TestDb) {
     wait_for("200 increments drained", || async { drained(&store).await }).await;
     run.stop().await;
     assert_eq!(store.stats().await.unwrap().dead, 0);
-    assert_eq!(db.scalar("SELECT count(*) FROM counter WHERE n = 200").await, 1);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM counter WHERE n = 200")
+            .await,
+        1
+    );
     assert_eq!(db.scalar("SELECT count(DISTINCT n) FROM seen").await, 200);
     assert_eq!(db.scalar("SELECT count(*) FROM seen").await, 200);
 }

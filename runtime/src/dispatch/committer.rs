@@ -302,17 +302,8 @@ impl Committer {
                     self.reschedule(vec![kept], &why).await;
                     return;
                 }
-                match shared.keep(tx, kept) {
-                    KeepOutcome::Waiting { first } => {
-                        if first {
-                            shared.start_linger();
-                        }
-                    }
-                    KeepOutcome::Committed((kept, result)) => self.settle(kept, result).await,
-                    KeepOutcome::Lost(kept) => {
-                        self.reschedule(vec![kept], ROLLED_BACK_WITH_ANOTHER).await
-                    }
-                }
+                let outcome = shared.keep(tx, kept);
+                self.kept_shared(outcome).await;
                 return;
             }
             other => {
@@ -326,6 +317,60 @@ impl Committer {
             self.commit(&mut tx.lane).await;
         }
         self.release(tx).await;
+    }
+
+    async fn kept_shared(&self, outcome: KeepOutcome) {
+        match outcome {
+            KeepOutcome::Waiting { first } => {
+                if first && let Some(shared) = &self.shared {
+                    shared.start_linger();
+                }
+            }
+            KeepOutcome::Committed((kept, result)) => self.settle(kept, result).await,
+            KeepOutcome::Lost(kept) => self.reschedule(vec![kept], ROLLED_BACK_WITH_ANOTHER).await,
+        }
+    }
+
+    /// The event in `tx` succeeded: insert its follow-up events and keep
+    /// it (see [`Committer::keep`]). On `Err` (inserting a follow-up
+    /// failed) its effects are undone, and the caller decides its verdict.
+    pub async fn keep_with_emits(
+        &self,
+        tx: AckTx,
+        emitted: Vec<crate::event::NewEvent>,
+        default_max_retry: i32,
+        kept: Kept,
+    ) -> Result<(), StoreError> {
+        let mut tx = match tx {
+            AckTx::Shared(t) if !emitted.is_empty() => {
+                return match t.enqueue_and_keep(&emitted, default_max_retry, kept).await {
+                    Ok(outcome) => {
+                        self.kept_shared(outcome).await;
+                        Ok(())
+                    }
+                    Err((e, t)) => {
+                        self.undo(AckTx::Shared(t)).await;
+                        Err(e)
+                    }
+                };
+            }
+            tx => tx,
+        };
+        if !emitted.is_empty() {
+            let inserted = match &mut tx {
+                AckTx::Lane(t) => t.lane.enqueue_all(emitted, default_max_retry).await,
+                other => other
+                    .enqueue_all(&emitted, default_max_retry)
+                    .await
+                    .map(drop),
+            };
+            if let Err(e) = inserted {
+                self.undo(tx).await;
+                return Err(e);
+            }
+        }
+        self.keep(tx, kept).await;
+        Ok(())
     }
 
     /// The event in `tx` failed: undo its effects, keep the others'.

@@ -309,7 +309,7 @@ async fn commit(
     ran: Option<&Ran<'_>>,
 ) -> bool {
     let (tx, emitted) = effects.into_parts();
-    let mut tx = match tx {
+    let tx = match tx {
         Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_))) => tx,
         None => match cx.committer.enter_lane(&route.handler_name).await {
             Ok(tx) => tx,
@@ -337,42 +337,38 @@ async fn commit(
     // commit costs the bookkeeping connection, on SQLite the only one);
     // delayed ones are found by the poll.
     let due_now = emitted.iter().any(|e| e.delay.is_none_or(|d| d.is_zero()));
-    if !emitted.is_empty()
-        && let Err(e) = match &mut tx {
-            AckTx::Lane(t) => t.lane.enqueue_all(emitted, cx.default_max_retry).await,
-            AckTx::Shared(t) => t.enqueue_all(&emitted, cx.default_max_retry).await,
-            _ => unreachable!("matched above"),
-        }
-    {
-        cx.committer.undo(tx).await;
-        let error = format!("enqueueing the handler's follow-up events failed: {e}");
-        tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "{error}");
-        if e.is_transient() {
-            interrupted(cx, lease, error, ran).await;
-        } else {
-            let retry_at = Utc::now()
-                + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
-            settle(
-                cx,
-                lease,
-                Failure::Retry {
-                    error,
-                    retry_at,
-                    max_retry: route.max_retry,
-                },
-                ran,
-            )
-            .await;
-        }
-        return false;
-    }
     let kept = Kept {
         lease,
         grouped,
         emitted: due_now,
         done: ran.and_then(|r| done_record(cx, r)),
     };
-    cx.committer.keep(tx, kept).await;
+    let Err(e) = cx
+        .committer
+        .keep_with_emits(tx, emitted, cx.default_max_retry, kept)
+        .await
+    else {
+        return false;
+    };
+    let error = format!("enqueueing the handler's follow-up events failed: {e}");
+    tracing::warn!(event_id = %lease.id, handler = %route.handler_name, "{error}");
+    if e.is_transient() {
+        interrupted(cx, lease, error, ran).await;
+    } else {
+        let retry_at = Utc::now()
+            + chrono::Duration::from_std(cx.backoff.delay(1)).unwrap_or(chrono::Duration::MAX);
+        settle(
+            cx,
+            lease,
+            Failure::Retry {
+                error,
+                retry_at,
+                max_retry: route.max_retry,
+            },
+            ran,
+        )
+        .await;
+    }
     false
 }
 

@@ -229,10 +229,14 @@ impl Shared {
     /// A member's event succeeded: keep it for the commit.
     pub fn keep(&self, mut tx: SharedTx, kept: Kept) -> KeepOutcome {
         tx.settled = true;
-        let mut s = self.lock();
+        let s = self.lock();
         if !tx.is_member(&s) {
             return KeepOutcome::Lost(kept);
         }
+        self.keep_locked(s, &tx, kept)
+    }
+
+    fn keep_locked(&self, mut s: MutexGuard<'_, State>, tx: &SharedTx, kept: Kept) -> KeepOutcome {
         s.active -= 1;
         if kept.grouped || s.kept.len() + 1 >= MAX_KEPT {
             s.phase = Phase::Closing;
@@ -559,6 +563,55 @@ impl SharedTx {
     }
 }
 
+impl SharedTx {
+    /// Insert the event's follow-up events and keep it, in one hold of
+    /// the lock: a handler that only emits does all its writing at its
+    /// verdict, and taking the lock twice in a row made the other worker
+    /// thread wait out its inserts twice. On `Err` the event is still in
+    /// the transaction, to be undone.
+    pub async fn enqueue_and_keep(
+        mut self,
+        events: &[NewEvent],
+        default_max_retry: i32,
+        kept: Kept,
+    ) -> std::result::Result<KeepOutcome, (StoreError, SharedTx)> {
+        // Checked at their `emit` already; again here, outside the lock,
+        // since the insert below does not.
+        if let Err(e) = events.iter().try_for_each(NewEvent::validate) {
+            return Err((e.into(), self));
+        }
+        let shared = self.shared.clone();
+        let s = match member(&shared, &mut self.epoch).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.transient |= e.is_transient();
+                return Err((e, self));
+            }
+        };
+        if !self.is_member(&s) {
+            self.settled = true;
+            return Ok(KeepOutcome::Lost(kept));
+        }
+        self.wrote = true;
+        let conn = s.conn.as_ref().expect("a member's transaction is open");
+        let inserted = events
+            .iter()
+            .try_for_each(|ev| super::sqlite::insert_follow_up(conn, ev, default_max_retry));
+        if let Err(e) = inserted {
+            self.poisoned = true;
+            self.transient |= e.is_transient();
+            if conn.is_autocommit() {
+                let lost = shared.roll_back(s);
+                shared.lock().orphans.extend(lost);
+                shared.kick.notify_one();
+            }
+            return Err((e, self));
+        }
+        self.settled = true;
+        Ok(shared.keep_locked(s, &self, kept))
+    }
+}
+
 impl Drop for SharedTx {
     fn drop(&mut self) {
         if !self.settled {
@@ -861,5 +914,37 @@ mod tests {
         // b resumes after a's verdict; a ran between b's statements.
         let e = b_again.await.unwrap().unwrap_err();
         assert!(matches!(e, StoreError::Interleaved), "{e}");
+    }
+
+    #[tokio::test]
+    async fn follow_ups_are_inserted_and_kept_in_one_go() {
+        let (_dir, store, shared, leases) = setup(3).await;
+        let mut a = shared.enter("h".into(), false);
+        write(&mut a, 1).await.unwrap();
+        shared.keep(a, kept(leases[0]));
+
+        // A follow-up that is not an event is refused before anything is
+        // written: the others' work stands.
+        let bad = shared.enter("h".into(), false);
+        let (e, bad) = bad
+            .enqueue_and_keep(&[NewEvent::new("", "{}")], 5, kept(leases[1]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+        assert!(!shared.undo(bad).rolled_back);
+
+        let b = shared.enter("h".into(), false);
+        let mut follow_up = NewEvent::new("f", r#"{"of":1}"#);
+        follow_up.delay = Some(Duration::from_secs(3600));
+        let outcome = b
+            .enqueue_and_keep(&[follow_up], 5, kept(leases[2]))
+            .await
+            .unwrap();
+        assert!(matches!(outcome, KeepOutcome::Waiting { first: false }));
+        let (done, result) = shared.close().unwrap();
+        result.unwrap();
+        assert_eq!(done.len(), 2);
+        // Events 0 and 2 are gone, 1 is left, and the follow-up is there.
+        assert_eq!(committed(&store).await, (vec![1], 2));
     }
 }

@@ -46,7 +46,9 @@ use crate::event::{Claimed, Event, Lease, NewEvent};
 mod limits;
 mod schedules;
 mod writer;
-pub use writer::{Writer, WriterConn, WriterGuard, WriterTx, rollback as rollback_writer};
+pub use writer::{
+    Writer, WriterConn, WriterGuard, WriterTx, insert_follow_up, rollback as rollback_writer,
+};
 
 /// Writers wait this long for the write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -946,6 +948,15 @@ const ENQUEUE_TRACED: &str = "INSERT INTO outbox_events
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
      ON CONFLICT (idempotency_key) DO NOTHING
      RETURNING id";
+
+/// [`ENQUEUE`] for an event without an idempotency key, whose id the
+/// caller knows: nothing can conflict, nothing needs returning.
+const INSERT: &str = "INSERT INTO outbox_events
+         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const INSERT_TRACED: &str = "INSERT INTO outbox_events
+         (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, traceparent)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
 /// The event that holds idempotency key `?1`.
 const KEY_HOLDER: &str = "SELECT id FROM outbox_events WHERE idempotency_key = ?1";

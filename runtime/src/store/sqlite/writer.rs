@@ -383,6 +383,38 @@ pub fn execute(conn: &WriterConn, statement: &str, params: &[SqlValue]) -> Resul
     Ok(if readonly { 0 } else { conn.changes() })
 }
 
+/// Insert a handler's follow-up event, already validated (at its `emit`),
+/// whose id nobody reads, in the writer's open transaction. Without an
+/// idempotency key nothing can conflict: a plain INSERT, with neither the
+/// conflict clause nor RETURNING, and no second parse of the payload while
+/// every other event waits for the writer.
+pub fn insert_follow_up(conn: &Connection, event: &NewEvent, default_max_retry: i32) -> Result<()> {
+    if event.idempotency_key.is_some() {
+        return enqueue(conn, event, default_max_retry).map(drop);
+    }
+    let now = super::now_ms();
+    let max_retry = crate::store::effective_max_retry(event, default_max_retry)?;
+    let params = rusqlite::params![
+        Uuid::now_v7().to_string(),
+        now,
+        event.name,
+        event.payload,
+        event.group_id,
+        i64::from(max_retry),
+        now.saturating_add(event.delay.map_or(0, super::duration_ms)),
+        event
+            .expires_in
+            .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
+        event.traceparent,
+    ];
+    // The traceparent column only when the event has one (see ENQUEUE).
+    match &event.traceparent {
+        Some(_) => conn.prepare_cached(super::INSERT_TRACED)?.execute(params)?,
+        None => conn.prepare_cached(super::INSERT)?.execute(&params[..8])?,
+    };
+    Ok(())
+}
+
 /// Insert a follow-up event in the writer's open transaction. Same key as a
 /// live event: that event's id, nothing inserted.
 pub fn enqueue(conn: &Connection, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
