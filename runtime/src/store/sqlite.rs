@@ -1072,7 +1072,11 @@ pub fn finish_kept(c: &WriterConn, kept: &[super::lane::Kept]) -> Result<bool> {
         0
     } else {
         let rowids: Vec<i64> = kept.iter().map(|k| k.lease.seq).collect();
-        let tokens: Vec<String> = kept.iter().map(|k| k.lease.token.to_string()).collect();
+        // One token per claim, so a handful for hundreds of events: the
+        // statement parses this list on the writer, while everyone waits.
+        let mut tokens: Vec<String> = kept.iter().map(|k| k.lease.token.to_string()).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
         c.prepare_cached(
             "DELETE FROM outbox_events
              WHERE rowid IN (SELECT value FROM json_each(?1))
