@@ -11,6 +11,11 @@
 //! [`LINGER`] after its first kept event, whichever comes first. A failed
 //! event rolls back to its savepoint and leaves the others alone.
 //!
+//! On SQLite, events that bet on success (below) do not take the lane:
+//! they join the one transaction the events running at once share (see
+//! [`crate::store::shared`]), which commits on the same triggers; the lane
+//! serves the events that need a savepoint.
+//!
 //! So an event's effects wait at most `LINGER` for their commit, plus the
 //! rest of the attempt that holds the lane at that moment (a handler holds
 //! its lane from its first statement to its verdict: handlers that call

@@ -40,6 +40,10 @@
 //! back to run again; the dispatcher decides which events take that bet
 //! (see `dispatch::committer`).
 //!
+//! On SQLite most events never come here: those without a savepoint share
+//! one transaction, statement by statement ([`super::shared`]); the lane
+//! serves the events of handlers that need a savepoint.
+//!
 //! Which connection: on PostgreSQL a lane owns a dedicated session with
 //! `synchronous_commit = off` (see [`lane_settings`]). On SQLite the lane
 //! borrows the bookkeeping connection for the life of each transaction:
