@@ -956,11 +956,15 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
         0
     );
     // Without a savepoint the first failure is not the event's verdict:
-    // it rolls back the batch and runs again, with one.
+    // it rolls back the batch and runs again, with one. On SQLite a
+    // handler's first events run alone, with a savepoint, until it has
+    // shown that its events run one statement each (store::shared): event
+    // 13 fails at once then, or, if it ran after that, as on PostgreSQL.
     let attempts = handler.thirteen.load(Ordering::SeqCst);
     match savepoints {
         SavepointMode::Always => assert_eq!(attempts, 1),
-        SavepointMode::Auto => assert_eq!(attempts, 2),
+        SavepointMode::Auto if db.is_postgres() => assert_eq!(attempts, 2),
+        SavepointMode::Auto => assert!((1..=2).contains(&attempts), "{attempts} attempts"),
     }
 }
 

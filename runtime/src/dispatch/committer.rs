@@ -63,6 +63,23 @@ pub const MAX_KEPT: usize = 60;
 /// How long a lane waits for company after its first kept event.
 pub const LINGER: Duration = Duration::from_millis(2);
 
+/// Events in a row, each with at most one statement, before a handler's
+/// events may interleave their statements with other events' in SQLite's
+/// shared transaction. Until then they run them alone: a handler that
+/// reads and then writes never has its reads changed under it, and never
+/// costs the others a rerun to find that out.
+const PROVEN: u32 = 32;
+
+/// Whether a handler's events may interleave (see `Committer::interleave`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// Events in a row that ran at most one statement.
+    Proving(u32),
+    Yes,
+    /// One was caught interleaved: alone for the life of the process.
+    Never,
+}
+
 /// Why events are rerun whose transaction another event's failure took.
 const ROLLED_BACK_WITH_ANOTHER: &str =
     "rolled back with a batch in which another event failed without a savepoint";
@@ -105,10 +122,11 @@ pub struct Committer {
     /// Handlers that failed an event entered without a savepoint: their
     /// events get one from now on.
     failed_bare: std::sync::RwLock<HashSet<Arc<str>>>,
-    /// SQLite: handlers whose events were caught running a statement after
-    /// another event's, between two of their own: their events run their
-    /// statements alone from now on (see `store::shared`).
-    alone: std::sync::RwLock<HashSet<Arc<str>>>,
+    /// SQLite: whether a handler's events may interleave their statements
+    /// with other events' (see `store::shared`). A handler starts alone
+    /// and is trusted after [`PROVEN`] events in a row that ran at most one
+    /// statement each; one caught interleaving makes it alone for good.
+    interleave: std::sync::RwLock<std::collections::HashMap<Arc<str>, Trust>>,
     /// `[runtime] keep_done`: where committed events' records go.
     done: Option<tokio::sync::mpsc::UnboundedSender<super::done::Committed>>,
 }
@@ -138,7 +156,7 @@ impl Committer {
             backoff,
             savepoints,
             failed_bare: Default::default(),
-            alone: Default::default(),
+            interleave: Default::default(),
             done: None,
         }
     }
@@ -177,10 +195,41 @@ impl Committer {
     /// An event of `handler` was interleaved with another's in SQLite's
     /// shared transaction: its events run their statements alone.
     fn runs_alone(&self, handler: Arc<str>) {
-        let mut set = self.alone.write().expect("policy lock");
-        if set.insert(handler.clone()) {
+        let mut map = self.interleave.write().expect("policy lock");
+        if map.insert(handler.clone(), Trust::Never) != Some(Trust::Never) {
             tracing::info!(handler = %handler, "an event of this handler ran a statement after another event's, between two of its own; its events run their statements alone from now on, so what they read cannot change under them");
             metrics::counter!("outrun_effects_interleaved_total").increment(1);
+        }
+    }
+
+    /// An event of a handler not yet trusted to interleave (see
+    /// `interleave`) succeeded: count it toward the trust, or start over.
+    fn note_statements(&self, tx: &crate::store::shared::SharedTx) {
+        if !tx.runs_alone() {
+            return;
+        }
+        let single = tx.statements() <= 1;
+        if !single
+            && matches!(
+                self.interleave
+                    .read()
+                    .expect("policy lock")
+                    .get(tx.handler()),
+                None | Some(Trust::Never | Trust::Proving(0))
+            )
+        {
+            // Nothing to count or reset: skip the write lock (a handler
+            // that reads and writes keeps landing here).
+            return;
+        }
+        let mut map = self.interleave.write().expect("policy lock");
+        let trust = map.entry(tx.handler().clone()).or_insert(Trust::Proving(0));
+        if let Trust::Proving(n) = trust {
+            *trust = match (single, *n + 1) {
+                (false, _) => Trust::Proving(0),
+                (true, n) if n >= PROVEN => Trust::Yes,
+                (true, n) => Trust::Proving(n),
+            };
         }
     }
 
@@ -299,6 +348,7 @@ impl Committer {
             AckTx::Lane(tx) => tx,
             AckTx::Shared(mut tx) => {
                 let shared = self.shared.as_ref().expect("shared members come from it");
+                self.note_statements(&tx);
                 // An event that kept nothing there yet (its statements
                 // failed to start and its handler carried on) still needs
                 // its delete committed.
@@ -348,6 +398,7 @@ impl Committer {
     ) -> Result<(), StoreError> {
         let mut tx = match tx {
             AckTx::Shared(t) if !emitted.is_empty() => {
+                self.note_statements(&t);
                 return match t.enqueue_and_keep(&emitted, default_max_retry, kept).await {
                     Ok(outcome) => {
                         self.kept_shared(outcome).await;
@@ -428,8 +479,11 @@ impl Committer {
         if let Some(shared) = &self.shared
             && !savepoint
         {
-            let alone = self.alone.read().expect("policy lock").contains(handler);
-            return Ok(AckTx::Shared(shared.enter(handler.clone(), alone)));
+            let trusted = matches!(
+                self.interleave.read().expect("policy lock").get(handler),
+                Some(Trust::Yes)
+            );
+            return Ok(AckTx::Shared(shared.enter(handler.clone(), !trusted)));
         }
         let mut tx = self.acquire().await;
         let entered = if savepoint {

@@ -30,6 +30,14 @@
 //! (an `unavailable` error) or at its verdict, and runs again too. Nothing
 //! that was in a rolled-back transaction is committed by halves.
 //!
+//! Each member still sees a serial world. A member that runs *alone* (the
+//! dispatcher asks for that until its handler has shown that its events
+//! run at most one statement) takes a savepoint at its first statement,
+//! and no other member's statement or insert runs until its verdict: it
+//! fails alone, like an event in a lane. Any other member whose statement
+//! would follow another member's, between two of its own, is stopped
+//! ([`StoreError::Interleaved`]) and the transaction rolled back.
+//!
 //! When it commits: the transaction closes after enough kept events, when a
 //! group's event is kept (its successor becomes claimable at the commit),
 //! or a linger after its first kept event (the dispatcher's lingerer).
@@ -180,6 +188,7 @@ impl Shared {
             alone,
             last: None,
             interleaved: false,
+            statements: 0,
             handler,
             wrote: false,
             poisoned: false,
@@ -237,6 +246,13 @@ impl Shared {
     }
 
     fn keep_locked(&self, mut s: MutexGuard<'_, State>, tx: &SharedTx, kept: Kept) -> KeepOutcome {
+        if s.alone == Some(tx.ticket) {
+            let conn = s.conn.as_ref().expect("a member's transaction is open");
+            if let Err(e) = conn.execute_batch("RELEASE SAVEPOINT alone") {
+                // Its work stays in the transaction either way.
+                tracing::warn!(error = %e, "releasing an event's savepoint failed");
+            }
+        }
         s.active -= 1;
         if kept.grouped || s.kept.len() + 1 >= MAX_KEPT {
             s.phase = Phase::Closing;
@@ -262,16 +278,36 @@ impl Shared {
         if !tx.is_member(&s) {
             return Undone::default();
         }
-        if tx.wrote {
+        if tx.wrote && !self.undo_alone(&mut s, tx.ticket) {
             return Undone {
                 lost: self.roll_back(s),
                 rolled_back: true,
                 committed: None,
             };
         }
+        let committed = leave(&mut s).then(|| self.commit(s));
+        self.changed.notify_waiters();
         Undone {
-            committed: leave(&mut s).then(|| self.commit(s)),
+            committed,
             ..Undone::default()
+        }
+    }
+
+    /// Undo the work of the member that runs alone, `ticket`, back to its
+    /// savepoint. False: it is not that member, or the rollback failed (the
+    /// whole transaction must go).
+    fn undo_alone(&self, s: &mut State, ticket: u64) -> bool {
+        if s.alone != Some(ticket) {
+            return false;
+        }
+        s.alone = None;
+        let conn = s.conn.as_ref().expect("a member's transaction is open");
+        match conn.execute_batch("ROLLBACK TO SAVEPOINT alone; RELEASE SAVEPOINT alone") {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "rolling back to an event's savepoint failed; rolling back its whole transaction");
+                false
+            }
         }
     }
 
@@ -346,12 +382,18 @@ impl Shared {
     /// A member's attempt was dropped before its verdict (a timeout, or
     /// shutdown): undo it as [`Shared::undo`] would, leaving whatever needs
     /// an await to the lingerer.
-    fn abandon(&self, epoch: Option<u64>, wrote: bool) {
+    fn abandon(&self, epoch: Option<u64>, wrote: bool, ticket: u64) {
         let mut s = self.lock();
         if Some(s.epoch) != epoch || s.conn.is_none() {
             return;
         }
-        if wrote {
+        if wrote && self.undo_alone(&mut s, ticket) {
+            if leave(&mut s) {
+                s.phase = Phase::Closing;
+            }
+            drop(s);
+            self.changed.notify_waiters();
+        } else if wrote {
             let lost = self.roll_back(s);
             self.lock().orphans.extend(lost);
         } else if leave(&mut s) {
@@ -397,6 +439,24 @@ async fn member<'a>(shared: &'a Shared, epoch: &mut Option<u64>) -> Result<Mutex
     }
 }
 
+/// [`member`], waiting while another member runs its statements alone.
+async fn member_turn<'a>(
+    shared: &'a Shared,
+    epoch: &mut Option<u64>,
+    ticket: u64,
+) -> Result<MutexGuard<'a, State>> {
+    loop {
+        let notified = {
+            let s = member(shared, epoch).await?;
+            match s.alone {
+                Some(t) if t != ticket && *epoch == Some(s.epoch) => shared.changed.notified(),
+                _ => return Ok(s),
+            }
+        };
+        notified.await;
+    }
+}
+
 /// One member fewer; true when that ends the transaction's wait: it is
 /// closed (or holds nothing) and nobody is still running in it.
 fn leave(s: &mut State) -> bool {
@@ -418,6 +478,8 @@ pub struct SharedTx {
     last: Option<u64>,
     /// Another member's statement ran between two of its own.
     interleaved: bool,
+    /// Statements it ran.
+    statements: u32,
     handler: Arc<str>,
     /// A statement or insert of this event ran (so leaving means rolling
     /// back everyone).
@@ -473,28 +535,30 @@ impl SharedTx {
             return Err(StoreError::Poisoned);
         }
         let shared = self.shared.clone();
-        let mut s = loop {
-            let notified = {
-                let s = match member(&shared, &mut self.epoch).await {
-                    Ok(s) => s,
-                    // Nothing written: the error (a busy database) is the
-                    // statement's, and the event is not poisoned.
-                    Err(e) => {
-                        self.transient |= e.is_transient();
-                        return Err(e);
-                    }
-                };
-                match s.alone {
-                    Some(t) if t != self.ticket && self.is_member(&s) => shared.changed.notified(),
-                    _ => break s,
-                }
-            };
-            notified.await;
+        let mut s = match member_turn(&shared, &mut self.epoch, self.ticket).await {
+            Ok(s) => s,
+            // Nothing written: the error (a busy database) is the
+            // statement's, and the event is not poisoned.
+            Err(e) => {
+                self.transient |= e.is_transient();
+                return Err(e);
+            }
         };
         let mine = self.is_member(&s);
         if mine && statement {
             if self.alone {
-                s.alone.get_or_insert(self.ticket);
+                if s.alone.is_none() {
+                    // Nobody else writes until its verdict, so a savepoint
+                    // lets a failure undo its own work only.
+                    let conn = s.conn.as_ref().expect("a member's transaction is open");
+                    if let Err(e) = conn.execute_batch("SAVEPOINT alone") {
+                        drop(s);
+                        let e = StoreError::from(e);
+                        self.transient |= e.is_transient();
+                        return Err(e);
+                    }
+                    s.alone = Some(self.ticket);
+                }
             } else if self.last.is_some_and(|n| n != s.statements) {
                 // What it read or wrote before may have changed under it,
                 // and what it wrote was seen half-done: only a rollback of
@@ -516,6 +580,7 @@ impl SharedTx {
         if mine && statement {
             s.statements += 1;
             self.last = Some(s.statements);
+            self.statements += 1;
         }
         if gone {
             // The error took the whole transaction with it (SQLite does
@@ -530,7 +595,9 @@ impl SharedTx {
         self.wrote |= mine;
         r.inspect_err(|e| {
             self.transient |= e.is_transient();
-            self.poisoned = true;
+            // Alone, it has a savepoint: a failed statement undoes nothing
+            // else, and its handler may carry on.
+            self.poisoned |= gone || !self.alone || !mine;
         })
     }
 
@@ -538,6 +605,16 @@ impl SharedTx {
     /// handler's events should run their statements alone.
     pub fn was_interleaved(&self) -> bool {
         self.interleaved
+    }
+
+    /// It runs its statements alone (see [`Shared::enter`]).
+    pub fn runs_alone(&self) -> bool {
+        self.alone
+    }
+
+    /// Statements it ran (inserts of follow-up events not counted).
+    pub fn statements(&self) -> u32 {
+        self.statements
     }
 
     pub async fn query(&mut self, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
@@ -581,7 +658,8 @@ impl SharedTx {
             return Err((e.into(), self));
         }
         let shared = self.shared.clone();
-        let s = match member(&shared, &mut self.epoch).await {
+        // After another's savepoint its inserts would go if that one fails.
+        let s = match member_turn(&shared, &mut self.epoch, self.ticket).await {
             Ok(s) => s,
             Err(e) => {
                 self.transient |= e.is_transient();
@@ -615,7 +693,7 @@ impl SharedTx {
 impl Drop for SharedTx {
     fn drop(&mut self) {
         if !self.settled {
-            self.shared.abandon(self.epoch, self.wrote);
+            self.shared.abandon(self.epoch, self.wrote, self.ticket);
         }
     }
 }
@@ -946,5 +1024,29 @@ mod tests {
         assert_eq!(done.len(), 2);
         // Events 0 and 2 are gone, 1 is left, and the follow-up is there.
         assert_eq!(committed(&store).await, (vec![1], 2));
+    }
+
+    #[tokio::test]
+    async fn a_member_alone_that_fails_undoes_only_its_own_work() {
+        let (_dir, store, shared, leases) = setup(3).await;
+        let mut a = shared.enter("h".into(), false);
+        let mut b = shared.enter("h".into(), false);
+        let mut c = shared.enter("multi".into(), true);
+        write(&mut a, 1).await.unwrap();
+        shared.keep(a, kept(leases[0]));
+        write(&mut b, 3).await.unwrap();
+        write(&mut c, 2).await.unwrap();
+        // A failed statement of c undoes only that statement: it carries on.
+        write(&mut c, 2).await.unwrap_err();
+        assert!(!c.must_rerun());
+        write(&mut c, 4).await.unwrap();
+        let undone = shared.undo(c);
+        assert!(!undone.rolled_back && undone.lost.is_empty());
+        assert!(matches!(
+            shared.keep(b, kept(leases[1])),
+            KeepOutcome::Waiting { first: false }
+        ));
+        shared.close().unwrap().1.unwrap();
+        assert_eq!(committed(&store).await, (vec![1, 3], 1));
     }
 }
