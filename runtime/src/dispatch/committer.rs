@@ -263,20 +263,12 @@ impl Committer {
                         _ = stop.cancelled() => return,
                         _ = shared.kicked() => {}
                     }
-                    this.reschedule(
-                        shared.take_orphans(),
-                        "the transaction was rolled back when an event in it was cancelled",
-                    )
-                    .await;
+                    this.reschedule_orphans(&shared).await;
                     tokio::time::sleep(LINGER).await;
                     if let Some((kept, result)) = shared.close() {
                         this.settle(kept, result).await;
                     }
-                    this.reschedule(
-                        shared.take_orphans(),
-                        "the transaction was rolled back when an event in it was cancelled",
-                    )
-                    .await;
+                    this.reschedule_orphans(&shared).await;
                 }
             });
         }
@@ -581,6 +573,16 @@ impl Committer {
         }
     }
 
+    /// Events of shared transactions rolled back behind a member whose
+    /// attempt was dropped (see `store::shared`): run them again.
+    async fn reschedule_orphans(&self, shared: &Shared) {
+        self.reschedule(
+            shared.take_orphans(),
+            "the transaction was rolled back when an event in it was cancelled",
+        )
+        .await;
+    }
+
     /// Commit whatever the lanes hold (shutdown), undoing events still in
     /// them.
     pub async fn flush(&self) {
@@ -588,11 +590,7 @@ impl Committer {
             if let Some((kept, result)) = shared.close() {
                 self.settle(kept, result).await;
             }
-            self.reschedule(
-                shared.take_orphans(),
-                "the transaction was rolled back when an event in it was cancelled",
-            )
-            .await;
+            self.reschedule_orphans(shared).await;
         }
         for lane in &self.lanes {
             let mut lane = lane.clone().lock_owned().await;
