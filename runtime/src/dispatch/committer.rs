@@ -80,6 +80,19 @@ enum Trust {
     Never,
 }
 
+impl Trust {
+    /// After an event that ran alone succeeded having run at most one
+    /// statement (`single`), or more.
+    fn after(self, single: bool) -> Trust {
+        match (self, single) {
+            (Trust::Proving(_), false) => Trust::Proving(0),
+            (Trust::Proving(n), true) if n + 1 >= PROVEN => Trust::Yes,
+            (Trust::Proving(n), true) => Trust::Proving(n + 1),
+            (settled, _) => settled,
+        }
+    }
+}
+
 /// Why events are rerun whose transaction another event's failure took.
 const ROLLED_BACK_WITH_ANOTHER: &str =
     "rolled back with a batch in which another event failed without a savepoint";
@@ -224,13 +237,7 @@ impl Committer {
         }
         let mut map = self.interleave.write().expect("policy lock");
         let trust = map.entry(tx.handler().clone()).or_insert(Trust::Proving(0));
-        if let Trust::Proving(n) = trust {
-            *trust = match (single, *n + 1) {
-                (false, _) => Trust::Proving(0),
-                (true, n) if n >= PROVEN => Trust::Yes,
-                (true, n) => Trust::Proving(n),
-            };
-        }
+        *trust = trust.after(single);
     }
 
     /// Commit each lane [`LINGER`] after its first kept event, and recover
@@ -606,5 +613,28 @@ impl Committer {
 impl EffectsLanes for Committer {
     async fn enter(&self, handler: &Arc<str>) -> Result<AckTx, StoreError> {
         self.enter_lane(handler).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_interleaves_after_enough_single_statement_events_in_a_row() {
+        let mut t = Trust::Proving(0);
+        for _ in 0..PROVEN - 1 {
+            t = t.after(true);
+        }
+        assert_eq!(t, Trust::Proving(PROVEN - 1));
+        // One event with two statements: start over.
+        t = t.after(false);
+        assert_eq!(t, Trust::Proving(0));
+        for _ in 0..PROVEN {
+            t = t.after(true);
+        }
+        assert_eq!(t, Trust::Yes);
+        assert_eq!(t.after(false), Trust::Yes, "trusted stays trusted");
+        assert_eq!(Trust::Never.after(true), Trust::Never, "caught stays alone");
     }
 }
