@@ -956,7 +956,7 @@ const INSERT: &str = "INSERT INTO outbox_events
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 const INSERT_TRACED: &str = "INSERT INTO outbox_events
          (id, create_date, name, payload, group_id, max_retry, available_at, expires_at, traceparent)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10)";
 
 /// The event that holds idempotency key `?1`.
 const KEY_HOLDER: &str = "SELECT id FROM outbox_events WHERE idempotency_key = ?1";

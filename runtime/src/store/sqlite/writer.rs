@@ -383,6 +383,52 @@ pub fn execute(conn: &WriterConn, statement: &str, params: &[SqlValue]) -> Resul
     Ok(if readonly { 0 } else { conn.changes() })
 }
 
+/// The values of an event's row that are not the event's own fields.
+struct Row {
+    id: Uuid,
+    id_text: String,
+    now: i64,
+    max_retry: i64,
+    available_at: i64,
+    expires_at: Option<i64>,
+}
+
+impl Row {
+    fn new(event: &NewEvent, default_max_retry: i32) -> Result<Self> {
+        let now = super::now_ms();
+        let max_retry = crate::store::effective_max_retry(event, default_max_retry)?;
+        let id = Uuid::now_v7();
+        Ok(Self {
+            id,
+            id_text: id.to_string(),
+            now,
+            max_retry: i64::from(max_retry),
+            available_at: now.saturating_add(event.delay.map_or(0, super::duration_ms)),
+            expires_at: event
+                .expires_in
+                .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
+        })
+    }
+
+    /// `?1`..`?10` of [`super::ENQUEUE_TRACED`]; [`super::ENQUEUE`] takes
+    /// the first 9, [`super::INSERT`] the first 8 (and
+    /// [`super::INSERT_TRACED`] all, `?9` unused).
+    fn params<'a>(&'a self, event: &'a NewEvent) -> [&'a dyn ToSql; 10] {
+        [
+            &self.id_text,
+            &self.now,
+            &event.name,
+            &event.payload,
+            &event.group_id,
+            &self.max_retry,
+            &self.available_at,
+            &self.expires_at,
+            &event.idempotency_key,
+            &event.traceparent,
+        ]
+    }
+}
+
 /// Insert a handler's follow-up event, already validated (at its `emit`),
 /// whose id nobody reads, in the writer's open transaction. Without an
 /// idempotency key nothing can conflict: a plain INSERT, with neither the
@@ -392,21 +438,8 @@ pub fn insert_follow_up(conn: &Connection, event: &NewEvent, default_max_retry: 
     if event.idempotency_key.is_some() {
         return enqueue(conn, event, default_max_retry).map(drop);
     }
-    let now = super::now_ms();
-    let max_retry = crate::store::effective_max_retry(event, default_max_retry)?;
-    let params = rusqlite::params![
-        Uuid::now_v7().to_string(),
-        now,
-        event.name,
-        event.payload,
-        event.group_id,
-        i64::from(max_retry),
-        now.saturating_add(event.delay.map_or(0, super::duration_ms)),
-        event
-            .expires_in
-            .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
-        event.traceparent,
-    ];
+    let row = Row::new(event, default_max_retry)?;
+    let params = row.params(event);
     // The traceparent column only when the event has one (see ENQUEUE).
     match &event.traceparent {
         Some(_) => conn.prepare_cached(super::INSERT_TRACED)?.execute(params)?,
@@ -419,26 +452,11 @@ pub fn insert_follow_up(conn: &Connection, event: &NewEvent, default_max_retry: 
 /// live event: that event's id, nothing inserted.
 pub fn enqueue(conn: &Connection, event: &NewEvent, default_max_retry: i32) -> Result<Uuid> {
     event.validate()?;
-    let now = super::now_ms();
-    let max_retry = crate::store::effective_max_retry(event, default_max_retry)?;
     // A key can vanish between the conflicting INSERT and the SELECT (its
     // event was acknowledged meanwhile); the next INSERT then succeeds.
     for _ in 0..3 {
-        let id = Uuid::now_v7();
-        let params = rusqlite::params![
-            id.to_string(),
-            now,
-            event.name,
-            event.payload,
-            event.group_id,
-            i64::from(max_retry),
-            now.saturating_add(event.delay.map_or(0, super::duration_ms)),
-            event
-                .expires_in
-                .map(|ttl| now.saturating_add(super::duration_ms(ttl))),
-            event.idempotency_key,
-            event.traceparent,
-        ];
+        let row = Row::new(event, default_max_retry)?;
+        let params = row.params(event);
         // The traceparent column only when the event has one (see ENQUEUE).
         let inserted = match &event.traceparent {
             Some(_) => conn
@@ -453,7 +471,7 @@ pub fn enqueue(conn: &Connection, event: &NewEvent, default_max_retry: i32) -> R
                 .is_some(),
         };
         if inserted {
-            return Ok(id);
+            return Ok(row.id);
         }
         let mut holder = conn.prepare_cached(super::KEY_HOLDER)?;
         let existing: Option<String> = holder
