@@ -75,8 +75,6 @@ pub struct Shared {
     state: Mutex<State>,
     /// Woken when a transaction opens or closes: would-be members wait here.
     changed: Notify,
-    /// Numbers would-be members, for [`State::alone`].
-    tickets: std::sync::atomic::AtomicU64,
     /// Wakes the lingerer: a first event was kept, or a member vanished and
     /// left work behind (events to reschedule, a transaction to close).
     kick: Notify,
@@ -97,9 +95,10 @@ struct State {
     /// Statements run in the transaction so far: a member whose next
     /// statement finds this moved on since its last one was interleaved.
     statements: u64,
-    /// The member (its ticket) running its statements alone: the others'
-    /// statements wait for its verdict.
-    alone: Option<u64>,
+    /// A member runs its statements alone (the one whose
+    /// [`SharedTx::holds`] is set): the others' statements wait for its
+    /// verdict.
+    alone: bool,
     /// Kept events of a transaction that was rolled back where nobody could
     /// reschedule them (a member's attempt was dropped mid-way): the
     /// lingerer does.
@@ -152,7 +151,6 @@ impl Shared {
             writer,
             state: Mutex::new(State::default()),
             changed: Notify::new(),
-            tickets: Default::default(),
             kick: Notify::new(),
         }
     }
@@ -182,9 +180,7 @@ impl Shared {
         SharedTx {
             shared: self.clone(),
             epoch: None,
-            ticket: self
-                .tickets
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            holds: false,
             alone,
             last: None,
             interleaved: false,
@@ -222,7 +218,7 @@ impl Shared {
                 s.phase = Phase::Open;
                 s.active = 1;
                 s.statements = 0;
-                s.alone = None;
+                s.alone = false;
                 Ok(s.epoch)
             }
             Err(e) => {
@@ -246,7 +242,7 @@ impl Shared {
     }
 
     fn keep_locked(&self, mut s: MutexGuard<'_, State>, tx: &SharedTx, kept: Kept) -> KeepOutcome {
-        if s.alone == Some(tx.ticket) {
+        if tx.holds {
             let conn = s.conn.as_ref().expect("a member's transaction is open");
             if let Err(e) = conn.execute_batch("RELEASE SAVEPOINT alone") {
                 // Its work stays in the transaction either way.
@@ -262,8 +258,8 @@ impl Shared {
             return KeepOutcome::Committed(self.commit(s));
         }
         let first = s.kept.len() == 1;
-        if s.alone == Some(tx.ticket) {
-            s.alone = None;
+        if tx.holds {
+            s.alone = false;
             drop(s);
             self.changed.notify_waiters();
         }
@@ -278,7 +274,7 @@ impl Shared {
         if !tx.is_member(&s) {
             return Undone::default();
         }
-        if tx.wrote && !self.undo_alone(&mut s, tx.ticket) {
+        if tx.wrote && !self.undo_alone(&mut s, tx.holds) {
             return Undone {
                 lost: self.roll_back(s),
                 rolled_back: true,
@@ -293,14 +289,14 @@ impl Shared {
         }
     }
 
-    /// Undo the work of the member that runs alone, `ticket`, back to its
-    /// savepoint. False: it is not that member, or the rollback failed (the
+    /// Undo the work of a member that runs alone (`holds`) back to its
+    /// savepoint. False: it does not run alone, or the rollback failed (the
     /// whole transaction must go).
-    fn undo_alone(&self, s: &mut State, ticket: u64) -> bool {
-        if s.alone != Some(ticket) {
+    fn undo_alone(&self, s: &mut State, holds: bool) -> bool {
+        if !holds {
             return false;
         }
-        s.alone = None;
+        s.alone = false;
         let conn = s.conn.as_ref().expect("a member's transaction is open");
         match conn.execute_batch("ROLLBACK TO SAVEPOINT alone; RELEASE SAVEPOINT alone") {
             Ok(()) => true,
@@ -382,12 +378,12 @@ impl Shared {
     /// A member's attempt was dropped before its verdict (a timeout, or
     /// shutdown): undo it as [`Shared::undo`] would, leaving whatever needs
     /// an await to the lingerer.
-    fn abandon(&self, epoch: Option<u64>, wrote: bool, ticket: u64) {
+    fn abandon(&self, epoch: Option<u64>, wrote: bool, holds: bool) {
         let mut s = self.lock();
         if Some(s.epoch) != epoch || s.conn.is_none() {
             return;
         }
-        if wrote && self.undo_alone(&mut s, ticket) {
+        if wrote && self.undo_alone(&mut s, holds) {
             if leave(&mut s) {
                 s.phase = Phase::Closing;
             }
@@ -443,14 +439,15 @@ async fn member<'a>(shared: &'a Shared, epoch: &mut Option<u64>) -> Result<Mutex
 async fn member_turn<'a>(
     shared: &'a Shared,
     epoch: &mut Option<u64>,
-    ticket: u64,
+    holds: bool,
 ) -> Result<MutexGuard<'a, State>> {
     loop {
         let notified = {
             let s = member(shared, epoch).await?;
-            match s.alone {
-                Some(t) if t != ticket && *epoch == Some(s.epoch) => shared.changed.notified(),
-                _ => return Ok(s),
+            if s.alone && !holds && *epoch == Some(s.epoch) {
+                shared.changed.notified()
+            } else {
+                return Ok(s);
             }
         };
         notified.await;
@@ -471,9 +468,11 @@ pub struct SharedTx {
     shared: Arc<Shared>,
     /// The transaction it is a member of, once it joined.
     epoch: Option<u64>,
-    ticket: u64,
     /// Runs its statements alone (see [`Shared::enter`]).
     alone: bool,
+    /// It is the member running alone now (from its first statement to
+    /// its verdict), with the savepoint.
+    holds: bool,
     /// [`State::statements`] after its last statement.
     last: Option<u64>,
     /// Another member's statement ran between two of its own.
@@ -534,8 +533,7 @@ impl SharedTx {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        let shared = self.shared.clone();
-        let mut s = match member_turn(&shared, &mut self.epoch, self.ticket).await {
+        let mut s = match member_turn(&self.shared, &mut self.epoch, self.holds).await {
             Ok(s) => s,
             // Nothing written: the error (a busy database) is the
             // statement's, and the event is not poisoned.
@@ -547,7 +545,7 @@ impl SharedTx {
         let mine = self.is_member(&s);
         if mine && statement {
             if self.alone {
-                if s.alone.is_none() {
+                if !self.holds {
                     // Nobody else writes until its verdict, so a savepoint
                     // lets a failure undo its own work only.
                     let conn = s.conn.as_ref().expect("a member's transaction is open");
@@ -557,7 +555,8 @@ impl SharedTx {
                         self.transient |= e.is_transient();
                         return Err(e);
                     }
-                    s.alone = Some(self.ticket);
+                    s.alone = true;
+                    self.holds = true;
                 }
             } else if self.last.is_some_and(|n| n != s.statements) {
                 // What it read or wrote before may have changed under it,
@@ -586,9 +585,9 @@ impl SharedTx {
             // The error took the whole transaction with it (SQLite does
             // that for some errors): nobody may write outside one, so it
             // ends here for every member.
-            let lost = shared.roll_back(s);
-            shared.lock().orphans.extend(lost);
-            shared.kick.notify_one();
+            let lost = self.shared.roll_back(s);
+            self.shared.lock().orphans.extend(lost);
+            self.shared.kick.notify_one();
         } else {
             drop(s);
         }
@@ -659,7 +658,7 @@ impl SharedTx {
         }
         let shared = self.shared.clone();
         // After another's savepoint its inserts would go if that one fails.
-        let s = match member_turn(&shared, &mut self.epoch, self.ticket).await {
+        let s = match member_turn(&shared, &mut self.epoch, self.holds).await {
             Ok(s) => s,
             Err(e) => {
                 self.transient |= e.is_transient();
@@ -693,7 +692,7 @@ impl SharedTx {
 impl Drop for SharedTx {
     fn drop(&mut self) {
         if !self.settled {
-            self.shared.abandon(self.epoch, self.wrote, self.ticket);
+            self.shared.abandon(self.epoch, self.wrote, self.holds);
         }
     }
 }
