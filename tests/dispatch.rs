@@ -820,15 +820,26 @@ async fn shutdown_grace_cancels_and_releases(db: TestDb) {
     );
 }
 
-/// Inserts the payload's `k`; the table's CHECK refuses one value. A
-/// failed statement is the event's fault (`reject`); a transient database
-/// error is a retry. Counts the attempts at `k = 13`. With `emit`, each
+/// Inserts the payload's `k`; the table's CHECK refuses one value (`bad`).
+/// A failed statement is the event's fault (`reject`); a transient database
+/// error is a retry. Counts the attempts at `k = bad`. With `emit`, each
 /// event also emits a follow-up `inserted` (delayed by an hour, so it stays
 /// in the table to be counted).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct InsertK {
-    thirteen: Arc<AtomicUsize>,
+    bad: i64,
+    bad_attempts: Arc<AtomicUsize>,
     emit: bool,
+}
+
+impl Default for InsertK {
+    fn default() -> Self {
+        Self {
+            bad: 13,
+            bad_attempts: Arc::default(),
+            emit: false,
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -836,8 +847,8 @@ impl Handler for InsertK {
     async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
         let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
         let k = v["k"].as_i64().unwrap();
-        if k == 13 {
-            self.thirteen.fetch_add(1, Ordering::SeqCst);
+        if k == self.bad {
+            self.bad_attempts.fetch_add(1, Ordering::SeqCst);
         }
         let fail = |e: outrun::store::StoreError| {
             if e.is_transient() {
@@ -873,23 +884,35 @@ impl Handler for InsertK {
 /// ran without a savepoint, so its failure rolled back the batch it was in
 /// (whose events ran again) and it ran again itself, with a savepoint.
 async fn failing_statement_in_a_batch_fails_only_its_event(db: TestDb) {
-    failing_statement_fails_only_its_event(db, SavepointMode::Auto).await
+    failing_statement_fails_only_its_event(db, SavepointMode::Auto, 13).await
 }
 
 /// As above with a savepoint for every event: the failure undoes its own
 /// event alone, on the first attempt.
 async fn failing_statement_with_savepoints_always(db: TestDb) {
-    failing_statement_fails_only_its_event(db, SavepointMode::Always).await
+    failing_statement_fails_only_its_event(db, SavepointMode::Always, 13).await
 }
 
-async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: SavepointMode) {
+/// As above, failing late: by then the handler has shown that its events
+/// run one statement each, so they share a transaction with other events'
+/// (SQLite's shared one, PostgreSQL's pipelined ones). The failure rolls
+/// that transaction back; the others run again, and the failing event
+/// runs again in a lane, with a savepoint, where it fails alone.
+async fn failing_statement_in_a_shared_transaction_fails_only_its_event(db: TestDb) {
+    failing_statement_fails_only_its_event(db, SavepointMode::Auto, 250).await
+}
+
+async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: SavepointMode, bad: i64) {
     let store = db.store().await;
     let handler = InsertK {
+        bad,
         emit: true,
         ..Default::default()
     };
-    db.exec("CREATE TABLE batch_rows (k INTEGER NOT NULL CHECK (k <> 13))")
-        .await;
+    db.exec(&format!(
+        "CREATE TABLE batch_rows (k INTEGER NOT NULL CHECK (k <> {bad}))"
+    ))
+    .await;
     let events: Vec<_> = (0..300)
         .map(|k| NewEvent::new("insert", format!("{{\"k\":{k}}}")))
         .collect();
@@ -913,10 +936,10 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
     .await;
     run.stop().await;
     let dead = store
-        .get(ids[13])
+        .get(ids[bad as usize])
         .await
         .unwrap()
-        .expect("event 13 stays, dead");
+        .expect("the bad event stays, dead");
     assert!(dead.is_dead(), "{dead:?}");
     assert!(
         dead.last_error
@@ -933,7 +956,7 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
         299
     );
     assert_eq!(
-        db.scalar("SELECT count(*) FROM batch_rows WHERE k = 13")
+        db.scalar(&format!("SELECT count(*) FROM batch_rows WHERE k = {bad}"))
             .await,
         0
     );
@@ -949,9 +972,9 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
         299
     );
     assert_eq!(
-        db.scalar(
-            "SELECT count(*) FROM outbox_events WHERE name = 'inserted' AND payload = '{\"k\":13}'"
-        )
+        db.scalar(&format!(
+            "SELECT count(*) FROM outbox_events WHERE name = 'inserted' AND payload = '{{\"k\":{bad}}}'"
+        ))
         .await,
         0
     );
@@ -960,10 +983,12 @@ async fn failing_statement_fails_only_its_event(db: TestDb, savepoints: Savepoin
     // handler's first events run alone, with a savepoint, until it has
     // shown that its events run one statement each (store::shared): event
     // 13 fails at once then, or, if it ran after that, as on PostgreSQL.
-    let attempts = handler.thirteen.load(Ordering::SeqCst);
+    // Event 250 runs after the handler is trusted to share a transaction on
+    // either backend: it fails there first, then in a lane.
+    let attempts = handler.bad_attempts.load(Ordering::SeqCst);
     match savepoints {
         SavepointMode::Always => assert_eq!(attempts, 1),
-        SavepointMode::Auto if db.is_postgres() => assert_eq!(attempts, 2),
+        SavepointMode::Auto if db.is_postgres() || bad > 100 => assert_eq!(attempts, 2),
         SavepointMode::Auto => assert!((1..=2).contains(&attempts), "{attempts} attempts"),
     }
 }
@@ -1080,6 +1105,85 @@ async fn read_modify_write_handlers_lose_no_update(db: TestDb) {
     assert_eq!(db.scalar("SELECT count(*) FROM seen").await, 200);
 }
 
+/// A handler trusted to share a transaction (its first events ran one
+/// statement each) that then starts to read a value and write it back
+/// changed: the first event caught running a statement after another
+/// event's, between two of its own, rolls everyone back, and the handler's
+/// events run alone from then on (SQLite: alone in the shared transaction;
+/// PostgreSQL: in lanes, where `FOR UPDATE` takes the row lock). No update
+/// is lost, nothing is dead, every row is there once.
+async fn trusted_handler_that_starts_to_read_then_write_loses_no_update(db: TestDb) {
+    let store = db.store().await;
+    db.exec("CREATE TABLE counter (n BIGINT NOT NULL)").await;
+    db.exec("INSERT INTO counter (n) VALUES (0)").await;
+    db.exec("CREATE TABLE seen (n BIGINT NOT NULL)").await;
+    db.exec("CREATE TABLE plain (k BIGINT NOT NULL)").await;
+    struct Mixed {
+        read: &'static str,
+    }
+    #[async_trait::async_trait]
+    impl Handler for Mixed {
+        async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+            let err = |e: outrun::store::StoreError| HandlerError::retry(e.to_string());
+            let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
+            let tx = fx.tx().await.map_err(err)?;
+            if let Some(k) = v["plain"].as_i64() {
+                tx.execute("INSERT INTO plain (k) VALUES ($1)", &[SqlValue::Int(k)])
+                    .await
+                    .map_err(err)?;
+                return Ok(Outcome::Done);
+            }
+            let rows = tx.query(self.read, &[]).await.map_err(err)?;
+            let SqlValue::Int(n) = rows.rows[0][0] else {
+                return Err(HandlerError::reject("counter is not an integer"));
+            };
+            tokio::task::yield_now().await;
+            tx.execute("UPDATE counter SET n = $1", &[SqlValue::Int(n + 1)])
+                .await
+                .map_err(err)?;
+            tx.execute("INSERT INTO seen (n) VALUES ($1)", &[SqlValue::Int(n + 1)])
+                .await
+                .map_err(err)?;
+            Ok(Outcome::Done)
+        }
+    }
+    let read = if db.is_postgres() {
+        "SELECT n FROM counter FOR UPDATE"
+    } else {
+        "SELECT n FROM counter"
+    };
+    let plain: Vec<NewEvent> = (0..150)
+        .map(|k| NewEvent::new("mixed", format!("{{\"plain\":{k}}}")))
+        .collect();
+    store.enqueue_batch(&plain, 5).await.unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("mixed", Mixed { read }),
+        RuntimeConfig {
+            concurrency: 16,
+            ..fast()
+        },
+    );
+    wait_for("150 plain events drained", || async {
+        drained(&store).await
+    })
+    .await;
+    let incs: Vec<NewEvent> = (0..200).map(|_| NewEvent::new("mixed", "{}")).collect();
+    store.enqueue_batch(&incs, 5).await.unwrap();
+    wait_for("200 increments drained", || async { drained(&store).await }).await;
+    run.stop().await;
+    assert_eq!(store.stats().await.unwrap().dead, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM plain").await, 150);
+    assert_eq!(db.scalar("SELECT count(DISTINCT k) FROM plain").await, 150);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM counter WHERE n = 200")
+            .await,
+        1
+    );
+    assert_eq!(db.scalar("SELECT count(DISTINCT n) FROM seen").await, 200);
+    assert_eq!(db.scalar("SELECT count(*) FROM seen").await, 200);
+}
+
 /// The database kills the connection a handler's statement runs on: the
 /// event runs again without spending a retry (it has only one), and its
 /// row is there exactly once in the end.
@@ -1130,6 +1234,82 @@ async fn backend_killed_during_a_statement_is_retried_not_dead() {
     assert_eq!(
         db.scalar("SELECT count(DISTINCT k) FROM batch_rows").await,
         4
+    );
+}
+
+/// Handlers whose events run one statement each share pipelined
+/// transactions on PostgreSQL (once trusted), and a backend killed under
+/// them loses nothing: every pipe backend is terminated again and again
+/// while 3,000 events drain; every event's row is there exactly once and
+/// nothing is dead. The rows say which session wrote them, so the test
+/// also shows that the pipes carried most of the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_transactions_survive_killed_backends() {
+    let db = TestDb::postgres().await;
+    let store = db.store().await;
+    db.exec("CREATE TABLE piped (k BIGINT NOT NULL, app TEXT NOT NULL)")
+        .await;
+    struct Insert;
+    #[async_trait::async_trait]
+    impl Handler for Insert {
+        async fn handle(&self, ev: &Event, fx: &mut Effects) -> Result<Outcome, HandlerError> {
+            let v: serde_json::Value = serde_json::from_str(&ev.payload).unwrap();
+            let fail = |e: outrun::store::StoreError| {
+                if e.is_transient() {
+                    HandlerError::retry(e.to_string())
+                } else {
+                    HandlerError::reject(e.to_string())
+                }
+            };
+            let tx = fx.tx().await.map_err(fail)?;
+            tx.execute(
+                "INSERT INTO piped (k, app) VALUES ($1, current_setting('application_name'))",
+                &[SqlValue::Int(v["k"].as_i64().unwrap())],
+            )
+            .await
+            .map_err(fail)?;
+            Ok(Outcome::Done)
+        }
+    }
+    let events: Vec<_> = (0..3000)
+        .map(|k| {
+            let mut ev = NewEvent::new("piped", format!("{{\"k\":{k}}}"));
+            // Two attempts only: a kill must never cost one.
+            ev.max_retry = Some(2);
+            ev
+        })
+        .collect();
+    store.enqueue_batch(&events, 2).await.unwrap();
+    let run = Running::start(
+        &store,
+        StaticRouter::new().with("piped", Insert),
+        RuntimeConfig {
+            concurrency: 16,
+            batch_size: 64,
+            ..fast()
+        },
+    );
+    let mut kills = 0;
+    while !drained(&store).await {
+        kills += db
+            .scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'outrun effects pipe'",
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    run.stop().await;
+    assert_eq!(store.stats().await.unwrap().dead, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM piped").await, 3000);
+    assert_eq!(db.scalar("SELECT count(DISTINCT k) FROM piped").await, 3000);
+    let piped = db
+        .scalar("SELECT count(*) FROM piped WHERE app = 'outrun effects pipe'")
+        .await;
+    assert!(kills > 0, "no pipe backend was ever seen to kill");
+    assert!(
+        piped > 0,
+        "no event ran in a pipe ({kills} pipe backends killed)"
     );
 }
 
@@ -1206,8 +1386,10 @@ on_both_backends!(
     shutdown_grace_cancels_and_releases,
     failing_statement_in_a_batch_fails_only_its_event,
     failing_statement_with_savepoints_always,
+    failing_statement_in_a_shared_transaction_fails_only_its_event,
     group_successor_sees_its_predecessors_effects,
     read_modify_write_handlers_lose_no_update,
+    trusted_handler_that_starts_to_read_then_write_loses_no_update,
     cancelling_running_events_discards_their_attempts,
 );
 

@@ -266,6 +266,7 @@ impl Effects {
             || match &self.tx {
                 Some(AckTx::Lane(t)) => t.lane.saw_transient(),
                 Some(AckTx::Shared(t)) => t.saw_transient(),
+                Some(AckTx::Pipe(t)) => t.saw_transient(),
                 _ => false,
             }
     }
@@ -277,6 +278,7 @@ impl Effects {
         match &self.tx {
             Some(AckTx::Lane(t)) => t.lane.must_rerun(),
             Some(AckTx::Shared(t)) => t.must_rerun(),
+            Some(AckTx::Pipe(t)) => t.must_rerun(),
             _ => false,
         }
     }

@@ -16,6 +16,13 @@
 //! [`crate::store::shared`]), which commits on the same triggers; the lane
 //! serves the events that need a savepoint.
 //!
+//! On PostgreSQL, the events of handlers trusted to interleave (below)
+//! share pipelined transactions instead of taking a lane (see
+//! [`crate::store::postgres::pipe`]): many events' statements are in
+//! flight on one connection at once, where a lane waits for each reply.
+//! A handler earns that trust in the lanes, with [`PROVEN`] events in a
+//! row that ran at most one statement each without a savepoint.
+//!
 //! So an event's effects wait at most `LINGER` for their commit, plus the
 //! rest of the attempt that holds the lane at that moment (a handler holds
 //! its lane from its first statement to its verdict: handlers that call
@@ -47,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SavepointMode;
 use crate::handler::EffectsLanes;
 use crate::store::lane::{Kept, Lane, LaneTx};
+use crate::store::postgres::pipe::{self, Pipe, PipeTx, Pipes};
 use crate::store::shared::{KeepOutcome, Shared};
 use crate::store::{AckTx, Failure, Store, StoreError};
 
@@ -64,8 +72,9 @@ pub const MAX_KEPT: usize = 60;
 pub const LINGER: Duration = Duration::from_millis(2);
 
 /// Events in a row, each with at most one statement, before a handler's
-/// events may interleave their statements with other events' in SQLite's
-/// shared transaction. Until then they run them alone: a handler that
+/// events may interleave their statements with other events' (SQLite's
+/// shared transaction, PostgreSQL's pipes). Until then they run them alone
+/// (on PostgreSQL, in lanes): a handler that
 /// reads and then writes never has its reads changed under it, and never
 /// costs the others a rerun to find that out.
 const PROVEN: u32 = 32;
@@ -106,6 +115,17 @@ fn shared_effects(store: &Store) -> Option<Shared> {
     store.shared_effects()
 }
 
+/// PostgreSQL's pipes, unless `OUTRUN_EFFECT_PIPES=off` asks for lanes only
+/// (for comparing the two); `OUTRUN_EFFECT_PIPES=N` runs N pipes.
+fn effect_pipes(store: &Store) -> Option<Pipes> {
+    let count = match std::env::var("OUTRUN_EFFECT_PIPES") {
+        Ok(v) if v == "off" => return None,
+        Ok(v) => v.parse().unwrap_or(pipe::PIPES),
+        Err(_) => pipe::PIPES,
+    };
+    store.effect_pipes(count)
+}
+
 /// Lanes when the config leaves it to the runtime: SQLite has one writer;
 /// on PostgreSQL a few sessions keep the server's cores busy while each
 /// lane waits for its round trips.
@@ -122,6 +142,9 @@ pub struct Committer {
     /// SQLite: the one transaction that events betting on success share
     /// (see `store::shared`); events with savepoints use the lane.
     shared: Option<Arc<Shared>>,
+    /// PostgreSQL: the pipelined transactions that trusted handlers' events
+    /// share (see `store::postgres::pipe`); the others use the lanes.
+    pipes: Option<Arc<Pipes>>,
     /// One permit per lane: waiting here is waiting for any free lane.
     free: Arc<Semaphore>,
     /// Wakes a lane's lingerer after its first kept event.
@@ -135,9 +158,10 @@ pub struct Committer {
     /// Handlers that failed an event entered without a savepoint: their
     /// events get one from now on.
     failed_bare: std::sync::RwLock<HashSet<Arc<str>>>,
-    /// SQLite: whether a handler's events may interleave their statements
-    /// with other events' (see `store::shared`). A handler starts alone
-    /// and is trusted after [`PROVEN`] events in a row that ran at most one
+    /// Whether a handler's events may interleave their statements with
+    /// other events' (SQLite: `store::shared`; PostgreSQL: the pipes). A
+    /// handler starts alone (SQLite) or in lanes (PostgreSQL) and is
+    /// trusted after [`PROVEN`] events in a row that ran at most one
     /// statement each; one caught interleaving makes it alone for good.
     interleave: std::sync::RwLock<std::collections::HashMap<Arc<str>, Trust>>,
     /// `[runtime] keep_done`: where committed events' records go.
@@ -160,6 +184,7 @@ impl Committer {
                 .map(|_| Arc::new(Mutex::new(Lane::new(store.clone()))))
                 .collect(),
             shared: shared_effects(&store).map(Arc::new),
+            pipes: effect_pipes(&store).map(Arc::new),
             store,
             free: Arc::new(Semaphore::new(n)),
             kicks: (0..n).map(|_| Arc::new(Notify::new())).collect(),
@@ -218,16 +243,19 @@ impl Committer {
     /// An event of a handler not yet trusted to interleave (see
     /// `interleave`) succeeded: count it toward the trust, or start over.
     fn note_statements(&self, tx: &crate::store::shared::SharedTx) {
-        if !tx.runs_alone() {
-            return;
+        if tx.runs_alone() {
+            self.note_trust(tx.handler(), tx.statements());
         }
-        let single = tx.statements() <= 1;
+    }
+
+    /// An event of `handler` that ran alone (in SQLite's shared transaction,
+    /// or in a PostgreSQL lane without a savepoint) succeeded after running
+    /// `statements`: count it toward the handler's trust, or start over.
+    fn note_trust(&self, handler: &Arc<str>, statements: u32) {
+        let single = statements <= 1;
         if !single
             && matches!(
-                self.interleave
-                    .read()
-                    .expect("policy lock")
-                    .get(tx.handler()),
+                self.interleave.read().expect("policy lock").get(handler),
                 None | Some(Trust::Never | Trust::Proving(0))
             )
         {
@@ -236,7 +264,7 @@ impl Committer {
             return;
         }
         let mut map = self.interleave.write().expect("policy lock");
-        let trust = map.entry(tx.handler().clone()).or_insert(Trust::Proving(0));
+        let trust = map.entry(handler.clone()).or_insert(Trust::Proving(0));
         *trust = trust.after(single);
     }
 
@@ -264,6 +292,7 @@ impl Committer {
         }
         if let Some(shared) = self.shared.clone() {
             let this = self.clone();
+            let stop = stop.clone();
             tasks.spawn(async move {
                 loop {
                     tokio::select! {
@@ -276,6 +305,25 @@ impl Committer {
                         this.settle(kept, result).await;
                     }
                     this.reschedule_orphans(&shared).await;
+                }
+            });
+        }
+        for pipe in self.pipes.iter().flat_map(|p| p.pipes().iter().cloned()) {
+            let this = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = pipe.kicked() => {}
+                    }
+                    this.reschedule_pipe_orphans(&pipe).await;
+                    tokio::time::sleep(LINGER).await;
+                    if let Some(committing) = pipe.close() {
+                        let (kept, result) = committing.await;
+                        this.settle(kept, result).await;
+                    }
+                    this.reschedule_pipe_orphans(&pipe).await;
                 }
             });
         }
@@ -345,6 +393,11 @@ impl Committer {
     pub async fn keep(&self, tx: AckTx, kept: Kept) {
         let mut tx = match tx {
             AckTx::Lane(tx) => tx,
+            AckTx::Pipe(tx) => {
+                // Without follow-ups there is nothing to refuse.
+                let _ = self.keep_piped(tx, kept, Vec::new(), 0).await;
+                return;
+            }
             AckTx::Shared(mut tx) => {
                 let shared = self.shared.as_ref().expect("shared members come from it");
                 self.note_statements(&tx);
@@ -365,6 +418,12 @@ impl Committer {
                 unreachable!("only the committer's transactions are kept")
             }
         };
+        if self.pipes.is_some()
+            && let Some((handler, statements)) = tx.lane.bare_statements()
+        {
+            let handler = handler.clone();
+            self.note_trust(&handler, statements);
+        }
         let grouped = kept.grouped;
         tx.lane.keep(kept);
         if grouped || tx.lane.kept() >= MAX_KEPT {
@@ -396,6 +455,7 @@ impl Committer {
         kept: Kept,
     ) -> Result<(), StoreError> {
         let mut tx = match tx {
+            AckTx::Pipe(t) => return self.keep_piped(t, kept, emitted, default_max_retry).await,
             AckTx::Shared(t) if !emitted.is_empty() => {
                 self.note_statements(&t);
                 return match t.enqueue_and_keep(&emitted, default_max_retry, kept).await {
@@ -432,6 +492,7 @@ impl Committer {
     pub async fn undo(&self, tx: AckTx) {
         let mut tx = match tx {
             AckTx::Lane(tx) => tx,
+            AckTx::Pipe(tx) => return self.undo_piped(tx).await,
             AckTx::Shared(tx) => {
                 let shared = self.shared.as_ref().expect("shared members come from it");
                 let database_fault = tx.saw_transient();
@@ -483,6 +544,15 @@ impl Committer {
                 Some(Trust::Yes)
             );
             return Ok(AckTx::Shared(shared.enter(handler.clone(), !trusted)));
+        }
+        if let Some(pipes) = &self.pipes
+            && !savepoint
+            && matches!(
+                self.interleave.read().expect("policy lock").get(handler),
+                Some(Trust::Yes)
+            )
+        {
+            return Ok(AckTx::Pipe(pipes.enter(handler.clone())));
         }
         let mut tx = self.acquire().await;
         let entered = if savepoint {
@@ -590,9 +660,88 @@ impl Committer {
         .await;
     }
 
+    /// Events of pipe transactions rolled back behind a member whose attempt
+    /// was dropped: run them again.
+    async fn reschedule_pipe_orphans(&self, pipe: &Pipe) {
+        self.reschedule(
+            pipe.take_orphans(),
+            "the transaction was rolled back when an event in it was cancelled",
+        )
+        .await;
+    }
+
+    /// A pipe member's event succeeded: keep it with its follow-ups (see
+    /// [`Committer::keep`]); on `Err` it was undone.
+    async fn keep_piped(
+        &self,
+        mut tx: PipeTx,
+        kept: Kept,
+        emitted: Vec<crate::event::NewEvent>,
+        default_max_retry: i32,
+    ) -> Result<(), StoreError> {
+        // An event that ran no statement (it only emits) joins now.
+        if let Err(e) = tx.join().await {
+            let why = format!("committing the handler's effects failed: {e}");
+            self.reschedule(vec![kept], &why).await;
+            return Ok(());
+        }
+        let follow_ups = match pipe::follow_ups(&emitted, default_max_retry) {
+            Ok(f) => f,
+            Err(e) => {
+                self.undo_piped(tx).await;
+                return Err(e);
+            }
+        };
+        let pipe = tx.pipe().expect("joined").clone();
+        match pipe.keep(tx, kept, follow_ups) {
+            pipe::KeepOutcome::Waiting { first } => {
+                if first {
+                    pipe.start_linger();
+                }
+            }
+            pipe::KeepOutcome::Committing(committing) => {
+                let (kept, result) = committing.await;
+                self.settle(kept, result).await;
+            }
+            pipe::KeepOutcome::Lost(kept) => {
+                self.reschedule(vec![kept], ROLLED_BACK_WITH_ANOTHER).await
+            }
+        }
+        Ok(())
+    }
+
+    /// A pipe member's event failed (see [`Committer::undo`]).
+    async fn undo_piped(&self, tx: PipeTx) {
+        let Some(pipe) = tx.pipe().cloned() else {
+            // It never joined: nothing to undo.
+            return;
+        };
+        let database_fault = tx.saw_transient();
+        let handler = tx.handler().clone();
+        let interleaved = tx.was_interleaved();
+        let undone = pipe.undo(tx);
+        if interleaved {
+            self.runs_alone(handler);
+        } else if undone.rolled_back && !database_fault {
+            self.failed_without_savepoint(handler);
+        }
+        self.reschedule(undone.lost, ROLLED_BACK_WITH_ANOTHER).await;
+        if let Some(committing) = undone.committing {
+            let (kept, result) = committing.await;
+            self.settle(kept, result).await;
+        }
+    }
+
     /// Commit whatever the lanes hold (shutdown), undoing events still in
     /// them.
     pub async fn flush(&self) {
+        for pipe in self.pipes.iter().flat_map(|p| p.pipes().iter()) {
+            if let Some(committing) = pipe.close() {
+                let (kept, result) = committing.await;
+                self.settle(kept, result).await;
+            }
+            self.reschedule_pipe_orphans(pipe).await;
+        }
         if let Some(shared) = &self.shared {
             if let Some((kept, result)) = shared.close() {
                 self.settle(kept, result).await;

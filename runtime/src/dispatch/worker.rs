@@ -310,7 +310,7 @@ async fn commit(
 ) -> bool {
     let (tx, emitted) = effects.into_parts();
     let tx = match tx {
-        Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_))) => tx,
+        Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_) | AckTx::Pipe(_))) => tx,
         None => match cx.committer.enter_lane(&route.handler_name).await {
             Ok(tx) => tx,
             Err(e) => {
@@ -375,7 +375,9 @@ async fn commit(
 /// Undo a failed attempt's writes (its savepoint, or its own transaction).
 async fn discard(cx: &WorkerContext, effects: Effects) {
     match effects.into_parts() {
-        (Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_))), _) => cx.committer.undo(tx).await,
+        (Some(tx @ (AckTx::Lane(_) | AckTx::Shared(_) | AckTx::Pipe(_))), _) => {
+            cx.committer.undo(tx).await
+        }
         (Some(tx), _) => {
             if let Err(e) = tx.rollback().await {
                 tracing::warn!(error = %e, "rolling back a failed attempt's transaction failed (the connection drops it anyway)");

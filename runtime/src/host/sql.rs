@@ -151,6 +151,7 @@ fn store_error(e: &StoreError) -> CapError {
         // database" wrapping.
         let what = match e {
             StoreError::Db(sqlx::Error::Database(db)) => db.message().to_owned(),
+            StoreError::Pg(pg) if let Some(db) = pg.as_db_error() => db.message().to_owned(),
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, Some(m))) => format!("{m} ({f})"),
             other => other.to_string(),
         };
@@ -162,6 +163,14 @@ fn store_error(e: &StoreError) -> CapError {
         StoreError::Db(sqlx::Error::Database(db)) => {
             CapError::Invalid(format!("SQL error{code}: {db}"))
         }
+        // The server's message alone, as sqlx's PostgreSQL errors print;
+        // without one, tokio-postgres's own complaint about the statement or
+        // its values (encoding, decoding, counts), not the connection's
+        // (those are transient, above).
+        StoreError::Pg(pg) => CapError::Invalid(match pg.as_db_error() {
+            Some(db) => format!("SQL error{code}: {}", db.message()),
+            None => format!("SQL error: {e}"),
+        }),
         // SQLite's verdict on the statement (syntax, constraint, ...) or
         // rusqlite's on its arguments (a value that does not convert, a
         // string of several statements): the statement's fault either way.
@@ -249,6 +258,91 @@ mod tests {
             matches!(&cap, CapError::Invalid(m) if m.starts_with("parameter $2: ")),
             "{cap:?}"
         );
+    }
+
+    /// A constraint violation through tokio-postgres (a pipe) is the
+    /// statement's fault, worded as through sqlx.
+    #[tokio::test]
+    async fn pipe_constraint_violation_is_invalid_like_sqlx() {
+        use crate::store::postgres::test_db::{pipe_client, pipe_query, sqlx_conn};
+        use crate::store::postgres::{execute, query};
+        let (client, _connection) = pipe_client().await;
+        let mut conn = sqlx_conn().await;
+        let create = "CREATE TEMP TABLE t (k int4 PRIMARY KEY)";
+        let insert = "INSERT INTO t VALUES ($1) RETURNING k";
+        let one = [SqlValue::Int(1)];
+        pipe_query(&client, create, &[]).await.unwrap();
+        pipe_query(&client, insert, &one).await.unwrap();
+        let piped = pipe_query(&client, insert, &one).await.unwrap_err();
+        execute(&mut conn, create, &[]).await.unwrap();
+        execute(&mut conn, insert, &one).await.unwrap();
+        let by_sqlx = query(&mut conn, insert, &one).await.unwrap_err();
+
+        assert!(matches!(piped, StoreError::Pg(_)), "{piped:?}");
+        assert!(!piped.is_transient());
+        assert_eq!(piped.sqlstate().as_deref(), Some("23505"));
+        assert_eq!(piped.code_label().as_deref(), Some("SQLSTATE 23505"));
+        assert_eq!(
+            piped.to_string(),
+            r#"database error: duplicate key value violates unique constraint "t_pkey" (SQLSTATE 23505)"#
+        );
+        let cap = store_error(&piped);
+        assert!(
+            matches!(&cap, CapError::Invalid(m) if m == r#"SQL error (SQLSTATE 23505): duplicate key value violates unique constraint "t_pkey""#),
+            "{cap:?}"
+        );
+        assert_eq!(format!("{cap:?}"), format!("{:?}", store_error(&by_sqlx)));
+    }
+
+    /// A pipe whose backend was terminated: the next statement's error is
+    /// transient and reaches the handler as `unavailable`.
+    #[tokio::test]
+    async fn pipe_terminated_backend_is_unavailable() {
+        use crate::store::postgres::query;
+        use crate::store::postgres::test_db::{pipe_client, pipe_query, sqlx_conn};
+        let (client, connection) = pipe_client().await;
+        let mut conn = sqlx_conn().await;
+        let pid = pipe_query(&client, "SELECT pg_backend_pid()::int8", &[])
+            .await
+            .unwrap()
+            .rows[0][0]
+            .clone();
+        let killed = query(&mut conn, "SELECT pg_terminate_backend($1::int4)", &[pid])
+            .await
+            .unwrap();
+        assert_eq!(killed.rows, [[SqlValue::Bool(true)]]);
+        // The connection ends on the server's notice (57P01); until it
+        // has, a statement may get that notice itself instead.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+
+        let e = pipe_query(&client, "SELECT 1", &[]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Pg(_)), "{e:?}");
+        assert!(e.is_transient(), "{e:?}");
+        assert_eq!(e.to_string(), "database error: connection closed");
+        let cap = store_error(&e);
+        assert!(
+            matches!(&cap, CapError::Unavailable(m)
+                if m == "database unavailable: database error: connection closed; the event will be retried"),
+            "{cap:?}"
+        );
+    }
+
+    /// tokio-postgres's own complaint about a statement (it cannot send a
+    /// NUL) carries an I/O error as its cause, yet is no lost connection.
+    #[tokio::test]
+    async fn pipe_unsendable_statement_is_invalid() {
+        use crate::store::postgres::test_db::{pipe_client, pipe_query};
+        let (client, _connection) = pipe_client().await;
+        let e = pipe_query(&client, "SELECT 1 \0", &[]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Pg(_)), "{e:?}");
+        assert!(!e.is_transient(), "{e:?}");
+        let cap = store_error(&e);
+        assert!(
+            matches!(&cap, CapError::Invalid(m) if m.starts_with("SQL error: database error: error encoding message to server: ")),
+            "{cap:?}"
+        );
+        // The connection is fine.
+        pipe_query(&client, "SELECT 1", &[]).await.unwrap();
     }
 
     /// Real SQLite errors: a syntax error is invalid, a busy database is

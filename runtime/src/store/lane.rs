@@ -94,6 +94,8 @@ pub struct Lane {
     current: Option<Current>,
     /// The event in the lane hit a transient database error.
     current_transient: bool,
+    /// Statements the event in the lane ran.
+    current_statements: u32,
     /// A statement of the event in the lane (one without a savepoint)
     /// failed: the transaction can only be rolled back whole, and the
     /// event must run again whatever its handler decides.
@@ -131,6 +133,7 @@ impl Lane {
             next_savepoint: 0,
             current: None,
             current_transient: false,
+            current_statements: 0,
             poisoned: false,
             kept: Vec::new(),
             deferred: Vec::new(),
@@ -205,6 +208,7 @@ impl Lane {
                 self.current = Some(current);
                 self.current_emits_from = self.deferred.len();
                 self.current_transient = false;
+                self.current_statements = 0;
                 self.poisoned = false;
                 Ok(())
             }
@@ -247,6 +251,16 @@ impl Lane {
         e
     }
 
+    /// The handler of the event in the lane, if it entered without a
+    /// savepoint, and the statements that event ran: whether the handler's
+    /// events may share a pipelined transaction (see `dispatch::committer`).
+    pub fn bare_statements(&self) -> Option<(&std::sync::Arc<str>, u32)> {
+        match &self.current {
+            Some(Current::Bare(handler)) => Some((handler, self.current_statements)),
+            _ => None,
+        }
+    }
+
     /// The event in the lane must run again whatever its handler decides: a
     /// statement of it failed where only rolling back the whole transaction
     /// can undo it (it had no savepoint).
@@ -264,6 +278,7 @@ impl Lane {
     /// A statement of the event in the lane that returns rows.
     pub async fn query(&mut self, statement: &str, params: &[SqlValue]) -> Result<SqlRows> {
         self.refuse_if_poisoned()?;
+        self.current_statements += 1;
         let r = match self.conn_for_event()? {
             LaneConn::Postgres(c) => super::postgres::query(c, statement, params).await,
             LaneConn::Sqlite(c) => super::sqlite::query(c, statement, params),
@@ -274,6 +289,7 @@ impl Lane {
     /// A statement of the event in the lane; rows affected.
     pub async fn execute(&mut self, statement: &str, params: &[SqlValue]) -> Result<u64> {
         self.refuse_if_poisoned()?;
+        self.current_statements += 1;
         let r = match self.conn_for_event()? {
             LaneConn::Postgres(c) => super::postgres::execute(c, statement, params).await,
             LaneConn::Sqlite(c) => super::sqlite::execute(c, statement, params),

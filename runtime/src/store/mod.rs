@@ -119,7 +119,7 @@ pub enum StoreError {
     RolledBack,
     #[error(
         "another event's statement ran between two statements of this event in the shared \
-         SQLite transaction, so what it read may have changed under it; the event runs again, \
+         effects transaction, so what it read may have changed under it; the event runs again, \
          without spending a retry, and its handler's events run their statements alone from now on"
     )]
     Interleaved,
@@ -143,6 +143,18 @@ pub enum StoreError {
     /// From the SQLite writer (see `sqlite/writer.rs`).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// From a pipelined PostgreSQL effects connection (see
+    /// `postgres/pipe.rs`).
+    #[error("database error: {}", transient::PgErrorText(.0))]
+    Pg(#[from] tokio_postgres::Error),
+    /// A pipe could not connect (see `postgres/pipe.rs`). Transient
+    /// whatever the cause: the runtime's other sessions use the same URL,
+    /// so the event runs again rather than fail for it.
+    #[error(
+        "cannot open a pipelined effects connection: {}; the event runs again",
+        transient::PgErrorText(.0)
+    )]
+    PipeConnect(tokio_postgres::Error),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -567,6 +579,18 @@ impl Store {
         }
     }
 
+    /// PostgreSQL's pipelined effects transactions (see
+    /// [`postgres::pipe`]), unless the URL is one tokio-postgres cannot
+    /// read (then lanes carry every event).
+    pub(crate) fn effect_pipes(&self, count: usize) -> Option<postgres::pipe::Pipes> {
+        match self {
+            Store::Postgres(s) => s
+                .pipe_config()
+                .map(|c| postgres::pipe::Pipes::new(c, count)),
+            Store::Sqlite(_) => None,
+        }
+    }
+
     pub(crate) fn lane_begin(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "BEGIN IMMEDIATE; ",
@@ -817,6 +841,9 @@ pub enum AckTx {
     /// The event's membership of SQLite's shared effects transaction (see
     /// [`shared`]); committed in groups like a lane's.
     Shared(shared::SharedTx),
+    /// The event's membership of a PostgreSQL pipe's transaction (see
+    /// [`postgres::pipe`]); committed in groups like a lane's.
+    Pipe(postgres::pipe::PipeTx),
 }
 
 impl AckTx {
@@ -827,6 +854,7 @@ impl AckTx {
             AckTx::Postgres(tx) => postgres::query(tx, statement, params).await,
             AckTx::Lane(tx) => tx.query(statement, params).await,
             AckTx::Shared(tx) => tx.query(statement, params).await,
+            AckTx::Pipe(tx) => tx.query(statement, params).await,
         }
     }
 
@@ -837,6 +865,7 @@ impl AckTx {
             AckTx::Postgres(tx) => postgres::execute(tx, statement, params).await,
             AckTx::Lane(tx) => tx.execute(statement, params).await,
             AckTx::Shared(tx) => tx.execute(statement, params).await,
+            AckTx::Pipe(tx) => tx.execute(statement, params).await,
         }
     }
 
@@ -857,6 +886,11 @@ impl AckTx {
             tx.enqueue_all(events, default_max_retry).await?;
             return Ok(Vec::new());
         }
+        if let AckTx::Pipe(_) = self {
+            // A pipe's follow-ups go with its event's verdict
+            // (`Committer::keep_with_emits`), inserted by the commit.
+            return Err(StoreError::NotInLane);
+        }
         let mut ids = Vec::with_capacity(events.len());
         for ev in events {
             ids.push(match self {
@@ -864,7 +898,9 @@ impl AckTx {
                 AckTx::Postgres(tx) => {
                     postgres::enqueue_with_default(tx, ev, default_max_retry).await?
                 }
-                AckTx::Lane(_) | AckTx::Shared(_) => unreachable!("handled above"),
+                AckTx::Lane(_) | AckTx::Shared(_) | AckTx::Pipe(_) => {
+                    unreachable!("handled above")
+                }
             });
         }
         Ok(ids)
@@ -885,7 +921,7 @@ impl AckTx {
             }
             // Dropped: undone (the dispatcher's lingerer reschedules
             // whatever that rolls back with it).
-            AckTx::Shared(_) => Err(StoreError::NotInLane),
+            AckTx::Shared(_) | AckTx::Pipe(_) => Err(StoreError::NotInLane),
         }
     }
 
@@ -899,7 +935,7 @@ impl AckTx {
                 tx.lane.undo().await;
                 return Err(StoreError::NotInLane);
             }
-            AckTx::Shared(_) => return Err(StoreError::NotInLane),
+            AckTx::Shared(_) | AckTx::Pipe(_) => return Err(StoreError::NotInLane),
         }
         Ok(())
     }
@@ -912,6 +948,7 @@ impl AckTx {
                 let _ = tx.lane.undo().await;
             }
             AckTx::Shared(tx) => drop(tx),
+            AckTx::Pipe(tx) => drop(tx),
         }
         Ok(())
     }

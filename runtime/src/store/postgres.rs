@@ -34,12 +34,11 @@ use std::str::FromStr;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgListener, PgPoolOptions, PgRow, PgStatement, PgTypeInfo,
-    PgTypeKind,
 };
-use sqlx::{Column, Either, Executor, PgConnection, Postgres, Row, Statement, TypeInfo, ValueRef};
+use sqlx::{Column, Either, Executor, PgConnection, Postgres, Row, Statement, ValueRef};
 use uuid::Uuid;
 
 use super::{
@@ -50,6 +49,7 @@ use crate::event::{Claimed, Event, Lease, NewEvent};
 
 mod limits;
 mod params;
+pub(crate) mod pipe;
 mod schedules;
 
 /// The LISTEN/NOTIFY channel the insert trigger and replays signal.
@@ -122,6 +122,9 @@ pub struct PgStore {
     bookkeeping: sqlx::Pool<sqlx::Postgres>,
     /// How lanes connect (see `lane.rs`).
     lane_options: Arc<PgConnectOptions>,
+    /// How pipes connect (see `pipe.rs`); `None` when tokio-postgres
+    /// cannot read the URL.
+    pipe_config: Option<Arc<tokio_postgres::Config>>,
     cursor: Arc<Mutex<ClaimCursor>>,
     /// The same for each limit's own claims (`store/postgres/limits.rs`),
     /// by limit id.
@@ -309,9 +312,25 @@ impl PgStore {
             .max_connections(BOOKKEEPING_CONNECTIONS)
             .acquire_timeout(opts.acquire_timeout)
             .connect_lazy_with(options.clone().options(BOOKKEEPING_SETTINGS));
+        let pipe_config = match tokio_postgres::Config::from_str(url) {
+            Ok(mut c) => {
+                c.connect_timeout(opts.acquire_timeout);
+                // Tells operators (pg_stat_activity) which sessions these
+                // are, unless the URL names the application.
+                if c.get_application_name().is_none() {
+                    c.application_name(pipe::APPLICATION_NAME);
+                }
+                Some(Arc::new(c))
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "this database URL cannot be used for pipelined effects transactions; lanes carry every handler's effects");
+                None
+            }
+        };
         Ok(Self {
             pool,
             bookkeeping,
+            pipe_config,
             lane_options: Arc::new(options.options(super::lane::lane_settings())),
             cursor: Arc::default(),
             limit_cursors: Arc::default(),
@@ -331,6 +350,10 @@ impl PgStore {
         {
             c.rewind();
         }
+    }
+
+    pub(super) fn pipe_config(&self) -> Option<Arc<tokio_postgres::Config>> {
+        self.pipe_config.clone()
     }
 
     pub fn pool(&self) -> &sqlx::Pool<sqlx::Postgres> {
@@ -1188,8 +1211,9 @@ pub async fn enqueue_with_default(
 /// not determine needs a cast in the SQL (`$1::bigint`). Results: bool,
 /// int2/4/8, float4/8, text-like and bytea map to their variant; uuid,
 /// numeric, json/jsonb, date, time, timestamp, timestamptz (RFC 3339) and
-/// enums come back as text (domains as their base type); void as null; any
-/// other type is an error that names the column and suggests a cast.
+/// enums come back as text (domains as their base type; an infinite date or
+/// timestamp as `infinity`); void as null; any other type is an error that
+/// names the column and suggests a cast. [`pipe_rows`] returns the same.
 pub async fn query(
     conn: &mut PgConnection,
     statement: &str,
@@ -1242,24 +1266,37 @@ async fn prepare<'q>(
     Ok((prepared, args))
 }
 
-/// PostgreSQL's "could not determine data type of parameter $N", with the
-/// fix: the statement must say what the parameter is.
 fn undetermined_type(e: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(db) = &e
-        && db.code().as_deref() == Some("42P18")
-        && let Some(index) = db
-            .message()
-            .rsplit_once('$')
-            .and_then(|(_, n)| n.parse::<usize>().ok())
-    {
-        return StoreError::Param {
-            index,
-            reason: format!(
-                "PostgreSQL cannot tell its type from the statement; cast it there (`${index}::bigint`, `${index}::text`, ...)"
-            ),
-        };
+    let found = match &e {
+        sqlx::Error::Database(db) => undetermined_param(db.code().as_deref(), db.message()),
+        _ => None,
+    };
+    found.unwrap_or(StoreError::Db(e))
+}
+
+/// What preparing a statement with tokio-postgres failed with (a pipelined
+/// effects transaction), worded as [`prepare`] words it.
+pub(crate) fn pipe_prepare_error(e: tokio_postgres::Error) -> StoreError {
+    e.as_db_error()
+        .and_then(|db| undetermined_param(Some(db.code().code()), db.message()))
+        .unwrap_or(StoreError::Pg(e))
+}
+
+/// PostgreSQL's "could not determine data type of parameter $N" (42P18),
+/// with the fix: the statement must say what the parameter is.
+fn undetermined_param(sqlstate: Option<&str>, message: &str) -> Option<StoreError> {
+    if sqlstate != Some("42P18") {
+        return None;
     }
-    StoreError::Db(e)
+    let index = message
+        .rsplit_once('$')
+        .and_then(|(_, n)| n.parse::<usize>().ok())?;
+    Some(StoreError::Param {
+        index,
+        reason: format!(
+            "PostgreSQL cannot tell its type from the statement; cast it there (`${index}::bigint`, `${index}::text`, ...)"
+        ),
+    })
 }
 
 /// Delete the handled event if its lease still holds and commit; otherwise
@@ -1298,69 +1335,152 @@ fn bind_all<'q>(
 /// `types`: the statement's column types.
 fn row_values(row: &PgRow, types: &[&PgTypeInfo]) -> Result<Vec<SqlValue>> {
     (0..row.len())
-        .map(|i| match types.get(i) {
-            Some(ty) => column_value(row, i, ty),
-            None => Err(StoreError::Db(sqlx::Error::ColumnIndexOutOfBounds {
-                index: i,
-                len: types.len(),
-            })),
+        .map(|i| {
+            let Some(ty) = types.get(i) else {
+                return Err(StoreError::Db(sqlx::Error::ColumnIndexOutOfBounds {
+                    index: i,
+                    len: types.len(),
+                }));
+            };
+            let raw = row.try_get_raw(i)?;
+            let bytes = match raw.is_null() {
+                true => None,
+                false => Some(raw.as_bytes().map_err(sqlx::Error::Decode)?),
+            };
+            column_value(*ty, row.columns()[i].name(), bytes)
         })
         .collect()
 }
 
-fn column_value(row: &PgRow, i: usize, type_info: &PgTypeInfo) -> Result<SqlValue> {
-    let raw = row.try_get_raw(i)?;
-    if raw.is_null() {
+/// The rows of a statement tokio-postgres ran (a pipelined effects
+/// transaction), as [`query`] returns them: the same values for the same
+/// columns. Column names come from the statement, so an empty result still
+/// has them.
+pub(crate) fn pipe_rows(
+    statement: &tokio_postgres::Statement,
+    rows: &[tokio_postgres::Row],
+) -> Result<SqlRows> {
+    let columns = statement.columns();
+    let rows = rows
+        .iter()
+        .map(|row| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let raw: Option<Raw<'_>> = row.try_get(i)?;
+                    column_value(c.type_(), c.name(), raw.map(|r| r.0))
+                })
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    let columns = columns.iter().map(|c| c.name().to_owned()).collect();
+    Ok(SqlRows { columns, rows })
+}
+
+/// A column's bytes as the server sent them (tokio-postgres asks for every
+/// result in binary), for [`column_value`] to decode whatever the type.
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw<'a> {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
+/// One value of column `column` of type `ty`, in PostgreSQL's binary format
+/// (`None`: NULL), as the `sql` capability returns it, whichever client
+/// read it. Bytes that are not a well-formed value of the type are a
+/// decode error naming the column; a type the capability has no value for
+/// is [`StoreError::UnsupportedColumn`].
+fn column_value(ty: &impl params::PgType, column: &str, raw: Option<&[u8]>) -> Result<SqlValue> {
+    use params::Target as T;
+    let Some(b) = raw else {
         return Ok(SqlValue::Null);
-    }
-    // An enum's binary format is its label.
-    if matches!(type_info.kind(), PgTypeKind::Enum(_)) {
-        return Ok(SqlValue::Text(row.try_get_unchecked(i)?));
-    }
-    let type_name = type_info.name().to_string();
-    let unsupported = || StoreError::UnsupportedColumn {
-        column: row.columns()[i].name().to_string(),
-        type_name: type_name.clone(),
     };
-    Ok(match type_name.as_str() {
-        "BOOL" => SqlValue::Bool(row.try_get_unchecked(i)?),
-        "INT2" => SqlValue::Int(row.try_get_unchecked::<i16, _>(i)?.into()),
-        "INT4" => SqlValue::Int(row.try_get_unchecked::<i32, _>(i)?.into()),
-        "INT8" => SqlValue::Int(row.try_get_unchecked(i)?),
-        "FLOAT4" => SqlValue::Float(row.try_get_unchecked::<f32, _>(i)?.into()),
-        "FLOAT8" => SqlValue::Float(row.try_get_unchecked(i)?),
-        "TEXT" | "VARCHAR" | "CHAR" | "BPCHAR" | "NAME" => {
-            SqlValue::Text(row.try_get_unchecked(i)?)
-        }
-        "BYTEA" => SqlValue::Blob(row.try_get_unchecked(i)?),
-        "UUID" => SqlValue::Text(row.try_get_unchecked::<Uuid, _>(i)?.to_string()),
-        "TIMESTAMPTZ" => SqlValue::Text(row.try_get_unchecked::<DateTime<Utc>, _>(i)?.to_rfc3339()),
-        "TIMESTAMP" => SqlValue::Text(
-            row.try_get_unchecked::<NaiveDateTime, _>(i)?
-                .format("%Y-%m-%dT%H:%M:%S%.f")
+    let undecodable = |why: &str| {
+        StoreError::Db(sqlx::Error::ColumnDecode {
+            index: format!("{column:?}"),
+            source: format!("{why} ({} bytes of type {})", b.len(), ty.shown_name()).into(),
+        })
+    };
+    let malformed = || undecodable("malformed value");
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| undecodable("not UTF-8"));
+    // A fixed-size value: exactly its size.
+    macro_rules! be {
+        ($t:ty) => {
+            <$t>::from_be_bytes(b.try_into().map_err(|_| malformed())?)
+        };
+    }
+    let target = params::target(ty);
+    Ok(match target {
+        T::Bool => SqlValue::Bool(be!(u8) != 0),
+        T::Int2 => SqlValue::Int(be!(i16).into()),
+        T::Int4 => SqlValue::Int(be!(i32).into()),
+        T::Int8 => SqlValue::Int(be!(i64)),
+        T::Float4 => SqlValue::Float(be!(f32).into()),
+        T::Float8 => SqlValue::Float(be!(f64)),
+        T::TextLike | T::Json => SqlValue::Text(text(b)?),
+        // A version byte (1), then the text.
+        T::Jsonb => SqlValue::Text(text(b.get(1..).unwrap_or_default())?),
+        T::Bytea => SqlValue::Blob(b.to_vec()),
+        T::Uuid => SqlValue::Text(
+            Uuid::from_slice(b)
+                .map_err(|_| malformed())?
+                .hyphenated()
                 .to_string(),
         ),
-        "DATE" => SqlValue::Text(row.try_get_unchecked::<NaiveDate, _>(i)?.to_string()),
-        "TIME" => SqlValue::Text(row.try_get_unchecked::<NaiveTime, _>(i)?.to_string()),
-        // Binary json is the text itself; binary jsonb is a version byte (1)
-        // followed by the text.
-        "JSON" | "JSONB" => {
-            let bytes = raw.as_bytes().map_err(sqlx::Error::Decode)?;
-            let text = if type_name == "JSONB" {
-                bytes.get(1..).unwrap_or_default()
-            } else {
-                bytes
-            };
-            SqlValue::Text(String::from_utf8(text.to_vec()).map_err(|_| unsupported())?)
+        T::Numeric => SqlValue::Text(numeric_to_string(b).ok_or_else(malformed)?),
+        // Microseconds since 2000-01-01, i64::MAX and MIN for PostgreSQL's
+        // `infinity` and `-infinity`, which the text says as PostgreSQL does.
+        T::Timestamptz | T::Timestamp => SqlValue::Text(match be!(i64) {
+            i64::MAX => "infinity".into(),
+            i64::MIN => "-infinity".into(),
+            us => {
+                let t = params::PG_EPOCH
+                    .checked_add_signed(chrono::TimeDelta::microseconds(us))
+                    .ok_or_else(|| undecodable("beyond the dates this runtime can show"))?;
+                match target {
+                    T::Timestamptz => t.and_utc().to_rfc3339(),
+                    _ => t.format("%Y-%m-%dT%H:%M:%S%.f").to_string(),
+                }
+            }
+        }),
+        // Days since 2000-01-01, with i32::MAX and MIN for the infinities.
+        T::Date => SqlValue::Text(match be!(i32) {
+            i32::MAX => "infinity".into(),
+            i32::MIN => "-infinity".into(),
+            d => params::PG_EPOCH
+                .date()
+                .checked_add_signed(chrono::TimeDelta::days(d.into()))
+                .ok_or_else(|| undecodable("beyond the dates this runtime can show"))?
+                .to_string(),
+        }),
+        // Microseconds since midnight; PostgreSQL allows 24:00:00, which
+        // chrono cannot hold.
+        T::Time => SqlValue::Text(match be!(i64) {
+            DAY_US => "24:00:00".into(),
+            us @ 0..DAY_US => (NaiveTime::MIN + chrono::TimeDelta::microseconds(us)).to_string(),
+            _ => return Err(malformed()),
+        }),
+        T::Void => SqlValue::Null,
+        T::Other => {
+            return Err(StoreError::UnsupportedColumn {
+                column: column.to_owned(),
+                type_name: ty.shown_name().into_owned(),
+            });
         }
-        "NUMERIC" => SqlValue::Text(
-            numeric_to_string(raw.as_bytes().map_err(sqlx::Error::Decode)?)
-                .ok_or_else(unsupported)?,
-        ),
-        "VOID" => SqlValue::Null,
-        _ => return Err(unsupported()),
     })
 }
+
+const DAY_US: i64 = 86_400_000_000;
 
 /// Render PostgreSQL's binary NUMERIC (base-10000 digit groups) as the text
 /// PostgreSQL itself would print, without pulling in a decimal crate.
@@ -1538,5 +1658,444 @@ mod tests {
             "NaN"
         );
         assert_eq!(numeric_to_string(&[0, 1]), None);
+    }
+}
+
+/// A PostgreSQL server for tests that need one: `OUTRUN_TEST_POSTGRES_URL`
+/// (default `postgres://postgres@127.0.0.1:5432/postgres`). An unreachable
+/// server fails the test; it is never skipped.
+#[cfg(test)]
+pub(crate) mod test_db {
+    use futures::TryStreamExt as _;
+    use sqlx::Connection as _;
+
+    use super::{PgConnection, Result, SqlRows, SqlValue, params, pipe_prepare_error, pipe_rows};
+
+    const ENV: &str = "OUTRUN_TEST_POSTGRES_URL";
+
+    pub(crate) fn url() -> String {
+        std::env::var(ENV).unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    fn unreachable(e: impl std::fmt::Display) -> ! {
+        panic!(
+            "PostgreSQL at {} is unreachable ({e}); start it or point {ENV} at one",
+            url()
+        )
+    }
+
+    pub(crate) async fn sqlx_conn() -> PgConnection {
+        PgConnection::connect(&url())
+            .await
+            .unwrap_or_else(|e| unreachable(e))
+    }
+
+    /// The task driving a tokio-postgres connection; it ends when the
+    /// connection does.
+    pub(crate) type Connection = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+    pub(crate) async fn pipe_client() -> (tokio_postgres::Client, Connection) {
+        let (client, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| unreachable(e));
+        (client, tokio::spawn(connection))
+    }
+
+    /// A statement through tokio-postgres the way a pipe runs it.
+    pub(crate) async fn pipe_query(
+        client: &tokio_postgres::Client,
+        statement: &str,
+        values: &[SqlValue],
+    ) -> Result<SqlRows> {
+        let statement = client
+            .prepare(statement)
+            .await
+            .map_err(pipe_prepare_error)?;
+        run(client, &statement, values).await
+    }
+
+    pub(crate) async fn run(
+        client: &tokio_postgres::Client,
+        statement: &tokio_postgres::Statement,
+        values: &[SqlValue],
+    ) -> Result<SqlRows> {
+        let params = params::convert_for_pipe(statement.params(), values)?;
+        let rows: Vec<tokio_postgres::Row> = client
+            .query_raw(statement, params.iter())
+            .await?
+            .try_collect()
+            .await?;
+        pipe_rows(statement, &rows)
+    }
+
+    /// Run `body` with a schema of its own (its name), dropped afterwards
+    /// with everything in it, whether `body` passed or panicked.
+    pub(crate) async fn in_schema<F, Fut>(body: F)
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut admin = sqlx_conn().await;
+        let schema = format!("outrun_t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut admin)
+            .await
+            .expect("create the test schema");
+        let outcome = tokio::spawn(body(schema.clone())).await;
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut admin)
+            .await
+            .expect("drop the test schema");
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+/// The `sql` capability through tokio-postgres (pipelined effects
+/// transactions) against sqlx (everything else), on one table.
+#[cfg(test)]
+mod pipe_tests {
+    use super::test_db::{in_schema, pipe_client, pipe_query, run, sqlx_conn};
+    use super::{SqlRows, SqlValue, StoreError, execute, query};
+
+    fn text(s: &str) -> SqlValue {
+        SqlValue::Text(s.into())
+    }
+
+    /// A column, its type, and values to bind with what reads back.
+    type Case = (&'static str, &'static str, Vec<(SqlValue, SqlValue)>);
+
+    /// Per column: values to bind (a NULL first, then others, all through
+    /// one prepared statement) and what reads back.
+    fn cases() -> Vec<Case> {
+        use SqlValue::{Blob, Bool, Float, Int, Null};
+        vec![
+            (
+                "i2",
+                "int2",
+                vec![
+                    (Int(7), Int(7)),
+                    (Float(3.0), Int(3)),
+                    (text(" 12 "), Int(12)),
+                    (Int(-32768), Int(-32768)),
+                ],
+            ),
+            (
+                "i4",
+                "int4",
+                vec![(Int(-5), Int(-5)), (text("42"), Int(42))],
+            ),
+            (
+                "i8",
+                "int8",
+                vec![
+                    (Int(i64::MAX), Int(i64::MAX)),
+                    (Float(-2.0), Int(-2)),
+                    (text("-9"), Int(-9)),
+                ],
+            ),
+            (
+                "num",
+                "numeric",
+                vec![
+                    (Int(12), text("12")),
+                    (Float(1.5), text("1.5")),
+                    (text("-0.0012"), text("-0.0012")),
+                    (
+                        text("12345678901234567890.123"),
+                        text("12345678901234567890.123"),
+                    ),
+                    (text("NaN"), text("NaN")),
+                ],
+            ),
+            (
+                "r",
+                "real",
+                vec![
+                    (Float(1.5), Float(1.5)),
+                    (Int(2), Float(2.0)),
+                    (text("0.25"), Float(0.25)),
+                ],
+            ),
+            (
+                "d",
+                "double precision",
+                vec![
+                    (Float(-0.125), Float(-0.125)),
+                    (text("1e300"), Float(1e300)),
+                    (Int(3), Float(3.0)),
+                ],
+            ),
+            (
+                "t",
+                "text",
+                vec![
+                    (text("héllo"), text("héllo")),
+                    (Int(5), text("5")),
+                    (Bool(true), text("true")),
+                    (Float(2.5), text("2.5")),
+                ],
+            ),
+            (
+                "vc",
+                "varchar(20)",
+                vec![(text("abc"), text("abc")), (Int(-1), text("-1"))],
+            ),
+            (
+                "u",
+                "uuid",
+                vec![
+                    (
+                        text("67e55044-10b1-426f-9247-bb680e5fe0c8"),
+                        text("67e55044-10b1-426f-9247-bb680e5fe0c8"),
+                    ),
+                    (
+                        text(" 67E55044-10B1-426F-9247-BB680E5FE0C8 "),
+                        text("67e55044-10b1-426f-9247-bb680e5fe0c8"),
+                    ),
+                ],
+            ),
+            (
+                "j",
+                "json",
+                vec![
+                    (text(r#"{"a": 1}"#), text(r#"{"a": 1}"#)),
+                    (Int(3), text("3")),
+                    (Bool(false), text("false")),
+                ],
+            ),
+            (
+                "jb",
+                "jsonb",
+                vec![
+                    (
+                        text(r#"{"a":1,"b":[true]}"#),
+                        text(r#"{"a": 1, "b": [true]}"#),
+                    ),
+                    (Float(0.5), text("0.5")),
+                ],
+            ),
+            (
+                "tz",
+                "timestamptz",
+                vec![
+                    (
+                        text("2024-05-01T12:00:00+02:00"),
+                        text("2024-05-01T10:00:00+00:00"),
+                    ),
+                    (
+                        text("2024-05-01 12:00:00.123456Z"),
+                        text("2024-05-01T12:00:00.123456+00:00"),
+                    ),
+                    (text("1970-01-01"), text("1970-01-01T00:00:00+00:00")),
+                ],
+            ),
+            (
+                "ts",
+                "timestamp",
+                vec![
+                    (
+                        text("2024-05-01T12:34:56.5"),
+                        text("2024-05-01T12:34:56.500"),
+                    ),
+                    (text("1999-12-31 23:59"), text("1999-12-31T23:59:00")),
+                ],
+            ),
+            (
+                "dt",
+                "date",
+                vec![
+                    (text("2024-02-29"), text("2024-02-29")),
+                    (text("1900-01-01"), text("1900-01-01")),
+                ],
+            ),
+            (
+                "tm",
+                "time",
+                vec![
+                    (text("07:30"), text("07:30:00")),
+                    (text("23:59:59.25"), text("23:59:59.250")),
+                ],
+            ),
+            (
+                "b",
+                "bytea",
+                vec![
+                    (Blob(vec![0, 1, 255]), Blob(vec![0, 1, 255])),
+                    (Blob(vec![]), Blob(vec![])),
+                ],
+            ),
+            (
+                "bo",
+                "bool",
+                vec![(Bool(true), Bool(true)), (text("off"), Bool(false))],
+            ),
+        ]
+        .into_iter()
+        .map(|(c, ty, values)| {
+            let mut with_null = vec![(Null, Null)];
+            with_null.extend(values);
+            (c, ty, with_null)
+        })
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn pipe_binds_and_reads_like_sqlx() {
+        in_schema(|schema| async move {
+            let (client, _connection) = pipe_client().await;
+            let mut conn = sqlx_conn().await;
+            let cases = cases();
+            let columns: Vec<String> = cases.iter().map(|(c, ty, _)| format!("{c} {ty}")).collect();
+            let table = format!("{schema}.t");
+            execute(
+                &mut conn,
+                &format!(
+                    "CREATE TABLE {table} (id int4 PRIMARY KEY, {})",
+                    columns.join(", ")
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+
+            // Each column's values through one prepared statement per client
+            // (sqlx caches it by its text), the NULL first: odd ids through
+            // tokio-postgres, even ones through sqlx.
+            let mut id = 0;
+            for (column, _, values) in &cases {
+                let insert = format!("INSERT INTO {table} (id, {column}) VALUES ($1, $2)");
+                let prepared = client.prepare(&insert).await.unwrap();
+                for (value, expected) in values {
+                    for through_pipe in [true, false] {
+                        id += 1;
+                        let params = [SqlValue::Int(id), value.clone()];
+                        match through_pipe {
+                            true => run(&client, &prepared, &params).await.map(drop),
+                            false => execute(&mut conn, &insert, &params).await.map(drop),
+                        }
+                        .unwrap_or_else(|e| panic!("{column} <- {value:?}: {e}"));
+
+                        let select = format!("SELECT {column} FROM {table} WHERE id = $1");
+                        let id = [SqlValue::Int(id)];
+                        let piped = pipe_query(&client, &select, &id).await.unwrap();
+                        let by_sqlx = query(&mut conn, &select, &id).await.unwrap();
+                        let want = SqlRows {
+                            columns: vec![column.to_string()],
+                            rows: vec![vec![expected.clone()]],
+                        };
+                        assert_eq!(piped, want, "{column} <- {value:?} through the pipe");
+                        assert_eq!(by_sqlx, want, "{column} <- {value:?} through sqlx");
+                    }
+                }
+            }
+
+            // Whole rows, and an empty result, which still names its columns.
+            for select in [
+                format!("SELECT * FROM {table} ORDER BY id"),
+                format!("SELECT * FROM {table} WHERE false"),
+            ] {
+                let piped = pipe_query(&client, &select, &[]).await.unwrap();
+                let by_sqlx = query(&mut conn, &select, &[]).await.unwrap();
+                assert_eq!(piped, by_sqlx, "{select}");
+                assert_eq!(piped.columns.len(), cases.len() + 1);
+            }
+        })
+        .await;
+    }
+
+    /// Values only a statement produces (the capability binds no infinity),
+    /// and types by kind: an enum, a domain, void.
+    #[tokio::test]
+    async fn pipe_reads_special_values_like_sqlx() {
+        in_schema(|schema| async move {
+            let (client, _connection) = pipe_client().await;
+            let mut conn = sqlx_conn().await;
+            for ddl in [
+                format!("CREATE TYPE {schema}.mood AS ENUM ('sad', 'ok')"),
+                format!("CREATE DOMAIN {schema}.pos AS int4 CHECK (VALUE > 0)"),
+            ] {
+                execute(&mut conn, &ddl, &[]).await.unwrap();
+            }
+            let select = format!(
+                "SELECT 'infinity'::timestamptz AS a, '-infinity'::timestamp AS b,
+                        'infinity'::date AS c, '24:00:00'::time AS d,
+                        'ok'::{schema}.mood AS e, $1::{schema}.mood AS f,
+                        $2::{schema}.pos AS g, pg_sleep(0) AS h, NULL::interval AS i"
+            );
+            let params = [text("sad"), SqlValue::Int(5)];
+            let piped = pipe_query(&client, &select, &params).await.unwrap();
+            let by_sqlx = query(&mut conn, &select, &params).await.unwrap();
+            assert_eq!(piped, by_sqlx);
+            assert_eq!(
+                piped.rows,
+                [[
+                    text("infinity"),
+                    text("-infinity"),
+                    text("infinity"),
+                    text("24:00:00"),
+                    text("ok"),
+                    text("sad"),
+                    SqlValue::Int(5),
+                    SqlValue::Null,
+                    SqlValue::Null,
+                ]]
+            );
+        })
+        .await;
+    }
+
+    /// A value of the wrong kind, a count that does not match, a parameter
+    /// the statement does not type, a column the capability cannot return:
+    /// the same error, word for word, through either client.
+    #[tokio::test]
+    async fn pipe_errors_read_like_sqlx() {
+        in_schema(|schema| async move {
+            let (client, _connection) = pipe_client().await;
+            let mut conn = sqlx_conn().await;
+            for ddl in [
+                format!("CREATE TYPE {schema}.mood AS ENUM ('sad', 'ok')"),
+                format!(r#"CREATE TYPE {schema}."Pair" AS (a int4, b text)"#),
+            ] {
+                execute(&mut conn, &ddl, &[]).await.unwrap();
+            }
+            let mood = format!("SELECT $1::{schema}.mood");
+            let pair = format!(r#"SELECT $1::{schema}."Pair""#);
+            let moods = format!("SELECT ARRAY['sad'::{schema}.mood] AS moods");
+            let pairs = format!(r#"SELECT ROW(1, 'x')::{schema}."Pair" AS p"#);
+            for (statement, values) in [
+                ("SELECT $1::int4", vec![text("abc")]),
+                ("SELECT $1::int2", vec![SqlValue::Int(70000)]),
+                ("SELECT $1::bytea", vec![text("x")]),
+                ("SELECT $1::bool", vec![SqlValue::Int(1)]),
+                ("SELECT $1::interval", vec![text("1 day")]),
+                ("SELECT $1::int4[]", vec![SqlValue::Int(1)]),
+                ("SELECT $1::bpchar", vec![SqlValue::Blob(vec![1])]),
+                (&mood, vec![SqlValue::Blob(vec![1])]),
+                (&pair, vec![text("(1,x)")]),
+                (&moods, vec![]),
+                (&pairs, vec![]),
+                ("SELECT $1::int4, $2::text", vec![SqlValue::Int(1)]),
+                ("SELECT $1 IS NULL", vec![SqlValue::Int(1)]),
+                ("SELECT '1 day'::interval AS span", vec![]),
+                ("SELECT ARRAY[1, 2] AS list", vec![]),
+                ("SELECT 'x'::\"char\" AS c", vec![]),
+            ] {
+                let piped = pipe_query(&client, statement, &values).await.unwrap_err();
+                let by_sqlx = query(&mut conn, statement, &values).await.unwrap_err();
+                assert!(
+                    matches!(
+                        piped,
+                        StoreError::Param { .. }
+                            | StoreError::ParamCount { .. }
+                            | StoreError::UnsupportedColumn { .. }
+                    ),
+                    "{statement}: {piped:?}"
+                );
+                assert_eq!(piped.to_string(), by_sqlx.to_string(), "{statement}");
+            }
+        })
+        .await;
     }
 }

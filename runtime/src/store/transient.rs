@@ -8,6 +8,9 @@
 //! retried. Everything else (syntax, constraint violations, type errors) is
 //! the statement's own fault and is reported as such.
 
+use std::error::Error as _;
+use std::fmt;
+
 use sqlx::error::DatabaseError;
 use sqlx::postgres::PgDatabaseError;
 use sqlx::sqlite::SqliteError;
@@ -20,6 +23,8 @@ impl StoreError {
         match self {
             StoreError::Db(e) | StoreError::Connect { source: e, .. } => is_transient(e),
             StoreError::Sqlite(e) => sqlite_result_code(e).is_some_and(transient_sqlite_result),
+            StoreError::Pg(e) => pg_is_transient(e),
+            StoreError::PipeConnect(_) => true,
             StoreError::Poisoned | StoreError::RolledBack | StoreError::Interleaved => true,
             _ => false,
         }
@@ -28,8 +33,10 @@ impl StoreError {
     /// The SQLSTATE (PostgreSQL) or extended result code (SQLite) of a
     /// database error, for logs.
     pub fn sqlstate(&self) -> Option<String> {
-        if let StoreError::Sqlite(e) = self {
-            return sqlite_result_code(e).map(|c| c.to_string());
+        match self {
+            StoreError::Sqlite(e) => return sqlite_result_code(e).map(|c| c.to_string()),
+            StoreError::Pg(e) => return e.code().map(|c| c.code().to_owned()),
+            _ => {}
         }
         self.database_error()
             .and_then(|db| db.code().map(|c| c.into_owned()))
@@ -38,8 +45,12 @@ impl StoreError {
     /// [`StoreError::sqlstate`] as a message shows it: `SQLSTATE 40P01` or
     /// `SQLite result code 517`.
     pub fn code_label(&self) -> Option<String> {
-        if let StoreError::Sqlite(e) = self {
-            return sqlite_result_code(e).map(|c| format!("SQLite result code {c}"));
+        match self {
+            StoreError::Sqlite(e) => {
+                return sqlite_result_code(e).map(|c| format!("SQLite result code {c}"));
+            }
+            StoreError::Pg(e) => return e.code().map(|c| format!("SQLSTATE {}", c.code())),
+            _ => {}
         }
         let db = self.database_error()?;
         let code = db.code()?;
@@ -88,6 +99,49 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         // statement (SQLite's "unsupported SQL parameter format", too many
         // arguments); retrying would repeat them.
         _ => false,
+    }
+}
+
+/// [`is_transient`] for tokio-postgres (pipelined effects transactions),
+/// which keeps the kind of its errors private: what shows is whether the
+/// connection is closed, the server's error, and the cause.
+fn pg_is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(db) = e.as_db_error() {
+        return transient_sqlstate(db.code().code());
+    }
+    // A socket error, reading or writing or connecting. InvalidInput and
+    // InvalidData are a message that does not encode (a NUL in the
+    // statement, a value too large to send) or a reply that does not parse:
+    // a retry repeats them.
+    e.source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            )
+        })
+}
+
+/// How [`StoreError::Pg`] reads. tokio-postgres's own Display says only
+/// "db error" or "error communicating with the server" and leaves the
+/// server's message or the cause to the error's source; this says them.
+pub(super) struct PgErrorText<'a>(pub(super) &'a tokio_postgres::Error);
+
+impl fmt::Display for PgErrorText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = self.0;
+        if let Some(db) = e.as_db_error() {
+            return write!(f, "{} (SQLSTATE {})", db.message(), db.code().code());
+        }
+        write!(f, "{e}")?;
+        match e.source() {
+            Some(cause) => write!(f, ": {cause}"),
+            None => Ok(()),
+        }
     }
 }
 

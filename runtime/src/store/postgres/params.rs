@@ -11,17 +11,128 @@
 //! every value is converted here to exactly that type, whatever came before.
 //! sqlx sends every parameter in binary, so each conversion writes the type's
 //! binary format.
+//!
+//! Pipelined effects transactions run on tokio-postgres instead, which also
+//! prepares without type hints and binds in binary; the same conversions
+//! serve it ([`convert_for_pipe`]), through [`PgType`], so a value converts,
+//! fails and is worded the same on either client.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgTypeKind, types::Oid};
 use sqlx::{Encode, Postgres, TypeInfo};
+use tokio_postgres::types::{self as pg, ToSql, to_sql_checked};
 use uuid::Uuid;
 
 use crate::store::{SqlValue, StoreError};
+
+/// What the conversions here and the column decoder (`column_value` in
+/// postgres.rs) need to know of a PostgreSQL type, from either client:
+/// sqlx (the `sql` capability on pooled connections) or tokio-postgres
+/// (pipelined effects transactions), so both convert and decode alike.
+pub(crate) trait PgType: Sized {
+    /// `None` only for a type declared by name, never one of a prepared
+    /// statement.
+    fn oid(&self) -> Option<u32>;
+    fn kind(&self) -> TypeKind<'_, Self>;
+    /// The name as sqlx spells it (`INT4`, `INTERVAL`, `INT4[]`, or a
+    /// custom type's as `regtype` writes it, `app.mood`): what messages
+    /// have always shown.
+    fn shown_name(&self) -> Cow<'_, str>;
+}
+
+/// The kinds of type whose values the conversions treat specially.
+pub(crate) enum TypeKind<'a, T> {
+    /// Sent and received in the base type's format.
+    Domain(&'a T),
+    /// The binary format is the label.
+    Enum,
+    Other,
+}
+
+impl PgType for PgTypeInfo {
+    fn oid(&self) -> Option<u32> {
+        PgTypeInfo::oid(self).map(|o| o.0)
+    }
+
+    fn kind(&self) -> TypeKind<'_, Self> {
+        match PgTypeInfo::kind(self) {
+            PgTypeKind::Domain(base) => TypeKind::Domain(base),
+            PgTypeKind::Enum(_) => TypeKind::Enum,
+            _ => TypeKind::Other,
+        }
+    }
+
+    fn shown_name(&self) -> Cow<'_, str> {
+        Cow::Borrowed(TypeInfo::name(self))
+    }
+}
+
+/// PostgreSQL's first OID for objects created after initdb: types below it
+/// are built in.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+impl PgType for pg::Type {
+    fn oid(&self) -> Option<u32> {
+        Some(pg::Type::oid(self))
+    }
+
+    fn kind(&self) -> TypeKind<'_, Self> {
+        match pg::Type::kind(self) {
+            pg::Kind::Domain(base) => TypeKind::Domain(base),
+            pg::Kind::Enum(_) => TypeKind::Enum,
+            _ => TypeKind::Other,
+        }
+    }
+
+    /// tokio-postgres has the catalog name (`int4`, `_int4`, `bpchar`);
+    /// sqlx upper-cases a built-in type's name, writes an array as its
+    /// element's name and `[]`, and calls bpchar `CHAR` (and `"char"`
+    /// `"CHAR"`). Other types sqlx looks up and names as PostgreSQL's
+    /// `oid::regtype::text` does: quoted where needed, qualified by their
+    /// schema unless it is on the search path, taken here to be `public`
+    /// (asking the server would cost a round trip). Built-in types sqlx
+    /// does not know (regclass, tsvector, ...) it names that way too, in
+    /// lower case; those come out upper-cased here.
+    fn shown_name(&self) -> Cow<'_, str> {
+        let name = self.name();
+        if pg::Type::oid(self) >= FIRST_NORMAL_OID {
+            if let pg::Kind::Array(element) = pg::Type::kind(self) {
+                return Cow::Owned(format!("{}[]", element.shown_name()));
+            }
+            return Cow::Owned(match self.schema() {
+                "public" | "pg_catalog" => quote_ident(name),
+                schema => format!("{}.{}", quote_ident(schema), quote_ident(name)),
+            });
+        }
+        let upper = |n: &str| match n {
+            "bpchar" => "CHAR".to_owned(),
+            "char" => "\"CHAR\"".to_owned(),
+            n => n.to_ascii_uppercase(),
+        };
+        Cow::Owned(match name.strip_prefix('_') {
+            Some(element) => format!("{}[]", upper(element)),
+            None => upper(name),
+        })
+    }
+}
+
+/// An identifier as PostgreSQL writes it, in quotes unless plain lower
+/// case (keywords, which it also quotes, are not told apart here).
+fn quote_ident(ident: &str) -> String {
+    let plain = ident.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && ident
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    match plain {
+        true => ident.to_owned(),
+        false => format!("\"{}\"", ident.replace('"', "\"\"")),
+    }
+}
 
 /// One parameter, converted for its target type and ready to encode.
 #[derive(Debug)]
@@ -32,6 +143,13 @@ pub(super) struct Param<'a> {
     ty: PgTypeInfo,
     value: Encoded<'a>,
 }
+
+/// One parameter for tokio-postgres, converted for the type the server
+/// inferred for its placeholder. tokio-postgres binds every parameter with
+/// the statement's own type, so this writes that type's binary format
+/// whatever the type (`accepts` is always true).
+#[derive(Debug)]
+pub(crate) struct PipeParam<'a>(Encoded<'a>);
 
 #[derive(Debug)]
 enum Encoded<'a> {
@@ -58,6 +176,56 @@ enum Encoded<'a> {
     Numeric(Vec<u8>),
 }
 
+/// Where PostgreSQL counts timestamps (in microseconds) and dates (in days)
+/// from.
+pub(super) const PG_EPOCH: NaiveDateTime = match NaiveDate::from_ymd_opt(2000, 1, 1) {
+    Some(d) => d.and_time(NaiveTime::MIN),
+    None => panic!("2000-01-01 is a date"),
+};
+
+impl Encoded<'_> {
+    /// Append the value in its type's binary format, for either client;
+    /// `false` for NULL, which writes nothing.
+    fn write(&self, out: &mut impl BufMut) -> Result<bool, &'static str> {
+        const OUT_OF_RANGE: &str = "out of range for PostgreSQL";
+        let micros = |t: NaiveDateTime| {
+            t.signed_duration_since(PG_EPOCH)
+                .num_microseconds()
+                .ok_or(OUT_OF_RANGE)
+        };
+        match self {
+            Encoded::Null => return Ok(false),
+            Encoded::Bool(v) => out.put_u8(u8::from(*v)),
+            Encoded::Int2(v) => out.put_i16(*v),
+            Encoded::Int4(v) => out.put_i32(*v),
+            Encoded::Int8(v) => out.put_i64(*v),
+            Encoded::Float4(v) => out.put_f32(*v),
+            Encoded::Float8(v) => out.put_f64(*v),
+            Encoded::Text(s) => out.put_slice(s.as_bytes()),
+            Encoded::Owned(s) => out.put_slice(s.as_bytes()),
+            Encoded::Jsonb(s) => {
+                out.put_u8(1);
+                out.put_slice(s.as_bytes());
+            }
+            Encoded::Bytes(b) => out.put_slice(b),
+            Encoded::Numeric(b) => out.put_slice(b),
+            Encoded::Uuid(v) => out.put_slice(v.as_bytes()),
+            Encoded::Timestamptz(v) => out.put_i64(micros(v.naive_utc())?),
+            Encoded::Timestamp(v) => out.put_i64(micros(*v)?),
+            Encoded::Date(v) => {
+                let days = v.signed_duration_since(PG_EPOCH.date()).num_days();
+                out.put_i32(i32::try_from(days).map_err(|_| OUT_OF_RANGE)?);
+            }
+            Encoded::Time(v) => out.put_i64(
+                v.signed_duration_since(NaiveTime::MIN)
+                    .num_microseconds()
+                    .ok_or(OUT_OF_RANGE)?,
+            ),
+        }
+        Ok(true)
+    }
+}
+
 impl sqlx::Type<Postgres> for Param<'_> {
     fn type_info() -> PgTypeInfo {
         // Never consulted: `produces` names the real type of every value.
@@ -70,42 +238,14 @@ impl Encode<'_, Postgres> for Param<'_> {
         Some(self.ty.clone())
     }
 
-    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        match &self.value {
-            Encoded::Null => Ok(IsNull::Yes),
-            Encoded::Bool(v) => <bool as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Int2(v) => <i16 as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Int4(v) => <i32 as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Int8(v) => <i64 as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Float4(v) => <f32 as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Float8(v) => <f64 as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Text(s) => {
-                buf.extend_from_slice(s.as_bytes());
-                Ok(IsNull::No)
-            }
-            Encoded::Owned(s) => {
-                buf.extend_from_slice(s.as_bytes());
-                Ok(IsNull::No)
-            }
-            Encoded::Jsonb(s) => {
-                buf.push(1);
-                buf.extend_from_slice(s.as_bytes());
-                Ok(IsNull::No)
-            }
-            Encoded::Bytes(b) => {
-                buf.extend_from_slice(b);
-                Ok(IsNull::No)
-            }
-            Encoded::Uuid(v) => <Uuid as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Timestamptz(v) => <DateTime<Utc> as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Timestamp(v) => <NaiveDateTime as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Date(v) => <NaiveDate as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Time(v) => <NaiveTime as Encode<Postgres>>::encode_by_ref(v, buf),
-            Encoded::Numeric(b) => {
-                buf.extend_from_slice(b);
-                Ok(IsNull::No)
-            }
-        }
+    fn encode_by_ref(
+        &self,
+        buf: &mut PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, BoxDynError> {
+        Ok(match self.value.write(&mut **buf)? {
+            true => sqlx::encode::IsNull::No,
+            false => sqlx::encode::IsNull::Yes,
+        })
     }
 
     fn size_hint(&self) -> usize {
@@ -119,12 +259,59 @@ impl Encode<'_, Postgres> for Param<'_> {
     }
 }
 
+impl ToSql for PipeParam<'_> {
+    fn to_sql(
+        &self,
+        _: &pg::Type,
+        out: &mut BytesMut,
+    ) -> Result<pg::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(match self.0.write(out)? {
+            true => pg::IsNull::No,
+            false => pg::IsNull::Yes,
+        })
+    }
+
+    fn accepts(_: &pg::Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
 /// Convert every value for the parameter types of the prepared statement
 /// (`types`, as the server inferred them).
 pub(super) fn convert<'a>(
     types: &[PgTypeInfo],
     params: &'a [SqlValue],
 ) -> Result<Vec<Param<'a>>, StoreError> {
+    let values = encode_all(types, params)?;
+    Ok(types
+        .iter()
+        .zip(values)
+        .map(|(ty, value)| Param {
+            ty: ty.clone(),
+            value,
+        })
+        .collect())
+}
+
+/// [`convert`] for a statement tokio-postgres prepared (`types`:
+/// `statement.params()`); run it with
+/// `client.query_raw(&statement, params.iter())`.
+pub(crate) fn convert_for_pipe<'a>(
+    types: &[pg::Type],
+    params: &'a [SqlValue],
+) -> Result<Vec<PipeParam<'a>>, StoreError> {
+    Ok(encode_all(types, params)?
+        .into_iter()
+        .map(PipeParam)
+        .collect())
+}
+
+fn encode_all<'a, T: PgType>(
+    types: &[T],
+    params: &'a [SqlValue],
+) -> Result<Vec<Encoded<'a>>, StoreError> {
     if types.len() != params.len() {
         return Err(StoreError::ParamCount {
             expected: types.len(),
@@ -136,13 +323,9 @@ pub(super) fn convert<'a>(
         .zip(params)
         .enumerate()
         .map(|(i, (ty, v))| {
-            let value = encode(ty, v).map_err(|why| StoreError::Param {
+            encode(ty, v).map_err(|why| StoreError::Param {
                 index: i + 1,
                 reason: why.message(ty, v, i + 1),
-            })?;
-            Ok(Param {
-                ty: ty.clone(),
-                value,
             })
         })
         .collect()
@@ -157,7 +340,7 @@ enum Mismatch {
 }
 
 impl Mismatch {
-    fn message(&self, ty: &PgTypeInfo, v: &SqlValue, n: usize) -> String {
+    fn message(&self, ty: &impl PgType, v: &SqlValue, n: usize) -> String {
         let name = type_name(ty);
         let detail = match self {
             Mismatch::Kind => String::new(),
@@ -202,9 +385,10 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
-/// The types the conversions below know, by OID (stable for built-in types).
+/// The types the conversions below and the column decoder know, by OID
+/// (stable for built-in types).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Target {
+pub(super) enum Target {
     Bool,
     Int2,
     Int4,
@@ -223,11 +407,14 @@ enum Target {
     Timestamp,
     Date,
     Time,
+    /// A function's "no result": a column of it reads as null, and no value
+    /// binds to it.
+    Void,
     Other,
 }
 
-fn target(ty: &PgTypeInfo) -> Target {
-    match ty.oid().map(|o| o.0) {
+pub(super) fn target(ty: &impl PgType) -> Target {
+    match ty.oid() {
         Some(16) => Target::Bool,
         Some(17) => Target::Bytea,
         Some(20) => Target::Int8,
@@ -243,14 +430,15 @@ fn target(ty: &PgTypeInfo) -> Target {
         Some(1114) => Target::Timestamp,
         Some(1184) => Target::Timestamptz,
         Some(1700) => Target::Numeric,
+        Some(2278) => Target::Void,
         Some(2950) => Target::Uuid,
         Some(3802) => Target::Jsonb,
         _ => match ty.kind() {
             // A domain is sent in its base type's format.
-            PgTypeKind::Domain(base) => target(base),
-            PgTypeKind::Enum(_) => Target::TextLike,
+            TypeKind::Domain(base) => target(base),
+            TypeKind::Enum => Target::TextLike,
             // An extension type: its OID varies by database, its name does not.
-            _ if ty.name().eq_ignore_ascii_case("citext") => Target::TextLike,
+            _ if ty.shown_name().eq_ignore_ascii_case("citext") => Target::TextLike,
             _ => Target::Other,
         },
     }
@@ -258,7 +446,7 @@ fn target(ty: &PgTypeInfo) -> Target {
 
 /// The value kinds a type accepts, for error messages; `None` when the
 /// capability cannot produce that type at all.
-fn accepted(ty: &PgTypeInfo) -> Option<&'static str> {
+fn accepted(ty: &impl PgType) -> Option<&'static str> {
     Some(match target(ty) {
         Target::Bool => "a boolean (or text such as 'true')",
         Target::Int2 | Target::Int4 | Target::Int8 => {
@@ -273,13 +461,13 @@ fn accepted(ty: &PgTypeInfo) -> Option<&'static str> {
         Target::Timestamp => "ISO 8601 text such as '2024-05-01T12:00:00'",
         Target::Date => "text such as '2024-05-01'",
         Target::Time => "text such as '12:00:00'",
-        Target::Other => return None,
+        Target::Void | Target::Other => return None,
     })
 }
 
 /// The type as PostgreSQL's own messages name it.
-fn type_name(ty: &PgTypeInfo) -> String {
-    let name = match ty.oid().map(|o| o.0) {
+fn type_name(ty: &impl PgType) -> String {
+    let name = match ty.oid() {
         Some(16) => "boolean",
         Some(20) => "bigint",
         Some(21) => "smallint",
@@ -291,12 +479,12 @@ fn type_name(ty: &PgTypeInfo) -> String {
         Some(1083) => "time without time zone",
         Some(1114) => "timestamp without time zone",
         Some(1184) => "timestamp with time zone",
-        _ => return ty.name().to_ascii_lowercase(),
+        _ => return ty.shown_name().to_ascii_lowercase(),
     };
     name.to_owned()
 }
 
-fn encode<'a>(ty: &PgTypeInfo, v: &'a SqlValue) -> Result<Encoded<'a>, Mismatch> {
+fn encode<'a>(ty: &impl PgType, v: &'a SqlValue) -> Result<Encoded<'a>, Mismatch> {
     use Encoded as E;
     use SqlValue as V;
     use Target as T;
@@ -683,6 +871,43 @@ mod tests {
         let long = "x".repeat(100);
         let e = error(2950, SqlValue::Text(long));
         assert!(e.contains(&format!("{:?}...", "x".repeat(40))), "{e}");
+    }
+
+    /// Messages name a type the same whichever client described it.
+    #[test]
+    fn tokio_postgres_types_are_named_as_sqlx_names_them() {
+        fn of<T: sqlx::Type<Postgres>>() -> PgTypeInfo {
+            T::type_info()
+        }
+        for (tokio, sqlx) in [
+            (pg::Type::INT4, of::<i32>()),
+            (pg::Type::INT4_ARRAY, of::<Vec<i32>>()),
+            (pg::Type::TEXT_ARRAY, of::<Vec<String>>()),
+            (pg::Type::BYTEA, of::<Vec<u8>>()),
+            (pg::Type::TIMESTAMPTZ, of::<DateTime<Utc>>()),
+            (pg::Type::UUID_ARRAY, of::<Vec<Uuid>>()),
+            (
+                pg::Type::INTERVAL,
+                of::<sqlx::postgres::types::PgInterval>(),
+            ),
+            (pg::Type::CHAR, of::<i8>()),
+        ] {
+            assert_eq!(tokio.shown_name(), sqlx.shown_name(), "{tokio}");
+        }
+        assert_eq!(pg::Type::BPCHAR.shown_name(), "CHAR");
+        let custom = |name: &str, schema: &str| {
+            pg::Type::new(name.into(), 40000, pg::Kind::Enum(vec![]), schema.into())
+        };
+        assert_eq!(custom("mood", "public").shown_name(), "mood");
+        assert_eq!(custom("mood", "app").shown_name(), "app.mood");
+        assert_eq!(custom("Mood", "My App").shown_name(), r#""My App"."Mood""#);
+        let array = pg::Type::new(
+            "_mood".into(),
+            40001,
+            pg::Kind::Array(custom("mood", "app")),
+            "app".into(),
+        );
+        assert_eq!(array.shown_name(), "app.mood[]");
     }
 
     #[test]
