@@ -219,14 +219,12 @@ impl Pipes {
 
     /// A would-be member for an event of `handler`: it joins an open
     /// transaction at its first statement, or at its verdict.
-    pub fn enter(&self, handler: Arc<str>) -> PipeTx {
+    pub fn enter(self: &Arc<Self>, handler: Arc<str>) -> PipeTx {
         PipeTx {
-            pipes: self.pipes.clone(),
-            changed: self.changed.clone(),
+            all: self.clone(),
             member: None,
             last: None,
             interleaved: false,
-            statements: 0,
             handler,
             wrote: false,
             poisoned: false,
@@ -661,13 +659,11 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesced<S> {
 /// [`Pipe::keep`] or [`Pipe::undo`] (its attempt was cancelled), it is
 /// undone.
 pub struct PipeTx {
-    pipes: Vec<Arc<Pipe>>,
-    changed: Arc<Notify>,
+    all: Arc<Pipes>,
     member: Option<Member>,
     /// [`State::sent`] after its last statement.
     last: Option<u64>,
     interleaved: bool,
-    statements: u32,
     handler: Arc<str>,
     /// It sent a statement (so leaving means rolling back everyone).
     wrote: bool,
@@ -726,18 +722,13 @@ impl PipeTx {
         self.interleaved
     }
 
-    /// Statements it ran.
-    pub fn statements(&self) -> u32 {
-        self.statements
-    }
-
     /// Become a member of an open transaction now if it is not one yet:
     /// an open pipe's, else an idle pipe's that it opens (connecting it
     /// first if need be), else it waits for a pipe to change.
     pub async fn join(&mut self) -> Result<()> {
         while self.member.is_none() {
-            let changed = self.changed.clone();
-            let notified = changed.notified();
+            let all = self.all.clone();
+            let notified = all.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(connect) = self.try_join() {
@@ -755,7 +746,8 @@ impl PipeTx {
     /// an idle connected pipe. Returns a pipe to connect if only an
     /// unconnected idle one was found (its phase is then `Connecting`).
     fn try_join(&mut self) -> Option<Arc<Pipe>> {
-        for pipe in &self.pipes {
+        let all = self.all.clone();
+        for pipe in &all.pipes {
             let mut s = pipe.lock();
             if s.phase == Phase::Open
                 && let Some(conn) = s.conn.clone()
@@ -769,7 +761,7 @@ impl PipeTx {
                 return None;
             }
         }
-        for pipe in &self.pipes {
+        for pipe in &all.pipes {
             let mut s = pipe.lock();
             if s.phase != Phase::Idle {
                 continue;
@@ -905,7 +897,6 @@ impl PipeTx {
             });
             drop(s);
             self.last = Some(sent);
-            self.statements += 1;
             self.wrote = true;
             reply
         };
@@ -991,7 +982,7 @@ mod tests {
     struct Db {
         name: String,
         store: Store,
-        pipes: Pipes,
+        pipes: Arc<Pipes>,
         leases: Vec<Lease>,
     }
 
@@ -1024,10 +1015,10 @@ mod tests {
             .iter()
             .map(|c| c.lease())
             .collect();
-        let pipes = Pipes::new(
+        let pipes = Arc::new(Pipes::new(
             Arc::new(tokio_postgres::Config::from_str(url.as_str()).unwrap()),
             PIPES,
-        );
+        ));
         Db {
             name,
             store,
