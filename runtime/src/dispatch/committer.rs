@@ -136,6 +136,48 @@ pub fn default_lanes(store: &Store, concurrency: usize) -> usize {
     }
 }
 
+/// A transaction that events share (SQLite's, or a PostgreSQL pipe's),
+/// which the committer's lingerer closes a [`LINGER`] after its first kept
+/// event.
+#[async_trait::async_trait]
+trait Lingers: Send + Sync {
+    /// Woken: a first event was kept, or a member vanished.
+    async fn kicked(&self);
+    /// Kept events rolled back behind a vanished member.
+    fn take_orphans(&self) -> Vec<Kept>;
+    /// Close it: what the commit came to, if nobody is running in it.
+    async fn close_now(&self) -> Option<(Vec<Kept>, Result<(), StoreError>)>;
+}
+
+#[async_trait::async_trait]
+impl Lingers for Shared {
+    async fn kicked(&self) {
+        Shared::kicked(self).await
+    }
+    fn take_orphans(&self) -> Vec<Kept> {
+        Shared::take_orphans(self)
+    }
+    async fn close_now(&self) -> Option<(Vec<Kept>, Result<(), StoreError>)> {
+        self.close()
+    }
+}
+
+#[async_trait::async_trait]
+impl Lingers for Pipe {
+    async fn kicked(&self) {
+        Pipe::kicked(self).await
+    }
+    fn take_orphans(&self) -> Vec<Kept> {
+        Pipe::take_orphans(self)
+    }
+    async fn close_now(&self) -> Option<(Vec<Kept>, Result<(), StoreError>)> {
+        match self.close() {
+            Some(committing) => Some(committing.await),
+            None => None,
+        }
+    }
+}
+
 pub struct Committer {
     store: Store,
     lanes: Vec<Arc<Mutex<Lane>>>,
@@ -290,40 +332,23 @@ impl Committer {
                 }
             });
         }
-        if let Some(shared) = self.shared.clone() {
+        let groups = self.shared.iter().map(|s| s.clone() as Arc<dyn Lingers>);
+        let pipes = self.pipes.iter().flat_map(|p| p.pipes().iter());
+        for group in groups.chain(pipes.map(|p| p.clone() as Arc<dyn Lingers>)) {
             let this = self.clone();
             let stop = stop.clone();
             tasks.spawn(async move {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = shared.kicked() => {}
+                        _ = group.kicked() => {}
                     }
-                    this.reschedule_orphans(&shared).await;
+                    this.reschedule_orphans(&*group).await;
                     tokio::time::sleep(LINGER).await;
-                    if let Some((kept, result)) = shared.close() {
+                    if let Some((kept, result)) = group.close_now().await {
                         this.settle(kept, result).await;
                     }
-                    this.reschedule_orphans(&shared).await;
-                }
-            });
-        }
-        for pipe in self.pipes.iter().flat_map(|p| p.pipes().iter().cloned()) {
-            let this = self.clone();
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = pipe.kicked() => {}
-                    }
-                    this.reschedule_pipe_orphans(&pipe).await;
-                    tokio::time::sleep(LINGER).await;
-                    if let Some(committing) = pipe.close() {
-                        let (kept, result) = committing.await;
-                        this.settle(kept, result).await;
-                    }
-                    this.reschedule_pipe_orphans(&pipe).await;
+                    this.reschedule_orphans(&*group).await;
                 }
             });
         }
@@ -650,21 +675,11 @@ impl Committer {
         }
     }
 
-    /// Events of shared transactions rolled back behind a member whose
-    /// attempt was dropped (see `store::shared`): run them again.
-    async fn reschedule_orphans(&self, shared: &Shared) {
+    /// Events of shared transactions (SQLite's, or a pipe's) rolled back
+    /// behind a member whose attempt was dropped: run them again.
+    async fn reschedule_orphans(&self, group: &dyn Lingers) {
         self.reschedule(
-            shared.take_orphans(),
-            "the transaction was rolled back when an event in it was cancelled",
-        )
-        .await;
-    }
-
-    /// Events of pipe transactions rolled back behind a member whose attempt
-    /// was dropped: run them again.
-    async fn reschedule_pipe_orphans(&self, pipe: &Pipe) {
-        self.reschedule(
-            pipe.take_orphans(),
+            group.take_orphans(),
             "the transaction was rolled back when an event in it was cancelled",
         )
         .await;
@@ -735,18 +750,13 @@ impl Committer {
     /// Commit whatever the lanes hold (shutdown), undoing events still in
     /// them.
     pub async fn flush(&self) {
-        for pipe in self.pipes.iter().flat_map(|p| p.pipes().iter()) {
-            if let Some(committing) = pipe.close() {
-                let (kept, result) = committing.await;
+        let groups = self.shared.iter().map(|s| &**s as &dyn Lingers);
+        let pipes = self.pipes.iter().flat_map(|p| p.pipes().iter());
+        for group in groups.chain(pipes.map(|p| &**p as &dyn Lingers)) {
+            if let Some((kept, result)) = group.close_now().await {
                 self.settle(kept, result).await;
             }
-            self.reschedule_pipe_orphans(pipe).await;
-        }
-        if let Some(shared) = &self.shared {
-            if let Some((kept, result)) = shared.close() {
-                self.settle(kept, result).await;
-            }
-            self.reschedule_orphans(shared).await;
+            self.reschedule_orphans(group).await;
         }
         for lane in &self.lanes {
             let mut lane = lane.clone().lock_owned().await;
