@@ -700,6 +700,11 @@ impl Committer {
             self.reschedule(vec![kept], &why).await;
             return Ok(());
         }
+        if !emitted.is_empty() && tx.emits_refused() {
+            self.failed_without_savepoint(tx.handler().clone());
+            self.undo_piped(tx).await;
+            return Err(StoreError::FollowUpsToLanes);
+        }
         let follow_ups = match pipe::follow_ups(&emitted, default_max_retry) {
             Ok(f) => f,
             Err(e) => {

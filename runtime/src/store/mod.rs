@@ -155,6 +155,12 @@ pub enum StoreError {
         transient::PgErrorText(.0)
     )]
     PipeConnect(tokio_postgres::Error),
+    #[error(
+        "a shared transaction's follow-up events could not be inserted, so this handler's events \
+         run in lanes from now on (where the event at fault gets the error); the event runs again, \
+         without spending a retry"
+    )]
+    FollowUpsToLanes,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -24,7 +24,7 @@ impl StoreError {
             StoreError::Db(e) | StoreError::Connect { source: e, .. } => is_transient(e),
             StoreError::Sqlite(e) => sqlite_result_code(e).is_some_and(transient_sqlite_result),
             StoreError::Pg(e) => pg_is_transient(e),
-            StoreError::PipeConnect(_) => true,
+            StoreError::PipeConnect(_) | StoreError::FollowUpsToLanes => true,
             StoreError::Poisoned | StoreError::RolledBack | StoreError::Interleaved => true,
             _ => false,
         }

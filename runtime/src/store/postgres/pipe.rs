@@ -85,6 +85,12 @@ const PREPARED_MAX: usize = 256;
 /// The pipes of one PostgreSQL store.
 pub struct Pipes {
     pipes: Vec<Arc<Pipe>>,
+    /// A commit's insert of follow-ups failed for a reason that is not
+    /// transient: which event's follow-up was at fault cannot be told, so
+    /// events with follow-ups go to lanes from now on, where they are
+    /// inserted one event at a time once a lane commit fails the same way
+    /// (rescheduling the batch again and again would never end).
+    emits_refused: Arc<std::sync::atomic::AtomicBool>,
     /// Woken when a pipe opens, closes or connects: would-be members that
     /// found every pipe busy wait here.
     changed: Arc<Notify>,
@@ -93,6 +99,7 @@ pub struct Pipes {
 /// One connection and the transaction open on it; see the module docs.
 pub struct Pipe {
     config: Arc<tokio_postgres::Config>,
+    emits_refused: Arc<std::sync::atomic::AtomicBool>,
     state: Mutex<State>,
     changed: Arc<Notify>,
     /// Wakes the lingerer: a first event was kept, or a member vanished
@@ -198,11 +205,13 @@ fn send_simple(conn: &Arc<Conn>, sql: &'static str) {
 impl Pipes {
     pub fn new(config: Arc<tokio_postgres::Config>, count: usize) -> Self {
         let changed = Arc::new(Notify::new());
+        let emits_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         Self {
             pipes: (0..count.max(1))
                 .map(|_| {
                     Arc::new(Pipe {
                         config: config.clone(),
+                        emits_refused: emits_refused.clone(),
                         state: Mutex::new(State::default()),
                         changed: changed.clone(),
                         kick: Notify::new(),
@@ -210,6 +219,7 @@ impl Pipes {
                 })
                 .collect(),
             changed,
+            emits_refused,
         }
     }
 
@@ -336,6 +346,8 @@ impl Pipe {
         let kept = std::mem::take(&mut s.kept);
         let emits = std::mem::take(&mut s.emits);
         let failed = std::mem::replace(&mut s.failed, false);
+        let had_emits = !emits.ids.is_empty();
+        let emits_refused = self.emits_refused.clone();
         s.phase = Phase::Idle;
         s.active = 0;
         let conn = s.conn.clone();
@@ -355,7 +367,14 @@ impl Pipe {
                     (Err(e), _) if e.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
                         Err(StoreError::LeaseLost)
                     }
-                    (Err(e), _) | (Ok(_), Err(e)) => Err(StoreError::Pg(e)),
+                    (Err(e), _) | (Ok(_), Err(e)) => {
+                        let e = StoreError::Pg(e);
+                        if had_emits && !e.is_transient() {
+                            tracing::warn!(error = %e, "a commit of shared effects with follow-up events failed; events with follow-ups use lanes from now on, so the one at fault gets the error");
+                            emits_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e)
+                    }
                     (Ok(_), Ok(())) => Ok(()),
                 },
                 // Nothing kept: nothing to lose. A failed transaction's
@@ -695,6 +714,14 @@ impl PipeTx {
         self.member
             .as_ref()
             .is_none_or(|m| std::ptr::eq(&*m.pipe, pipe))
+    }
+
+    /// Follow-ups may no longer wait for a pipe's commit (see
+    /// `Pipes::emits_refused`).
+    pub fn emits_refused(&self) -> bool {
+        self.all
+            .emits_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The pipe it joined, once it did.
@@ -1273,6 +1300,31 @@ mod tests {
             panic!("a max_retry of {} was taken", i32::MAX);
         };
         assert!(!e.is_transient(), "{e}");
+        db.drop_now().await;
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_follow_ups_fail_sends_follow_ups_to_lanes() {
+        let db = setup(1).await;
+        let Store::Postgres(s) = &db.store else {
+            unreachable!()
+        };
+        sqlx::query("ALTER TABLE outbox_events ADD CONSTRAINT no_bad CHECK (name <> 'bad')")
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let mut a = db.pipes.enter("h".into());
+        write(&mut a, 1).await.unwrap();
+        assert!(!a.emits_refused());
+        let pipe = a.pipe().unwrap().clone();
+        let follow_ups = follow_ups(&[NewEvent::new("bad", "{}")], 5).unwrap();
+        pipe.keep(a, kept(db.leases[0]), follow_ups);
+        let (kept, r) = pipe.close().unwrap().await;
+        let e = r.unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(db.committed().await, (vec![], 1), "nothing committed");
+        assert!(db.pipes.enter("h".into()).emits_refused());
         db.drop_now().await;
     }
 
