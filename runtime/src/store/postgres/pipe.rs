@@ -38,6 +38,11 @@
 //! wire is the order the lock saw, and a member of a transaction that was
 //! rolled back can never send into the next one.
 //!
+//! Follow-up events wait in memory and are inserted by the commit's one
+//! statement. If that insert fails for a reason that is not transient, no
+//! event can be blamed, so from then on events with follow-ups use lanes,
+//! which insert one event's at a time after such a failure.
+//!
 //! The commit checks the fence in the same statement that deletes the
 //! kept rows: if any row is no longer ours it divides by zero, which
 //! aborts the transaction, and the COMMIT pipelined behind it rolls back
