@@ -282,6 +282,18 @@ impl Committer {
         }
     }
 
+    /// A member of a shared transaction (SQLite's or a pipe's) was undone:
+    /// caught interleaving, its handler runs alone; if its own failure
+    /// rolled everyone back (not a database fault), its handler's events
+    /// get savepoints.
+    fn learn_from_undo(&self, handler: Arc<str>, interleaved: bool, its_fault: bool) {
+        if interleaved {
+            self.runs_alone(handler);
+        } else if its_fault {
+            self.failed_without_savepoint(handler);
+        }
+    }
+
     /// An event of a handler not yet trusted to interleave (see
     /// `interleave`) succeeded: count it toward the trust, or start over.
     fn note_statements(&self, tx: &crate::store::shared::SharedTx) {
@@ -520,15 +532,13 @@ impl Committer {
             AckTx::Pipe(tx) => return self.undo_piped(tx).await,
             AckTx::Shared(tx) => {
                 let shared = self.shared.as_ref().expect("shared members come from it");
-                let database_fault = tx.saw_transient();
-                let handler = tx.handler().clone();
-                let interleaved = tx.was_interleaved();
+                let (handler, interleaved, fault) = (
+                    tx.handler().clone(),
+                    tx.was_interleaved(),
+                    tx.saw_transient(),
+                );
                 let undone = shared.undo(tx);
-                if interleaved {
-                    self.runs_alone(handler);
-                } else if undone.rolled_back && !database_fault {
-                    self.failed_without_savepoint(handler);
-                }
+                self.learn_from_undo(handler, interleaved, undone.rolled_back && !fault);
                 self.reschedule(undone.lost, ROLLED_BACK_WITH_ANOTHER).await;
                 if let Some((kept, result)) = undone.committed {
                     self.settle(kept, result).await;
@@ -736,15 +746,13 @@ impl Committer {
             // It never joined: nothing to undo.
             return;
         };
-        let database_fault = tx.saw_transient();
-        let handler = tx.handler().clone();
-        let interleaved = tx.was_interleaved();
+        let (handler, interleaved, fault) = (
+            tx.handler().clone(),
+            tx.was_interleaved(),
+            tx.saw_transient(),
+        );
         let undone = pipe.undo(tx);
-        if interleaved {
-            self.runs_alone(handler);
-        } else if undone.rolled_back && !database_fault {
-            self.failed_without_savepoint(handler);
-        }
+        self.learn_from_undo(handler, interleaved, undone.rolled_back && !fault);
         self.reschedule(undone.lost, ROLLED_BACK_WITH_ANOTHER).await;
         if let Some(committing) = undone.committing {
             let (kept, result) = committing.await;
