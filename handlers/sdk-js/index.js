@@ -488,7 +488,12 @@ function request(method, url, options = {}) {
     if (!pairs.some(([n]) => n.toLowerCase() === 'content-type')) pairs.push(['content-type', 'application/json']);
   }
   const data = typeof body === 'string' ? encoder.encode(body) : body ?? new Uint8Array();
-  if (data.length && !pairs.some(([n]) => n.toLowerCase() === 'content-length')) pairs.push(['content-length', String(data.length)]);
+  // A request that may carry content states its length, 0 included: without
+  // one the host streams the body chunked and ends it after the request went
+  // out, and a server that answers before that end (it reads no body for a
+  // DELETE) may close the connection under its answer.
+  const bodiless = ['GET', 'HEAD', 'OPTIONS'].includes(method);
+  if ((data.length || !bodiless) && !pairs.some(([n]) => n.toLowerCase() === 'content-length')) pairs.push(['content-length', String(data.length)]);
 
   const target = splitUrl(url);
   if (!target) throw new HttpError('invalid', method, url, 'the URL needs http:// or https:// and a host');

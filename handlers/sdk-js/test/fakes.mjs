@@ -28,7 +28,11 @@ export const setRemove = fake('setRemove');
 export const setMembers = fake('setMembers');
 export const log = fake('log');
 export const handle = fake('handle');
-export class Fields {}
+export class Fields {
+  static fromList(...args) {
+    return fake('Fields.fromList')(...args);
+  }
+}
 export class OutgoingRequest {}
 export class OutgoingBody {}
 export class RequestOptions {}

@@ -6,7 +6,7 @@ import { test, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  emit, handler, kv, reject, retry, retryAfter, s64, sql, toNumber, u64,
+  emit, handler, http, kv, reject, retry, retryAfter, s64, sql, toNumber, u64,
 } from '../index.js';
 
 const SQL = 'outrun:handler/sql@0.1.0';
@@ -109,4 +109,26 @@ test('BigInt helpers', () => {
   assert.throws(() => s64(1.5), /not an integer/);
   assert.equal(toNumber(42n), 42);
   assert.equal(toNumber(1n << 60n), 1n << 60n);
+});
+
+// The headers a request goes out with, up to Fields.fromList (the fake
+// stops it there).
+function headersSent(method, url, options) {
+  const HTTP_TYPES = 'wasi:http/types@0.2.12';
+  globalThis.calls.length = 0;
+  globalThis.fakes[HTTP_TYPES] = { 'Fields.fromList': () => { throw new Error('stop'); } };
+  assert.throws(() => http.request(method, url, options), /headers rejected/);
+  const [, , [entries]] = globalThis.calls.find(([i, f]) => i === HTTP_TYPES && f === 'Fields.fromList');
+  return Object.fromEntries(entries.map(([n, v]) => [n, new TextDecoder().decode(v)]));
+}
+
+test('a request that may carry content states its length, 0 included; a GET does not', () => {
+  // Without it the host streams the body chunked and ends it after the
+  // request went out; a server that answers first may close under its answer.
+  assert.equal(headersSent('DELETE', 'http://h/p/1')['content-length'], '0');
+  assert.equal(headersSent('post', 'http://h/p', { body: 'abc' })['content-length'], '3');
+  assert.equal(headersSent('GET', 'http://h/p/1')['content-length'], undefined);
+  assert.equal(
+    headersSent('PUT', 'http://h/p', { headers: { 'Content-Length': '0' } })['content-length'], '0',
+  );
 });

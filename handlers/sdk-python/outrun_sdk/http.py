@@ -140,7 +140,12 @@ def request(
         if not any(n.lower() == "content-type" for n, _ in pairs):
             pairs.append(("content-type", "application/json"))
     data = body.encode("utf-8") if isinstance(body, str) else (body or b"")
-    if data and not any(n.lower() == "content-length" for n, _ in pairs):
+    # A request that may carry content states its length, 0 included:
+    # without one the host streams the body chunked and ends it after the
+    # request went out, and a server that answers before that end (it reads
+    # no body for a DELETE) may close the connection under its answer.
+    bodiless = method in ("GET", "HEAD", "OPTIONS")
+    if (data or not bodiless) and not any(n.lower() == "content-length" for n, _ in pairs):
         pairs.append(("content-length", str(len(data))))
 
     parts = urlsplit(url)

@@ -181,6 +181,37 @@ class Capabilities(Patched):
         self.assertEqual(kv.get_str("k"), "7")
 
 
+class HttpHeaders(Patched):
+    """The headers a request goes out with, up to Fields.from_list (the fake
+    stops it there)."""
+
+    def sent(self, method, url, **kw):
+        seen = []
+
+        class Fields:
+            @staticmethod
+            def from_list(pairs):
+                seen.extend(pairs)
+                raise Err(ValueError())
+
+        class Types:
+            pass
+
+        Types.Fields = Fields
+        self.patch(outrun_sdk._wit, "http_types", lambda: Types)
+        with self.assertRaises(outrun_sdk.http.HttpError):
+            outrun_sdk.http.request(method, url, **kw)
+        return {n: v.decode() for n, v in seen}
+
+    def test_a_request_that_may_carry_content_states_its_length(self):
+        # Without it the host streams the body chunked and ends it after the
+        # request went out; a server that answers first may close under its
+        # answer. A GET goes without.
+        self.assertEqual(self.sent("delete", "http://h/p/1")["content-length"], "0")
+        self.assertEqual(self.sent("POST", "http://h/p", body="abc")["content-length"], "3")
+        self.assertNotIn("content-length", self.sent("GET", "http://h/p/1"))
+
+
 class OnTheHost(unittest.TestCase):
     def test_capabilities_outside_a_component_say_how_to_test(self):
         # A fresh interpreter without the bindings on its path.

@@ -367,7 +367,14 @@ impl Request {
             .map(|(n, v)| (n.to_ascii_lowercase(), v.clone().into_bytes()))
             .collect();
         let has_length = entries.iter().any(|(n, _)| n == "content-length");
-        if !self.body.is_empty() && !has_length {
+        // A request that may carry content states its length, 0 included:
+        // without one the host streams the body chunked, ending it when
+        // `write_body` finishes it, after the request went out; a server
+        // that answers before that end (it reads no body for a DELETE)
+        // may close the connection under its answer, and the handler sees
+        // a protocol error for a request that was carried out.
+        let bodiless = matches!(self.method, Method::Get | Method::Head | Method::Options);
+        if !has_length && !(self.body.is_empty() && bodiless) {
             entries.push((
                 "content-length".to_owned(),
                 self.body.len().to_string().into_bytes(),
