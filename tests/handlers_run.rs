@@ -353,6 +353,24 @@ fn publish_calls_are_recorded_not_sent() {
     assert!(error.contains("audit"), "{r}");
 }
 
+/// `handlers run` of `probe.http` with `payload`, allowed to reach the
+/// local server on `port`; its JSON report.
+fn probe_http(dir: &Path, payload: &str, port: u16) -> Value {
+    let allow = format!("127.0.0.1:{port}");
+    report(&run_bare(
+        dir,
+        &[
+            "--event",
+            "probe.http",
+            "--payload",
+            payload,
+            "--allow-http",
+            &allow,
+            "--json",
+        ],
+    ))
+}
+
 #[test]
 fn real_http_needs_allow_http() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -370,19 +388,7 @@ fn real_http_needs_allow_http() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://127.0.0.1:{port}/x");
     let payload = json!({"url": url, "expect_status": 201}).to_string();
-    let allow = format!("127.0.0.1:{port}");
-    let r = report(&run_bare(
-        dir.path(),
-        &[
-            "--event",
-            "probe.http",
-            "--payload",
-            &payload,
-            "--allow-http",
-            &allow,
-            "--json",
-        ],
-    ));
+    let r = probe_http(dir.path(), &payload, port);
     assert_eq!(r["outcome"]["status"], "done", "{r}");
     assert_eq!(r["http"][0]["status"], 201);
     assert_eq!(r["http"][0]["source"], "network");
@@ -431,22 +437,10 @@ fn requests_without_a_body_state_their_length_where_they_may_carry_one() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let allow = format!("127.0.0.1:{port}");
     for method in ["DELETE", "GET"] {
         let url = format!("http://127.0.0.1:{port}/packages/p-1");
         let payload = json!({"method": method, "url": url, "expect_status": 204}).to_string();
-        let r = report(&run_bare(
-            dir.path(),
-            &[
-                "--event",
-                "probe.http",
-                "--payload",
-                &payload,
-                "--allow-http",
-                &allow,
-                "--json",
-            ],
-        ));
+        let r = probe_http(dir.path(), &payload, port);
         assert_eq!(r["outcome"]["status"], "done", "{method}: {r}");
         let head = got
             .recv_timeout(std::time::Duration::from_secs(10))

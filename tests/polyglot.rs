@@ -475,7 +475,7 @@ fn python_sdk_host_tests_pass() {
         ],
     );
     assert!(
-        all.contains("Ran 11 tests") && all.contains("\nOK"),
+        all.contains("Ran 12 tests") && all.contains("\nOK"),
         "{all}"
     );
 }
@@ -494,7 +494,7 @@ fn js_sdk_host_tests_pass() {
         ],
     );
     assert!(
-        all.contains("# pass 9") && all.contains("# fail 0"),
+        all.contains("# pass 10") && all.contains("# fail 0"),
         "{all}"
     );
 }

@@ -373,8 +373,8 @@ impl Request {
         // that answers before that end (it reads no body for a DELETE)
         // may close the connection under its answer, and the handler sees
         // a protocol error for a request that was carried out.
-        let bodiless = matches!(self.method, Method::Get | Method::Head | Method::Options);
-        if !has_length && !(self.body.is_empty() && bodiless) {
+        let may_carry = !matches!(self.method, Method::Get | Method::Head | Method::Options);
+        if !has_length && (may_carry || !self.body.is_empty()) {
             entries.push((
                 "content-length".to_owned(),
                 self.body.len().to_string().into_bytes(),
