@@ -464,11 +464,12 @@ def module_of(r):
     return os.path.basename(m.group(1) if m else "target/guests/bench.wasm")
 firsts, later = {}, []
 for r in rows:
+    module = module_of(r)
     for l in r["load"]:
-        if module_of(r) in firsts:
+        if module in firsts:
             later.append(l)
         else:
-            firsts[module_of(r)] = l
+            firsts[module] = l
 warm = [l for l in later if l[1]]
 if rows:
     compiled = ", ".join(f"{m} {l[0]} ms (from cache: {l[1]})" for m, l in firsts.items())

@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SavepointMode;
 use crate::handler::EffectsLanes;
-use crate::store::lane::{Kept, Lane, LaneTx};
-use crate::store::postgres::pipe::{self, Pipe, PipeTx, Pipes};
+use crate::store::lane::{Kept, Lane, LaneTx, Lingers};
+use crate::store::postgres::pipe::{self, PipeTx, Pipes};
 use crate::store::shared::{KeepOutcome, Shared};
 use crate::store::{AckTx, Failure, Store, StoreError};
 
@@ -133,48 +133,6 @@ pub fn default_lanes(store: &Store, concurrency: usize) -> usize {
     match store {
         Store::Sqlite(_) => 1,
         Store::Postgres(_) => concurrency.clamp(1, 4),
-    }
-}
-
-/// A transaction that events share (SQLite's, or a PostgreSQL pipe's),
-/// which the committer's lingerer closes a [`LINGER`] after its first kept
-/// event.
-#[async_trait::async_trait]
-trait Lingers: Send + Sync {
-    /// Woken: a first event was kept, or a member vanished.
-    async fn kicked(&self);
-    /// Kept events rolled back behind a vanished member.
-    fn take_orphans(&self) -> Vec<Kept>;
-    /// Close it: what the commit came to, if nobody is running in it.
-    async fn close_now(&self) -> Option<(Vec<Kept>, Result<(), StoreError>)>;
-}
-
-#[async_trait::async_trait]
-impl Lingers for Shared {
-    async fn kicked(&self) {
-        Shared::kicked(self).await
-    }
-    fn take_orphans(&self) -> Vec<Kept> {
-        Shared::take_orphans(self)
-    }
-    async fn close_now(&self) -> Option<(Vec<Kept>, Result<(), StoreError>)> {
-        self.close()
-    }
-}
-
-#[async_trait::async_trait]
-impl Lingers for Pipe {
-    async fn kicked(&self) {
-        Pipe::kicked(self).await
-    }
-    fn take_orphans(&self) -> Vec<Kept> {
-        Pipe::take_orphans(self)
-    }
-    async fn close_now(&self) -> Option<(Vec<Kept>, Result<(), StoreError>)> {
-        match self.close() {
-            Some(committing) => Some(committing.await),
-            None => None,
-        }
     }
 }
 

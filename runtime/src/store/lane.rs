@@ -62,6 +62,23 @@ use sqlx::PgConnection;
 use super::{AckTx, Result, SqlRows, SqlValue, Store, StoreError};
 use crate::event::{Lease, NewEvent};
 
+/// A transaction that events share (SQLite's, or a PostgreSQL pipe's),
+/// which the committer's lingerer closes a linger after its first kept
+/// event.
+#[async_trait::async_trait]
+pub trait Lingers: Send + Sync {
+    /// Wait for a kick: a first event was kept, or a member vanished and
+    /// left work behind.
+    async fn kicked(&self);
+    /// Kept events of transactions rolled back behind a vanished member.
+    fn take_orphans(&self) -> Vec<Kept>;
+    /// Close it: what the commit came to, if nobody is running in it.
+    async fn close_now(&self) -> Option<Committed>;
+}
+
+/// What became of kept events when a transaction ended.
+pub type Committed = (Vec<Kept>, Result<()>);
+
 /// An event whose effects sit in a lane's open transaction, waiting for the
 /// commit.
 #[derive(Debug, Clone)]
@@ -390,7 +407,7 @@ impl Lane {
     /// whole transaction was rolled back rather than commit effects of an
     /// event we no longer own; recording the others' retry is token-checked
     /// and skips that one.
-    pub async fn commit(&mut self) -> (Vec<Kept>, Result<()>) {
+    pub async fn commit(&mut self) -> Committed {
         debug_assert!(self.current.is_none(), "an event is still in the lane");
         let kept = std::mem::take(&mut self.kept);
         let deferred = std::mem::take(&mut self.deferred);

@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::lane::Kept;
+use super::lane::{Committed, Kept, Lingers};
 use super::sqlite::{Writer, WriterGuard};
 use super::{Result, SqlRows, SqlValue, StoreError};
 use crate::event::NewEvent;
@@ -116,9 +116,6 @@ enum Phase {
     /// No new members; the last one to reach its verdict commits.
     Closing,
 }
-
-/// What became of kept events when a transaction ended.
-pub type Committed = (Vec<Kept>, Result<()>);
 
 /// After [`Shared::keep`].
 #[derive(Debug)]
@@ -316,16 +313,6 @@ impl Shared {
         }
         s.phase = Phase::Closing;
         (s.active == 0).then(|| self.commit(s))
-    }
-
-    /// Kept events of transactions rolled back behind a vanished member.
-    pub fn take_orphans(&self) -> Vec<Kept> {
-        std::mem::take(&mut self.lock().orphans)
-    }
-
-    /// Wait for a kick (see [`Shared::kick`]).
-    pub async fn kicked(&self) {
-        self.kick.notified().await
     }
 
     /// Start the linger (a first event was kept).
@@ -686,6 +673,21 @@ impl SharedTx {
         }
         self.settled = true;
         Ok(shared.keep_locked(s, &self, kept))
+    }
+}
+
+#[async_trait::async_trait]
+impl Lingers for Shared {
+    async fn kicked(&self) {
+        self.kick.notified().await
+    }
+
+    fn take_orphans(&self) -> Vec<Kept> {
+        std::mem::take(&mut self.lock().orphans)
+    }
+
+    async fn close_now(&self) -> Option<Committed> {
+        self.close()
     }
 }
 

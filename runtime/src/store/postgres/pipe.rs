@@ -65,7 +65,7 @@ use uuid::Uuid;
 
 use super::BatchColumns;
 use crate::event::NewEvent;
-use crate::store::lane::Kept;
+use crate::store::lane::{Committed, Kept, Lingers};
 use crate::store::{Result, SqlRows, SqlValue, StoreError};
 
 /// Most events kept in one transaction. No savepoints here, so no
@@ -152,9 +152,6 @@ struct Conn {
     /// The commit's statement: without follow-ups, with, with traced ones.
     finish: [Statement; 3],
 }
-
-/// What became of kept events when a transaction ended.
-pub type Committed = (Vec<Kept>, Result<()>);
 
 /// A commit under way: its requests are sent; this waits for the replies.
 pub type Committing = Pin<Box<dyn Future<Output = Committed> + Send>>;
@@ -327,16 +324,6 @@ impl Pipe {
         }
         s.phase = Phase::Closing;
         (s.active == 0).then(|| self.commit(s))
-    }
-
-    /// Kept events of transactions rolled back behind a vanished member.
-    pub fn take_orphans(&self) -> Vec<Kept> {
-        std::mem::take(&mut self.lock().orphans)
-    }
-
-    /// Wait for a kick (see [`Pipe::start_linger`]).
-    pub async fn kicked(&self) {
-        self.kick.notified().await
     }
 
     /// Start the linger (a first event was kept).
@@ -570,20 +557,12 @@ async fn connect_session(
             let (client, connection) = config
                 .connect_raw(Coalesced::new(stream), tokio_postgres::NoTls)
                 .await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "a pipelined effects connection ended");
-                }
-            });
+            drive(connection);
             client
         }
         None => {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "a pipelined effects connection ended");
-                }
-            });
+            drive(connection);
             client
         }
     };
@@ -602,6 +581,20 @@ async fn connect_session(
         prepared: Mutex::default(),
         finish,
     })
+}
+
+/// Run a connection's I/O until it ends (its client is dropped, or the
+/// server hangs up; members then see the error on their requests).
+fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "a pipelined effects connection ended");
+        }
+    });
 }
 
 /// A socket whose flush yields to the runtime once before it writes, so
@@ -676,6 +669,25 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesced<S> {
         self.yielded = true;
         std::task::ready!(self.as_mut().poll_flush(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl Lingers for Pipe {
+    /// Woken by [`Pipe::start_linger`], or a member that vanished.
+    async fn kicked(&self) {
+        self.kick.notified().await
+    }
+
+    fn take_orphans(&self) -> Vec<Kept> {
+        std::mem::take(&mut self.lock().orphans)
+    }
+
+    async fn close_now(&self) -> Option<Committed> {
+        match self.close() {
+            Some(committing) => Some(committing.await),
+            None => None,
+        }
     }
 }
 
