@@ -80,6 +80,39 @@ pub struct SqliteStore {
     pub(super) schemas: Option<Arc<crate::schema::Schemas>>,
 }
 
+/// The pool, and with it the first connection, which creates the file and
+/// sets WAL mode. Several processes opening a new database at once (replicas
+/// that all run `outrun migrate` on start) can get `SQLITE_BUSY` here
+/// without the busy timeout applying: SQLite answers at once instead of
+/// waiting where waiting could deadlock, e.g. a connection that holds a read
+/// lock while it asks to write. Seen once in a test of six processes
+/// migrating a new file. Such an error is transient, so it is retried
+/// until the busy timeout would have run out.
+async fn connect_pool(
+    options: &SqliteConnectOptions,
+    opts: &ConnectOptions,
+) -> std::result::Result<sqlx::Pool<sqlx::Sqlite>, sqlx::Error> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let pool = SqlitePoolOptions::new()
+            .acquire_timeout(opts.acquire_timeout)
+            .max_connections(opts.max_connections.max(1))
+            .connect_with(options.clone())
+            .await;
+        match pool {
+            Err(e)
+                if super::transient::is_sqlite_busy(&e) && std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(error = %e, "opening the SQLite database met a lock; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            pool => return pool,
+        }
+    }
+}
+
 impl SqliteStore {
     /// Open (creating if missing) the database file in WAL mode. An
     /// in-memory URL (`sqlite::memory:`) gets a new database in a temporary
@@ -125,12 +158,7 @@ impl SqliteStore {
                 url: redact_url(url),
             });
         }
-        let pool = SqlitePoolOptions::new()
-            .acquire_timeout(opts.acquire_timeout)
-            .max_connections(opts.max_connections.max(1))
-            .connect_with(options.clone())
-            .await
-            .map_err(connect_err)?;
+        let pool = connect_pool(&options, opts).await.map_err(connect_err)?;
         // The pool's first connection created the file and set WAL mode.
         let writer = Writer::open(options.get_filename(), BUSY_TIMEOUT).map_err(|e| {
             connect_err(sqlx::Error::Io(std::io::Error::other(format!(

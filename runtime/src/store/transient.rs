@@ -102,6 +102,18 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// SQLite's `SQLITE_BUSY` or `SQLITE_LOCKED` (any extended code): another
+/// connection holds a lock this one needs.
+pub(super) fn is_sqlite_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<SqliteError>()
+            .and_then(|lite| lite.code())
+            .is_some_and(|c| transient_sqlite_code(&c)),
+        _ => false,
+    }
+}
+
 /// [`is_transient`] for tokio-postgres (pipelined effects transactions),
 /// which keeps the kind of its errors private: what shows is whether the
 /// connection is closed, the server's error, and the cause.
@@ -209,6 +221,43 @@ mod tests {
         ] {
             assert!(!transient_sqlstate(c), "{c} should not be transient");
         }
+    }
+
+    /// What gates the SQLite connect retry: a real lock conflict is busy, a
+    /// file that cannot be opened is not (it must fail at once, not after
+    /// the busy timeout).
+    #[tokio::test]
+    async fn sqlite_busy_is_told_from_a_file_that_cannot_open() {
+        use sqlx::ConnectOptions;
+        use sqlx::sqlite::SqliteConnectOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("busy.db"))
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::ZERO);
+        let mut holder = options.connect().await.unwrap();
+        sqlx::query("CREATE TABLE t (k INTEGER)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let mut other = options.connect().await.unwrap();
+        let busy = sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(super::is_sqlite_busy(&busy), "{busy}");
+
+        let missing = SqliteConnectOptions::new()
+            .filename(dir.path().join("no-such-dir").join("x.db"))
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(!super::is_sqlite_busy(&missing), "{missing}");
     }
 
     #[test]
