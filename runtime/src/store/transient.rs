@@ -87,12 +87,9 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
             // The two backends' codes overlap as strings ("40001" is a
             // SQLSTATE, and would parse as a SQLite number), so ask which
             // backend spoke.
-            if let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() {
-                transient_sqlstate(pg.code())
-            } else if let Some(lite) = db.try_downcast_ref::<SqliteError>() {
-                lite.code().is_some_and(|c| transient_sqlite_code(&c))
-            } else {
-                false
+            match db.try_downcast_ref::<PgDatabaseError>() {
+                Some(pg) => transient_sqlstate(pg.code()),
+                None => is_sqlite_busy(e),
             }
         }
         // Protocol errors are sqlx's own complaints, mostly about the
@@ -250,6 +247,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(super::is_sqlite_busy(&busy), "{busy}");
+        assert!(super::is_transient(&busy), "{busy}");
 
         let missing = SqliteConnectOptions::new()
             .filename(dir.path().join("no-such-dir").join("x.db"))
@@ -258,6 +256,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(!super::is_sqlite_busy(&missing), "{missing}");
+        assert!(!super::is_transient(&missing), "{missing}");
     }
 
     #[test]
